@@ -1,0 +1,149 @@
+"""Typed configuration: one source of truth for every default.
+
+YAML files and CLI flags are views of these models: a run's resolved config is written to
+``RUNDIR/config.yaml`` and rebuilds the same pipeline later. Unknown keys are errors, so a typo in a
+YAML file never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from medvq.errors import MedvqError
+from medvq.models.vqvae.model import VQVAEConfig
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(Section):
+    image_size: int = Field(128, ge=16, description="Side of the square model input in pixels (a multiple of the model's stride).")
+    fov: Literal["stretch", "crop"] = Field(
+        "stretch",
+        description="Field of view: 'stretch' resizes the whole scan to a square (same anatomy for any A-scan count); "
+        "'crop' keeps the pixel spacing and takes the central square.",
+    )
+    remove_padding: bool = Field(True, description="Fill white registration padding and leave it out of every score.")
+    train_classes: list[str] = Field(["NORMAL"], description="Classes used for training (comma-separated on the CLI).")
+    normal_class: str = Field("NORMAL", description="The class that counts as normal in evaluation.")
+    val_fraction: float = Field(0.15, ge=0.0, lt=1.0, description="Share of patients held out for validation and calibration when the data has no val split.")
+    test_fraction: float = Field(0.3, ge=0.0, lt=1.0, description="Share of patients held out for testing when the data has no test split.")
+    split_seed: int = Field(0, description="Seed of the patient split.")
+    hflip: bool = Field(True, description="Random left-right flips while training (left and right eyes mirror each other).")
+    max_train_images: int | None = Field(None, ge=1, description="Use at most this many training images (seeded choice).")
+
+    @model_validator(mode="after")
+    def _fractions(self) -> "DataConfig":
+        if self.val_fraction + self.test_fraction >= 1.0:
+            raise ValueError("val_fraction + test_fraction must be below 1")
+        return self
+
+
+class TrainConfig(Section):
+    batch_size: int = Field(16, ge=1, description="Images per optimisation step (per device).")
+    epochs: int = Field(30, ge=1, description="Maximum number of epochs.")
+    learning_rate: float = Field(1e-3, gt=0, description="Adam learning rate.", json_schema_extra={"aliases": ["lr"]})
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    patience: int = Field(10, ge=1, description="Early stopping: epochs without improvement of the validation loss.")
+    min_delta: float = Field(1e-4, ge=0, description="Early stopping: smallest change that counts as improvement.")
+    device: str = Field("auto", description="Accelerator: auto, cpu, gpu, mps.", json_schema_extra={"aliases": ["accelerator"]})
+    devices: str = Field("auto", description="Devices per node: a count, a list like '0,1', or auto.")
+    num_nodes: int = Field(1, ge=1, description="Nodes for multi-node DDP.")
+    strategy: str = Field("auto", description="Lightning strategy: auto, ddp, ddp_spawn, fsdp, ...")
+    precision: Literal["32", "bf16-mixed", "16-mixed", "bf16-true"] = Field(
+        "32", description="Numeric precision; bf16-mixed speeds up recent CPUs and GPUs (VQ distances stay fp32)."
+    )
+    channels_last: bool = Field(True, description="channels_last memory format for convolutions.")
+    compile: bool = Field(False, description="torch.compile the model (slow first step, faster after).")
+    num_workers: int = Field(0, ge=0, description="DataLoader worker processes.")
+    seed: int = Field(0, description="Random seed of initialisation, batching and augmentation.")
+    samples_per_epoch: int = Field(8, ge=0, description="Reconstructions saved per epoch as an image grid.")
+
+
+class ScoreConfig(Section):
+    maps: list[str] = Field(["residual", "alm"], description="Anomaly maps to compute.")
+    combine: list[str] = Field(["residual", "alm"], description="Maps averaged (after standardisation) into 'combined'.")
+    reducer: Literal["topk", "mean", "max"] = Field("topk", description="How a map becomes an image score.")
+    topk_fraction: float = Field(0.02, gt=0, le=1, description="Share of the highest pixels averaged by the topk reducer.")
+    smoothing_sigma: float = Field(1.0, ge=0, description="Gaussian smoothing of every map, in units of image_size/128 pixels.")
+
+
+class RunConfig(Section):
+    method: Literal["vqvae"] = "vqvae"
+    data: DataConfig = DataConfig()
+    model: VQVAEConfig = VQVAEConfig()
+    train: TrainConfig = TrainConfig()
+    score: ScoreConfig = ScoreConfig()
+
+    @model_validator(mode="after")
+    def _stride(self) -> "RunConfig":
+        stride = self.model.stride
+        if self.data.image_size % stride:
+            raise ValueError(
+                f"image_size {self.data.image_size} is not a multiple of the model stride {stride}; "
+                f"use e.g. {max(stride, round(self.data.image_size / stride) * stride)}"
+            )
+        return self
+
+
+SECTIONS: dict[str, type[BaseModel]] = {
+    "data": DataConfig,
+    "model": VQVAEConfig,
+    "train": TrainConfig,
+    "score": ScoreConfig,
+}
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    parts = []
+    for e in err.errors():
+        where = ".".join(str(p) for p in e["loc"]) or "config"
+        parts.append(f"{where}: {e['msg']}")
+    return f"invalid configuration from {source}: " + "; ".join(parts)
+
+
+def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise MedvqError("config file not found", path=path)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise MedvqError(f"not valid YAML: {err}", path=path) from err
+    if not isinstance(data, dict):
+        raise MedvqError("a config file must hold a mapping of sections (data, model, train, score)", path=path)
+    return data
+
+
+def build_config(*layers: dict[str, Any], source: str = "arguments") -> RunConfig:
+    """Merge nested dicts (later wins) over the defaults and validate."""
+    merged: dict[str, Any] = {}
+    for layer in layers:
+        merged = deep_merge(merged, layer)
+    try:
+        return RunConfig.model_validate(merged)
+    except ValidationError as err:
+        raise MedvqError(_format_validation_error(err, source)) from None
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> RunConfig:
+    return build_config(load_yaml(path), overrides or {}, source=str(path))
+
+
+def dump_config(config: RunConfig) -> str:
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,101 @@
+"""Torch datasets over samples: read once, preprocess once, keep the small model inputs in memory."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from medvq.data.preprocess import Geometry, Preprocessor
+from medvq.data.readers import read_image, read_mask
+from medvq.data.samples import Sample
+
+
+@dataclass
+class Batch:
+    """A typed batch: images and what is known about them."""
+
+    image: torch.Tensor  # (B, 1, S, S) float32 in [0, 1]
+    valid: torch.Tensor  # (B, 1, S, S) bool
+    mask: torch.Tensor | None  # (B, 1, S, S) bool, when every sample has a mask
+    index: torch.Tensor  # (B,) position in the dataset
+    samples: list[Sample]
+
+    def to(self, device: torch.device | str) -> "Batch":
+        self.image = self.image.to(device)
+        self.valid = self.valid.to(device)
+        self.mask = self.mask.to(device) if self.mask is not None else None
+        return self
+
+
+class ScanDataset(Dataset):
+    """Preprocessed scans held in memory as float16 (1, S, S) arrays.
+
+    ``hflip`` adds random left-right flips (training only). Reading and preprocessing happen once, at
+    construction, with a progress bar; errors name the offending file.
+    """
+
+    def __init__(
+        self,
+        samples: Sequence[Sample],
+        preprocessor: Preprocessor,
+        *,
+        hflip: bool = False,
+        load_masks: bool = True,
+        progress: str | None = None,
+    ):
+        self.samples = list(samples)
+        self.preprocessor = preprocessor
+        self.hflip = hflip
+        n, s = len(self.samples), preprocessor.image_size
+        self.images = torch.empty(n, 1, s, s, dtype=torch.float16)
+        self.valid = torch.ones(n, 1, s, s, dtype=torch.bool)
+        self.has_masks = load_masks and n > 0 and all(x.mask_path is not None for x in self.samples)
+        self.masks = torch.zeros(n, 1, s, s, dtype=torch.bool) if self.has_masks else None
+        self.geometry: list[Geometry] = []
+        iterator = range(n)
+        if progress:
+            from rich.progress import track
+
+            iterator = track(iterator, description=progress, transient=True)
+        for i in iterator:
+            sample = self.samples[i]
+            image = read_image(sample.path)
+            mask = read_mask(sample.mask_path, image.shape) if self.has_masks else None
+            prepared = preprocessor(image, mask)
+            self.images[i] = prepared.image.half()
+            self.valid[i] = prepared.valid
+            if self.masks is not None:
+                self.masks[i] = prepared.mask
+            self.geometry.append(prepared.geometry)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        item = {"image": self.images[i].float(), "valid": self.valid[i], "index": torch.tensor(i)}
+        if self.masks is not None:
+            item["mask"] = self.masks[i]
+        if self.hflip and torch.rand(()) < 0.5:
+            item = {k: v.flip(-1) if v.ndim == 3 else v for k, v in item.items()}
+        return item
+
+    def batch(self, indices: Sequence[int]) -> Batch:
+        idx = torch.as_tensor(list(indices), dtype=torch.long)
+        return Batch(
+            image=self.images[idx].float(),
+            valid=self.valid[idx],
+            mask=self.masks[idx] if self.masks is not None else None,
+            index=idx,
+            samples=[self.samples[i] for i in idx.tolist()],
+        )
+
+    def batches(self, batch_size: int):
+        for start in range(0, len(self), batch_size):
+            yield self.batch(range(start, min(start + batch_size, len(self))))
+
+    def original_widths(self) -> np.ndarray:
+        return np.array([g.width for g in self.geometry])

@@ -1,0 +1,142 @@
+"""The one preprocessing function used by training, evaluation and inference alike.
+
+scan (H, W) in [0, 1]
+  -> white registration padding found (bright, flat regions touching the top or bottom edge), filled with
+     the scan's background level and remembered in a ``valid`` mask that every score ignores
+  -> field of view: ``stretch`` resizes the whole scan to image_size x image_size (anti-aliased);
+     ``crop`` scales by height and keeps the central square
+  -> float32 tensor (1, S, S) in [0, 1]; masks follow the same geometry.
+
+Why ``stretch`` is the default: in Kermany OCT2017, scans 512 and 1024 A-scans wide cover the same
+lateral field (the foveal pit spans the same fraction of the width), so stretching maps every scan to the
+same anatomy, and anti-aliased resampling averages the denser scans down to the same lateral sampling.
+Keeping the pixel spacing (``crop``) or padding to keep the aspect ratio would show the model
+anatomy at a width-dependent scale, or padding whose size encodes the width. ``medvq.evaluation``
+reports AUROC within each original width, and ``benchmarks/width_leak.py`` measures how well the
+original width can be predicted from preprocessed images.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy import ndimage
+
+PADDING_LEVEL = 0.96  # registration padding is saturated white (255 in 8-bit files, JPEG-blurred at edges)
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Where the model input came from in the original scan, to map results back onto it."""
+
+    height: int  # original scan size
+    width: int
+    top: int  # crop box in original pixels (rows/cols kept after removing full padding bars and FOV crop)
+    bottom: int
+    left: int
+    right: int
+
+
+@dataclass
+class Prepared:
+    image: torch.Tensor  # (1, S, S) float32 in [0, 1]
+    valid: torch.Tensor  # (1, S, S) bool: False on padding
+    mask: torch.Tensor | None  # (1, S, S) bool lesion mask, if one was given
+    geometry: Geometry
+
+
+def find_padding(image: np.ndarray, level: float = PADDING_LEVEL, min_fraction: float = 0.001) -> np.ndarray:
+    """Bool mask of white padding: bright flat regions connected to the top or bottom edge.
+
+    Bright retina (a saturated RPE line) can touch the left/right edges but is thin and textured; an
+    opening removes thin structures and only large regions reaching the top/bottom edge count.
+    """
+    bright = image >= level
+    if not bright.any():
+        return np.zeros_like(bright)
+    opened = ndimage.binary_opening(bright, structure=np.ones((3, 3), bool), iterations=2)
+    labels, n = ndimage.label(opened)
+    if n == 0:
+        return np.zeros_like(bright)
+    edge_labels = np.union1d(labels[0], labels[-1])
+    edge_labels = edge_labels[edge_labels > 0]
+    sizes = ndimage.sum_labels(np.ones_like(labels), labels, index=edge_labels)
+    keep = edge_labels[sizes >= min_fraction * image.size]
+    padding = np.isin(labels, keep)
+    # The opening shrinks regions; grow back into the bright fringe (JPEG ringing at the padding edge).
+    padding = ndimage.binary_dilation(padding, iterations=3) & (image >= level * 0.85) | padding
+    return padding
+
+
+def background_level(image: np.ndarray, padding: np.ndarray) -> float:
+    """Typical intensity of the dark vitreous/background, used to fill padding."""
+    values = image[~padding]
+    if values.size == 0:
+        return 0.0
+    return float(np.median(values[values <= np.quantile(values, 0.5)]))
+
+
+def _resize(t: torch.Tensor, size: tuple[int, int], kind: str) -> torch.Tensor:
+    """t (1, 1, h, w) float -> (1, 1, *size). Images anti-aliased; masks by area coverage >= 1/2."""
+    if kind == "image":
+        return F.interpolate(t, size=size, mode="bilinear", antialias=True, align_corners=False).clamp_(0, 1)
+    return F.interpolate(t, size=size, mode="area") >= 0.5
+
+
+@dataclass(frozen=True)
+class Preprocessor:
+    image_size: int = 128
+    fov: str = "stretch"
+    remove_padding: bool = True
+
+    def __post_init__(self) -> None:
+        if self.fov not in ("stretch", "crop"):
+            raise ValueError(f"fov must be 'stretch' or 'crop', got {self.fov!r}")
+
+    @classmethod
+    def from_config(cls, data_config) -> "Preprocessor":
+        return cls(image_size=data_config.image_size, fov=data_config.fov, remove_padding=data_config.remove_padding)
+
+    def __call__(self, image: np.ndarray, mask: np.ndarray | None = None) -> Prepared:
+        if image.ndim != 2:
+            raise ValueError(f"expected a 2D grayscale image, got shape {image.shape}")
+        if mask is not None and mask.shape != image.shape:
+            raise ValueError(f"mask shape {mask.shape} differs from image shape {image.shape}")
+        h, w = image.shape
+        image = np.nan_to_num(image.astype(np.float32, copy=False), nan=0.0, posinf=1.0, neginf=0.0)
+        padding = find_padding(image) if self.remove_padding else np.zeros(image.shape, bool)
+
+        # Full padding bars (rows/columns that are all padding) are cut off rather than filled.
+        rows = np.flatnonzero(~padding.all(axis=1))
+        cols = np.flatnonzero(~padding.all(axis=0))
+        top, bottom = (int(rows[0]), int(rows[-1]) + 1) if rows.size else (0, h)
+        left, right = (int(cols[0]), int(cols[-1]) + 1) if cols.size else (0, w)
+        if self.fov == "crop":  # central square at the original pixel spacing
+            side = min(bottom - top, right - left)
+            top += (bottom - top - side) // 2
+            left += (right - left - side) // 2
+            bottom, right = top + side, left + side
+
+        crop = (slice(top, bottom), slice(left, right))
+        image, padding = image[crop].copy(), padding[crop]
+        if padding.any():
+            image[padding] = background_level(image, padding)
+
+        size = (self.image_size, self.image_size)
+        as_t = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))[None, None]
+        out_image = _resize(as_t(image), size, "image")[0]
+        valid = ~_resize(as_t(padding), size, "mask")[0] if padding.any() else torch.ones(1, *size, dtype=torch.bool)
+        out_mask = _resize(as_t(mask[crop]), size, "mask")[0] if mask is not None else None
+        return Prepared(out_image, valid, out_mask, Geometry(h, w, top, bottom, left, right))
+
+    def to_original(self, map_: np.ndarray, geometry: Geometry, fill: float = 0.0) -> np.ndarray:
+        """A (S, S) map -> the original scan's (H, W) grid (``fill`` outside the crop box)."""
+        g = geometry
+        t = torch.from_numpy(np.ascontiguousarray(map_, dtype=np.float32))[None, None]
+        inner = F.interpolate(t, size=(g.bottom - g.top, g.right - g.left), mode="bilinear", align_corners=False)[0, 0]
+        out = np.full((g.height, g.width), fill, dtype=np.float32)
+        out[g.top : g.bottom, g.left : g.right] = inner.numpy()
+        return out

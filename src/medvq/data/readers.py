@@ -1,0 +1,135 @@
+"""Image readers, chosen by file suffix. Every reader returns a float32 (H, W) array in [0, 1].
+
+- PNG / JPEG / BMP (Pillow): 8-bit scaled by 255, 16-bit by 65535, colour converted to luminance.
+- TIFF (tifffile): integer types scaled by their maximum, floats min-max scaled to [0, 1]; the first page
+  and first channel of multi-page / multi-channel files.
+- DICOM (pydicom): rescale slope/intercept applied, MONOCHROME1 inverted, scaled by the stored bit depth.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from medvq.errors import ImageReadError
+
+PIL_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp"}
+TIFF_SUFFIXES = {".tif", ".tiff"}
+DICOM_SUFFIXES = {".dcm", ".dicom"}
+IMAGE_SUFFIXES = PIL_SUFFIXES | TIFF_SUFFIXES | DICOM_SUFFIXES
+
+
+def _scale_integer(array: np.ndarray, bits: int | None = None) -> np.ndarray:
+    if np.issubdtype(array.dtype, np.integer):
+        top = (2**bits - 1) if bits else np.iinfo(array.dtype).max
+        return array.astype(np.float32) / float(top)
+    return _scale_float(array)
+
+
+def _scale_float(array: np.ndarray) -> np.ndarray:
+    array = array.astype(np.float32)
+    finite = np.isfinite(array)
+    if not finite.any():
+        raise ValueError("no finite pixel values")
+    low, high = float(array[finite].min()), float(array[finite].max())
+    array = np.where(finite, array, low)
+    return (array - low) / (high - low) if high > low else np.zeros_like(array)
+
+
+def _to_gray(array: np.ndarray) -> np.ndarray:
+    if array.ndim == 3:
+        if array.shape[-1] in (3, 4):  # RGB(A), channels last
+            rgb = array[..., :3].astype(np.float32)
+            return rgb @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+        return array[0]  # first page / channel
+    return array
+
+
+def read_pil(path: Path) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(path) as im:
+        im.load()
+        if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+            array = np.asarray(im, dtype=np.float32)
+            top = 65535.0 if im.mode.startswith("I;16") or array.max() > 255 else 255.0
+            return np.clip(array / top, 0.0, 1.0)
+        if im.mode == "F":
+            return _scale_float(np.asarray(im))
+        return np.asarray(im.convert("L"), dtype=np.float32) / 255.0
+
+
+def read_tiff(path: Path) -> np.ndarray:
+    import tifffile
+
+    array = tifffile.imread(path)
+    while array.ndim > 2:
+        array = _to_gray(array)
+    return _scale_integer(array)
+
+
+def read_dicom(path: Path) -> np.ndarray:
+    import pydicom
+
+    ds = pydicom.dcmread(path)
+    array = ds.pixel_array
+    while array.ndim > 2:
+        array = _to_gray(array)
+    array = array.astype(np.float32)
+    slope, intercept = float(getattr(ds, "RescaleSlope", 1.0)), float(getattr(ds, "RescaleIntercept", 0.0))
+    if slope != 1.0 or intercept != 0.0:
+        array = _scale_float(array * slope + intercept)
+    else:
+        bits = int(getattr(ds, "BitsStored", 0) or 0)
+        array = array / float(2**bits - 1) if bits and array.max() <= 2**bits - 1 and array.min() >= 0 else _scale_float(array)
+    if getattr(ds, "PhotometricInterpretation", "") == "MONOCHROME1":
+        array = 1.0 - array
+    return array.astype(np.float32)
+
+
+READERS: dict[str, Callable[[Path], np.ndarray]] = {
+    **{s: read_pil for s in PIL_SUFFIXES},
+    **{s: read_tiff for s in TIFF_SUFFIXES},
+    **{s: read_dicom for s in DICOM_SUFFIXES},
+}
+
+
+def is_image_file(path: Path) -> bool:
+    return path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".")
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """Read one grayscale image as float32 (H, W) in [0, 1]; raise ImageReadError naming the file."""
+    path = Path(path)
+    if not path.exists():
+        raise ImageReadError("file not found", path=path)
+    if not path.is_file():
+        raise ImageReadError("not a file", path=path)
+    reader = READERS.get(path.suffix.lower())
+    if reader is None:
+        raise ImageReadError(
+            f"unsupported file type '{path.suffix}'", path=path, fix=f"use one of {', '.join(sorted(IMAGE_SUFFIXES))}"
+        )
+    if path.stat().st_size == 0:
+        raise ImageReadError("empty file (0 bytes)", path=path, fix="remove it or replace it with the real image")
+    try:
+        array = reader(path)
+    except ImageReadError:
+        raise
+    except Exception as err:  # every library raises its own types; the user needs the file name
+        raise ImageReadError(f"cannot read image: {err.__class__.__name__}: {err}", path=path, fix="is the file complete and of the type its suffix says?") from err
+    if array.ndim != 2 or min(array.shape) < 1:
+        raise ImageReadError(f"no 2D pixel data (shape {array.shape})", path=path)
+    if min(array.shape) < 8:
+        raise ImageReadError(f"image too small ({array.shape[1]}x{array.shape[0]} px)", path=path)
+    return np.ascontiguousarray(array, dtype=np.float32)
+
+
+def read_mask(path: str | Path, shape: tuple[int, int]) -> np.ndarray:
+    """A lesion mask (any nonzero pixel = lesion) that must match its image's shape."""
+    mask = read_image(path) > 0
+    if mask.shape != tuple(shape):
+        raise ImageReadError(f"mask is {mask.shape[1]}x{mask.shape[0]} but its image is {shape[1]}x{shape[0]}", path=path)
+    return mask

@@ -1,0 +1,145 @@
+"""A trained detector: model + preprocessing + normal calibration. Scans in, maps and scores out.
+
+    from medvq import Detector
+    det = Detector.load("runs/vqvae-20261121-101500")
+    result = det.predict_files(["scan.jpeg"])[0]
+    result.scores["combined"], result.maps["combined"]        # (H, W) on the original scan's grid
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from medvq.config import RunConfig
+from medvq.data.dataset import ScanDataset
+from medvq.data.preprocess import Preprocessor
+from medvq.data.readers import read_image
+from medvq.engine.run_dir import RunDir
+from medvq.errors import CheckpointError, MedvqError
+from medvq.maps.smoothing import gaussian_smooth
+from medvq.models.vqvae.anomaly_map import vqvae_maps
+from medvq.models.vqvae.model import VQVAE
+from medvq.scoring.calibration import NormalCalibration
+
+
+@dataclass
+class Prediction:
+    """Outputs for a batch of preprocessed images (model resolution S x S)."""
+
+    reconstruction: torch.Tensor  # (B, 1, S, S)
+    codes: torch.Tensor  # (B, h, w)
+    raw_maps: dict[str, torch.Tensor]  # smoothed, not standardised, (B, 1, S, S)
+    maps: dict[str, torch.Tensor] = field(default_factory=dict)  # standardised (+ combined); empty if uncalibrated
+    scores: dict[str, np.ndarray] = field(default_factory=dict)  # name -> (B,)
+
+
+@dataclass
+class FileResult:
+    path: Path
+    image: np.ndarray  # (H, W) original scan in [0, 1]
+    maps: dict[str, np.ndarray]  # standardised maps on the original grid (H, W)
+    scores: dict[str, dict[str, float]]  # name -> {score, z, normal_percentile}
+    model_input: np.ndarray  # (S, S)
+    reconstruction: np.ndarray  # (S, S)
+
+
+class Detector:
+    def __init__(self, model: VQVAE, config: RunConfig, calibration: NormalCalibration | None = None, device: str | torch.device = "cpu"):
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval()
+        self.config = config
+        self.calibration = calibration
+        self.preprocessor = Preprocessor.from_config(config.data)
+
+    @classmethod
+    def load(cls, run_dir: str | Path, *, checkpoint: str = "best", device: str | torch.device = "cpu") -> "Detector":
+        run = RunDir(run_dir)
+        config = run.read_config()
+        model = run.load_weights(VQVAE(config.model), checkpoint)
+        calibration = NormalCalibration.load(run.calibration) if run.calibration.is_file() else None
+        return cls(model, config, calibration, device)
+
+    @property
+    def smoothing_sigma(self) -> float:
+        return self.config.score.smoothing_sigma * self.config.data.image_size / 128
+
+    def _check(self, images: torch.Tensor) -> None:
+        size = self.config.data.image_size
+        if images.ndim != 4 or images.shape[1] != 1 or tuple(images.shape[-2:]) != (size, size):
+            raise MedvqError(
+                f"expected preprocessed images of shape (B, 1, {size}, {size}), got {tuple(images.shape)}",
+                fix="pass scans through detector.preprocessor (or use predict_files) first",
+            )
+
+    @torch.no_grad()
+    def predict(self, images: torch.Tensor, valid: torch.Tensor | None = None, *, bf16: bool = False) -> Prediction:
+        """Maps and (if calibrated) scores for preprocessed images (B, 1, S, S) in [0, 1]."""
+        self._check(images)
+        images = images.to(self.device, torch.float32)
+        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
+        with autocast:
+            out = vqvae_maps(self.model, images, self.config.score.maps)
+        raw = {name: gaussian_smooth(m.float(), self.smoothing_sigma) for name, m in out.maps.items()}
+        pred = Prediction(reconstruction=out.reconstruction.float(), codes=out.codes, raw_maps=raw)
+        if self.calibration is not None:
+            pred.maps = self.calibration.standardize(raw)
+            pred.scores = self.calibration.image_scores(pred.maps, valid.to(self.device) if valid is not None else None)
+        return pred
+
+    def predict_dataset(self, dataset: ScanDataset, batch_size: int = 32, progress: str | None = None) -> Prediction:
+        """Predict every image of a dataset; maps and scores concatenated in dataset order."""
+        parts: list[Prediction] = []
+        batches = list(range(0, len(dataset), batch_size))
+        iterator = batches
+        if progress:
+            from rich.progress import track
+
+            iterator = track(batches, description=progress, transient=True)
+        for start in iterator:
+            b = dataset.batch(range(start, min(start + batch_size, len(dataset))))
+            parts.append(self.predict(b.image, b.valid))
+        cat = lambda ts: torch.cat(ts).cpu()
+        return Prediction(
+            reconstruction=cat([p.reconstruction for p in parts]),
+            codes=cat([p.codes for p in parts]),
+            raw_maps={k: cat([p.raw_maps[k] for p in parts]) for k in parts[0].raw_maps},
+            maps={k: cat([p.maps[k] for p in parts]) for k in parts[0].maps},
+            scores={k: np.concatenate([p.scores[k] for p in parts]) for k in parts[0].scores},
+        )
+
+    def calibrate(self, normals: ScanDataset, batch_size: int = 32) -> NormalCalibration:
+        """Fit the normal calibration on held-out normal images and keep it."""
+        pred = self.predict_dataset(normals, batch_size)
+        s = self.config.score
+        self.calibration = NormalCalibration(reducer=s.reducer, topk_fraction=s.topk_fraction, combine=list(s.combine)).fit(
+            pred.raw_maps, normals.valid
+        )
+        return self.calibration
+
+    def predict_files(self, paths: Sequence[str | Path]) -> list[FileResult]:
+        """Read, preprocess and score scans; maps are returned on each scan's own pixel grid."""
+        if self.calibration is None:
+            raise CheckpointError("this run has no calibration.json", fix="finish training (calibration runs after the last epoch)")
+        results = []
+        for path in paths:
+            image = read_image(path)
+            prepared = self.preprocessor(image)
+            pred = self.predict(prepared.image[None], prepared.valid[None])
+            table = self.calibration.score_table(pred.scores)
+            results.append(
+                FileResult(
+                    path=Path(path),
+                    image=image,
+                    maps={k: self.preprocessor.to_original(m[0, 0].cpu().numpy(), prepared.geometry) for k, m in pred.maps.items()},
+                    scores={k: {kk: float(vv[0]) for kk, vv in t.items()} for k, t in table.items()},
+                    model_input=prepared.image[0].numpy(),
+                    reconstruction=pred.reconstruction[0, 0].cpu().numpy(),
+                )
+            )
+        return results

@@ -1,0 +1,166 @@
+"""Training a VQ-VAE end to end: data by patient -> Lightning fit -> calibration -> latent export.
+
+Multi-GPU / multi-node training is configuration: ``--device gpu --devices 4 --strategy ddp``
+(and ``--num-nodes N`` under a cluster launcher); mixed precision is ``--precision bf16-mixed``.
+"""
+
+from __future__ import annotations
+
+import random
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, RichProgressBar
+from rich.console import Console
+from torch.utils.data import DataLoader
+
+from medvq.config import RunConfig
+from medvq.data.dataset import ScanDataset
+from medvq.data.preprocess import Preprocessor
+from medvq.data.samples import Sample, dataset_splits
+from medvq.engine.callbacks import EpochArtifacts
+from medvq.engine.run_dir import RunDir, require_new_or_resumable
+from medvq.errors import DatasetError, MedvqError
+from medvq.io import atomic_save_npz
+from medvq.models.vqvae.lightning import VQVAEModule
+
+
+@dataclass
+class TrainResult:
+    run: RunDir
+    epochs: int
+    seconds: float
+    best_val_loss: float
+
+
+def training_splits(config: RunConfig, data_root: str | Path) -> dict[str, list[Sample]]:
+    """Patient-grouped train/val/test over all classes; train and val keep only the training classes."""
+    d = config.data
+    parts = dataset_splits(data_root, val_fraction=d.val_fraction, test_fraction=d.test_fraction, seed=d.split_seed)
+    keep = set(d.train_classes)
+    present = {s.label for items in parts.values() for s in items}
+    missing = keep - present
+    if missing:
+        raise DatasetError(f"training class(es) {', '.join(sorted(missing))} not found (found: {', '.join(sorted(present))})", path=data_root, fix="set --train-classes")
+    train = [s for s in parts["train"] if s.label in keep]
+    val = [s for s in parts["val"] if s.label in keep]
+    if d.max_train_images is not None and len(train) > d.max_train_images:
+        train = sorted(random.Random(d.split_seed).sample(train, d.max_train_images), key=lambda s: str(s.path))
+    if len(train) < 2:
+        raise DatasetError(f"only {len(train)} training image(s) of class {', '.join(sorted(keep))}", path=data_root, fix="a VQ-VAE needs a folder of normal scans")
+    if len(val) < 2:
+        raise DatasetError(
+            f"only {len(val)} held-out validation image(s) of class {', '.join(sorted(keep))}: early stopping and score calibration need them",
+            path=data_root,
+            fix="add a val/ split or raise --val-fraction",
+        )
+    return {"train": train, "val": val, "test": parts["test"]}
+
+
+def _accelerator(config: RunConfig) -> str:
+    device = config.train.device
+    if device == "auto":
+        return "gpu" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def build_trainer(config: RunConfig, run: RunDir, callbacks: list[L.Callback], progress: bool) -> L.Trainer:
+    t = config.train
+    accelerator = _accelerator(config)
+    if accelerator == "cpu" and t.precision == "16-mixed":
+        raise MedvqError("fp16 mixed precision is not available on the CPU", fix="use --precision bf16-mixed or 32")
+    devices: int | str | list[int] = t.devices
+    if isinstance(devices, str) and devices != "auto":
+        devices = [int(x) for x in devices.split(",") if x.strip()] if "," in devices else int(devices)
+    if accelerator == "cpu" and devices == "auto":
+        devices = 1  # "auto" would start one process per core
+    ckpt = ModelCheckpoint(dirpath=run.checkpoints, filename="last", save_top_k=1, monitor=None, save_on_train_epoch_end=True, enable_version_counter=False)
+    stop = EarlyStopping(monitor="val/loss", patience=t.patience, min_delta=t.min_delta, mode="min")
+    bar = [RichProgressBar(leave=False)] if progress and sys.stderr.isatty() else []
+    return L.Trainer(
+        default_root_dir=run.root,
+        accelerator=accelerator,
+        devices=devices,
+        num_nodes=t.num_nodes,
+        strategy=t.strategy,
+        precision=t.precision,
+        max_epochs=t.epochs,
+        callbacks=[*callbacks, stop, ckpt, *bar],
+        logger=False,
+        enable_progress_bar=bool(bar),
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        deterministic=False,
+        log_every_n_steps=10,
+    )
+
+
+def train_vqvae(
+    config: RunConfig,
+    data_root: str | Path,
+    out: str | Path,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+    console: Console | None = None,
+) -> TrainResult:
+    console = console or Console(stderr=True)
+    run = RunDir(out)
+    require_new_or_resumable(run, resume, overwrite)
+    started = time.perf_counter()
+    L.seed_everything(config.train.seed, workers=True, verbose=False)
+
+    parts = training_splits(config, data_root)
+    run.create()
+    run.write_config(config)
+    run.write_split(data_root, parts)
+    preprocessor = Preprocessor.from_config(config.data)
+    console.print(
+        f"[bold]medvq[/] training VQ-VAE on {len(parts['train'])} {'/'.join(config.data.train_classes)} images "
+        f"({len({s.patient_id for s in parts['train']})} patients), validating on {len(parts['val'])} -> {run.root}"
+    )
+    train_set = ScanDataset(parts["train"], preprocessor, hflip=config.data.hflip, load_masks=False, progress="reading training scans" if progress else None)
+    val_set = ScanDataset(parts["val"], preprocessor, load_masks=False, progress="reading validation scans" if progress else None)
+
+    t = config.train
+    loader_kw = dict(num_workers=t.num_workers, persistent_workers=t.num_workers > 0)
+    train_loader = DataLoader(train_set, batch_size=t.batch_size, shuffle=True, drop_last=len(train_set) > t.batch_size, **loader_kw)
+    val_loader = DataLoader(val_set, batch_size=t.batch_size, shuffle=False, **loader_kw)
+
+    module = VQVAEModule(config.model.model_dump(), learning_rate=t.learning_rate, weight_decay=t.weight_decay, channels_last=t.channels_last, compile=t.compile)
+    n_samples = min(t.samples_per_epoch, len(val_set))
+    artifacts = EpochArtifacts(run, val_set.images[:n_samples].float() if n_samples else None, min_delta=t.min_delta, console=console)
+    trainer = build_trainer(config, run, [artifacts], progress)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+        warnings.filterwarnings("ignore", message=".*the number of training batches.*")
+        trainer.fit(module, train_loader, val_loader, ckpt_path=str(run.last_ckpt) if resume else None, weights_only=True)
+
+    if trainer.is_global_zero:
+        finish_run(run, config, train_set, val_set, console)
+    return TrainResult(run=run, epochs=trainer.current_epoch, seconds=time.perf_counter() - started, best_val_loss=artifacts.best_loss)
+
+
+def finish_run(run: RunDir, config: RunConfig, train_set: ScanDataset, val_set: ScanDataset, console: Console) -> None:
+    """Calibrate the best model on held-out normals and export the training images' code maps."""
+    from medvq.detector import Detector
+
+    detector = Detector.load(run.root)
+    calibration = detector.calibrate(val_set, batch_size=config.train.batch_size)
+    calibration.save(run.calibration)
+    codes = []
+    for b in train_set.batches(64):
+        codes.append(detector.predict(b.image).codes.cpu().numpy().astype(np.int32))
+    atomic_save_npz(
+        run.latents / "train_codes.npz",
+        codes=np.concatenate(codes),
+        paths=np.array([str(s.path) for s in train_set.samples]),
+    )
+    console.print(f"calibrated on {len(val_set)} held-out normal images -> {run.calibration}")

@@ -1,0 +1,199 @@
+"""The evaluation protocol: score a labelled test set with a trained run and write honest metrics.
+
+- Test images come from the data's ``test`` split (split folders) or from the run's own patient split
+  (flat folders); any image or patient the run trained or calibrated on is excluded and counted.
+- Image level: AUROC of NORMAL vs all abnormal classes pooled, per abnormal class vs NORMAL, within
+  each original image width (a guard against width leaking through preprocessing), AUPRC, and the
+  sensitivity at 95 % specificity.
+- Pixel level, where masks exist: pixel AUROC, AUPRO up to FPR 0.3, and the best Dice over thresholds
+  (an upper bound: the threshold is chosen on the test data).
+Outputs: metrics.json, scores.csv, evaluation.npz (gallery arrays) and report.html.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from rich.console import Console
+
+from medvq.data.dataset import ScanDataset
+from medvq.data.samples import Sample, dataset_splits, scan_dataset
+from medvq.detector import Detector, Prediction
+from medvq.engine.run_dir import RunDir
+from medvq.errors import DatasetError
+from medvq.evaluation import metrics as M
+from medvq.io import atomic_save_npz, atomic_write_text
+
+SPECIFICITY = 0.95
+AUPRO_FPR_LIMIT = 0.3
+
+
+@dataclass
+class EvaluationSet:
+    samples: list[Sample]
+    excluded: int
+
+
+def select_test_samples(run: RunDir, data_root: str | Path, split: str = "test") -> EvaluationSet:
+    """Test samples of ``data_root`` that the run never saw (by file and, on the same data, by patient)."""
+    config = run.read_config()
+    d = config.data
+    if split == "test":
+        samples = dataset_splits(data_root, val_fraction=d.val_fraction, test_fraction=d.test_fraction, seed=d.split_seed)["test"]
+    elif split == "all":
+        samples = scan_dataset(data_root)
+    else:
+        raise DatasetError(f"unknown split '{split}'", fix="use 'test' or 'all'")
+    record = run.read_split()
+    seen_paths, seen_patients = set(), set()
+    for name in ("train", "val"):
+        for item in record.get("splits", {}).get(name, []):
+            seen_paths.add(item["path"])
+            seen_patients.add(item["patient_id"])
+    same_data = record.get("data_root") == str(Path(data_root).resolve())
+    kept = [s for s in samples if str(s.path.resolve()) not in seen_paths and not (same_data and s.patient_id in seen_patients)]
+    return EvaluationSet(samples=kept, excluded=len(samples) - len(kept))
+
+
+def compute_metrics(
+    labels: list[str],
+    scores: dict[str, np.ndarray],
+    normal_class: str,
+    widths: np.ndarray | None = None,
+    masks: np.ndarray | None = None,
+    maps: dict[str, np.ndarray] | None = None,
+    valid: np.ndarray | None = None,
+) -> dict[str, dict[str, Any]]:
+    """Metrics per map. labels: class names; scores: name -> (N,); masks/maps/valid: (N, H, W)."""
+    y = np.array([lab != normal_class for lab in labels], dtype=int)
+    classes = sorted({lab for lab in labels if lab != normal_class})
+    out: dict[str, dict[str, Any]] = {}
+    for name, s in scores.items():
+        m: dict[str, Any] = {
+            "image_auroc": M.image_auroc(y, s),
+            "image_auprc": M.image_auprc(y, s),
+            f"sensitivity_at_{int(SPECIFICITY * 100)}_specificity": M.sensitivity_at_specificity(y, s, SPECIFICITY),
+            "image_auroc_per_class": {},
+        }
+        for c in classes:
+            keep = np.array([lab in (c, normal_class) for lab in labels])
+            m["image_auroc_per_class"][c] = M.image_auroc(y[keep], s[keep])
+        if widths is not None:
+            m["image_auroc_by_width"] = M.grouped_auroc(y, s, widths)
+        if masks is not None and maps is not None and name in maps and masks.any():
+            mp = maps[name]
+            m["pixel_auroc"] = M.pixel_auroc(masks, mp, valid=valid)
+            m["aupro"] = M.aupro(masks, mp, fpr_limit=AUPRO_FPR_LIMIT, valid=valid)
+            dice, threshold = M.best_dice(masks, mp, valid=valid)
+            m["dice"], m["dice_threshold"] = dice, threshold
+        out[name] = m
+    return out
+
+
+def _gallery_indices(labels: list[str], scores: np.ndarray, per_class: int) -> list[int]:
+    """Per class, images spread evenly from the highest to the lowest score."""
+    chosen = []
+    for c in sorted(set(labels)):
+        idx = np.array([i for i, lab in enumerate(labels) if lab == c])
+        order = idx[np.argsort(-scores[idx], kind="stable")]
+        picks = np.unique(np.linspace(0, len(order) - 1, min(per_class, len(order))).round().astype(int))
+        chosen.extend(order[picks].tolist())
+    return chosen
+
+
+def write_scores_csv(path: Path, samples: list[Sample], dataset: ScanDataset, scores: dict[str, np.ndarray]) -> None:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    names = list(scores)
+    writer.writerow(["path", "class", "patient", "width", "height", *names])
+    for i, s in enumerate(samples):
+        g = dataset.geometry[i]
+        writer.writerow([str(s.path), s.label, s.patient_id, g.width, g.height, *(f"{scores[n][i]:.6g}" for n in names)])
+    atomic_write_text(path, buffer.getvalue())
+
+
+def evaluate_run(
+    run_dir: str | Path,
+    data_root: str | Path,
+    out: str | Path,
+    *,
+    split: str = "test",
+    batch_size: int = 32,
+    gallery_per_class: int = 4,
+    device: str = "cpu",
+    progress: bool = True,
+    console: Console | None = None,
+) -> dict[str, Any]:
+    console = console or Console(stderr=True)
+    run = RunDir(run_dir)
+    detector = Detector.load(run.root, device=device)
+    if detector.calibration is None:
+        raise DatasetError("run has no calibration.json", path=run.root, fix="finish training first")
+    config = detector.config
+    normal = config.data.normal_class
+    chosen = select_test_samples(run, data_root, split)
+    samples = chosen.samples
+    labels = [s.label for s in samples]
+    if normal not in labels or all(lab == normal for lab in labels):
+        found = ", ".join(f"{c}: {labels.count(c)}" for c in sorted(set(labels))) or "none"
+        raise DatasetError(f"evaluation needs {normal} and abnormal test images; found {found}", path=data_root, fix="check the test split (or use --split all)")
+
+    dataset = ScanDataset(samples, detector.preprocessor, load_masks=True, progress="reading test scans" if progress else None)
+    pred: Prediction = detector.predict_dataset(dataset, batch_size, progress="scoring" if progress else None)
+    maps_np = {k: v[:, 0].numpy() for k, v in pred.maps.items()}
+    masks = dataset.masks[:, 0].numpy() if dataset.masks is not None else None
+    valid = dataset.valid[:, 0].numpy()
+    per_map = compute_metrics(labels, pred.scores, normal, dataset.original_widths(), masks, maps_np, valid)
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    counts = {c: labels.count(c) for c in sorted(set(labels))}
+    result = {
+        "run": str(run.root.resolve()),
+        "data": str(Path(data_root).resolve()),
+        "split": split,
+        "n_images": len(samples),
+        "n_patients": len({s.patient_id for s in samples}),
+        "counts": counts,
+        "excluded_seen_in_training": chosen.excluded,
+        "has_masks": masks is not None,
+        "image_size": config.data.image_size,
+        "fov": config.data.fov,
+        "reducer": f"{config.score.reducer}" + (f" ({config.score.topk_fraction:g})" if config.score.reducer == "topk" else ""),
+        "calibration_images": detector.calibration.n_images,
+        "maps": per_map,
+    }
+    atomic_write_text(out / "metrics.json", json.dumps(result, indent=1))
+    write_scores_csv(out / "scores.csv", samples, dataset, pred.scores)
+
+    key = "combined" if "combined" in pred.scores else next(iter(pred.scores))
+    idx = _gallery_indices(labels, pred.scores[key], gallery_per_class)
+    sel = torch.as_tensor(idx, dtype=torch.long)
+    gallery = {
+        "index": np.array(idx),
+        "labels": np.array([labels[i] for i in idx]),
+        "paths": np.array([str(samples[i].path) for i in idx]),
+        "image": dataset.images[sel, 0].float().numpy(),
+        "reconstruction": pred.reconstruction[sel, 0].numpy(),
+        "valid": valid[idx],
+        **{f"map_{k}": v[idx] for k, v in maps_np.items()},
+        **{f"score_{k}": v[idx] for k, v in pred.scores.items()},
+    }
+    if masks is not None:
+        gallery["mask"] = masks[idx]
+    gallery["map_vmax"] = np.array([float(np.quantile(maps_np[k][valid], 0.995)) for k in maps_np])
+    gallery["map_names"] = np.array(list(maps_np))
+    atomic_save_npz(out / "evaluation.npz", **gallery)
+
+    from medvq.report.html import build_report
+
+    build_report(out)
+    console.print(f"evaluated {len(samples)} images ({', '.join(f'{c} {n}' for c, n in counts.items())}) -> {out}")
+    return result

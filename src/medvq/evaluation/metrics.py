@@ -1,0 +1,509 @@
+"""Anomaly-detection metrics as plain numpy functions.
+
+Image level (one score per image, ``labels`` 0/1 with 1 = abnormal):
+:func:`image_auroc`, :func:`image_auprc`, :func:`sensitivity_at_specificity`,
+:func:`roc_points`, :func:`grouped_auroc`.
+
+Pixel level (anomaly maps against ground-truth masks, shape ``(N, H, W)``):
+:func:`pixel_auroc`, :func:`aupro`, :func:`best_dice`, and :func:`reduce_map`
+to turn maps into image scores.
+
+Every function accepts numpy arrays, torch tensors (any device; they are detached
+and copied to the CPU) or nested lists, never modifies its inputs, and raises
+``ValueError`` with a message naming the problem for bad inputs (shape mismatch,
+a single class, NaN/inf scores, ...).
+
+Pixel-level conventions:
+
+* A pixel is predicted abnormal at threshold ``t`` when ``map >= t``.
+* ``valid`` (optional bool, same shape as the masks) restricts which pixels
+  count; pixels where it is False are ignored entirely, and may hold NaN in the map.
+* Maps of shape ``(H, W)`` are treated as one image, ``(N, 1, H, W)`` is squeezed
+  to ``(N, H, W)``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+from scipy import ndimage
+from scipy.stats import rankdata
+from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
+
+__all__ = [
+    "image_auroc",
+    "image_auprc",
+    "sensitivity_at_specificity",
+    "roc_points",
+    "pixel_auroc",
+    "aupro",
+    "best_dice",
+    "reduce_map",
+    "grouped_auroc",
+]
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _to_numpy(x: Any, name: str) -> np.ndarray:
+    """Convert a numpy array, torch tensor or (nested) list to a numpy array (no copy of numpy input)."""
+    if x is None:
+        raise ValueError(f"{name} is None")
+    if hasattr(x, "detach") and hasattr(x, "cpu"):  # torch tensor, without importing torch
+        t = x.detach().cpu()
+        try:
+            return t.numpy()
+        except TypeError:  # e.g. bfloat16 has no numpy dtype
+            return t.float().numpy()
+    try:
+        arr = np.asarray(x)
+    except ValueError as exc:  # ragged nested lists
+        raise ValueError(f"{name} cannot be converted to an array: {exc}") from exc
+    return arr
+
+
+def _as_labels(labels: Any, name: str = "labels") -> np.ndarray:
+    """1-D int array of 0/1 labels."""
+    y = _to_numpy(labels, name)
+    if y.ndim != 1:
+        raise ValueError(f"{name} must be 1-D (one label per image), got shape {y.shape}")
+    if y.size == 0:
+        raise ValueError(f"{name} is empty")
+    if y.dtype == bool:
+        return y.astype(np.int64)
+    if not np.issubdtype(y.dtype, np.number):
+        raise ValueError(f"{name} must be 0/1 or bool, got dtype {y.dtype}")
+    bad = ~np.isin(y, (0, 1))
+    if bad.any():
+        examples = np.unique(y[bad])[:5].tolist()
+        raise ValueError(f"{name} must contain only 0 (normal) and 1 (abnormal), found {examples}")
+    return y.astype(np.int64)
+
+
+def _as_scores(scores: Any, n: int, name: str = "scores") -> np.ndarray:
+    """1-D finite float64 array of length n."""
+    s = _to_numpy(scores, name)
+    if s.ndim != 1:
+        raise ValueError(f"{name} must be 1-D (one score per image), got shape {s.shape}")
+    if s.shape[0] != n:
+        raise ValueError(f"shape mismatch: {n} labels but {s.shape[0]} {name}")
+    if s.dtype == bool or not np.issubdtype(s.dtype, np.number) or np.iscomplexobj(s):
+        raise ValueError(f"{name} must be real numbers, got dtype {s.dtype}")
+    s = s.astype(np.float64)
+    _check_finite(s, name)
+    return s
+
+
+def _check_finite(values: np.ndarray, name: str, where: str = "") -> None:
+    finite = np.isfinite(values)
+    if not finite.all():
+        n_nan = int(np.isnan(values).sum())
+        n_inf = int((~finite).sum()) - n_nan
+        parts = []
+        if n_nan:
+            parts.append(f"{n_nan} NaN")
+        if n_inf:
+            parts.append(f"{n_inf} infinite")
+        raise ValueError(f"{name} contain {' and '.join(parts)} value(s){where}; all scores must be finite")
+
+
+def _require_both_classes(y: np.ndarray, what: str = "labels") -> None:
+    n_pos = int(y.sum())
+    n_neg = int(y.size - n_pos)
+    if n_pos == 0 or n_neg == 0:
+        present = "abnormal (1)" if n_pos else "normal (0)"
+        raise ValueError(
+            f"only one class present in {what}: all {y.size} are {present}; "
+            "the metric needs both normal and abnormal examples"
+        )
+
+
+def _image_inputs(labels: Any, scores: Any) -> tuple[np.ndarray, np.ndarray]:
+    y = _as_labels(labels)
+    s = _as_scores(scores, y.size)
+    _require_both_classes(y)
+    return y, s
+
+
+def _to_nhw(a: np.ndarray, name: str) -> np.ndarray:
+    if a.ndim == 2:
+        return a[None]
+    if a.ndim == 4 and a.shape[1] == 1:
+        return a[:, 0]
+    if a.ndim != 3:
+        raise ValueError(f"{name} must have shape (N, H, W) (or (H, W) / (N, 1, H, W)), got {a.shape}")
+    return a
+
+
+def _as_mask(x: Any, name: str) -> np.ndarray:
+    m = _to_numpy(x, name)
+    if m.dtype == bool:
+        return m
+    if not np.issubdtype(m.dtype, np.number):
+        raise ValueError(f"{name} must be bool or 0/1, got dtype {m.dtype}")
+    bad = ~np.isin(m, (0, 1))
+    if bad.any():
+        examples = np.unique(m[bad])[:5].tolist()
+        raise ValueError(f"{name} must be bool or contain only 0 and 1, found {examples}")
+    return m.astype(bool)
+
+
+def _pixel_inputs(
+    masks: Any, maps: Any, valid: Any | None, *, need_both: bool = True
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Validated (masks bool, maps float64, valid bool), all of shape (N, H, W).
+
+    Maps only need to be finite where ``valid`` is True.
+    """
+    m = _to_nhw(_as_mask(masks, "masks"), "masks")
+    a = _to_numpy(maps, "maps")
+    if a.dtype == bool or not np.issubdtype(a.dtype, np.number) or np.iscomplexobj(a):
+        raise ValueError(f"maps must be real numbers, got dtype {a.dtype}")
+    a = _to_nhw(a, "maps").astype(np.float64)
+    if a.shape != m.shape:
+        raise ValueError(f"shape mismatch: masks {m.shape} vs maps {a.shape}")
+    if valid is None:
+        v = np.ones(m.shape, dtype=bool)
+    else:
+        v = _to_nhw(_as_mask(valid, "valid"), "valid")
+        if v.shape != m.shape:
+            raise ValueError(f"shape mismatch: masks {m.shape} vs valid {v.shape}")
+        if not v.any():
+            raise ValueError("valid is False everywhere: no pixel left to evaluate")
+    _check_finite(a[v], "maps", " at valid pixels")
+    if need_both:
+        y = m[v]
+        n_pos = int(y.sum())
+        if n_pos == 0:
+            raise ValueError(
+                "only one class present in masks: no abnormal (True) pixel among the valid pixels"
+            )
+        if n_pos == y.size:
+            raise ValueError(
+                "only one class present in masks: every valid pixel is abnormal, none is normal"
+            )
+    return m, a, v
+
+
+def _count_at_or_above(thresholds: np.ndarray, values: np.ndarray, weights: np.ndarray | None = None,
+                       strict: bool = False) -> np.ndarray:
+    """For sorted ascending ``thresholds``, the (weighted) number of ``values`` >= each threshold
+    (``> `` when ``strict``). One searchsorted + bincount, O(len(values) * log(len(thresholds)))."""
+    m = thresholds.size
+    # number of thresholds t with t <= v (non-strict) or t < v (strict)
+    idx = np.searchsorted(thresholds, values, side="left" if strict else "right")
+    hist = np.bincount(idx, weights=weights, minlength=m + 1)
+    tail = np.cumsum(hist[::-1])[::-1]  # tail[j] = sum(hist[j:])
+    return tail[1:]  # value counts for threshold j iff idx > j
+
+
+# --------------------------------------------------------------------------- image level
+
+
+def image_auroc(labels: Any, scores: Any) -> float:
+    """Area under the ROC curve of image scores (labels 1 = abnormal = positive); ties count 1/2."""
+    y, s = _image_inputs(labels, scores)
+    return float(roc_auc_score(y, s))
+
+
+def image_auprc(labels: Any, scores: Any) -> float:
+    """Average precision (area under the precision-recall curve, step-wise) with abnormal = positive.
+
+    Uses sklearn's ``average_precision_score`` (no interpolation); chance level is the abnormal fraction.
+    """
+    y, s = _image_inputs(labels, scores)
+    return float(average_precision_score(y, s))
+
+
+def sensitivity_at_specificity(labels: Any, scores: Any, specificity: float = 0.95) -> float:
+    """Largest sensitivity (TPR) reachable at a threshold whose specificity (TNR) is >= ``specificity``.
+
+    The threshold is chosen on these same data (an optimistic, in-sample operating point); images are
+    called abnormal when ``score >= threshold``.
+    """
+    specificity = float(specificity)
+    if not 0.0 <= specificity <= 1.0:
+        raise ValueError(f"specificity must be in [0, 1], got {specificity}")
+    y, s = _image_inputs(labels, scores)
+    fpr, tpr, _ = roc_curve(y, s, drop_intermediate=False)
+    allowed = fpr <= (1.0 - specificity) + 1e-12  # tolerance for 1 - 0.95 != 0.05 in floating point
+    return float(tpr[allowed].max())  # the first ROC point (fpr 0, tpr 0) is always allowed
+
+
+def roc_points(labels: Any, scores: Any) -> tuple[np.ndarray, np.ndarray]:
+    """ROC curve ``(fpr, tpr)`` for plotting, starting at (0, 0) and ending at (1, 1)."""
+    y, s = _image_inputs(labels, scores)
+    fpr, tpr, _ = roc_curve(y, s)
+    return fpr, tpr
+
+
+def grouped_auroc(labels: Any, scores: Any, groups: Any, min_per_class: int = 2) -> dict[str, float]:
+    """AUROC computed separately within each group (e.g. original image width or scanner).
+
+    Keys are ``str(group value)``, in sorted group order. Groups with fewer than ``min_per_class``
+    normal or fewer than ``min_per_class`` abnormal images are omitted (an empty dict if none qualifies).
+    """
+    if int(min_per_class) < 1:
+        raise ValueError(f"min_per_class must be >= 1, got {min_per_class}")
+    y = _as_labels(labels)
+    s = _as_scores(scores, y.size)
+    g = _to_numpy(groups, "groups")
+    if g.ndim != 1:
+        raise ValueError(f"groups must be 1-D (one group per image), got shape {g.shape}")
+    if g.shape[0] != y.size:
+        raise ValueError(f"shape mismatch: {y.size} labels but {g.shape[0]} groups")
+    try:
+        values, inverse = np.unique(g, return_inverse=True)
+    except TypeError as exc:
+        raise ValueError(f"groups values cannot be compared/sorted: {exc}") from exc
+    inverse = inverse.reshape(-1)
+    out: dict[str, float] = {}
+    for k, value in enumerate(values.tolist()):
+        sel = inverse == k
+        yk = y[sel]
+        n_pos = int(yk.sum())
+        if n_pos < min_per_class or yk.size - n_pos < min_per_class:
+            continue
+        out[str(value)] = float(roc_auc_score(yk, s[sel]))
+    return out
+
+
+# --------------------------------------------------------------------------- pixel level
+
+
+def pixel_auroc(
+    masks: Any,
+    maps: Any,
+    valid: Any | None = None,
+    max_pixels: int | None = 2_000_000,
+    seed: int = 0,
+) -> float:
+    """Pixel-wise AUROC of anomaly ``maps`` (N, H, W) against boolean ``masks`` over valid pixels.
+
+    When more than ``max_pixels`` valid pixels exist, the AUROC is computed on a seeded random
+    subsample of ``max_pixels`` pixels drawn without replacement, stratified by class: normal and
+    abnormal pixels are each sampled uniformly, in proportion to their counts (at least one of each).
+    AUROC does not depend on the class ratio, so this is an unbiased estimate whose sampling error
+    shrinks roughly like 1/sqrt(number of sampled abnormal pixels) (about 0.002 with 20,000 of them).
+    The same ``seed`` gives the same subsample. ``max_pixels=None`` always uses every pixel.
+    """
+    m, a, v = _pixel_inputs(masks, maps, valid)
+    y = m[v]
+    s = a[v]
+    n = y.size
+    if max_pixels is not None:
+        max_pixels = int(max_pixels)
+        if max_pixels < 2:
+            raise ValueError(f"max_pixels must be >= 2 or None, got {max_pixels}")
+        if n > max_pixels:
+            rng = np.random.default_rng(seed)
+            pos = np.flatnonzero(y)
+            neg = np.flatnonzero(~y)
+            k_pos = int(round(max_pixels * pos.size / n))
+            k_pos = min(max(k_pos, 1), pos.size, max_pixels - 1)
+            k_neg = min(max_pixels - k_pos, neg.size)
+            idx = np.concatenate(
+                [rng.choice(pos, size=k_pos, replace=False), rng.choice(neg, size=k_neg, replace=False)]
+            )
+            y, s = y[idx], s[idx]
+    return _auroc_by_ranks(y, s)
+
+
+def _auroc_by_ranks(y: np.ndarray, s: np.ndarray) -> float:
+    """AUROC as the Mann-Whitney statistic with mid-ranks for ties (identical to sklearn's
+    trapezoidal ROC AUC, about twice as fast on millions of pixels)."""
+    ranks = rankdata(s)  # average ranks, float64
+    n_pos = int(y.sum())
+    n_neg = y.size - n_pos
+    u = ranks[y].sum() - n_pos * (n_pos + 1) / 2.0
+    return float(u / (float(n_pos) * n_neg))
+
+
+def _pro_regions(m: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+    """Label ground-truth regions (8-connectivity within each image).
+
+    Returns (region id per valid abnormal pixel (0-based, compacted), region sizes in valid pixels,
+    number of regions). Regions are found on the full mask; only their valid pixels count.
+    """
+    structure = np.zeros((3, 3, 3), dtype=bool)
+    structure[1] = True  # 8-connected in-plane, never across images
+    labels, n_labels = ndimage.label(m, structure=structure)
+    region_of_pixel = labels[m & v]  # 1..n_labels
+    sizes = np.bincount(region_of_pixel, minlength=n_labels + 1)
+    keep = sizes > 0
+    keep[0] = False  # background
+    compact = np.cumsum(keep) - 1  # old label -> new 0-based id (only meaningful where keep)
+    return compact[region_of_pixel], sizes[keep], int(keep.sum())
+
+
+def _pro_curve(
+    m: np.ndarray, a: np.ndarray, v: np.ndarray, fpr_limit: float, num_thresholds: int | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """(fpr, pro) operating points sorted by decreasing threshold, from (0, 0) to past ``fpr_limit``."""
+    region_id, sizes, n_regions = _pro_regions(m, v)
+    if n_regions == 0:
+        raise ValueError("masks contain no abnormal region among the valid pixels; AUPRO needs at least one")
+    normal = a[~m & v]
+    n_normal = normal.size
+    if n_normal == 0:
+        raise ValueError("masks leave no normal (False) valid pixel; AUPRO needs normal pixels for the FPR")
+    region_vals = a[m & v]
+    weights = 1.0 / (sizes[region_id] * n_regions)  # each region weighs 1/n_regions in total
+
+    # Thresholds: the k-th largest normal values, k on an even grid from 0 (max -> FPR ~ 0) to the first
+    # index whose FPR exceeds fpr_limit, so the curve is sampled evenly in FPR over [0, fpr_limit] and
+    # the crossing at fpr_limit can be interpolated. num_thresholds=None: every such k (exact curve).
+    k_max = min(math.ceil(fpr_limit * n_normal), n_normal - 1)
+    if num_thresholds is None or num_thresholds >= k_max + 1:
+        ks = np.arange(k_max + 1)
+    else:
+        ks = np.unique(np.round(np.linspace(0, k_max, num_thresholds)).astype(np.int64))
+    asc_idx = n_normal - 1 - ks  # positions in ascending order
+    if ks.size == k_max + 1 and k_max + 1 > 64:
+        picked = np.sort(np.partition(normal, asc_idx[-1])[asc_idx[-1]:])  # the top k_max+1 values
+        thresholds = np.unique(picked)
+    else:
+        thresholds = np.unique(np.partition(normal, asc_idx)[asc_idx])
+
+    # Two exact operating points per threshold t: "map > t" and "map >= t". Between them lie only
+    # pixels equal to t (ties), joined by a straight line as in the MVTec AD reference; points at
+    # "> t" also capture the vertical rise from regions whose values fall between two thresholds.
+    fpr_ge = _count_at_or_above(thresholds, normal) / n_normal
+    fpr_gt = _count_at_or_above(thresholds, normal, strict=True) / n_normal
+    pro_ge = _count_at_or_above(thresholds, region_vals, weights)
+    pro_gt = _count_at_or_above(thresholds, region_vals, weights, strict=True)
+
+    # order by decreasing threshold: (gt, ge) of the largest threshold first
+    fpr = np.empty(2 * thresholds.size + 1)
+    pro = np.empty_like(fpr)
+    fpr[0] = pro[0] = 0.0  # threshold above every value
+    fpr[1::2], fpr[2::2] = fpr_gt[::-1], fpr_ge[::-1]
+    pro[1::2], pro[2::2] = pro_gt[::-1], pro_ge[::-1]
+    # guard against 1 + 1e-16 style rounding of the weight sums
+    np.clip(pro, 0.0, 1.0, out=pro)
+    return fpr, pro
+
+
+def _area_up_to(x: np.ndarray, y: np.ndarray, x_max: float) -> float:
+    """Trapezoid area under the piecewise-linear curve (x non-decreasing) from x[0] to ``x_max``,
+    interpolating the curve exactly at ``x_max``. Vertical steps (repeated x) are allowed."""
+    inside = np.flatnonzero(x <= x_max)
+    last = inside[-1]  # x is non-decreasing so ``inside`` is a prefix
+    xs, ys = x[: last + 1], y[: last + 1]
+    if xs[-1] < x_max and last + 1 < x.size:
+        x0, x1, y0, y1 = x[last], x[last + 1], y[last], y[last + 1]
+        y_at = y0 + (y1 - y0) * (x_max - x0) / (x1 - x0)
+        xs = np.append(xs, x_max)
+        ys = np.append(ys, y_at)
+    return float(np.trapezoid(ys, xs))
+
+
+def aupro(
+    masks: Any,
+    maps: Any,
+    fpr_limit: float = 0.3,
+    num_thresholds: int | None = 200,
+    valid: Any | None = None,
+) -> float:
+    """Normalised area under the per-region-overlap (PRO) curve up to ``fpr_limit`` (Bergmann et al.,
+    MVTec AD, IJCV 2021).
+
+    Regions are the 8-connected components of each image's ground-truth mask. At each threshold, PRO
+    is the mean over ALL regions (of all images, each weighing the same regardless of size) of the
+    fraction of the region's pixels with ``map >= threshold``; FPR is the fraction of normal pixels
+    (mask False) of all images at or above it. Only ``valid`` pixels count (a region's size is its
+    number of valid pixels; regions with none are dropped). The PRO-vs-FPR curve, with ties joined
+    linearly, is integrated by the trapezoid rule from FPR 0 to ``fpr_limit`` (interpolated at the
+    limit) and divided by ``fpr_limit``: a perfect map gives 1.0, a constant map ``fpr_limit / 2``.
+
+    The curve is sampled at ``num_thresholds`` normal-pixel quantiles evenly spaced in FPR over
+    [0, fpr_limit] (two exact operating points each, "> t" and ">= t"); the sampling error is at most
+    about ``1 / num_thresholds``, typically far less. ``num_thresholds=None`` uses every normal value
+    (the exact curve). Fully vectorised: a few sorts/searchsorted over the pixels.
+    """
+    fpr_limit = float(fpr_limit)
+    if not 0.0 < fpr_limit <= 1.0:
+        raise ValueError(f"fpr_limit must be in (0, 1], got {fpr_limit}")
+    if num_thresholds is not None and int(num_thresholds) < 2:
+        raise ValueError(f"num_thresholds must be >= 2 or None, got {num_thresholds}")
+    m, a, v = _pixel_inputs(masks, maps, valid, need_both=False)
+    fpr, pro = _pro_curve(m, a, v, fpr_limit, None if num_thresholds is None else int(num_thresholds))
+    return _area_up_to(fpr, pro, fpr_limit) / fpr_limit
+
+
+def best_dice(
+    masks: Any, maps: Any, num_thresholds: int | None = 100, valid: Any | None = None
+) -> tuple[float, float]:
+    """Best Dice over one global threshold, pooled over all valid pixels of all images.
+
+    Dice at threshold ``t`` is ``2 TP / (#(map >= t) + #abnormal)`` computed on all pixels together.
+    The optimum always lies at the map value of some abnormal pixel, so candidate thresholds are
+    ``num_thresholds`` quantiles of the abnormal pixels' values (data values, min and max included);
+    ``num_thresholds=None`` tries every distinct abnormal value (exact optimum). Returns
+    ``(dice, threshold)``; this is an optimistic, in-sample upper bound ("best possible Dice").
+    """
+    if num_thresholds is not None and int(num_thresholds) < 1:
+        raise ValueError(f"num_thresholds must be >= 1 or None, got {num_thresholds}")
+    m, a, v = _pixel_inputs(masks, maps, valid, need_both=False)
+    pos_vals = a[m & v]
+    if pos_vals.size == 0:
+        raise ValueError("masks contain no abnormal (True) pixel among the valid pixels; Dice is undefined")
+    all_vals = a[v]
+    if num_thresholds is None:
+        thresholds = np.unique(pos_vals)
+    else:
+        q = np.linspace(0.0, 1.0, int(num_thresholds))
+        thresholds = np.unique(np.quantile(pos_vals, q, method="inverted_cdf"))
+    tp = _count_at_or_above(thresholds, pos_vals)
+    predicted = _count_at_or_above(thresholds, all_vals)
+    dice = 2.0 * tp / (predicted + pos_vals.size)
+    best = int(np.argmax(dice))
+    return float(dice[best]), float(thresholds[best])
+
+
+def reduce_map(
+    maps: Any, how: str = "topk", topk_fraction: float = 0.01, valid: Any | None = None
+) -> np.ndarray:
+    """Image scores (float64, shape (N,)) from anomaly maps (N, H, W) or (N, ...).
+
+    ``how``: ``"mean"`` or ``"max"`` of the valid pixels, or ``"topk"``: the mean of the largest
+    ``ceil(topk_fraction * n_valid)`` valid pixels of each image (at least one). Pixels where ``valid``
+    is False never count (and may be NaN); every image needs at least one valid pixel.
+    """
+    if how not in ("mean", "max", "topk"):
+        raise ValueError(f"how must be 'mean', 'max' or 'topk', got {how!r}")
+    a = _to_numpy(maps, "maps")
+    if a.dtype == bool or not np.issubdtype(a.dtype, np.number) or np.iscomplexobj(a):
+        raise ValueError(f"maps must be real numbers, got dtype {a.dtype}")
+    if a.ndim < 2:
+        raise ValueError(f"maps must have shape (N, H, W) or (N, ...), got {a.shape}")
+    n = a.shape[0]
+    flat = a.reshape(n, -1).astype(np.float64)  # astype copies: the input is never touched
+    if valid is None:
+        vf = np.ones(flat.shape, dtype=bool)
+    else:
+        v = _as_mask(valid, "valid")
+        if v.shape != a.shape:
+            raise ValueError(f"shape mismatch: maps {a.shape} vs valid {v.shape}")
+        vf = v.reshape(n, -1)
+    n_valid = vf.sum(axis=1)
+    if (n_valid == 0).any():
+        empty = np.flatnonzero(n_valid == 0)[:5].tolist()
+        raise ValueError(f"image(s) {empty} have no valid pixel; cannot reduce their maps")
+    _check_finite(flat[vf], "maps", " at valid pixels")
+    if how == "mean":
+        return np.where(vf, flat, 0.0).sum(axis=1) / n_valid
+    if how == "max":
+        return np.where(vf, flat, -np.inf).max(axis=1)
+    topk_fraction = float(topk_fraction)
+    if not 0.0 < topk_fraction <= 1.0:
+        raise ValueError(f"topk_fraction must be in (0, 1], got {topk_fraction}")
+    k = np.maximum(1, np.ceil(topk_fraction * n_valid - 1e-9)).astype(np.int64)
+    k = np.minimum(k, n_valid)
+    desc = -np.sort(np.where(vf, -flat, np.inf), axis=1)  # valid values, descending, invalid (-inf) last
+    kmax = int(k.max())
+    csum = np.cumsum(desc[:, :kmax], axis=1)
+    return csum[np.arange(n), k - 1] / k

@@ -1,0 +1,80 @@
+"""The vector quantizer shared by every VQ model.
+
+A thin wrapper over ``vector_quantize_pytorch.VectorQuantize`` (EMA codebook updates, k-means
+initialisation, dead-code restarts, DDP-synchronised statistics) that fixes what our models rely on:
+channel-first image maps, distances and codebook updates in fp32 whatever the autocast context, and one
+output type carrying the pre-quantisation latents needed by the alignment loss map.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from vector_quantize_pytorch import VectorQuantize
+
+
+@dataclass
+class QuantizerOutput:
+    quantized: torch.Tensor  # (B, D, h, w) codebook vectors, straight-through gradient to the encoder
+    indices: torch.Tensor  # (B, h, w) int64 code index per latent position
+    loss: torch.Tensor  # scalar: beta * ||z_e - sg[e]||^2 (the codebook itself follows EMA updates)
+    latents: torch.Tensor  # (B, D, h, w) encoder output z_e in fp32, before quantisation
+
+
+class VectorQuantizer(nn.Module):
+    def __init__(
+        self,
+        *,
+        dim: int,
+        codebook_size: int,
+        beta: float = 0.25,
+        ema_decay: float = 0.99,
+        kmeans_init: bool = True,
+        kmeans_iters: int = 10,
+        dead_code_threshold: float = 1.0,
+        rotation_trick: bool = False,
+    ):
+        super().__init__()
+        self.dim = dim
+        self.codebook_size = codebook_size
+        self.vq = VectorQuantize(
+            dim=dim,
+            codebook_size=codebook_size,
+            decay=ema_decay,
+            commitment_weight=beta,
+            kmeans_init=kmeans_init,
+            kmeans_iters=kmeans_iters,
+            threshold_ema_dead_code=dead_code_threshold,
+            accept_image_fmap=True,
+            rotation_trick=rotation_trick,
+            straight_through=False,
+        )
+
+    @property
+    def codebook(self) -> torch.Tensor:  # (K, D)
+        return self.vq.codebook
+
+    def forward(self, latents: torch.Tensor) -> QuantizerOutput:
+        # Nearest-code search and EMA statistics in fp32: bf16 distances pick wrong codes.
+        with torch.autocast(device_type=latents.device.type, enabled=False):
+            z_e = latents.float().contiguous()
+            quantized, indices, loss = self.vq(z_e)
+        return QuantizerOutput(quantized=quantized, indices=indices.long(), loss=loss.sum(), latents=z_e)
+
+    def lookup(self, indices: torch.Tensor) -> torch.Tensor:
+        """(B, h, w) code indices -> (B, D, h, w) codebook vectors."""
+        if indices.min() < 0 or indices.max() >= self.codebook_size:
+            raise ValueError(f"code indices must lie in [0, {self.codebook_size}), got [{indices.min()}, {indices.max()}]")
+        return self.codebook[indices.long()].permute(0, 3, 1, 2).contiguous()
+
+
+def code_usage(counts: torch.Tensor) -> tuple[float, float]:
+    """(perplexity, fraction of codes used) from a histogram of code indices."""
+    total = counts.sum()
+    if total <= 0:
+        return 0.0, 0.0
+    probs = counts.float() / total
+    entropy = -(probs[probs > 0] * probs[probs > 0].log()).sum()
+    return float(entropy.exp()), float((counts > 0).float().mean())

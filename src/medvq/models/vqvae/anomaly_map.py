@@ -1,0 +1,41 @@
+"""The VQ-VAE's anomaly maps: reconstruction residual and alignment loss map (ALM)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from medvq.maps.alm import alignment_loss_map
+from medvq.maps.residual import residual_map
+from medvq.models.vqvae.model import VQVAE
+
+MAP_NAMES = ("residual", "alm")
+
+
+@dataclass
+class VQVAEMaps:
+    reconstruction: torch.Tensor  # (B, C, H, W)
+    codes: torch.Tensor  # (B, h, w)
+    maps: dict[str, torch.Tensor]  # name -> (B, 1, H, W) fp32, unsmoothed, uncalibrated
+
+
+@torch.no_grad()
+def vqvae_maps(model: VQVAE, images: torch.Tensor, names: tuple[str, ...] | list[str] = MAP_NAMES) -> VQVAEMaps:
+    """Run the model in eval mode on (B, C, H, W) images in [0, 1] and compute the requested maps."""
+    unknown = set(names) - set(MAP_NAMES)
+    if unknown:
+        raise ValueError(f"unknown map(s) {sorted(unknown)} for a VQ-VAE; available: {', '.join(MAP_NAMES)}")
+    was_training = model.training
+    model.eval()
+    try:
+        q = model.quantize(model.encode(images))
+        reconstruction = model.decode(q.quantized).float()
+    finally:
+        model.train(was_training)
+    maps: dict[str, torch.Tensor] = {}
+    if "residual" in names:
+        maps["residual"] = residual_map(images, reconstruction)
+    if "alm" in names:
+        maps["alm"] = alignment_loss_map(q.latents, model.quantizer.codebook, q.indices, size=tuple(images.shape[-2:]))
+    return VQVAEMaps(reconstruction=reconstruction, codes=q.indices, maps=maps)

@@ -1,0 +1,171 @@
+"""VQ-VAE (van den Oord et al. 2017): the whole network in one file.
+
+Encoder (strided convolutions + residual stack) -> shared EMA vector quantizer -> decoder mirrored.
+Inputs are single-channel images in [0, 1] (see ``medvq.data.preprocess``); the same range is used in
+training and inference. Knows nothing of files, CLIs or Lightning.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+from medvq.models.quantizer import QuantizerOutput, VectorQuantizer
+
+
+class VQVAEConfig(BaseModel):
+    """Architecture of a VQ-VAE; stored with every checkpoint and used to rebuild it."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    in_channels: int = Field(1, ge=1, description="Image channels.")
+    hidden_channels: int = Field(128, ge=8, description="Width of the encoder/decoder.", json_schema_extra={"aliases": ["n-hiddens"]})
+    residual_channels: int = Field(64, ge=4, description="Width inside residual blocks.", json_schema_extra={"aliases": ["n-residual-hiddens"]})
+    residual_layers: int = Field(2, ge=0, description="Residual blocks in encoder and decoder.", json_schema_extra={"aliases": ["n-residual-layers"]})
+    downsample_layers: int = Field(2, ge=1, le=5, description="Stride-2 stages: latent grid = image_size / 2**downsample_layers.")
+    embedding_dim: int = Field(64, ge=1, description="Dimension of codebook vectors.")
+    codebook_size: int = Field(256, ge=2, description="Number of codebook vectors.", json_schema_extra={"aliases": ["n-embeddings"]})
+    beta: float = Field(0.25, ge=0, description="Commitment weight on ||z_e - sg[e]||^2.")
+    ema_decay: float = Field(0.99, gt=0, lt=1, description="EMA decay of codebook updates.")
+    kmeans_init: bool = Field(True, description="Initialise the codebook by k-means on the first batch.")
+    dead_code_threshold: float = Field(1.0, ge=0, description="Restart codes whose EMA usage falls below this (0 = never).")
+    rotation_trick: bool = Field(False, description="Rotation-trick gradients through the quantizer instead of straight-through.")
+    dropout: float = Field(0.1, ge=0, lt=1, description="Dropout inside residual blocks (training only).")
+
+    @property
+    def stride(self) -> int:
+        return 2**self.downsample_layers
+
+
+@dataclass
+class VQVAEOutput:
+    reconstruction: torch.Tensor  # (B, C, H, W)
+    loss: torch.Tensor  # total: reconstruction MSE + commitment
+    reconstruction_loss: torch.Tensor
+    commitment_loss: torch.Tensor
+    quantizer: QuantizerOutput
+
+
+class ResidualBlock(nn.Module):
+    def __init__(self, channels: int, hidden: int, dropout: float):
+        super().__init__()
+        self.block = nn.Sequential(
+            nn.ReLU(),
+            nn.Conv2d(channels, hidden, 3, padding=1, bias=False),
+            nn.BatchNorm2d(hidden),
+            nn.ReLU(),
+            nn.Dropout2d(dropout),
+            nn.Conv2d(hidden, channels, 1),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.block(x)
+
+
+def residual_stack(channels: int, hidden: int, layers: int, dropout: float) -> nn.Sequential:
+    return nn.Sequential(*[ResidualBlock(channels, hidden, dropout) for _ in range(layers)], nn.ReLU())
+
+
+class Encoder(nn.Module):
+    def __init__(self, c: VQVAEConfig):
+        super().__init__()
+        h = c.hidden_channels
+        widths = [max(h // 2 ** (c.downsample_layers - 1 - i), 8) for i in range(c.downsample_layers)]
+        layers: list[nn.Module] = []
+        previous = c.in_channels
+        for i, width in enumerate(widths):
+            layers.append(nn.Conv2d(previous, width, 4, stride=2, padding=1))
+            layers.append(nn.BatchNorm2d(width))
+            layers.append(nn.ReLU())
+            previous = width
+        layers.append(nn.Conv2d(previous, h, 3, padding=1))
+        layers.append(residual_stack(h, c.residual_channels, c.residual_layers, c.dropout))
+        layers.append(nn.Conv2d(h, c.embedding_dim, 1))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)  # (B, D, H/stride, W/stride)
+
+
+class Decoder(nn.Module):
+    def __init__(self, c: VQVAEConfig):
+        super().__init__()
+        h = c.hidden_channels
+        layers: list[nn.Module] = [
+            nn.Conv2d(c.embedding_dim, h, 3, padding=1),
+            residual_stack(h, c.residual_channels, c.residual_layers, c.dropout),
+        ]
+        previous = h
+        for i in range(c.downsample_layers):
+            last = i == c.downsample_layers - 1
+            width = c.in_channels if last else max(h // 2 ** (i + 1), 8)
+            layers.append(nn.ConvTranspose2d(previous, width, 4, stride=2, padding=1))
+            if not last:
+                layers.append(nn.BatchNorm2d(width))
+                layers.append(nn.ReLU())
+            previous = width
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.net(z)
+
+
+class VQVAE(nn.Module):
+    def __init__(self, config: VQVAEConfig):
+        super().__init__()
+        self.config = config
+        self.encoder = Encoder(config)
+        self.quantizer = VectorQuantizer(
+            dim=config.embedding_dim,
+            codebook_size=config.codebook_size,
+            beta=config.beta,
+            ema_decay=config.ema_decay,
+            kmeans_init=config.kmeans_init,
+            dead_code_threshold=config.dead_code_threshold,
+            rotation_trick=config.rotation_trick,
+        )
+        self.decoder = Decoder(config)
+
+    @property
+    def stride(self) -> int:
+        return self.config.stride
+
+    def check_input(self, x: torch.Tensor) -> None:
+        if x.ndim != 4 or x.shape[1] != self.config.in_channels:
+            raise ValueError(f"expected images of shape (B, {self.config.in_channels}, H, W), got {tuple(x.shape)}")
+        if x.shape[-1] % self.stride or x.shape[-2] % self.stride:
+            raise ValueError(
+                f"image size {tuple(x.shape[-2:])} is not a multiple of the model stride {self.stride}; "
+                "resize the input (data.image_size) to a multiple of it"
+            )
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Images (B, C, H, W) -> continuous latents z_e (B, D, H/s, W/s)."""
+        self.check_input(x)
+        return self.encoder(x)
+
+    def quantize(self, latents: torch.Tensor) -> QuantizerOutput:
+        return self.quantizer(latents)
+
+    def decode(self, quantized: torch.Tensor) -> torch.Tensor:
+        return self.decoder(quantized)
+
+    def decode_codes(self, indices: torch.Tensor) -> torch.Tensor:
+        """Code maps (B, h, w) -> images (B, C, H, W)."""
+        return self.decode(self.quantizer.lookup(indices))
+
+    def forward(self, x: torch.Tensor) -> VQVAEOutput:
+        q = self.quantize(self.encode(x))
+        reconstruction = self.decode(q.quantized)
+        reconstruction_loss = F.mse_loss(reconstruction.float(), x.float())
+        return VQVAEOutput(
+            reconstruction=reconstruction,
+            loss=reconstruction_loss + q.loss,
+            reconstruction_loss=reconstruction_loss,
+            commitment_loss=q.loss,
+            quantizer=q,
+        )

@@ -1,0 +1,92 @@
+"""Figures as pure functions of saved numbers and arrays (matplotlib, Agg backend)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from matplotlib import colormaps  # noqa: E402
+
+from medvq.io import atomic_save_figure  # noqa: E402
+
+
+def _save(fig, path: str | Path) -> None:
+    atomic_save_figure(fig, path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
+def plot_history(history: Sequence[dict], plots_dir: str | Path) -> None:
+    """loss.png (train/val loss per epoch) and codebook.png (perplexity and share of codes used)."""
+    if not history:
+        return
+    epochs = [r["epoch"] for r in history]
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    for key, label in (("train_loss", "train"), ("val_loss", "validation")):
+        ys = [r.get(key) for r in history]
+        if any(y is not None for y in ys):
+            ax.plot(epochs, [np.nan if y is None else y for y in ys], marker="o", ms=3, label=label)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("loss (MSE + commitment)")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    _save(fig, Path(plots_dir) / "loss.png")
+
+    fig, ax1 = plt.subplots(figsize=(5, 3.2))
+    ax1.plot(epochs, [r.get("perplexity", np.nan) for r in history], color="tab:blue", marker="o", ms=3)
+    ax1.set_xlabel("epoch")
+    ax1.set_ylabel("code perplexity", color="tab:blue")
+    ax2 = ax1.twinx()
+    ax2.plot(epochs, [100 * r.get("codes_used", np.nan) for r in history], color="tab:orange", marker="s", ms=3)
+    ax2.set_ylabel("codes used (%)", color="tab:orange")
+    ax2.set_ylim(0, 105)
+    ax1.grid(alpha=0.3)
+    _save(fig, Path(plots_dir) / "codebook.png")
+
+
+def colorize(map_: np.ndarray, vmin: float, vmax: float, cmap: str = "inferno") -> np.ndarray:
+    """(H, W) float -> (H, W, 3) uint8 through a colour map with fixed limits (not per image)."""
+    scaled = np.clip((map_ - vmin) / max(vmax - vmin, 1e-12), 0, 1)
+    return (colormaps[cmap](scaled)[..., :3] * 255).astype(np.uint8)
+
+
+def overlay(image: np.ndarray, map_: np.ndarray, vmin: float, vmax: float, alpha: float = 0.5, cmap: str = "jet") -> np.ndarray:
+    """Grayscale (H, W) in [0, 1] with a colour map blended where the map exceeds vmin. -> uint8 RGB."""
+    gray = np.repeat(np.clip(image, 0, 1)[..., None], 3, axis=2)
+    colour = colorize(map_, vmin, vmax, cmap).astype(np.float32) / 255
+    weight = alpha * np.clip((map_ - vmin) / max(vmax - vmin, 1e-12), 0, 1)[..., None]
+    return (((1 - weight) * gray + weight * colour).clip(0, 1) * 255).astype(np.uint8)
+
+
+def save_image_grid(rows: Sequence[tuple[str, np.ndarray]], path: str | Path, cmap: Sequence[str] | None = None, vmax: Sequence[float] | None = None) -> None:
+    """rows: (label, (N, H, W) array); one row per entry, one column per image."""
+    n = max(len(a) for _, a in rows)
+    fig, axes = plt.subplots(len(rows), n, figsize=(1.6 * n, 1.6 * len(rows)), squeeze=False)
+    for r, (label, arrays) in enumerate(rows):
+        for c in range(n):
+            ax = axes[r, c]
+            ax.axis("off")
+            if c < len(arrays):
+                ax.imshow(arrays[c], cmap=(cmap[r] if cmap else "gray"), vmin=0, vmax=(vmax[r] if vmax else 1))
+        axes[r, 0].set_title(label, fontsize=8, loc="left")
+    fig.subplots_adjust(wspace=0.02, hspace=0.15)
+    _save(fig, path)
+
+
+def roc_figure(curves: dict[str, tuple[np.ndarray, np.ndarray, float]], path: str | Path, title: str = "") -> None:
+    """curves: name -> (fpr, tpr, auroc)."""
+    fig, ax = plt.subplots(figsize=(4, 4))
+    for name, (fpr, tpr, auc) in curves.items():
+        ax.plot(fpr, tpr, label=f"{name} (AUROC {auc:.3f})")
+    ax.plot([0, 1], [0, 1], color="gray", lw=0.8, ls="--")
+    ax.set_xlabel("false positive rate")
+    ax.set_ylabel("true positive rate")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7, loc="lower right")
+    ax.grid(alpha=0.3)
+    _save(fig, path)

@@ -1,0 +1,197 @@
+"""The evaluation report: one self-contained HTML page built only from saved outputs.
+
+``build_report(DIR)`` reads DIR/metrics.json, DIR/scores.csv and DIR/evaluation.npz, so a report can be
+rebuilt (``medvq report DIR``) without running a model again.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import io
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
+from scipy import ndimage  # noqa: E402
+
+from medvq.errors import MedvqError  # noqa: E402
+from medvq.evaluation.metrics import roc_points  # noqa: E402
+from medvq.io import atomic_write_text  # noqa: E402
+from medvq.report.figures import colorize, overlay  # noqa: E402
+
+CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2rem auto;max-width:1180px;color:#222;padding:0 1rem}
+h1{font-size:1.5rem;margin-bottom:.2rem} h2{font-size:1.15rem;margin-top:2rem;border-bottom:1px solid #ddd;padding-bottom:.2rem}
+table{border-collapse:collapse;font-size:.85rem;margin:.5rem 0} th,td{border:1px solid #ddd;padding:.3rem .5rem;text-align:right}
+th{background:#f4f4f4} td.l,th.l{text-align:left} .muted{color:#666;font-size:.85rem}
+.best{font-weight:bold;background:#eef7ee} .gal td{padding:2px;border:none;text-align:center;font-size:.72rem;vertical-align:top}
+.gal img{width:132px;height:132px;image-rendering:pixelated;display:block} figure{display:inline-block;margin:.3rem}
+"""
+
+
+def _png(array: np.ndarray) -> str:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def _fig_png(fig) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def _gray(a: np.ndarray) -> np.ndarray:
+    return (np.clip(a, 0, 1) * 255).astype(np.uint8)
+
+
+def _outline(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    rgb = np.repeat(_gray(image)[..., None], 3, axis=2)
+    edge = mask & ~ndimage.binary_erosion(mask)
+    rgb[edge] = (0, 255, 0)
+    return rgb
+
+
+def _fmt(v) -> str:
+    return "–" if v is None or (isinstance(v, float) and np.isnan(v)) else f"{v:.3f}"
+
+
+def read_scores(path: Path) -> tuple[list[dict], list[str]]:
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    fixed = {"path", "class", "patient", "width", "height"}
+    names = [k for k in (rows[0].keys() if rows else []) if k not in fixed]
+    return rows, names
+
+
+def _metrics_table(metrics: dict) -> str:
+    maps = metrics["maps"]
+    classes = sorted({c for m in maps.values() for c in m.get("image_auroc_per_class", {})})
+    pixel = any("pixel_auroc" in m for m in maps.values())
+    spec_key = next((k for k in next(iter(maps.values())) if k.startswith("sensitivity_at")), None)
+    cols = [("image AUROC", "image_auroc"), ("AUPRC", "image_auprc")]
+    if spec_key:
+        cols.append(("sens. @95% spec.", spec_key))
+    cols += [(f"AUROC {c}", ("per_class", c)) for c in classes]
+    if pixel:
+        cols += [("pixel AUROC", "pixel_auroc"), ("AUPRO (FPR≤0.3)", "aupro"), ("best Dice", "dice")]
+    value = lambda m, key: m.get("image_auroc_per_class", {}).get(key[1]) if isinstance(key, tuple) else m.get(key)
+    best = {label: max((value(m, key) or -1) for m in maps.values()) for label, key in cols}
+    head = "".join(f"<th>{html.escape(label)}</th>" for label, _ in cols)
+    rows = []
+    for name, m in maps.items():
+        cells = "".join(
+            f"<td class='{'best' if value(m, key) is not None and value(m, key) == best[label] else ''}'>{_fmt(value(m, key))}</td>" for label, key in cols
+        )
+        rows.append(f"<tr><td class='l'>{html.escape(name)}</td>{cells}</tr>")
+    table = f"<table><tr><th class='l'>map</th>{head}</tr>{''.join(rows)}</table>"
+
+    widths = sorted({w for m in maps.values() for w in m.get("image_auroc_by_width", {})}, key=lambda w: int(w) if w.isdigit() else w)
+    if widths:
+        head = "".join(f"<th>{html.escape(w)} px</th>" for w in widths)
+        rows = "".join(
+            f"<tr><td class='l'>{html.escape(n)}</td>" + "".join(f"<td>{_fmt(m.get('image_auroc_by_width', {}).get(w))}</td>" for w in widths) + "</tr>"
+            for n, m in maps.items()
+        )
+        table += (
+            "<p class='muted'>Image AUROC within scans of one original width (only widths holding both normal and abnormal scans). "
+            "A pooled AUROC far above these would mean the model reads the scan width rather than the retina.</p>"
+            f"<table><tr><th class='l'>map</th>{head}</tr>{rows}</table>"
+        )
+    return table
+
+
+def _roc_section(rows: list[dict], names: list[str], normal: str) -> str:
+    labels = np.array([r["class"] != normal for r in rows], dtype=int)
+    classes = sorted({r["class"] for r in rows} - {normal})
+    fig, axes = plt.subplots(1, 1 + len(classes), figsize=(3.6 * (1 + len(classes)), 3.4), squeeze=False)
+    panels = [("all abnormal vs " + normal, np.ones(len(rows), bool))] + [
+        (f"{c} vs {normal}", np.array([r["class"] in (c, normal) for r in rows])) for c in classes
+    ]
+    for ax, (title, keep) in zip(axes[0], panels):
+        y = labels[keep]
+        for n in names:
+            s = np.array([float(r[n]) for r in rows])[keep]
+            if y.min() == y.max():
+                continue
+            fpr, tpr = roc_points(y, s)
+            ax.plot(fpr, tpr, label=n)
+        ax.plot([0, 1], [0, 1], ls="--", lw=0.8, color="gray")
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("false positive rate", fontsize=8)
+        ax.set_ylabel("true positive rate", fontsize=8)
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    return f"<img src='{_fig_png(fig)}' style='max-width:100%'>"
+
+
+def _gallery(npz: dict, normal: str) -> str:
+    names = [str(n) for n in npz["map_names"]]
+    vmax = dict(zip(names, npz["map_vmax"].astype(float)))
+    has_mask = "mask" in npz
+    key = "combined" if "combined" in names else names[0]
+    header = ["input", "reconstruction", *names, f"overlay ({key})"] + (["lesion mask"] if has_mask else [])
+    parts = []
+    labels = [str(x) for x in npz["labels"]]
+    for c in sorted(set(labels), key=lambda c: (c != normal, c)):
+        rows = []
+        for i, lab in enumerate(labels):
+            if lab != c:
+                continue
+            image = npz["image"][i]
+            cells = [_png(_gray(image)), _png(_gray(npz["reconstruction"][i]))]
+            cells += [_png(colorize(npz[f"map_{n}"][i], 0.0, max(vmax[n], 1e-6))) for n in names]
+            cells.append(_png(overlay(image, npz[f"map_{key}"][i], 0.0, max(vmax[key], 1e-6))))
+            if has_mask:
+                cells.append(_png(_outline(image, npz["mask"][i].astype(bool))))
+            score = float(npz[f"score_{key}"][i])
+            name = Path(str(npz["paths"][i])).name
+            rows.append(
+                "<tr>" + "".join(f"<td><img src='{src}'></td>" for src in cells) + f"<td class='l'>{html.escape(name)}<br>{key} score {score:.2f}</td></tr>"
+            )
+        head = "".join(f"<td><b>{html.escape(h)}</b></td>" for h in header)
+        parts.append(f"<h3>{html.escape(c)}</h3><table class='gal'><tr>{head}<td></td></tr>{''.join(rows)}</table>")
+    note = (
+        "<p class='muted'>Maps are standardised with statistics of held-out normal scans (0 = the normal mean; colour scale from 0 to the "
+        "99.5th percentile of each map over the test set, the same for every image). Images are shown per class from the highest to the "
+        f"lowest {key} score.</p>"
+    )
+    return note + "".join(parts)
+
+
+def build_report(out_dir: str | Path) -> Path:
+    out = Path(out_dir)
+    for needed in ("metrics.json", "scores.csv", "evaluation.npz"):
+        if not (out / needed).is_file():
+            raise MedvqError(f"missing {needed}", path=out, fix="run `medvq evaluate` to create the evaluation folder")
+    metrics = json.loads((out / "metrics.json").read_text())
+    rows, names = read_scores(out / "scores.csv")
+    with np.load(out / "evaluation.npz", allow_pickle=False) as f:
+        npz = {k: f[k] for k in f.files}
+    normal = "NORMAL" if any(r["class"] == "NORMAL" for r in rows) else sorted({r["class"] for r in rows})[0]
+    counts = ", ".join(f"{html.escape(c)} {n}" for c, n in metrics["counts"].items())
+    page = f"""<!doctype html><html><head><meta charset='utf-8'><title>medvq evaluation</title><style>{CSS}</style></head><body>
+<h1>medvq evaluation report</h1>
+<p class='muted'>run <code>{html.escape(metrics['run'])}</code><br>data <code>{html.escape(metrics['data'])}</code> (split: {html.escape(metrics['split'])})</p>
+<p>{metrics['n_images']} test images from {metrics['n_patients']} patients ({counts}).
+{metrics['excluded_seen_in_training']} images of patients or files used in training or calibration were excluded.
+Model input {metrics['image_size']}×{metrics['image_size']} px (field of view: {html.escape(metrics['fov'])}); image score = {html.escape(metrics['reducer'])} of each standardised map;
+normal statistics from {metrics['calibration_images']} held-out normal images.</p>
+<h2>Metrics</h2>{_metrics_table(metrics)}
+<p class='muted'>Best Dice uses the best threshold found on these test images, so it is an upper bound. AUPRO is normalised to 1 for a perfect map.</p>
+<h2>ROC curves</h2>{_roc_section(rows, names, normal)}
+<h2>Gallery</h2>{_gallery(npz, normal)}
+<p class='muted'>Generated by medvq from metrics.json, scores.csv and evaluation.npz in this folder.</p>
+</body></html>"""
+    path = out / "report.html"
+    atomic_write_text(path, page)
+    return path
