@@ -49,25 +49,39 @@ class Prepared:
 
 
 def find_padding(image: np.ndarray, level: float = PADDING_LEVEL, min_fraction: float = 0.001) -> np.ndarray:
-    """Bool mask of white padding: bright flat regions connected to the top or bottom edge.
+    """Bool mask of white padding: bright border lines, and bright flat regions touching the top or bottom.
 
     Bright retina (a saturated RPE line) can touch the left/right edges but is thin and textured; an
-    opening removes thin structures and only large regions reaching the top/bottom edge count.
+    opening removes thin structures and only large regions reaching the top/bottom edge count. Thin white
+    lines along an edge (a quarter or more of the line saturated) are padding too.
     """
     bright = image >= level
+    padding = np.zeros_like(bright)
     if not bright.any():
-        return np.zeros_like(bright)
+        return padding
+    h, w = bright.shape
+    for axis, size in ((1, h), (0, w)):  # rows (mean over columns), then columns
+        share = bright.mean(axis=axis)
+        for order in (range(size), range(size - 1, -1, -1)):
+            for k, i in enumerate(order):
+                if k >= size // 10 or (share[i] < 0.25 and k >= 3):  # look past a dark line or two at the edge
+                    break
+                if share[i] < 0.25:
+                    continue
+                if axis == 1:
+                    padding[i] = bright[i]
+                else:
+                    padding[:, i] |= bright[:, i]
     opened = ndimage.binary_opening(bright, structure=np.ones((3, 3), bool), iterations=2)
     labels, n = ndimage.label(opened)
-    if n == 0:
-        return np.zeros_like(bright)
-    edge_labels = np.union1d(labels[0], labels[-1])
-    edge_labels = edge_labels[edge_labels > 0]
-    sizes = ndimage.sum_labels(np.ones_like(labels), labels, index=edge_labels)
-    keep = edge_labels[sizes >= min_fraction * image.size]
-    padding = np.isin(labels, keep)
-    # The opening shrinks regions; grow back into the bright fringe (JPEG ringing at the padding edge).
-    padding = ndimage.binary_dilation(padding, iterations=3) & (image >= level * 0.85) | padding
+    if n:
+        edge_labels = np.union1d(labels[0], labels[-1])
+        edge_labels = edge_labels[edge_labels > 0]
+        sizes = ndimage.sum_labels(np.ones_like(labels), labels, index=edge_labels)
+        keep = edge_labels[sizes >= min_fraction * image.size]
+        regions = np.isin(labels, keep)
+        # The opening shrinks regions; grow back into the bright fringe (JPEG ringing at the padding edge).
+        padding |= regions | (ndimage.binary_dilation(regions, iterations=3) & (image >= level * 0.85))
     return padding
 
 
@@ -109,9 +123,9 @@ class Preprocessor:
         image = np.nan_to_num(image.astype(np.float32, copy=False), nan=0.0, posinf=1.0, neginf=0.0)
         padding = find_padding(image) if self.remove_padding else np.zeros(image.shape, bool)
 
-        # Full padding bars (rows/columns that are all padding) are cut off rather than filled.
-        rows = np.flatnonzero(~padding.all(axis=1))
-        cols = np.flatnonzero(~padding.all(axis=0))
+        # Padding bars (rows/columns that are mostly padding) are cut off rather than filled.
+        rows = np.flatnonzero(padding.mean(axis=1) < 0.5)
+        cols = np.flatnonzero(padding.mean(axis=0) < 0.5)
         top, bottom = (int(rows[0]), int(rows[-1]) + 1) if rows.size else (0, h)
         left, right = (int(cols[0]), int(cols[-1]) + 1) if cols.size else (0, w)
         if self.fov == "crop":  # central square at the original pixel spacing

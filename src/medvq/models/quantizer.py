@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from vector_quantize_pytorch import VectorQuantize
 
@@ -39,11 +40,12 @@ class VectorQuantizer(nn.Module):
         super().__init__()
         self.dim = dim
         self.codebook_size = codebook_size
+        self.beta = beta
         self.vq = VectorQuantize(
             dim=dim,
             codebook_size=codebook_size,
             decay=ema_decay,
-            commitment_weight=beta,
+            commitment_weight=0.0,  # computed below, in training and evaluation alike
             kmeans_init=kmeans_init,
             kmeans_iters=kmeans_iters,
             threshold_ema_dead_code=dead_code_threshold,
@@ -60,12 +62,15 @@ class VectorQuantizer(nn.Module):
         # Nearest-code search and EMA statistics in fp32: bf16 distances pick wrong codes.
         with torch.autocast(device_type=latents.device.type, enabled=False):
             z_e = latents.float().contiguous()
-            quantized, indices, loss = self.vq(z_e)
-        return QuantizerOutput(quantized=quantized, indices=indices.long(), loss=loss.sum(), latents=z_e)
+            quantized, indices, _ = self.vq(z_e)
+            indices = indices.long()
+            # beta * ||z_e - sg[e]||^2: gradient to the encoder only; the codebook follows EMA updates.
+            loss = self.beta * F.mse_loss(z_e, self.lookup(indices).detach())
+        return QuantizerOutput(quantized=quantized, indices=indices, loss=loss, latents=z_e)
 
     def lookup(self, indices: torch.Tensor) -> torch.Tensor:
         """(B, h, w) code indices -> (B, D, h, w) codebook vectors."""
-        if indices.min() < 0 or indices.max() >= self.codebook_size:
+        if indices.numel() and (indices.min() < 0 or indices.max() >= self.codebook_size):
             raise ValueError(f"code indices must lie in [0, {self.codebook_size}), got [{indices.min()}, {indices.max()}]")
         return self.codebook[indices.long()].permute(0, 3, 1, 2).contiguous()
 

@@ -1,0 +1,265 @@
+"""The ``medvq`` command line. Every training flag is generated from the typed config (medvq.config)."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+import sys
+import time
+import types
+import typing
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from medvq.config import SECTIONS, RunConfig, build_config, dump_config, load_yaml
+from medvq.errors import MedvqError
+
+console = Console(stderr=True, width=120)
+app = typer.Typer(
+    name="medvq",
+    help="Detect and outline abnormal regions in retinal OCT scans: train on normal scans, score, evaluate, report.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+train_app = typer.Typer(help="Train a model; writes a run directory.", no_args_is_help=True)
+app.add_typer(train_app, name="train")
+
+
+def _quiet_libraries() -> None:
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric", "pytorch_lightning"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+    warnings.filterwarnings("ignore", message=".*litlogger.*")
+
+
+def friendly_errors(fn: Callable) -> Callable:
+    """Input problems become one line on stderr and exit status 2; Ctrl-C says what was kept."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        _quiet_libraries()
+        try:
+            return fn(*args, **kwargs)
+        except MedvqError as err:
+            console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            console.print("[yellow]interrupted[/]: finished epochs and written files are kept; continue training with --resume")
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+# --- config fields -> CLI options -------------------------------------------------------------
+def _option_for(section: str, name: str, field) -> inspect.Parameter:
+    annotation = field.annotation
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    extra = field.json_schema_extra or {}
+    flag = "--" + name.replace("_", "-")
+    aliases = ["--" + a for a in extra.get("aliases", [])]
+    default_text = field.default if not isinstance(field.default, list) else ",".join(field.default)
+    help_text = f"{field.description or ''} [{section}; default: {default_text}]"
+    if annotation is bool:
+        decls, hint = [f"{flag}/--no-{name.replace('_', '-')}"], Optional[bool]
+    elif origin is typing.Literal:
+        decls, hint = [flag, *aliases], Optional[str]
+        help_text = f"{field.description or ''} One of: {', '.join(map(str, args))}. [{section}; default: {default_text}]"
+    elif origin is list:
+        decls, hint = [flag, *aliases], Optional[str]
+        help_text = help_text.replace("[", "(comma-separated) [", 1)
+    elif origin in (typing.Union, types.UnionType):
+        inner = next(a for a in args if a is not type(None))
+        decls, hint = [flag, *aliases], Optional[inner]
+    else:
+        decls, hint = [flag, *aliases], Optional[annotation]
+    option = typer.Option(None, *decls, help=help_text, rich_help_panel=f"{section} options", show_default=False)
+    return inspect.Parameter(f"{section}__{name}", inspect.Parameter.KEYWORD_ONLY, default=option, annotation=hint)
+
+
+def config_options(fn: Callable) -> Callable:
+    """Add one option per config field to a command; the command receives them as ``overrides``."""
+    params = [_option_for(section, name, field) for section, model in SECTIONS.items() for name, field in model.model_fields.items()]
+    fields = {p.name for p in params}
+    base = inspect.signature(fn)
+    kept = [p for p in base.parameters.values() if p.name != "overrides"]
+
+    @functools.wraps(fn)
+    def wrapper(**kwargs):
+        overrides: dict[str, dict[str, Any]] = {}
+        for key in list(kwargs):
+            if key in fields:
+                value = kwargs.pop(key)
+                if value is None:
+                    continue
+                section, name = key.split("__", 1)
+                if typing.get_origin(SECTIONS[section].model_fields[name].annotation) is list:
+                    value = [v.strip() for v in str(value).split(",") if v.strip()]
+                overrides.setdefault(section, {})[name] = value
+        return fn(overrides=overrides, **kwargs)
+
+    wrapper.__signature__ = base.replace(parameters=kept + params)
+    wrapper.__annotations__ = {**{p.name: p.annotation for p in kept}, **{p.name: p.annotation for p in params}}
+    del wrapper.__wrapped__  # typer must see the new signature, not fn's
+    return wrapper
+
+
+def resolve_config(config_path: Path | None, overrides: dict[str, dict[str, Any]], base: dict | None = None) -> RunConfig:
+    layers = [base or {}]
+    if config_path is not None:
+        layers.append(load_yaml(config_path))
+    layers.append(overrides)
+    return build_config(*layers, source=str(config_path) if config_path else "command-line flags")
+
+
+# --- commands -----------------------------------------------------------------------------------
+RESUMABLE = {"train": {"epochs", "device", "devices", "num_nodes", "strategy", "num_workers", "patience", "min_delta", "samples_per_epoch"}}
+
+
+@train_app.command("vqvae")
+@friendly_errors
+@config_options
+def train_vqvae_cmd(
+    data: Path = typer.Option(..., "--data", help="Dataset root: CLASS/ folders or train|val|test/CLASS/ folders."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Run directory (default: runs/vqvae-<timestamp>)."),
+    config: Optional[Path] = typer.Option(None, "--config", help="YAML file with data/model/train/score sections; flags override it."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from its last finished epoch."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Allow writing into a non-empty run directory."),
+    overrides: dict | None = None,
+) -> None:
+    """Train a VQ-VAE on normal scans only (class selection: --train-classes)."""
+    from medvq.engine.run_dir import RunDir, timestamped
+    from medvq.engine.train import train_vqvae
+
+    if resume:
+        if out is None:
+            raise MedvqError("--resume needs --out RUNDIR")
+        stored = RunDir(out).read_config()
+        locked = {f"{s}.{k}" for s, kv in (overrides or {}).items() for k in kv if k not in RESUMABLE.get(s, set())}
+        if locked or config is not None:
+            raise MedvqError(
+                f"cannot change {', '.join(sorted(locked)) or '--config'} when resuming",
+                path=out,
+                fix=f"only {', '.join(sorted(RESUMABLE['train']))} may change; start a new run for other settings",
+            )
+        cfg = build_config(stored.model_dump(mode="json"), overrides or {}, source="resumed run")
+    else:
+        cfg = resolve_config(config, overrides or {})
+    out = out or timestamped(prefix=cfg.method)
+    result = train_vqvae(cfg, data, out, resume=resume, overwrite=overwrite, console=console)
+    console.print(f"[green]done[/] in {result.seconds:.0f}s: {result.epochs} epochs, best validation loss {result.best_val_loss:.4g} -> {out}")
+
+
+@app.command("evaluate")
+@friendly_errors
+def evaluate_cmd(
+    run: Path = typer.Argument(..., help="Run directory written by `medvq train`."),
+    data: Path = typer.Option(..., "--data", help="Labelled dataset root (its test split is scored)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: RUN/eval-<data name>)."),
+    split: str = typer.Option("test", "--split", help="'test': the held-out patients; 'all': every image the run did not train on."),
+    batch_size: int = typer.Option(32, "--batch-size", min=1),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1, mps."),
+) -> None:
+    """Score a labelled test set: metrics.json, scores.csv and report.html."""
+    from medvq.evaluation.evaluate import evaluate_run
+
+    out = out or run / f"eval-{data.resolve().name}"
+    result = evaluate_run(run, data, out, split=split, batch_size=batch_size, device=device, console=console)
+    print_metrics(result)
+    console.print(f"report: {out / 'report.html'}")
+
+
+def print_metrics(result: dict) -> None:
+    maps = result["maps"]
+    classes = sorted({c for m in maps.values() for c in m["image_auroc_per_class"]})
+    pixel = any("pixel_auroc" in m for m in maps.values())
+    table = Table(title=f"{result['n_images']} test images")
+    for col in ["map", "image AUROC", *[f"AUROC {c}" for c in classes], "AUPRC", *(["pixel AUROC", "AUPRO", "Dice"] if pixel else [])]:
+        table.add_column(col, justify="left" if col == "map" else "right")
+    for name, m in maps.items():
+        cells = [f"{m['image_auroc']:.3f}", *[f"{m['image_auroc_per_class'].get(c, float('nan')):.3f}" for c in classes], f"{m['image_auprc']:.3f}"]
+        if pixel:
+            cells += [f"{m.get(k, float('nan')):.3f}" for k in ("pixel_auroc", "aupro", "dice")]
+        table.add_row(name, *cells)
+    console.print(table)
+
+
+@app.command("infer")
+@friendly_errors
+def infer_cmd(
+    run: Path = typer.Argument(..., help="Run directory written by `medvq train`."),
+    inputs: list[Path] = typer.Argument(..., help="Scans and/or folders of scans."),
+    out: Path = typer.Option(..., "--out", help="Output folder for maps, overlays and scores.csv."),
+    device: str = typer.Option("cpu", "--device"),
+    save_npy: bool = typer.Option(True, "--npy/--no-npy", help="Also save each map as .npy (original scan grid, standardised)."),
+) -> None:
+    """Anomaly maps (overlay PNG + .npy) and calibrated scores for unlabelled scans."""
+    from medvq.inference import infer
+
+    rows = infer(run, inputs, out, device=device, save_npy=save_npy, console=console)
+    console.print(f"{len(rows)} scans scored -> {out / 'scores.csv'}")
+
+
+@app.command("report")
+@friendly_errors
+def report_cmd(folder: Path = typer.Argument(..., help="An evaluation folder (metrics.json, scores.csv, evaluation.npz).")) -> None:
+    """Rebuild report.html from a finished evaluation without running any model."""
+    from medvq.report.html import build_report
+
+    console.print(f"report: {build_report(folder)}")
+
+
+@app.command("phantom")
+@friendly_errors
+def phantom_cmd(
+    out: Path = typer.Option(..., "--out", help="Dataset root to write (OCT2017 layout + masks/)."),
+    n: int = typer.Option(400, "-n", "--n", min=1, help="Number of scans."),
+    seed: int = typer.Option(0, "--seed"),
+    height: int = typer.Option(496, "--height", min=32),
+    width: int = typer.Option(512, "--width", min=32),
+) -> None:
+    """Write a synthetic OCT dataset with pixel-exact lesion masks (NORMAL, CNV, DME, DRUSEN)."""
+    from medvq.data.phantom import PhantomConfig, write_phantom
+
+    started = time.perf_counter()
+    root = write_phantom(out, n, seed=seed, config=PhantomConfig(height=height, width=width), progress=sys.stderr.isatty())
+    console.print(f"{n} phantom scans in {time.perf_counter() - started:.1f}s -> {root}")
+
+
+@app.command("config")
+@friendly_errors
+def config_cmd(config: Optional[Path] = typer.Option(None, "--config", help="Show this file resolved over the defaults.")) -> None:
+    """Print the full configuration with defaults, as YAML (a starting point for --config)."""
+    cfg = resolve_config(config, {})
+    typer.echo(dump_config(cfg), nl=False)
+
+
+@app.command("demo")
+@friendly_errors
+def demo_cmd(
+    out: Path = typer.Option(Path("demo-out"), "--out", help="Folder for the phantom data, the run, metrics.json and report.html."),
+    n: int = typer.Option(None, "-n", "--n", help="Phantom scans to generate (default from the demo preset)."),
+    epochs: int = typer.Option(None, "--epochs", help="Training epochs (default from the demo preset)."),
+    seed: int = typer.Option(0, "--seed"),
+) -> None:
+    """No data needed: make phantom OCT scans, train a VQ-VAE on the normals, evaluate, write a report."""
+    from medvq.demo import run_demo
+
+    result = run_demo(out, n=n, epochs=epochs, seed=seed, console=console)
+    print_metrics(result)
+    console.print(f"[bold green]report:[/] {out / 'report.html'}")
+
+
+def main() -> None:  # pragma: no cover
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

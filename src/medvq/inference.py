@@ -1,0 +1,76 @@
+"""Scoring unlabelled scans: overlays, maps and a scores table, written file by file."""
+
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from PIL import Image
+from rich.console import Console
+
+from medvq.data.samples import collect_images
+from medvq.detector import Detector
+from medvq.io import atomic_path, atomic_write_text
+from medvq.report.figures import overlay
+
+
+def _unique_stem(path: Path, used: set[str]) -> str:
+    stem = path.stem
+    candidate, k = stem, 1
+    while candidate in used:
+        k += 1
+        candidate = f"{stem}_{k}"
+    used.add(candidate)
+    return candidate
+
+
+def infer(
+    run_dir: str | Path,
+    inputs: Sequence[str | Path],
+    out: str | Path,
+    *,
+    device: str = "cpu",
+    save_npy: bool = True,
+    console: Console | None = None,
+) -> list[dict]:
+    """Write OUT/overlays/<name>.png, OUT/maps/<name>_<map>.npy and OUT/scores.csv; return the rows."""
+    console = console or Console(stderr=True)
+    detector = Detector.load(run_dir, device=device)
+    samples = collect_images(inputs)
+    out = Path(out)
+    (out / "overlays").mkdir(parents=True, exist_ok=True)
+    key = "combined" if "combined" in detector.calibration.stats else next(iter(detector.calibration.stats))
+    vmax = max(3.0, float(np.quantile(detector.calibration.stats[key].normal_scores, 0.99)) if detector.calibration.stats[key].normal_scores else 3.0)
+    rows, used = [], set()
+    from rich.progress import track
+
+    for sample in track(samples, description="scoring", console=console, transient=True, disable=not console.is_terminal):
+        result = detector.predict_files([sample.path])[0]
+        name = _unique_stem(sample.path, used)
+        with atomic_path(out / "overlays" / f"{name}.png") as tmp:
+            Image.fromarray(overlay(result.image, result.maps[key], 0.0, vmax)).save(tmp, format="PNG")
+        if save_npy:
+            (out / "maps").mkdir(exist_ok=True)
+            for map_name, m in result.maps.items():
+                with atomic_path(out / "maps" / f"{name}_{map_name}.npy") as tmp:
+                    np.save(tmp, m.astype(np.float32))
+        row = {"path": str(sample.path), "name": name}
+        for map_name, s in result.scores.items():
+            row[map_name] = s["score"]
+            row[f"{map_name}_z"] = s["z"]
+            row[f"{map_name}_normal_percentile"] = s["normal_percentile"]
+        rows.append(row)
+        _write_rows(out / "scores.csv", rows)  # after every scan: a crash keeps what was scored
+    return rows
+
+
+def _write_rows(path: Path, rows: list[dict]) -> None:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
+    writer.writeheader()
+    for r in rows:
+        writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
+    atomic_write_text(path, buffer.getvalue())
