@@ -15,6 +15,7 @@ from typing import Any, Callable, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from medvq.config import SECTIONS, RunConfig, build_config, dump_config, load_yaml
@@ -66,21 +67,20 @@ def _option_for(section: str, name: str, field) -> inspect.Parameter:
     flag = "--" + name.replace("_", "-")
     aliases = ["--" + a for a in extra.get("aliases", [])]
     default_text = field.default if not isinstance(field.default, list) else ",".join(field.default)
-    help_text = f"{field.description or ''} [{section}; default: {default_text}]"
+    help_text = f"{field.description or ''} (default: {default_text})"
     if annotation is bool:
         decls, hint = [f"{flag}/--no-{name.replace('_', '-')}"], Optional[bool]
     elif origin is typing.Literal:
         decls, hint = [flag, *aliases], Optional[str]
-        help_text = f"{field.description or ''} One of: {', '.join(map(str, args))}. [{section}; default: {default_text}]"
+        help_text = f"{field.description or ''} One of: {', '.join(map(str, args))}. (default: {default_text})"
     elif origin is list:
         decls, hint = [flag, *aliases], Optional[str]
-        help_text = help_text.replace("[", "(comma-separated) [", 1)
     elif origin in (typing.Union, types.UnionType):
         inner = next(a for a in args if a is not type(None))
         decls, hint = [flag, *aliases], Optional[inner]
     else:
         decls, hint = [flag, *aliases], Optional[annotation]
-    option = typer.Option(None, *decls, help=help_text, rich_help_panel=f"{section} options", show_default=False)
+    option = typer.Option(None, *decls, help=escape(help_text), rich_help_panel=f"{section} options", show_default=False)
     return inspect.Parameter(f"{section}__{name}", inspect.Parameter.KEYWORD_ONLY, default=option, annotation=hint)
 
 

@@ -55,8 +55,10 @@ class TrainConfig(Section):
     devices: str = Field("auto", description="Devices per node: a count, a list like '0,1', or auto.")
     num_nodes: int = Field(1, ge=1, description="Nodes for multi-node DDP.")
     strategy: str = Field("auto", description="Lightning strategy: auto, ddp, ddp_spawn, fsdp, ...")
-    precision: Literal["32", "bf16-mixed", "16-mixed", "bf16-true"] = Field(
-        "32", description="Numeric precision; bf16-mixed speeds up recent CPUs and GPUs (VQ distances stay fp32)."
+    precision: Literal["auto", "32", "bf16-mixed", "16-mixed", "bf16-true"] = Field(
+        "auto",
+        description="Numeric precision. auto = bf16-mixed where the CPU or GPU computes bf16 natively (about 2x faster), else 32. "
+        "VQ distances stay fp32.",
     )
     channels_last: bool = Field(True, description="channels_last memory format for convolutions.")
     compile: bool = Field(False, description="torch.compile the model (slow first step, faster after).")
@@ -66,7 +68,7 @@ class TrainConfig(Section):
 
 
 class ScoreConfig(Section):
-    maps: list[str] = Field(["residual", "alm"], description="Anomaly maps to compute.")
+    maps: list[str] = Field(["residual", "alm"], description="Anomaly maps to compute (comma-separated on the CLI).")
     combine: list[str] = Field(["residual", "alm"], description="Maps averaged (after standardisation) into 'combined'.")
     reducer: Literal["topk", "mean", "max"] = Field("topk", description="How a map becomes an image score.")
     topk_fraction: float = Field(0.02, gt=0, le=1, description="Share of the highest pixels averaged by the topk reducer.")

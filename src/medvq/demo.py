@@ -21,7 +21,7 @@ DEMO_PHANTOM = PhantomConfig(height=256, width=256)
 DEMO_CONFIG = {
     "data": {"image_size": 64, "val_fraction": 0.15, "test_fraction": 0.3},
     "model": {"hidden_channels": 64, "residual_channels": 32, "residual_layers": 2, "embedding_dim": 32, "codebook_size": 128, "downsample_layers": 2},
-    "train": {"epochs": 25, "batch_size": 16, "learning_rate": 2e-3, "precision": "bf16-mixed", "patience": 6, "device": "cpu"},
+    "train": {"epochs": 25, "batch_size": 16, "learning_rate": 2e-3, "patience": 6, "device": "cpu"},
 }
 
 

@@ -70,10 +70,22 @@ def _accelerator(config: RunConfig) -> str:
     return device
 
 
+def resolve_precision(precision: str, accelerator: str) -> str:
+    """'auto' -> bf16-mixed where the hardware has native bf16, else 32."""
+    if precision != "auto":
+        return precision
+    if accelerator in ("gpu", "cuda"):
+        return "bf16-mixed" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "16-mixed"
+    if accelerator == "cpu":
+        return "bf16-mixed" if torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported() else "32"
+    return "32"
+
+
 def build_trainer(config: RunConfig, run: RunDir, callbacks: list[L.Callback], progress: bool) -> L.Trainer:
     t = config.train
     accelerator = _accelerator(config)
-    if accelerator == "cpu" and t.precision == "16-mixed":
+    precision = resolve_precision(t.precision, accelerator)
+    if accelerator == "cpu" and precision == "16-mixed":
         raise MedvqError("fp16 mixed precision is not available on the CPU", fix="use --precision bf16-mixed or 32")
     devices: int | str | list[int] = t.devices
     if isinstance(devices, str) and devices != "auto":
@@ -89,7 +101,7 @@ def build_trainer(config: RunConfig, run: RunDir, callbacks: list[L.Callback], p
         devices=devices,
         num_nodes=t.num_nodes,
         strategy=t.strategy,
-        precision=t.precision,
+        precision=precision,
         max_epochs=t.epochs,
         callbacks=[*callbacks, stop, ckpt, *bar],
         logger=False,
