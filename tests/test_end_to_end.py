@@ -1,0 +1,217 @@
+"""Train -> evaluate -> infer on a tiny phantom, as a user runs it (CLI and Python API)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import pickle
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from typer.testing import CliRunner
+
+from medvq.cli import app
+from medvq.config import build_config
+from medvq.detector import Detector
+from medvq.engine.train import train_vqvae
+
+pytestmark = pytest.mark.slow
+runner = CliRunner()
+
+TINY = {
+    "data": {"image_size": 64, "val_fraction": 0.2, "test_fraction": 0.3},
+    "model": {"hidden_channels": 32, "residual_channels": 16, "residual_layers": 1, "embedding_dim": 16, "codebook_size": 32},
+    "train": {"epochs": 4, "batch_size": 16, "learning_rate": 3e-3, "device": "cpu", "samples_per_epoch": 4},
+}
+
+
+def _flags(extra: dict | None = None) -> list[str]:
+    cfg = {**TINY, **(extra or {})}
+    out = []
+    for section in cfg.values():
+        for k, v in section.items():
+            out += [f"--{k.replace('_', '-')}", str(v)]
+    return out
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_phantom, tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("runs") / "run"
+    result = runner.invoke(app, ["train", "vqvae", "--data", str(tiny_phantom), "--out", str(run), *_flags()])
+    assert result.exit_code == 0, result.output
+    return run
+
+
+@pytest.fixture(scope="module")
+def evaluated(trained, tiny_phantom) -> Path:
+    out = trained.parent / "eval"
+    result = runner.invoke(app, ["evaluate", str(trained), "--data", str(tiny_phantom), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def test_run_directory_holds_everything(trained):
+    for rel in ("config.yaml", "split.json", "calibration.json", "metrics.csv", "model/best.safetensors", "model/last.safetensors",
+                "plots/loss.png", "plots/codebook.png", "samples/epoch_001.png", "samples/epoch_004.png", "checkpoints/last.ckpt",
+                "latents/train_codes.npz"):
+        assert (trained / rel).is_file(), rel
+    rows = list(csv.DictReader(open(trained / "metrics.csv")))
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3, 4]
+    assert all(0 < float(r["perplexity"]) <= 32 and 0 < float(r["codes_used"]) <= 1 for r in rows)
+    assert float(rows[-1]["train_loss"]) < float(rows[0]["train_loss"])
+    split = json.loads((trained / "split.json").read_text())
+    train_labels = {x["label"] for x in split["splits"]["train"]}
+    assert train_labels == {"NORMAL"}, "the VQ-VAE trains on NORMAL images only"
+    codes = np.load(trained / "latents" / "train_codes.npz")
+    assert codes["codes"].shape == (len(split["splits"]["train"]), 16, 16)
+    assert yaml.safe_load((trained / "config.yaml").read_text())["model"]["codebook_size"] == 32
+
+
+def test_loading_never_unpickles(trained, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("unpickling while loading a model")
+
+    monkeypatch.setattr(pickle, "load", refuse)
+    monkeypatch.setattr(pickle, "loads", refuse)
+    monkeypatch.setattr(torch, "load", refuse)
+    det = Detector.load(trained)
+    assert det.calibration is not None and det.model.training is False
+
+
+def test_save_load_same_scores(trained, tiny_phantom):
+    images = sorted((tiny_phantom / "test").rglob("*.jpeg"))[:6]
+    a = Detector.load(trained).predict_files(images)
+    b = Detector.load(trained).predict_files(images)
+    for ra, rb in zip(a, b):
+        assert ra.scores == rb.scores
+        np.testing.assert_array_equal(ra.maps["combined"], rb.maps["combined"])
+        assert ra.maps["combined"].shape == ra.image.shape
+
+
+def test_evaluate_writes_metrics_scores_and_report(evaluated, tiny_phantom):
+    m = json.loads((evaluated / "metrics.json").read_text())
+    assert set(m["maps"]) == {"residual", "alm", "combined"}
+    for name, v in m["maps"].items():
+        for key in ("image_auroc", "image_auprc", "pixel_auroc", "aupro", "dice", "image_auroc_by_width"):
+            assert key in v, (name, key)
+        assert set(v["image_auroc_per_class"]) == {"CNV", "DME", "DRUSEN"}
+        assert 0 <= v["image_auroc"] <= 1 and 0 <= v["aupro"] <= 1
+    rows = list(csv.DictReader(open(evaluated / "scores.csv")))
+    assert len(rows) == m["n_images"] and {"path", "class", "patient", "residual", "alm", "combined"} <= set(rows[0])
+    test_files = {str(p) for p in (tiny_phantom / "test").rglob("*.jpeg")}
+    assert {r["path"] for r in rows} == test_files
+    html = (evaluated / "report.html").read_text()
+    assert html.count("data:image/png;base64") > 10 and "AUPRO" in html
+
+
+def test_maps_light_up_on_planted_lesions(evaluated):
+    """Even a 4-epoch model at 64 px ranks lesion pixels above normal retina."""
+    m = json.loads((evaluated / "metrics.json").read_text())
+    assert max(v["pixel_auroc"] for v in m["maps"].values()) > 0.75
+
+
+def test_report_rebuilds_from_saved_outputs(evaluated):
+    before = (evaluated / "report.html").read_text()
+    (evaluated / "report.html").unlink()
+    result = runner.invoke(app, ["report", str(evaluated)])
+    assert result.exit_code == 0, result.output
+    assert (evaluated / "report.html").read_text() == before
+
+
+def test_infer_writes_maps_overlays_and_scores(trained, tiny_phantom, tmp_path):
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    for p in sorted((tiny_phantom / "test" / "DME").glob("*.jpeg"))[:3]:
+        shutil.copy(p, folder / p.name)
+    out = tmp_path / "infer"
+    result = runner.invoke(app, ["infer", str(trained), str(folder), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    rows = list(csv.DictReader(open(out / "scores.csv")))
+    assert len(rows) == 3 and all(float(r["combined_normal_percentile"]) >= 0 for r in rows)
+    for r in rows:
+        assert (out / "overlays" / f"{r['name']}.png").is_file()
+        m = np.load(out / "maps" / f"{r['name']}_combined.npy")
+        assert m.shape == (128, 128)
+
+
+def test_resume_continues_after_a_crash(tiny_phantom, tmp_path, monkeypatch):
+    from medvq.models.vqvae.lightning import VQVAEModule
+
+    cfg = build_config({**TINY, "train": {**TINY["train"], "epochs": 2}})
+    run = tmp_path / "run"
+    original = VQVAEModule.training_step
+
+    def crash_in_third_epoch(self, batch, batch_idx):
+        if self.current_epoch == 2:
+            raise RuntimeError("simulated crash")
+        return original(self, batch, batch_idx)
+
+    monkeypatch.setattr(VQVAEModule, "training_step", crash_in_third_epoch)
+    cfg4 = build_config({**TINY, "train": {**TINY["train"], "epochs": 4}})
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train_vqvae(cfg4, tiny_phantom, run, progress=False)
+    rows = list(csv.DictReader(open(run / "metrics.csv")))
+    assert [int(r["epoch"]) for r in rows] == [1, 2], "finished epochs survive the crash"
+    assert (run / "model" / "best.safetensors").is_file()
+    monkeypatch.setattr(VQVAEModule, "training_step", original)
+
+    result = runner.invoke(app, ["train", "vqvae", "--data", str(tiny_phantom), "--out", str(run), "--resume", "--epochs", "4"])
+    assert result.exit_code == 0, result.output
+    rows2 = list(csv.DictReader(open(run / "metrics.csv")))
+    assert [int(r["epoch"]) for r in rows2] == [1, 2, 3, 4]
+    assert rows2[:2] == rows, "resuming keeps the finished epochs as they were"
+    assert (run / "calibration.json").is_file()
+    del cfg
+
+
+def _run_cli(*args) -> tuple[int, str]:
+    result = runner.invoke(app, [str(a) for a in args])
+    return result.exit_code, result.output
+
+
+def test_bad_inputs_get_one_line_errors(tiny_phantom, trained, tmp_path):
+    code, out = _run_cli("train", "vqvae", "--data", tmp_path / "missing", "--out", tmp_path / "r1")
+    assert code == 2 and "missing: data folder not found" in out
+
+    (tmp_path / "empty" / "NORMAL").mkdir(parents=True)
+    code, out = _run_cli("train", "vqvae", "--data", tmp_path / "empty", "--out", tmp_path / "r2")
+    assert code == 2 and "no images" in out and "empty" in out
+
+    code, out = _run_cli("train", "vqvae", "--data", tiny_phantom, "--out", tmp_path / "r3", "--train-classes", "HEALTHY")
+    assert code == 2 and "HEALTHY" in out and "NORMAL" in out
+
+    code, out = _run_cli("train", "vqvae", "--data", tiny_phantom, "--out", tmp_path / "r4", "--image-size", "66")
+    assert code == 2 and "multiple of the model stride 4" in out
+
+    code, out = _run_cli("train", "vqvae", "--data", tiny_phantom, "--out", trained)
+    assert code == 2 and "not empty" in out and "--resume" in out
+
+    code, out = _run_cli("train", "vqvae", "--data", tiny_phantom, "--out", trained, "--resume", "--codebook-size", "64")
+    assert code == 2 and "model.codebook_size" in out
+
+
+def test_checkpoint_from_a_different_config_is_refused(trained, tmp_path):
+    other = tmp_path / "other"
+    shutil.copytree(trained, other)
+    cfg = yaml.safe_load((other / "config.yaml").read_text())
+    cfg["model"]["hidden_channels"] = 48
+    (other / "config.yaml").write_text(yaml.safe_dump(cfg))
+    code, out = _run_cli("infer", other, trained / "samples", "--out", tmp_path / "o")
+    assert code == 2 and "best.safetensors" in out and "different configuration" in out
+
+
+def test_corrupt_scan_named_and_earlier_results_kept(trained, tiny_phantom, tmp_path):
+    good = sorted((tiny_phantom / "test" / "NORMAL").glob("*.jpeg"))[0]
+    out = tmp_path / "infer"
+    code, _ = _run_cli("infer", trained, good, "--out", out)
+    assert code == 0
+    before = (out / "scores.csv").read_bytes()
+    bad = tmp_path / "bad.jpeg"
+    bad.write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    code, msg = _run_cli("infer", trained, bad, "--out", out)
+    assert code == 2 and "bad.jpeg" in msg and "cannot read image" in msg
+    assert (out / "scores.csv").read_bytes() == before
