@@ -229,7 +229,10 @@ def phantom_cmd(
     from medvq.data.phantom import PhantomConfig, write_phantom
 
     started = time.perf_counter()
-    root = write_phantom(out, n, seed=seed, config=PhantomConfig(height=height, width=width), progress=sys.stderr.isatty())
+    try:
+        root = write_phantom(out, n, seed=seed, config=PhantomConfig(height=height, width=width), progress=sys.stderr.isatty())
+    except (ValueError, FileExistsError) as err:
+        raise MedvqError(str(err), path=out) from None
     console.print(f"{n} phantom scans in {time.perf_counter() - started:.1f}s -> {root}")
 
 
