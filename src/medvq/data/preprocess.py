@@ -10,10 +10,12 @@ scan (H, W) in [0, 1]
 Why ``stretch`` is the default: in Kermany OCT2017, scans 512 and 1024 A-scans wide cover the same
 lateral field (the foveal pit spans the same fraction of the width), so stretching maps every scan to the
 same anatomy, and anti-aliased resampling averages the denser scans down to the same lateral sampling.
-Keeping the pixel spacing (``crop``) or padding to keep the aspect ratio would show the model
-anatomy at a width-dependent scale, or padding whose size encodes the width. ``medvq.evaluation``
-reports AUROC within each original width, and ``benchmarks/width_leak.py`` measures how well the
-original width can be predicted from preprocessed images.
+Keeping the pixel spacing (``crop``) shows anatomy at a width-dependent scale; padding to keep the
+aspect ratio would add bars whose size encodes the width. Neither mode hides the width completely:
+acquisition protocols differ in speckle texture, and a texture probe still tells 1024- from 512-wide
+normal scans (``benchmarks/width_leak.py``: probe AUROC 0.88 with stretch, 0.91 with crop on
+kermany-dev at 128 px). That is why ``medvq evaluate`` reports AUROC within each original width next to
+the pooled figure.
 """
 
 from __future__ import annotations

@@ -30,7 +30,7 @@ class VQVAEConfig(BaseModel):
     embedding_dim: int = Field(64, ge=1, description="Dimension of codebook vectors.")
     codebook_size: int = Field(256, ge=2, description="Number of codebook vectors.", json_schema_extra={"aliases": ["n-embeddings"]})
     beta: float = Field(0.25, ge=0, description="Commitment weight on ||z_e - sg[e]||^2.")
-    ema_decay: float = Field(0.99, gt=0, lt=1, description="EMA decay of codebook updates.")
+    ema_decay: float = Field(0.9, gt=0, lt=1, description="EMA decay of codebook updates (0.9 keeps the whole codebook in use in short CPU runs; 0.99 collapsed to a few codes).")
     kmeans_init: bool = Field(True, description="Initialise the codebook by k-means on the first batch.")
     dead_code_threshold: float = Field(1.0, ge=0, description="Restart codes whose EMA usage falls below this (0 = never).")
     rotation_trick: bool = Field(False, description="Rotation-trick gradients through the quantizer instead of straight-through.")
