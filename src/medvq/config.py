@@ -71,8 +71,8 @@ class ScoreConfig(Section):
     maps: list[str] = Field(["residual", "alm"], description="Anomaly maps to compute (comma-separated on the CLI).")
     combine: list[str] = Field(["residual", "alm"], description="Maps averaged (after standardisation) into 'combined'.")
     reducer: Literal["topk", "mean", "max"] = Field("topk", description="How a map becomes an image score.")
-    topk_fraction: float = Field(0.02, gt=0, le=1, description="Share of the highest pixels averaged by the topk reducer.")
-    smoothing_sigma: float = Field(1.0, ge=0, description="Gaussian smoothing of every map, in units of image_size/128 pixels.")
+    topk_fraction: float = Field(0.01, gt=0, le=1, description="Share of the highest pixels averaged by the topk reducer.")
+    smoothing_sigma: float = Field(2.0, ge=0, description="Gaussian smoothing of every map, in units of image_size/128 pixels.")
 
 
 class RunConfig(Section):

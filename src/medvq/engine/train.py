@@ -6,6 +6,7 @@ Multi-GPU / multi-node training is configuration: ``--device gpu --devices 4 --s
 
 from __future__ import annotations
 
+import logging
 import random
 import sys
 import time
@@ -81,7 +82,14 @@ def resolve_precision(precision: str, accelerator: str) -> str:
     return "32"
 
 
+def quiet_lightning() -> None:
+    """Lightning logs hardware facts and tips at INFO; medvq prints its own summary instead."""
+    for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def build_trainer(config: RunConfig, run: RunDir, callbacks: list[L.Callback], progress: bool) -> L.Trainer:
+    quiet_lightning()
     t = config.train
     accelerator = _accelerator(config)
     precision = resolve_precision(t.precision, accelerator)

@@ -1,0 +1,43 @@
+import yaml
+from typer.testing import CliRunner
+
+from medvq.cli import app, resolve_config
+
+runner = CliRunner()
+
+
+def test_config_command_prints_all_defaults_as_yaml():
+    result = runner.invoke(app, ["config"])
+    assert result.exit_code == 0, result.output
+    cfg = yaml.safe_load(result.stdout)
+    assert set(cfg) == {"method", "data", "model", "train", "score"}
+    assert cfg["model"]["beta"] == 0.25
+
+
+def test_flags_override_yaml_which_overrides_defaults(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"train": {"epochs": 7, "batch_size": 4}, "model": {"codebook_size": 64}}))
+    cfg = resolve_config(path, {"train": {"epochs": 9}, "data": {"train_classes": ["NORMAL", "DRUSEN"]}})
+    assert (cfg.train.epochs, cfg.train.batch_size, cfg.model.codebook_size) == (9, 4, 64)
+    assert cfg.data.train_classes == ["NORMAL", "DRUSEN"]
+
+
+def test_help_lists_seed_hyperparameters_with_aliases():
+    result = runner.invoke(app, ["train", "vqvae", "--help"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0
+    for flag in ("--batch-size", "--epochs", "--hidden-channels", "--n-hiddens", "--residual-channels", "--residual-layers",
+                 "--embedding-dim", "--codebook-size", "--n-embeddings", "--beta", "--learning-rate", "--dropout", "--patience",
+                 "--min-delta", "--device", "--image-size", "--precision", "--seed"):
+        assert flag in result.output, flag
+
+
+def test_bad_flag_value_is_a_one_line_error(tmp_path):
+    result = runner.invoke(app, ["train", "vqvae", "--data", str(tmp_path), "--precision", "fp8"])
+    assert result.exit_code == 2 and "precision" in result.output
+
+
+def test_phantom_command(tmp_path):
+    result = runner.invoke(app, ["phantom", "--out", str(tmp_path / "p"), "-n", "12", "--height", "64", "--width", "64"])
+    assert result.exit_code == 0, result.output
+    assert len(list((tmp_path / "p").rglob("*.jpeg"))) == 12
+    assert len(list((tmp_path / "p" / "masks").rglob("*.png"))) == 12
