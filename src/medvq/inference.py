@@ -63,7 +63,10 @@ def infer(
             row[f"{map_name}_z"] = s["z"]
             row[f"{map_name}_normal_percentile"] = s["normal_percentile"]
         rows.append(row)
-        _write_rows(out / "scores.csv", rows)  # after every scan: a crash keeps what was scored
+        if len(rows) % 25 == 0:  # a crash keeps what was scored
+            _write_rows(out / "scores.csv", rows)
+    if rows:
+        _write_rows(out / "scores.csv", rows)
     return rows
 
 
