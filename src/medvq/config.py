@@ -47,7 +47,10 @@ class DataConfig(Section):
 class TrainConfig(Section):
     batch_size: int = Field(16, ge=1, description="Images per optimisation step (per device).")
     epochs: int = Field(30, ge=1, description="Maximum number of epochs.")
-    learning_rate: float = Field(1e-3, gt=0, description="Adam learning rate.", json_schema_extra={"aliases": ["lr"]})
+    min_images_per_epoch: int = Field(
+        1000, ge=0, description="Small datasets are cycled (reshuffled each pass) so that an epoch sees at least this many images."
+    )
+    learning_rate: float = Field(1e-3, gt=0, description="AdamW learning rate (after a 100-step linear warm-up).", json_schema_extra={"aliases": ["lr"]})
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     patience: int = Field(10, ge=1, description="Early stopping: epochs without improvement of the validation loss.")
     min_delta: float = Field(1e-4, ge=0, description="Early stopping: smallest change that counts as improvement.")

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, RichProgressBar
 from rich.console import Console
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, RandomSampler
 
 from medvq.config import RunConfig
 from medvq.data.dataset import ScanDataset
@@ -151,7 +151,11 @@ def train_vqvae(
 
     t = config.train
     loader_kw = dict(num_workers=t.num_workers, persistent_workers=t.num_workers > 0)
-    train_loader = DataLoader(train_set, batch_size=t.batch_size, shuffle=True, drop_last=len(train_set) > t.batch_size, **loader_kw)
+    # Few images: cycle them so an epoch is long enough for early stopping to mean something.
+    # (Under DDP, Lightning swaps this sampler for a DistributedSampler: one pass over the data per epoch.)
+    epoch_size = max(len(train_set), t.min_images_per_epoch)
+    sampler = RandomSampler(train_set, replacement=False, num_samples=epoch_size)
+    train_loader = DataLoader(train_set, batch_size=t.batch_size, sampler=sampler, drop_last=epoch_size > t.batch_size, **loader_kw)
     val_loader = DataLoader(val_set, batch_size=t.batch_size, shuffle=False, **loader_kw)
 
     module = VQVAEModule(config.model.model_dump(), learning_rate=t.learning_rate, weight_decay=t.weight_decay, channels_last=t.channels_last, compile=t.compile)

@@ -9,6 +9,9 @@ from medvq.models.quantizer import code_usage
 from medvq.models.vqvae.model import VQVAE, VQVAEConfig
 
 
+WARMUP_STEPS = 100
+
+
 class VQVAEModule(L.LightningModule):
     def __init__(self, model_config: dict, learning_rate: float = 1e-3, weight_decay: float = 0.0, channels_last: bool = True, compile: bool = False):
         super().__init__()
@@ -68,6 +71,8 @@ class VQVAEModule(L.LightningModule):
 
     def configure_optimizers(self):
         opt = torch.optim.AdamW(self.model.parameters(), lr=self.hparams.learning_rate, weight_decay=self.hparams.weight_decay)
-        epochs = max(1, self.trainer.max_epochs or 1)
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs, eta_min=self.hparams.learning_rate * 0.05)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
+        # Linear warm-up, then constant: stable first steps, and nothing that depends on the epoch count,
+        # so a resumed run with more epochs continues exactly as an uninterrupted one would.
+        warmup = WARMUP_STEPS
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / warmup))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
