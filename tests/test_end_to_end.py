@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 from medvq.cli import app
 from medvq.config import build_config
 from medvq.detector import Detector
-from medvq.engine.train import train_vqvae
+from medvq.engine.train import train_run
 
 pytestmark = pytest.mark.slow
 runner = CliRunner()
@@ -153,7 +153,7 @@ def test_resume_continues_after_a_crash(tiny_phantom, tmp_path, monkeypatch):
     monkeypatch.setattr(VQVAEModule, "training_step", crash_in_third_epoch)
     cfg4 = build_config({**TINY, "train": {**TINY["train"], "epochs": 4}})
     with pytest.raises(RuntimeError, match="simulated crash"):
-        train_vqvae(cfg4, tiny_phantom, run, progress=False)
+        train_run(cfg4, tiny_phantom, run, progress=False)
     rows = list(csv.DictReader(open(run / "metrics.csv")))
     assert [int(r["epoch"]) for r in rows] == [1, 2], "finished epochs survive the crash"
     assert (run / "model" / "best.safetensors").is_file()

@@ -7,7 +7,7 @@
 
 __version__ = "0.1.0"
 
-__all__ = ["Detector", "RunConfig", "build_config", "train_vqvae", "evaluate_run", "write_phantom"]
+__all__ = ["Detector", "RunConfig", "build_config", "train_run", "evaluate_run", "write_phantom"]
 
 
 def __getattr__(name: str):  # imported on first use, so `import medvq` stays light
@@ -19,10 +19,10 @@ def __getattr__(name: str):  # imported on first use, so `import medvq` stays li
         from medvq import config
 
         return getattr(config, name)
-    if name == "train_vqvae":
-        from medvq.engine.train import train_vqvae
+    if name == "train_run":
+        from medvq.engine.train import train_run
 
-        return train_vqvae
+        return train_run
     if name == "evaluate_run":
         from medvq.evaluation.evaluate import evaluate_run
 

@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from medvq.config import SECTIONS, RunConfig, build_config, dump_config, load_yaml
+from medvq.config import RunConfig, build_config, dump_config, load_yaml, sections
 from medvq.errors import MedvqError
 
 console = Console(stderr=True, width=120)
@@ -56,14 +56,26 @@ def friendly_errors(fn: Callable) -> Callable:
 
 
 # --- config fields -> CLI options -------------------------------------------------------------
+def _unwrap_optional(annotation):
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        inner = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if len(inner) == 1:
+            return inner[0]
+    return annotation
+
+
+def _is_list(annotation) -> bool:
+    return typing.get_origin(_unwrap_optional(annotation)) is list
+
+
 def _option_for(section: str, name: str, field) -> inspect.Parameter:
-    annotation = field.annotation
+    annotation = _unwrap_optional(field.annotation)
     origin = typing.get_origin(annotation)
     args = typing.get_args(annotation)
     extra = field.json_schema_extra or {}
     flag = "--" + name.replace("_", "-")
     aliases = ["--" + a for a in extra.get("aliases", [])]
-    default_text = field.default if not isinstance(field.default, list) else ",".join(field.default)
+    default_text = ",".join(field.default) if isinstance(field.default, list) else ("(method default)" if field.default is None and origin is list else field.default)
     help_text = f"{field.description or ''} (default: {default_text})"
     if annotation is bool:
         decls, hint = [f"{flag}/--no-{name.replace('_', '-')}"], Optional[bool]
@@ -72,18 +84,20 @@ def _option_for(section: str, name: str, field) -> inspect.Parameter:
         help_text = f"{field.description or ''} One of: {', '.join(map(str, args))}. (default: {default_text})"
     elif origin is list:
         decls, hint = [flag, *aliases], Optional[str]
-    elif origin in (typing.Union, types.UnionType):
-        inner = next(a for a in args if a is not type(None))
-        decls, hint = [flag, *aliases], Optional[inner]
     else:
         decls, hint = [flag, *aliases], Optional[annotation]
     option = typer.Option(None, *decls, help=escape(help_text), rich_help_panel=f"{section} options", show_default=False)
     return inspect.Parameter(f"{section}__{name}", inspect.Parameter.KEYWORD_ONLY, default=option, annotation=hint)
 
 
-def config_options(fn: Callable) -> Callable:
-    """Add one option per config field to a command; the command receives them as ``overrides``."""
-    params = [_option_for(section, name, field) for section, model in SECTIONS.items() for name, field in model.model_fields.items()]
+def config_options(method: str) -> Callable[[Callable], Callable]:
+    """Add one option per config field of ``method`` to a command; it receives them as ``overrides``."""
+    return functools.partial(_with_config_options, method=method)
+
+
+def _with_config_options(fn: Callable, method: str) -> Callable:
+    config_sections = sections(method)
+    params = [_option_for(section, name, field) for section, model in config_sections.items() for name, field in model.model_fields.items()]
     fields = {p.name for p in params}
     base = inspect.signature(fn)
     kept = [p for p in base.parameters.values() if p.name != "overrides"]
@@ -97,7 +111,7 @@ def config_options(fn: Callable) -> Callable:
                 if value is None:
                     continue
                 section, name = key.split("__", 1)
-                if typing.get_origin(SECTIONS[section].model_fields[name].annotation) is list:
+                if _is_list(config_sections[section].model_fields[name].annotation):
                     value = [v.strip() for v in str(value).split(",") if v.strip()]
                 overrides.setdefault(section, {})[name] = value
         return fn(overrides=overrides, **kwargs)
@@ -108,8 +122,8 @@ def config_options(fn: Callable) -> Callable:
     return wrapper
 
 
-def resolve_config(config_path: Path | None, overrides: dict[str, dict[str, Any]], base: dict | None = None) -> RunConfig:
-    layers = [base or {}]
+def resolve_config(config_path: Path | None, overrides: dict[str, dict[str, Any]], method: str = "vqvae") -> RunConfig:
+    layers: list[dict] = [{"method": method}]
     if config_path is not None:
         layers.append(load_yaml(config_path))
     layers.append(overrides)
@@ -120,38 +134,54 @@ def resolve_config(config_path: Path | None, overrides: dict[str, dict[str, Any]
 RESUMABLE = {"train": {"epochs", "device", "devices", "num_nodes", "strategy", "num_workers", "patience", "min_delta", "samples_per_epoch"}}
 
 
-@train_app.command("vqvae")
-@friendly_errors
-@config_options
-def train_vqvae_cmd(
-    data: Path = typer.Option(..., "--data", help="Dataset root: CLASS/ folders or train|val|test/CLASS/ folders."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Run directory (default: runs/vqvae-<timestamp>)."),
-    config: Optional[Path] = typer.Option(None, "--config", help="YAML file with data/model/train/score sections; flags override it."),
-    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from its last finished epoch."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Allow writing into a non-empty run directory."),
-    overrides: dict | None = None,
-) -> None:
-    """Train a VQ-VAE on normal scans only (class selection: --train-classes)."""
+def _train(method: str, data: Path, out: Path | None, config: Path | None, resume: bool, overwrite: bool, overrides: dict) -> None:
     from medvq.engine.run_dir import RunDir, timestamped
-    from medvq.engine.train import train_vqvae
+    from medvq.engine.train import train_run
 
     if resume:
         if out is None:
             raise MedvqError("--resume needs --out RUNDIR")
         stored = RunDir(out).read_config()
-        locked = {f"{s}.{k}" for s, kv in (overrides or {}).items() for k in kv if k not in RESUMABLE.get(s, set())}
+        locked = {f"{s}.{k}" for s, kv in overrides.items() for k in kv if k not in RESUMABLE.get(s, set())}
         if locked or config is not None:
             raise MedvqError(
                 f"cannot change {', '.join(sorted(locked)) or '--config'} when resuming",
                 path=out,
                 fix=f"only {', '.join(sorted(RESUMABLE['train']))} may change; start a new run for other settings",
             )
-        cfg = build_config(stored.model_dump(mode="json"), overrides or {}, source="resumed run")
+        cfg = build_config(stored.model_dump(mode="json"), overrides, source="resumed run")
     else:
-        cfg = resolve_config(config, overrides or {})
+        cfg = resolve_config(config, overrides, method)
+        if cfg.method != method:
+            raise MedvqError(f"{config} configures method '{cfg.method}'", fix=f"use `medvq train {cfg.method}`")
     out = out or timestamped(prefix=cfg.method)
-    result = train_vqvae(cfg, data, out, resume=resume, overwrite=overwrite, console=console)
+    result = train_run(cfg, data, out, resume=resume, overwrite=overwrite, console=console)
     console.print(f"[green]done[/] in {result.seconds:.0f}s: {result.epochs} epochs, best validation loss {result.best_val_loss:.4g} -> {out}")
+
+
+def register_train_command(method: str, help_text: str) -> None:
+    @train_app.command(method, help=help_text)
+    @friendly_errors
+    @config_options(method)
+    def command(
+        data: Path = typer.Option(..., "--data", help="Dataset root: CLASS/ folders or train|val|test/CLASS/ folders."),
+        out: Optional[Path] = typer.Option(None, "--out", help="Run directory (default: runs/<method>-<timestamp>)."),
+        config: Optional[Path] = typer.Option(None, "--config", help="YAML file with data/model/train/score sections; flags override it."),
+        resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from its last finished epoch."),
+        overwrite: bool = typer.Option(False, "--overwrite", help="Allow writing into a non-empty run directory."),
+        overrides: dict | None = None,
+    ) -> None:
+        _train(method, data, out, config, resume, overwrite, overrides or {})
+
+
+def _register_train_commands() -> None:
+    from medvq.models.registry import SUMMARIES
+
+    for name, summary in SUMMARIES.items():
+        register_train_command(name, summary)
+
+
+_register_train_commands()
 
 
 @app.command("evaluate")
@@ -235,9 +265,12 @@ def phantom_cmd(
 
 @app.command("config")
 @friendly_errors
-def config_cmd(config: Optional[Path] = typer.Option(None, "--config", help="Show this file resolved over the defaults.")) -> None:
+def config_cmd(
+    method: str = typer.Option("vqvae", "--method", help="Method whose defaults to show."),
+    config: Optional[Path] = typer.Option(None, "--config", help="Show this file resolved over the defaults."),
+) -> None:
     """Print the full configuration with defaults, as YAML (a starting point for --config)."""
-    cfg = resolve_config(config, {})
+    cfg = resolve_config(config, {}, method)
     typer.echo(dump_config(cfg), nl=False)
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, model_validator
 
 from medvq.errors import MedvqError
 from medvq.models.vqvae.model import VQVAEConfig
@@ -71,23 +71,45 @@ class TrainConfig(Section):
 
 
 class ScoreConfig(Section):
-    maps: list[str] = Field(["residual", "alm"], description="Anomaly maps to compute (comma-separated on the CLI).")
-    combine: list[str] = Field(["residual", "alm"], description="Maps averaged (after standardisation) into 'combined'.")
+    maps: list[str] | None = Field(None, description="Anomaly maps to compute (comma-separated on the CLI; default: all maps of the method).")
+    combine: list[str] | None = Field(None, description="Maps averaged after standardisation into 'combined' (default: all computed maps).")
     reducer: Literal["topk", "mean", "max"] = Field("topk", description="How a map becomes an image score.")
     topk_fraction: float = Field(0.01, gt=0, le=1, description="Share of the highest pixels averaged by the topk reducer.")
     smoothing_sigma: float = Field(2.0, ge=0, description="Gaussian smoothing of every map, in units of image_size/128 pixels.")
 
 
+# Architecture config of each method; `model:` in a run config is validated by the class named by `method:`.
+MODEL_CONFIGS: dict[str, type[BaseModel]] = {
+    "vqvae": VQVAEConfig,
+}
+
+
 class RunConfig(Section):
-    method: Literal["vqvae"] = "vqvae"
+    method: str = "vqvae"
     data: DataConfig = DataConfig()
-    model: VQVAEConfig = VQVAEConfig()
+    model: SerializeAsAny[BaseModel] = VQVAEConfig()
     train: TrainConfig = TrainConfig()
     score: ScoreConfig = ScoreConfig()
 
+    @model_validator(mode="before")
+    @classmethod
+    def _model_for_method(cls, values: Any) -> Any:
+        if isinstance(values, dict):
+            method = values.get("method", "vqvae")
+            if method not in MODEL_CONFIGS:
+                raise ValueError(f"unknown method '{method}' (available: {', '.join(MODEL_CONFIGS)})")
+            model = values.get("model", {})
+            if not isinstance(model, MODEL_CONFIGS[method]):
+                try:
+                    model = MODEL_CONFIGS[method].model_validate(model.model_dump() if isinstance(model, BaseModel) else model)
+                except ValidationError as err:
+                    raise ValueError("; ".join(f"model.{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())) from None
+            values = {**values, "model": model}
+        return values
+
     @model_validator(mode="after")
     def _stride(self) -> "RunConfig":
-        stride = self.model.stride
+        stride = getattr(self.model, "stride", 1)
         if self.data.image_size % stride:
             raise ValueError(
                 f"image_size {self.data.image_size} is not a multiple of the model stride {stride}; "
@@ -96,19 +118,17 @@ class RunConfig(Section):
         return self
 
 
-SECTIONS: dict[str, type[BaseModel]] = {
-    "data": DataConfig,
-    "model": VQVAEConfig,
-    "train": TrainConfig,
-    "score": ScoreConfig,
-}
+def sections(method: str = "vqvae") -> dict[str, type[BaseModel]]:
+    """The config sections of a method, in CLI order."""
+    return {"data": DataConfig, "model": MODEL_CONFIGS[method], "train": TrainConfig, "score": ScoreConfig}
 
 
 def _format_validation_error(err: ValidationError, source: str) -> str:
     parts = []
     for e in err.errors():
-        where = ".".join(str(p) for p in e["loc"]) or "config"
-        parts.append(f"{where}: {e['msg']}")
+        where = ".".join(str(p) for p in e["loc"])
+        msg = e["msg"].removeprefix("Value error, ")
+        parts.append(f"{where}: {msg}" if where else msg)
     return f"invalid configuration from {source}: " + "; ".join(parts)
 
 

@@ -11,7 +11,7 @@ from rich.console import Console
 
 from medvq.config import build_config
 from medvq.data.phantom import PhantomConfig, write_phantom
-from medvq.engine.train import train_vqvae
+from medvq.engine.train import train_run
 from medvq.evaluation.evaluate import evaluate_run
 from medvq.io import atomic_write_text
 
@@ -40,7 +40,7 @@ def run_demo(out: str | Path, *, n: int | None = None, epochs: int | None = None
     layers["train"] = {**DEMO_CONFIG["train"], "seed": seed, **({"epochs": epochs} if epochs else {})}
     config = build_config(layers, source="demo preset")
     console.print("[bold]2/3[/] training a VQ-VAE on the NORMAL scans of the training patients")
-    train_vqvae(config, data, run, overwrite=True, console=console)
+    train_run(config, data, run, overwrite=True, console=console)
 
     console.print("[bold]3/3[/] scoring held-out patients (NORMAL, CNV, DME, DRUSEN) and writing the report")
     result = evaluate_run(run, data, out, console=console)

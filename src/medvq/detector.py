@@ -23,8 +23,7 @@ from medvq.data.readers import read_image
 from medvq.engine.run_dir import RunDir
 from medvq.errors import CheckpointError, MedvqError
 from medvq.maps.smoothing import gaussian_smooth
-from medvq.models.vqvae.anomaly_map import vqvae_maps
-from medvq.models.vqvae.model import VQVAE
+from medvq.models.registry import Method, get_method
 from medvq.scoring.calibration import NormalCalibration
 
 
@@ -32,8 +31,8 @@ from medvq.scoring.calibration import NormalCalibration
 class Prediction:
     """Outputs for a batch of preprocessed images (model resolution S x S)."""
 
-    reconstruction: torch.Tensor  # (B, 1, S, S)
-    codes: torch.Tensor  # (B, h, w)
+    reconstruction: torch.Tensor | None  # (B, 1, S, S) for reconstruction models
+    codes: torch.Tensor | None  # (B, h, w) for VQ models
     raw_maps: dict[str, torch.Tensor]  # smoothed, not standardised, (B, 1, S, S)
     maps: dict[str, torch.Tensor] = field(default_factory=dict)  # standardised (+ combined); empty if uncalibrated
     scores: dict[str, np.ndarray] = field(default_factory=dict)  # name -> (B,)
@@ -46,14 +45,15 @@ class FileResult:
     maps: dict[str, np.ndarray]  # standardised maps on the original grid (H, W)
     scores: dict[str, dict[str, float]]  # name -> {score, z, normal_percentile}
     model_input: np.ndarray  # (S, S)
-    reconstruction: np.ndarray  # (S, S)
+    reconstruction: np.ndarray | None  # (S, S)
 
 
 class Detector:
-    def __init__(self, model: VQVAE, config: RunConfig, calibration: NormalCalibration | None = None, device: str | torch.device = "cpu"):
+    def __init__(self, model: torch.nn.Module, config: RunConfig, calibration: NormalCalibration | None = None, device: str | torch.device = "cpu"):
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
         self.config = config
+        self.method: Method = get_method(config.method)
         self.calibration = calibration
         self.preprocessor = Preprocessor.from_config(config.data)
 
@@ -61,9 +61,19 @@ class Detector:
     def load(cls, run_dir: str | Path, *, checkpoint: str = "best", device: str | torch.device = "cpu") -> "Detector":
         run = RunDir(run_dir)
         config = run.read_config()
-        model = run.load_weights(VQVAE(config.model), checkpoint)
+        model = run.load_weights(get_method(config.method).build_model(config.model), checkpoint)
         calibration = NormalCalibration.load(run.calibration) if run.calibration.is_file() else None
         return cls(model, config, calibration, device)
+
+    @property
+    def map_names(self) -> list[str]:
+        return list(self.config.score.maps or self.method.map_names)
+
+    @property
+    def combine(self) -> list[str]:
+        if self.config.score.combine is not None:
+            return list(self.config.score.combine)
+        return self.map_names if len(self.map_names) > 1 else []
 
     @property
     def smoothing_sigma(self) -> float:
@@ -84,9 +94,10 @@ class Detector:
         images = images.to(self.device, torch.float32)
         autocast = torch.autocast(self.device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
         with autocast:
-            out = vqvae_maps(self.model, images, self.config.score.maps)
+            out = self.method.compute_maps(self.model, images, self.map_names)
         raw = {name: gaussian_smooth(m.float(), self.smoothing_sigma) for name, m in out.maps.items()}
-        pred = Prediction(reconstruction=out.reconstruction.float(), codes=out.codes, raw_maps=raw)
+        recon = out.reconstruction.float() if out.reconstruction is not None else None
+        pred = Prediction(reconstruction=recon, codes=out.codes, raw_maps=raw)
         if self.calibration is not None:
             pred.maps = self.calibration.standardize(raw)
             pred.scores = self.calibration.image_scores(pred.maps, valid.to(self.device) if valid is not None else None)
@@ -104,7 +115,7 @@ class Detector:
         for start in iterator:
             b = dataset.batch(range(start, min(start + batch_size, len(dataset))))
             parts.append(self.predict(b.image, b.valid))
-        cat = lambda ts: torch.cat(ts).cpu()
+        cat = lambda ts: torch.cat(ts).cpu() if ts and ts[0] is not None else None
         return Prediction(
             reconstruction=cat([p.reconstruction for p in parts]),
             codes=cat([p.codes for p in parts]),
@@ -117,7 +128,7 @@ class Detector:
         """Fit the normal calibration on held-out normal images and keep it."""
         pred = self.predict_dataset(normals, batch_size)
         s = self.config.score
-        self.calibration = NormalCalibration(reducer=s.reducer, topk_fraction=s.topk_fraction, combine=list(s.combine)).fit(
+        self.calibration = NormalCalibration(reducer=s.reducer, topk_fraction=s.topk_fraction, combine=self.combine).fit(
             pred.raw_maps, normals.valid
         )
         return self.calibration
@@ -139,7 +150,7 @@ class Detector:
                     maps={k: self.preprocessor.to_original(m[0, 0].cpu().numpy(), prepared.geometry) for k, m in pred.maps.items()},
                     scores={k: {kk: float(vv[0]) for kk, vv in t.items()} for k, t in table.items()},
                     model_input=prepared.image[0].numpy(),
-                    reconstruction=pred.reconstruction[0, 0].cpu().numpy(),
+                    reconstruction=pred.reconstruction[0, 0].cpu().numpy() if pred.reconstruction is not None else None,
                 )
             )
         return results

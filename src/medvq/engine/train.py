@@ -29,7 +29,7 @@ from medvq.engine.callbacks import EpochArtifacts
 from medvq.engine.run_dir import RunDir, require_new_or_resumable
 from medvq.errors import DatasetError, MedvqError
 from medvq.io import atomic_save_npz
-from medvq.models.vqvae.lightning import VQVAEModule
+from medvq.models.registry import get_method
 
 
 @dataclass
@@ -121,7 +121,7 @@ def build_trainer(config: RunConfig, run: RunDir, callbacks: list[L.Callback], p
     )
 
 
-def train_vqvae(
+def train_run(
     config: RunConfig,
     data_root: str | Path,
     out: str | Path,
@@ -143,7 +143,7 @@ def train_vqvae(
     run.write_split(data_root, parts)
     preprocessor = Preprocessor.from_config(config.data)
     console.print(
-        f"[bold]medvq[/] training VQ-VAE on {len(parts['train'])} {'/'.join(config.data.train_classes)} images "
+        f"[bold]medvq[/] training {config.method} on {len(parts['train'])} {'/'.join(config.data.train_classes)} images "
         f"({len({s.patient_id for s in parts['train']})} patients), validating on {len(parts['val'])} -> {run.root}"
     )
     train_set = ScanDataset(parts["train"], preprocessor, hflip=config.data.hflip, load_masks=False, progress="reading training scans" if progress else None)
@@ -158,7 +158,7 @@ def train_vqvae(
     train_loader = DataLoader(train_set, batch_size=t.batch_size, sampler=sampler, drop_last=epoch_size > t.batch_size, **loader_kw)
     val_loader = DataLoader(val_set, batch_size=t.batch_size, shuffle=False, **loader_kw)
 
-    module = VQVAEModule(config.model.model_dump(), learning_rate=t.learning_rate, weight_decay=t.weight_decay, channels_last=t.channels_last, compile=t.compile)
+    module = get_method(config.method).training_module(config)
     n_samples = min(t.samples_per_epoch, len(val_set))
     artifacts = EpochArtifacts(run, val_set.images[:n_samples].float() if n_samples else None, min_delta=t.min_delta, console=console)
     trainer = build_trainer(config, run, [artifacts], progress)
@@ -173,7 +173,7 @@ def train_vqvae(
 
 
 def finish_run(run: RunDir, config: RunConfig, train_set: ScanDataset, val_set: ScanDataset, console: Console) -> None:
-    """Calibrate the best model on held-out normals and export the training images' code maps."""
+    """Calibrate the best model on held-out normals and export the training images' code maps (VQ models)."""
     from medvq.detector import Detector
 
     detector = Detector.load(run.root)
@@ -181,10 +181,10 @@ def finish_run(run: RunDir, config: RunConfig, train_set: ScanDataset, val_set: 
     calibration.save(run.calibration)
     codes = []
     for b in train_set.batches(64):
-        codes.append(detector.predict(b.image).codes.cpu().numpy().astype(np.int32))
-    atomic_save_npz(
-        run.latents / "train_codes.npz",
-        codes=np.concatenate(codes),
-        paths=np.array([str(s.path) for s in train_set.samples]),
-    )
+        c = detector.predict(b.image).codes
+        if c is None:
+            break
+        codes.append(c.cpu().numpy().astype(np.int32))
+    if codes:
+        atomic_save_npz(run.latents / "train_codes.npz", codes=np.concatenate(codes), paths=np.array([str(s.path) for s in train_set.samples]))
     console.print(f"calibrated on {len(val_set)} held-out normal images -> {run.calibration}")

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
+from medvq.maps import MapOutput
 from medvq.maps.alm import alignment_loss_map
 from medvq.maps.residual import residual_map
 from medvq.models.vqvae.model import VQVAE
@@ -13,15 +12,8 @@ from medvq.models.vqvae.model import VQVAE
 MAP_NAMES = ("residual", "alm")
 
 
-@dataclass
-class VQVAEMaps:
-    reconstruction: torch.Tensor  # (B, C, H, W)
-    codes: torch.Tensor  # (B, h, w)
-    maps: dict[str, torch.Tensor]  # name -> (B, 1, H, W) fp32, unsmoothed, uncalibrated
-
-
 @torch.no_grad()
-def vqvae_maps(model: VQVAE, images: torch.Tensor, names: tuple[str, ...] | list[str] = MAP_NAMES) -> VQVAEMaps:
+def vqvae_maps(model: VQVAE, images: torch.Tensor, names: tuple[str, ...] | list[str] = MAP_NAMES) -> MapOutput:
     """Run the model in eval mode on (B, C, H, W) images in [0, 1] and compute the requested maps."""
     unknown = set(names) - set(MAP_NAMES)
     if unknown:
@@ -38,4 +30,4 @@ def vqvae_maps(model: VQVAE, images: torch.Tensor, names: tuple[str, ...] | list
         maps["residual"] = residual_map(images, reconstruction)
     if "alm" in names:
         maps["alm"] = alignment_loss_map(q.latents, model.quantizer.codebook, q.indices, size=tuple(images.shape[-2:]))
-    return VQVAEMaps(reconstruction=reconstruction, codes=q.indices, maps=maps)
+    return MapOutput(maps=maps, reconstruction=reconstruction, codes=q.indices)

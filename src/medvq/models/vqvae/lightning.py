@@ -28,6 +28,11 @@ class VQVAEModule(L.LightningModule):
         self.register_buffer("train_sums", torch.zeros(4, dtype=torch.float64), persistent=False)  # loss, rec, commit, n
         self.register_buffer("val_sums", torch.zeros(4, dtype=torch.float64), persistent=False)
 
+    @classmethod
+    def from_run_config(cls, config) -> "VQVAEModule":
+        t = config.train
+        return cls(config.model.model_dump(), learning_rate=t.learning_rate, weight_decay=t.weight_decay, channels_last=t.channels_last, compile=t.compile)
+
     def _images(self, batch: dict) -> torch.Tensor:
         x = batch["image"]
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x

@@ -1,0 +1,59 @@
+"""The methods medvq can train, and how each one is built, trained and turned into anomaly maps.
+
+A method is registered once here; the CLI (`medvq train <name>`), the training engine, the Detector and
+evaluation all look it up by the `method:` field of a run's config.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+
+from medvq.maps import MapOutput
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    summary: str
+    map_names: tuple[str, ...]  # maps the method can compute, in report order
+    build_model: Callable[..., nn.Module]  # (model config) -> pure nn.Module
+    compute_maps: Callable[[nn.Module, torch.Tensor, Sequence[str]], MapOutput]
+    training_module: Callable[..., "object"]  # (RunConfig) -> LightningModule with .model and .epoch_summary()
+    normal_only: bool = True  # trains on the normal class only (unsupervised)
+
+
+def _vqvae() -> Method:
+    from medvq.models.vqvae.anomaly_map import MAP_NAMES, vqvae_maps
+    from medvq.models.vqvae.lightning import VQVAEModule
+    from medvq.models.vqvae.model import VQVAE
+
+    return Method(
+        name="vqvae",
+        summary=SUMMARIES["vqvae"],
+        map_names=MAP_NAMES,
+        build_model=VQVAE,
+        compute_maps=vqvae_maps,
+        training_module=VQVAEModule.from_run_config,
+    )
+
+
+_FACTORIES: dict[str, Callable[[], Method]] = {"vqvae": _vqvae}
+
+# One line per method for help texts, without importing the method's code.
+SUMMARIES: dict[str, str] = {
+    "vqvae": "VQ-VAE trained on normal scans; reconstruction residual and alignment loss map (ALM).",
+}
+
+
+def get_method(name: str) -> Method:
+    if name not in _FACTORIES:
+        raise KeyError(f"unknown method '{name}' (available: {', '.join(_FACTORIES)})")
+    return _FACTORIES[name]()
+
+
+def method_names() -> list[str]:
+    return list(_FACTORIES)
