@@ -156,7 +156,10 @@ def _train(method: str, data: Path, out: Path | None, config: Path | None, resum
             raise MedvqError(f"{config} configures method '{cfg.method}'", fix=f"use `medvq train {cfg.method}`")
     out = out or timestamped(prefix=cfg.method)
     result = train_run(cfg, data, out, resume=resume, overwrite=overwrite, console=console)
-    console.print(f"[green]done[/] in {result.seconds:.0f}s: {result.epochs} epochs, best validation loss {result.best_val_loss:.4g} -> {out}")
+    from medvq.engine.train import is_rank_zero
+
+    if is_rank_zero():
+        console.print(f"[green]done[/] in {result.seconds:.0f}s: {result.epochs} epochs, best validation loss {result.best_val_loss:.4g} -> {out}")
 
 
 def register_train_command(method: str, help_text: str) -> None:

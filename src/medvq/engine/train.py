@@ -17,6 +17,7 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
+from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, RichProgressBar
 from rich.console import Console
 from torch.utils.data import DataLoader, RandomSampler
@@ -82,6 +83,11 @@ def resolve_precision(precision: str, accelerator: str) -> str:
     return "32"
 
 
+def is_rank_zero() -> bool:
+    """True in the main process (and in the first process of a multi-process run)."""
+    return rank_zero_only.rank == 0
+
+
 def quiet_lightning() -> None:
     """Lightning logs hardware facts and tips at INFO; medvq prints its own summary instead."""
     for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
@@ -142,10 +148,11 @@ def train_run(
     run.write_config(config)
     run.write_split(data_root, parts)
     preprocessor = Preprocessor.from_config(config.data)
-    console.print(
-        f"[bold]medvq[/] training {config.method} on {len(parts['train'])} {'/'.join(config.data.train_classes)} images "
-        f"({len({s.patient_id for s in parts['train']})} patients), validating on {len(parts['val'])} -> {run.root}"
-    )
+    if is_rank_zero():
+        console.print(
+            f"[bold]medvq[/] training {config.method} on {len(parts['train'])} {'/'.join(config.data.train_classes)} images "
+            f"({len({s.patient_id for s in parts['train']})} patients), validating on {len(parts['val'])} -> {run.root}"
+        )
     train_set = ScanDataset(parts["train"], preprocessor, hflip=config.data.hflip, load_masks=False, progress="reading training scans" if progress else None)
     val_set = ScanDataset(parts["val"], preprocessor, load_masks=False, progress="reading validation scans" if progress else None)
 
@@ -155,7 +162,9 @@ def train_run(
     # (Under DDP, Lightning swaps this sampler for a DistributedSampler: one pass over the data per epoch.)
     epoch_size = max(len(train_set), t.min_images_per_epoch)
     sampler = RandomSampler(train_set, replacement=False, num_samples=epoch_size)
-    train_loader = DataLoader(train_set, batch_size=t.batch_size, sampler=sampler, drop_last=epoch_size > t.batch_size, **loader_kw)
+    # No drop_last: under DDP each process gets a share of the data that may be smaller than one batch,
+    # and BatchNorm2d copes with a last batch of one image (it normalises over H x W too).
+    train_loader = DataLoader(train_set, batch_size=t.batch_size, sampler=sampler, **loader_kw)
     val_loader = DataLoader(val_set, batch_size=t.batch_size, shuffle=False, **loader_kw)
 
     module = get_method(config.method).training_module(config)
