@@ -139,14 +139,16 @@ def train_run(
 ) -> TrainResult:
     console = console or Console(stderr=True)
     run = RunDir(out)
-    require_new_or_resumable(run, resume, overwrite)
+    if is_rank_zero():  # further DDP processes start after the first has created the run directory
+        require_new_or_resumable(run, resume, overwrite)
     started = time.perf_counter()
     L.seed_everything(config.train.seed, workers=True, verbose=False)
 
     parts = training_splits(config, data_root)
     run.create()
-    run.write_config(config)
-    run.write_split(data_root, parts)
+    if is_rank_zero():
+        run.write_config(config)
+        run.write_split(data_root, parts)
     preprocessor = Preprocessor.from_config(config.data)
     if is_rank_zero():
         console.print(
