@@ -42,6 +42,7 @@ __all__ = [
     "best_dice",
     "reduce_map",
     "grouped_auroc",
+    "pointing_game",
 ]
 
 
@@ -462,6 +463,30 @@ def best_dice(
     dice = 2.0 * tp / (predicted + pos_vals.size)
     best = int(np.argmax(dice))
     return float(dice[best]), float(thresholds[best])
+
+
+def pointing_game(masks: Any, maps: Any, valid: Any | None = None, tolerance: float = 0.0) -> float:
+    """Pointing game (Zhang et al. 2016): share of images with a lesion whose map peak lies on it.
+
+    The peak is the first maximum of the map over valid pixels; it is a hit when a lesion pixel lies within
+    ``tolerance`` pixels (Euclidean) of it. Images without lesion pixels are skipped; NaN if none has any.
+    """
+    if float(tolerance) < 0:
+        raise ValueError(f"tolerance must be >= 0, got {tolerance}")
+    m, a, v = _pixel_inputs(masks, maps, valid, need_both=False)
+    hits, n = 0, 0
+    for mi, ai, vi in zip(m, a, v):
+        lesion = mi & vi
+        if not lesion.any():
+            continue
+        n += 1
+        peak = np.unravel_index(int(np.argmax(np.where(vi, ai, -np.inf))), ai.shape)
+        if tolerance == 0:
+            hits += bool(lesion[peak])
+        else:
+            rows, cols = np.nonzero(lesion)
+            hits += bool(((rows - peak[0]) ** 2 + (cols - peak[1]) ** 2).min() <= float(tolerance) ** 2)
+    return hits / n if n else float("nan")
 
 
 def reduce_map(

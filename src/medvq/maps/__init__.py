@@ -15,3 +15,4 @@ class MapOutput:
     reconstruction: torch.Tensor | None = None  # (B, C, H, W) for reconstruction models
     codes: torch.Tensor | None = None  # (B, h, w) code indices for VQ models
     extras: dict[str, torch.Tensor] = field(default_factory=dict)
+    scores: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> (B,) image scores the model gives itself (e.g. P(abnormal))

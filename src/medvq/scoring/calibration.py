@@ -87,6 +87,14 @@ class NormalCalibration:
         self.n_images = int(n)
         return self
 
+    def fit_scores(self, scores: dict[str, np.ndarray]) -> "NormalCalibration":
+        """Add image scores a model gives itself (e.g. a classifier's P(abnormal)) on the same normal images."""
+        for name, s in scores.items():
+            if name in self.stats:
+                raise ValueError(f"score '{name}' clashes with a map of the same name")
+            self.stats[name] = MapStatistics(0.0, 1.0, sorted(float(x) for x in np.asarray(s)))
+        return self
+
     def score_table(self, scores: dict[str, np.ndarray]) -> dict[str, dict[str, np.ndarray]]:
         """For each map: the score, its z-score among normals and the share of normals scoring lower."""
         out = {}

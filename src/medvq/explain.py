@@ -1,0 +1,132 @@
+"""``medvq explain``: a classifier's explanation map for each scan, as .npy and overlay, with its prediction.
+
+Writes, per scan, ``OUT/maps/<name>_<method>.npy`` (the smoothed map on the scan's own pixel grid, in the
+map's own units: Grad-CAM activation, or the rollout share of the CLS token's attention),
+``OUT/overlays/<name>_<method>.png``, and one row of ``OUT/explanations.csv`` (predicted class, P(abnormal),
+every class probability, where the map peaks). Overlays use the run's normal calibration (0 = the normal
+mean of that map, same colour scale for every scan) when the map is computed with the run's own settings;
+with other settings (--head-fusion, --discard-ratio, --layer, --target) that calibration does not apply and
+each overlay is scaled from 0 to its own maximum, for display only (no score is computed from it).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from PIL import Image
+from rich.console import Console
+
+from medvq.data.samples import collect_images
+from medvq.detector import Detector
+from medvq.errors import MedvqError
+from medvq.io import atomic_path, atomic_write_text
+from medvq.report.figures import overlay
+
+METHODS = {"rollout": "rollout", "gradcam": "gradcam", "grad-cam": "gradcam", "gradient-rollout": "gradient_rollout", "gradient_rollout": "gradient_rollout"}
+
+
+def _settings(head_fusion: str | None, discard_ratio: float | None, layer: str | None, target: str | None) -> dict:
+    given = {"rollout_head_fusion": head_fusion, "rollout_discard_ratio": discard_ratio, "gradcam_layer": layer, "explain_target": target}
+    return {k: v for k, v in given.items() if v is not None}
+
+
+def explain(
+    run_dir: str | Path,
+    inputs: Sequence[str | Path],
+    out: str | Path,
+    *,
+    method: str = "gradcam",
+    head_fusion: str | None = None,
+    discard_ratio: float | None = None,
+    layer: str | None = None,
+    target: str | None = None,
+    device: str = "cpu",
+    console: Console | None = None,
+) -> list[dict]:
+    console = console or Console(stderr=True)
+    detector = Detector.load(run_dir, device=device)
+    config = detector.config
+    if config.method != "classifier":
+        raise MedvqError(f"explain needs a classifier run, this is a {config.method} run", path=run_dir, fix="use `medvq infer` for its anomaly maps")
+    if method.lower() not in METHODS:
+        raise MedvqError(f"unknown explanation method '{method}'", fix="use rollout, gradcam or gradient-rollout")
+    name = METHODS[method.lower()]
+    available = detector.method.maps(config.model)
+    if name not in available:
+        raise MedvqError(f"{method} needs attention weights; a {config.model.arch} has only {', '.join(available)}", path=run_dir, fix="use --method gradcam")
+
+    overrides = _settings(head_fusion, discard_ratio, layer, target)
+    try:
+        model_config = type(config.model).model_validate({**config.model.model_dump(), **overrides})
+    except ValueError as err:
+        raise MedvqError(f"invalid explanation setting: {str(err).splitlines()[-1].strip()}") from None
+    detector.model.config = model_config
+    detector.config = config.model_copy(update={"model": model_config, "score": config.score.model_copy(update={"maps": [name], "combine": []})})
+    calibrated = not overrides and detector.calibration is not None and name in detector.calibration.stats
+    if calibrated:
+        normal_scores = detector.calibration.stats[name].normal_scores
+        vmax = max(3.0, float(np.quantile(normal_scores, 0.99)) if normal_scores else 3.0)
+
+    out = Path(out)
+    (out / "overlays").mkdir(parents=True, exist_ok=True)
+    (out / "maps").mkdir(parents=True, exist_ok=True)
+    classes = model_config.classes or [str(k) for k in range(model_config.num_classes)]
+    rows: list[dict] = []
+    used: set[str] = set()
+    for sample in collect_images(inputs):
+        image, prepared = detector.preprocessor.load(sample)
+        pred = detector.predict(prepared.image[None], prepared.valid[None])
+        raw = detector.preprocessor.to_original(pred.raw_maps[name][0, 0].cpu().numpy(), prepared.geometry)
+        stem = _unique(sample.path.stem + (f"_{sample.frame:03d}" if getattr(sample, "frame", None) is not None else ""), used)
+        if calibrated:
+            shown = detector.preprocessor.to_original(pred.maps[name][0, 0].cpu().numpy(), prepared.geometry)
+            picture, scale = overlay(image, shown, 0.0, vmax), f"normal-calibrated 0..{vmax:.2f}"
+        else:
+            top = float(raw.max())
+            picture, scale = overlay(image, raw, 0.0, top if top > 0 else 1.0), "per-scan 0..max (display only)"
+        with atomic_path(out / "overlays" / f"{stem}_{name}.png") as tmp:
+            Image.fromarray(picture).save(tmp, format="PNG")
+        with atomic_path(out / "maps" / f"{stem}_{name}.npy") as tmp:
+            np.save(tmp, raw.astype(np.float32))
+        probabilities = pred.extras["probabilities"][0].float().cpu().numpy()
+        peak = np.unravel_index(int(np.argmax(raw)), raw.shape)
+        row = {
+            "path": str(sample.path),
+            "name": stem,
+            "predicted": classes[int(probabilities.argmax())],
+            "p_abnormal": float(pred.model_scores["p_abnormal"][0]),
+            **{f"p_{c}": float(p) for c, p in zip(classes, probabilities)},
+            "map": name,
+            "peak_row": int(peak[0]),
+            "peak_col": int(peak[1]),
+            "overlay_scale": scale,
+        }
+        rows.append(row)
+        if len(rows) % 25 == 0:  # a crash keeps what was explained
+            _write_rows(out / "explanations.csv", rows)
+    if rows:
+        _write_rows(out / "explanations.csv", rows)
+    console.print(f"{len(rows)} scans explained with {name} -> {out}")
+    return rows
+
+
+def _unique(stem: str, used: set[str]) -> str:
+    candidate, k = stem, 1
+    while candidate in used:
+        k += 1
+        candidate = f"{stem}_{k}"
+    used.add(candidate)
+    return candidate
+
+
+def _write_rows(path: Path, rows: list[dict]) -> None:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
+    writer.writeheader()
+    for r in rows:
+        writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
+    atomic_write_text(path, buffer.getvalue())

