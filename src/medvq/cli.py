@@ -191,13 +191,13 @@ _register_train_commands()
 @friendly_errors
 def evaluate_cmd(
     run: Path = typer.Argument(..., help="Run directory written by `medvq train`."),
-    data: Path = typer.Option(..., "--data", help="Labelled dataset root (its test split is scored)."),
+    data: Path = typer.Option(..., "--data", help="Dataset root (its test split is scored): labelled scan folders, or NIfTI slices/volumes (reconstruction only)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: RUN/eval-<data name>)."),
     split: str = typer.Option("test", "--split", help="'test': the held-out patients; 'all': every image the run did not train on."),
     batch_size: int = typer.Option(32, "--batch-size", min=1),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1, mps."),
 ) -> None:
-    """Score a labelled test set: metrics.json, scores.csv and report.html."""
+    """Score a test set: metrics.json, scores.csv and report.html (anomaly metrics for labelled scans; SSIM/PSNR/MSE for reconstruction models)."""
     from medvq.evaluation.evaluate import evaluate_run
 
     out = out or run / f"eval-{data.resolve().name}"
@@ -218,7 +218,12 @@ def print_metrics(result: dict) -> None:
         if pixel:
             cells += [f"{m.get(k, float('nan')):.3f}" for k in ("pixel_auroc", "aupro", "dice")]
         table.add_row(name, *cells)
-    console.print(table)
+    if maps:
+        console.print(table)
+    rec = result.get("reconstruction")
+    if rec:
+        fmt = lambda k, f: "–" if rec.get(k) is None else f"{rec[k]:{f}}"
+        console.print(f"reconstruction of {rec['n_images']} test images: SSIM {fmt('ssim', '.4f')}  PSNR {fmt('psnr', '.2f')} dB  MSE {fmt('mse', '.3g')}")
 
 
 @app.command("infer")

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationErr
 
 from medvq.errors import MedvqError
 from medvq.models.vqvae.model import VQVAEConfig
+from medvq.models.vqvae2.model import VQVAE2Config
 
 
 class Section(BaseModel):
@@ -36,6 +37,22 @@ class DataConfig(Section):
     split_seed: int = Field(0, description="Seed of the patient split.")
     hflip: bool = Field(True, description="Random left-right flips while training (left and right eyes mirror each other).")
     max_train_images: int | None = Field(None, ge=1, description="Use at most this many training images (seeded choice).")
+    slice_axis: Literal["axial", "coronal", "sagittal"] = Field(
+        "axial", description="NIfTI volumes: anatomical axis the 2D slices are cut along (after reorienting to RAS+; 2D slice files are read as stored)."
+    )
+    series_volumes: Literal["all", "first", "mean"] = Field(
+        "all", description="NIfTI 4D series (X, Y, Z, T): slice every volume, only the first, or their voxel-wise mean."
+    )
+    intensity_scope: Literal["volume", "slice"] = Field(
+        "volume",
+        description="NIfTI intensity normalisation: clip levels from the foreground of the whole 3D volume (slices keep their relative "
+        "brightness) or of each slice. A 2D slice file is its own volume.",
+    )
+    intensity_low_percentile: float = Field(0.5, ge=0, lt=50, description="NIfTI: foreground intensities at or below this percentile map to 0.")
+    intensity_high_percentile: float = Field(99.5, gt=50, le=100, description="NIfTI: foreground intensities at or above this percentile map to 1.")
+    min_foreground_fraction: float = Field(
+        0.05, ge=0, lt=1, description="NIfTI volumes: skip slices whose share of foreground voxels (finite, above the volume minimum) is below this."
+    )
 
     @model_validator(mode="after")
     def _fractions(self) -> "DataConfig":
@@ -81,6 +98,7 @@ class ScoreConfig(Section):
 # Architecture config of each method; `model:` in a run config is validated by the class named by `method:`.
 MODEL_CONFIGS: dict[str, type[BaseModel]] = {
     "vqvae": VQVAEConfig,
+    "vqvae2": VQVAE2Config,
 }
 
 

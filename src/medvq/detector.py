@@ -19,7 +19,7 @@ import torch
 from medvq.config import RunConfig
 from medvq.data.dataset import ScanDataset
 from medvq.data.preprocess import Preprocessor
-from medvq.data.readers import read_image
+from medvq.data.samples import Sample
 from medvq.engine.run_dir import RunDir
 from medvq.errors import CheckpointError, MedvqError
 from medvq.maps.smoothing import gaussian_smooth
@@ -36,6 +36,7 @@ class Prediction:
     raw_maps: dict[str, torch.Tensor]  # smoothed, not standardised, (B, 1, S, S)
     maps: dict[str, torch.Tensor] = field(default_factory=dict)  # standardised (+ combined); empty if uncalibrated
     scores: dict[str, np.ndarray] = field(default_factory=dict)  # name -> (B,)
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)  # per-image outputs of the method, e.g. class probabilities (B, C)
 
 
 @dataclass
@@ -46,6 +47,7 @@ class FileResult:
     scores: dict[str, dict[str, float]]  # name -> {score, z, normal_percentile}
     model_input: np.ndarray  # (S, S)
     reconstruction: np.ndarray | None  # (S, S)
+    frame: int | None = None  # the slice, for a slice of a NIfTI volume
 
 
 class Detector:
@@ -55,7 +57,7 @@ class Detector:
         self.config = config
         self.method: Method = get_method(config.method)
         self.calibration = calibration
-        self.preprocessor = Preprocessor.from_config(config.data)
+        self.preprocessor = Preprocessor.from_config(config.data, getattr(config.model, "stride", 1))
 
     @classmethod
     def load(cls, run_dir: str | Path, *, checkpoint: str = "best", device: str | torch.device = "cpu") -> "Detector":
@@ -97,7 +99,7 @@ class Detector:
             out = self.method.compute_maps(self.model, images, self.map_names)
         raw = {name: gaussian_smooth(m.float(), self.smoothing_sigma) for name, m in out.maps.items()}
         recon = out.reconstruction.float() if out.reconstruction is not None else None
-        pred = Prediction(reconstruction=recon, codes=out.codes, raw_maps=raw)
+        pred = Prediction(reconstruction=recon, codes=out.codes, raw_maps=raw, extras=dict(out.extras))
         if self.calibration is not None:
             pred.maps = self.calibration.standardize(raw)
             pred.scores = self.calibration.image_scores(pred.maps, valid.to(self.device) if valid is not None else None)
@@ -122,6 +124,7 @@ class Detector:
             raw_maps={k: cat([p.raw_maps[k] for p in parts]) for k in parts[0].raw_maps},
             maps={k: cat([p.maps[k] for p in parts]) for k in parts[0].maps},
             scores={k: np.concatenate([p.scores[k] for p in parts]) for k in parts[0].scores},
+            extras={k: cat([p.extras[k] for p in parts]) for k in parts[0].extras},
         )
 
     def calibrate(self, normals: ScanDataset, batch_size: int = 32) -> NormalCalibration:
@@ -133,24 +136,26 @@ class Detector:
         )
         return self.calibration
 
-    def predict_files(self, paths: Sequence[str | Path]) -> list[FileResult]:
-        """Read, preprocess and score scans; maps are returned on each scan's own pixel grid."""
+    def predict_files(self, paths: Sequence[str | Path | Sample]) -> list[FileResult]:
+        """Read, preprocess and score scans (paths, or samples such as the slices of a NIfTI volume that
+        ``collect_images`` lists); maps are returned on each scan's own pixel grid."""
         if self.calibration is None:
             raise CheckpointError("this run has no calibration.json", fix="finish training (calibration runs after the last epoch)")
         results = []
-        for path in paths:
-            image = read_image(path)
-            prepared = self.preprocessor(image)
+        for item in paths:
+            sample = item if isinstance(item, Sample) else Sample(path=Path(item))
+            image, prepared = self.preprocessor.load(sample)
             pred = self.predict(prepared.image[None], prepared.valid[None])
             table = self.calibration.score_table(pred.scores)
             results.append(
                 FileResult(
-                    path=Path(path),
+                    path=sample.path,
                     image=image,
                     maps={k: self.preprocessor.to_original(m[0, 0].cpu().numpy(), prepared.geometry) for k, m in pred.maps.items()},
                     scores={k: {kk: float(vv[0]) for kk, vv in t.items()} for k, t in table.items()},
                     model_input=prepared.image[0].numpy(),
                     reconstruction=pred.reconstruction[0, 0].cpu().numpy() if pred.reconstruction is not None else None,
+                    frame=sample.frame,
                 )
             )
         return results

@@ -11,14 +11,17 @@ import numpy as np
 from PIL import Image
 from rich.console import Console
 
-from medvq.data.samples import collect_images
+from medvq.data.nifti import is_nifti, nifti_stem
+from medvq.data.samples import Sample, collect_images
 from medvq.detector import Detector
 from medvq.io import atomic_path, atomic_write_text
 from medvq.report.figures import overlay
 
 
-def _unique_stem(path: Path, used: set[str]) -> str:
-    stem = path.stem
+def _unique_stem(sample: Sample, used: set[str]) -> str:
+    stem = nifti_stem(sample.path) if is_nifti(sample.path) else sample.path.stem
+    if sample.frame is not None:
+        stem = f"{stem}_frame{sample.frame:03d}"
     candidate, k = stem, 1
     while candidate in used:
         k += 1
@@ -39,7 +42,8 @@ def infer(
     """Write OUT/overlays/<name>.png, OUT/maps/<name>_<map>.npy and OUT/scores.csv; return the rows."""
     console = console or Console(stderr=True)
     detector = Detector.load(run_dir, device=device)
-    samples = collect_images(inputs)
+    samples = collect_images(inputs, detector.preprocessor.volume)  # NIfTI volumes: their slices, as in training
+    has_frames = any(s.frame is not None for s in samples)
     out = Path(out)
     (out / "overlays").mkdir(parents=True, exist_ok=True)
     key = "combined" if "combined" in detector.calibration.stats else next(iter(detector.calibration.stats))
@@ -48,8 +52,8 @@ def infer(
     from rich.progress import track
 
     for sample in track(samples, description="scoring", console=console, transient=True, disable=not console.is_terminal):
-        result = detector.predict_files([sample.path])[0]
-        name = _unique_stem(sample.path, used)
+        result = detector.predict_files([sample])[0]
+        name = _unique_stem(sample, used)
         with atomic_path(out / "overlays" / f"{name}.png") as tmp:
             Image.fromarray(overlay(result.image, result.maps[key], 0.0, vmax)).save(tmp, format="PNG")
         if save_npy:
@@ -58,6 +62,8 @@ def infer(
                 with atomic_path(out / "maps" / f"{name}_{map_name}.npy") as tmp:
                     np.save(tmp, m.astype(np.float32))
         row = {"path": str(sample.path), "name": name}
+        if has_frames:
+            row["frame"] = "" if sample.frame is None else sample.frame
         for map_name, s in result.scores.items():
             row[map_name] = s["score"]
             row[f"{map_name}_z"] = s["z"]

@@ -10,7 +10,6 @@ import torch
 from torch.utils.data import Dataset
 
 from medvq.data.preprocess import Geometry, Preprocessor
-from medvq.data.readers import read_image, read_mask
 from medvq.data.samples import Sample
 
 
@@ -62,10 +61,7 @@ class ScanDataset(Dataset):
 
             iterator = track(iterator, description=progress, transient=True)
         for i in iterator:
-            sample = self.samples[i]
-            image = read_image(sample.path)
-            mask = read_mask(sample.mask_path, image.shape) if self.has_masks else None
-            prepared = preprocessor(image, mask)
+            _, prepared = preprocessor.load(self.samples[i], with_mask=self.has_masks)
             self.images[i] = prepared.image.half()
             self.valid[i] = prepared.valid
             if self.masks is not None:

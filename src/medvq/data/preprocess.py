@@ -1,6 +1,7 @@
 """The one preprocessing function used by training, evaluation and inference alike.
 
-scan (H, W) in [0, 1]
+sample -> ``read_sample`` (image files; NIfTI slices percentile-normalised, see ``medvq.data.nifti``)
+  -> scan (H, W) in [0, 1]
   -> white registration padding found (bright, flat regions touching the top or bottom edge), filled with
      the scan's background level and remembered in a ``valid`` mask that every score ignores
   -> field of view: ``stretch`` resizes the whole scan to image_size x image_size (anti-aliased);
@@ -20,12 +21,16 @@ the pooled figure.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from scipy import ndimage
+
+from medvq.data.nifti import VolumeOptions, is_nifti
+from medvq.data.readers import read_mask, read_sample
+from medvq.data.samples import Sample
 
 PADDING_LEVEL = 0.96  # registration padding is saturated white (255 in 8-bit files, JPEG-blurred at edges)
 
@@ -107,23 +112,42 @@ class Preprocessor:
     image_size: int = 128
     fov: str = "stretch"
     remove_padding: bool = True
+    volume: VolumeOptions = field(default_factory=VolumeOptions)  # how NIfTI slices are read and normalised
 
     def __post_init__(self) -> None:
         if self.fov not in ("stretch", "crop"):
             raise ValueError(f"fov must be 'stretch' or 'crop', got {self.fov!r}")
 
     @classmethod
-    def from_config(cls, data_config) -> "Preprocessor":
-        return cls(image_size=data_config.image_size, fov=data_config.fov, remove_padding=data_config.remove_padding)
+    def from_config(cls, data_config, stride: int = 1) -> "Preprocessor":
+        """``stride``: the model's; NIfTI slices with a shorter side are refused."""
+        return cls(
+            image_size=data_config.image_size,
+            fov=data_config.fov,
+            remove_padding=data_config.remove_padding,
+            volume=VolumeOptions.from_config(data_config, stride),
+        )
 
-    def __call__(self, image: np.ndarray, mask: np.ndarray | None = None) -> Prepared:
+    def load(self, sample: Sample, with_mask: bool = False) -> tuple[np.ndarray, Prepared]:
+        """Read a sample and prepare it: the route of training, evaluation and inference alike.
+
+        Returns the scan as read ((H, W) in [0, 1]) and the model input. White registration padding is an
+        OCT artefact: NIfTI slices are never searched for it.
+        """
+        image = read_sample(sample, self.volume)
+        mask = read_mask(sample.mask_path, image.shape) if with_mask and sample.mask_path is not None else None
+        nifti = sample.frame is not None or is_nifti(sample.path)
+        return image, self(image, mask, remove_padding=False if nifti else None)
+
+    def __call__(self, image: np.ndarray, mask: np.ndarray | None = None, *, remove_padding: bool | None = None) -> Prepared:
         if image.ndim != 2:
             raise ValueError(f"expected a 2D grayscale image, got shape {image.shape}")
         if mask is not None and mask.shape != image.shape:
             raise ValueError(f"mask shape {mask.shape} differs from image shape {image.shape}")
         h, w = image.shape
         image = np.nan_to_num(image.astype(np.float32, copy=False), nan=0.0, posinf=1.0, neginf=0.0)
-        padding = find_padding(image) if self.remove_padding else np.zeros(image.shape, bool)
+        remove_padding = self.remove_padding if remove_padding is None else remove_padding
+        padding = find_padding(image) if remove_padding else np.zeros(image.shape, bool)
 
         # Padding bars (rows/columns that are mostly padding) are cut off rather than filled.
         rows = np.flatnonzero(padding.mean(axis=1) < 0.5)

@@ -4,16 +4,24 @@
 - TIFF (tifffile): integer types scaled by their maximum, floats min-max scaled to [0, 1]; the first page
   and first channel of multi-page / multi-channel files.
 - DICOM (pydicom): rescale slope/intercept applied, MONOCHROME1 inverted, scaled by the stored bit depth.
+- NIfTI slices (nibabel, ``medvq.data.nifti``): percentile-clipped per volume or per slice.
+
+``read_sample`` is the one entry point of training, evaluation and inference: a ``Sample`` (file, and the
+slice for a volume) in, float32 (H, W) in [0, 1] out.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
 from medvq.errors import ImageReadError
+
+if TYPE_CHECKING:
+    from medvq.data.nifti import VolumeOptions
+    from medvq.data.samples import Sample
 
 PIL_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp"}
 TIFF_SUFFIXES = {".tif", ".tiff"}
@@ -125,6 +133,15 @@ def read_image(path: str | Path) -> np.ndarray:
     if min(array.shape) < 8:
         raise ImageReadError(f"image too small ({array.shape[1]}x{array.shape[0]} px)", path=path)
     return np.ascontiguousarray(array, dtype=np.float32)
+
+
+def read_sample(sample: "Sample", volume: "VolumeOptions | None" = None) -> np.ndarray:
+    """Read what a sample points at: a NIfTI slice (normalised with ``volume``) or an image file."""
+    from medvq.data import nifti
+
+    if sample.frame is not None or nifti.is_nifti(sample.path):
+        return nifti.read_nifti(sample.path, sample.frame, volume or nifti.VolumeOptions())
+    return read_image(sample.path)
 
 
 def read_mask(path: str | Path, shape: tuple[int, int]) -> np.ndarray:

@@ -3,7 +3,9 @@
 Layouts understood:
 - OCT2017: ``ROOT/{train,val,test}/CLASS/*.jpeg`` (any subset of the split folders);
 - flat: ``ROOT/CLASS/*.jpeg``;
-- a plain folder or list of files (unlabelled, for inference).
+- a plain folder or list of files (unlabelled, for inference);
+- NIfTI: ``ROOT/{train,validate,test}/*.nii.gz`` (HipMRI slices), ``ROOT/*.nii.gz`` or one file: 2D slice
+  files and 3D / 4D volumes taken slice by slice, unlabelled (see ``medvq.data.nifti``).
 Lesion masks, where they exist, sit in a parallel tree ``ROOT/masks/[split/]CLASS/<stem>.png``.
 The patient id is the second dash-separated field of the OCT2017 name ``CLASS-PATIENT-N.jpeg``.
 """
@@ -14,10 +16,13 @@ import random
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import TYPE_CHECKING, Iterable, Sequence
 
 from medvq.data.readers import is_image_file
 from medvq.errors import DatasetError
+
+if TYPE_CHECKING:
+    from medvq.data.nifti import VolumeOptions
 
 SPLITS = ("train", "val", "test")
 SPLIT_ALIASES = {"train": "train", "val": "val", "validate": "val", "validation": "val", "test": "test"}
@@ -31,7 +36,13 @@ class Sample:
     patient_id: str = ""
     split: str | None = None  # split folder it came from, if any
     mask_path: Path | None = None
+    frame: int | None = None  # slice of a NIfTI volume (medvq.data.nifti); None for a 2D image file
     meta: dict = field(default_factory=dict, compare=False, hash=False)
+
+    @property
+    def name(self) -> str:
+        """File name, with the slice for a volume slice: ``ch2.nii.gz:90``."""
+        return self.path.name if self.frame is None else f"{self.path.name}:{self.frame}"
 
 
 def patient_id_from_name(path: Path) -> str:
@@ -57,8 +68,15 @@ def _mask_for(root: Path, split: str | None, label: str, image: Path) -> Path | 
     return None
 
 
-def scan_dataset(root: str | Path, classes: Sequence[str] | None = None, splits: Sequence[str] | None = None) -> list[Sample]:
-    """All labelled scans under ``root`` (OCT2017 or flat layout), optionally filtered by class and split."""
+def scan_dataset(
+    root: str | Path, classes: Sequence[str] | None = None, splits: Sequence[str] | None = None, volume: "VolumeOptions | None" = None
+) -> list[Sample]:
+    """All labelled scans under ``root`` (OCT2017 or flat layout), optionally filtered by class and split;
+    or the unlabelled slices of a NIfTI dataset, listed with ``volume`` (default: VolumeOptions())."""
+    from medvq.data import nifti
+
+    if nifti.holds_nifti(root):
+        return nifti.scan_nifti(root, volume or nifti.VolumeOptions(), splits=splits)
     root = Path(root)
     if not root.is_dir():
         raise DatasetError("data folder not found", path=root, fix="pass the folder holding CLASS/ or train|val|test/CLASS/ folders")
@@ -104,24 +122,31 @@ def scan_dataset(root: str | Path, classes: Sequence[str] | None = None, splits:
     return samples
 
 
-def collect_images(inputs: Iterable[str | Path]) -> list[Sample]:
-    """Unlabelled scans from files and folders (recursively), for inference."""
+def collect_images(inputs: Iterable[str | Path], volume: "VolumeOptions | None" = None) -> list[Sample]:
+    """Unlabelled scans from files and folders (recursively), for inference; NIfTI volumes become their
+    non-empty slices (listed with ``volume``, default VolumeOptions())."""
+    from medvq.data import nifti
+
+    usable = lambda p: is_image_file(p) or (p.is_file() and nifti.is_nifti(p))
     samples: list[Sample] = []
     for item in inputs:
         item = Path(item)
         if item.is_dir():
-            files = sorted(p for p in item.rglob("*") if is_image_file(p) and MASK_DIR not in p.relative_to(item).parts)
+            files = sorted(p for p in item.rglob("*") if usable(p) and MASK_DIR not in p.relative_to(item).parts)
             if not files:
-                raise DatasetError("no images in folder", path=item, fix="supported: PNG, JPEG, BMP, TIFF, DICOM")
+                raise DatasetError("no images in folder", path=item, fix="supported: PNG, JPEG, BMP, TIFF, DICOM, NIfTI")
         elif item.exists():
-            if not is_image_file(item):
-                raise DatasetError("not a supported image file", path=item, fix="supported: PNG, JPEG, BMP, TIFF, DICOM")
+            if not usable(item):
+                raise DatasetError("not a supported image file", path=item, fix="supported: PNG, JPEG, BMP, TIFF, DICOM, NIfTI")
             files = [item]
         else:
             raise DatasetError("no such file or folder", path=item)
         for f in files:
             label = f.parent.name if f.parent != item else ""
-            samples.append(Sample(path=f, label=label, patient_id=patient_id_from_name(f)))
+            if nifti.is_nifti(f):
+                samples.extend(nifti.scan_nifti_file(f, volume or nifti.VolumeOptions(), label=label))
+            else:
+                samples.append(Sample(path=f, label=label, patient_id=patient_id_from_name(f)))
     return samples
 
 
@@ -177,7 +202,13 @@ def assert_patient_disjoint(splits: dict[str, Sequence[Sample]]) -> None:
 
 
 def dataset_splits(
-    root: str | Path, *, val_fraction: float, test_fraction: float, seed: int, classes: Sequence[str] | None = None
+    root: str | Path,
+    *,
+    val_fraction: float,
+    test_fraction: float,
+    seed: int,
+    classes: Sequence[str] | None = None,
+    volume: "VolumeOptions | None" = None,
 ) -> dict[str, list[Sample]]:
     """train / val / test samples of a dataset, by patient.
 
@@ -185,7 +216,7 @@ def dataset_splits(
     (val from train; test from train when there is no test folder). A patient found in two split
     folders is an error.
     """
-    samples = scan_dataset(root, classes=classes)
+    samples = scan_dataset(root, classes=classes, volume=volume)
     if all(s.split is None for s in samples):
         parts = split_by_patient(
             samples, {"train": 1 - val_fraction - test_fraction, "val": val_fraction, "test": test_fraction}, seed

@@ -19,8 +19,17 @@ from medvq.report.figures import plot_history, save_image_grid
 COLUMNS = ["epoch", "train_loss", "train_rec", "train_commit", "val_loss", "val_rec", "val_commit", "perplexity", "codes_used", "lr", "seconds"]
 
 
+def metric_columns(history: list[dict[str, Any]]) -> list[str]:
+    """The usual columns a run has, then any other key of a module's epoch_summary, then lr and seconds."""
+    present = {k for r in history for k in r}
+    known = [c for c in COLUMNS if c in present and c not in ("lr", "seconds")]
+    extra = list(dict.fromkeys(k for r in history for k in r if k not in COLUMNS))
+    return ["epoch", *[c for c in known if c != "epoch"], *extra, "lr", "seconds"]
+
+
 class EpochArtifacts(L.Callback):
-    """Per epoch: metrics.csv row, loss/codebook plots, reconstruction samples, best/last safetensors.
+    """Per epoch: metrics.csv row (every key of the module's epoch_summary), loss/codebook/SSIM plots,
+    reconstruction samples, best/last safetensors.
 
     Its state (history and best loss) is saved in Lightning's checkpoint, so a resumed run continues the
     same files. Runs before ModelCheckpoint, which Lightning always calls last.
@@ -69,7 +78,7 @@ class EpochArtifacts(L.Callback):
 
     def _write_metrics(self) -> None:
         buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=COLUMNS, extrasaction="ignore")
+        writer = csv.DictWriter(buffer, fieldnames=metric_columns(self.history), extrasaction="ignore")
         writer.writeheader()
         for r in self.history:
             writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})

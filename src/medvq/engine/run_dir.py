@@ -65,7 +65,10 @@ class RunDir:
         payload = {
             "data_root": str(Path(data_root).resolve()),
             "splits": {
-                name: [{"path": str(s.path.resolve()), "label": s.label, "patient_id": s.patient_id} for s in items]
+                name: [
+                    {"path": str(s.path.resolve()), "label": s.label, "patient_id": s.patient_id, **({"frame": s.frame} if s.frame is not None else {})}
+                    for s in items
+                ]
                 for name, items in parts.items()
             },
         }

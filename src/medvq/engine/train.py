@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, RandomSampler
 
 from medvq.config import RunConfig
 from medvq.data.dataset import ScanDataset
+from medvq.data.nifti import VolumeOptions
 from medvq.data.preprocess import Preprocessor
 from medvq.data.samples import Sample, dataset_splits
 from medvq.engine.callbacks import EpochArtifacts
@@ -44,9 +45,12 @@ class TrainResult:
 def training_splits(config: RunConfig, data_root: str | Path) -> dict[str, list[Sample]]:
     """Patient-grouped train/val/test over all classes; train and val keep only the training classes."""
     d = config.data
-    parts = dataset_splits(data_root, val_fraction=d.val_fraction, test_fraction=d.test_fraction, seed=d.split_seed)
     keep = set(d.train_classes)
+    volume = VolumeOptions.from_config(d, getattr(config.model, "stride", 1))
+    parts = dataset_splits(data_root, val_fraction=d.val_fraction, test_fraction=d.test_fraction, seed=d.split_seed, volume=volume)
     present = {s.label for items in parts.values() for s in items}
+    if present == {""}:  # unlabelled data (NIfTI slices): every image trains
+        keep = present
     missing = keep - present
     if missing:
         raise DatasetError(f"training class(es) {', '.join(sorted(missing))} not found (found: {', '.join(sorted(present))})", path=data_root, fix="set --train-classes")
@@ -55,14 +59,18 @@ def training_splits(config: RunConfig, data_root: str | Path) -> dict[str, list[
     if d.max_train_images is not None and len(train) > d.max_train_images:
         train = sorted(random.Random(d.split_seed).sample(train, d.max_train_images), key=lambda s: str(s.path))
     if len(train) < 2:
-        raise DatasetError(f"only {len(train)} training image(s) of class {', '.join(sorted(keep))}", path=data_root, fix="a VQ-VAE needs a folder of normal scans")
+        raise DatasetError(f"only {len(train)} training image(s){_of(keep)}", path=data_root, fix="a VQ-VAE needs a folder of normal scans")
     if len(val) < 2:
         raise DatasetError(
-            f"only {len(val)} held-out validation image(s) of class {', '.join(sorted(keep))}: early stopping and score calibration need them",
+            f"only {len(val)} held-out validation image(s){_of(keep)}: early stopping and score calibration need them",
             path=data_root,
             fix="add a val/ split or raise --val-fraction",
         )
     return {"train": train, "val": val, "test": parts["test"]}
+
+
+def _of(classes: set[str]) -> str:
+    return f" of class {', '.join(sorted(classes))}" if classes != {""} else ""
 
 
 def _accelerator(config: RunConfig) -> str:
@@ -136,7 +144,13 @@ def train_run(
     overwrite: bool = False,
     progress: bool = True,
     console: Console | None = None,
+    splits: dict[str, list[Sample]] | None = None,
 ) -> TrainResult:
+    """Train ``config.method`` on ``data_root`` into the run directory ``out``.
+
+    ``splits`` ({'train', 'val'[, 'test']} -> samples) replaces the patient split of ``data_root``, for
+    protocols of their own (e.g. slabs of one volume, ``medvq.data.nifti.split_by_position``).
+    """
     console = console or Console(stderr=True)
     run = RunDir(out)
     if is_rank_zero():  # further DDP processes start after the first has created the run directory
@@ -144,19 +158,20 @@ def train_run(
     started = time.perf_counter()
     L.seed_everything(config.train.seed, workers=True, verbose=False)
 
-    parts = training_splits(config, data_root)
+    parts = splits if splits is not None else training_splits(config, data_root)
+    preprocessor = Preprocessor.from_config(config.data, getattr(config.model, "stride", 1))
+    if is_rank_zero():
+        console.print(
+            f"[bold]medvq[/] training {config.method} on {len(parts['train'])} {'/'.join(sorted({s.label for s in parts['train']} - {''})) or 'unlabelled'} images "
+            f"({len({s.patient_id for s in parts['train']})} patients), validating on {len(parts['val'])} -> {run.root}"
+        )
+    # Every scan is read before the run directory is written: a bad file stops here and leaves nothing behind.
+    train_set = ScanDataset(parts["train"], preprocessor, hflip=config.data.hflip, load_masks=False, progress="reading training scans" if progress else None)
+    val_set = ScanDataset(parts["val"], preprocessor, load_masks=False, progress="reading validation scans" if progress else None)
     run.create()
     if is_rank_zero():
         run.write_config(config)
         run.write_split(data_root, parts)
-    preprocessor = Preprocessor.from_config(config.data)
-    if is_rank_zero():
-        console.print(
-            f"[bold]medvq[/] training {config.method} on {len(parts['train'])} {'/'.join(config.data.train_classes)} images "
-            f"({len({s.patient_id for s in parts['train']})} patients), validating on {len(parts['val'])} -> {run.root}"
-        )
-    train_set = ScanDataset(parts["train"], preprocessor, hflip=config.data.hflip, load_masks=False, progress="reading training scans" if progress else None)
-    val_set = ScanDataset(parts["val"], preprocessor, load_masks=False, progress="reading validation scans" if progress else None)
 
     t = config.train
     loader_kw = dict(num_workers=t.num_workers, persistent_workers=t.num_workers > 0)
@@ -190,12 +205,19 @@ def finish_run(run: RunDir, config: RunConfig, train_set: ScanDataset, val_set: 
     detector = Detector.load(run.root)
     calibration = detector.calibrate(val_set, batch_size=config.train.batch_size)
     calibration.save(run.calibration)
-    codes = []
+    codes: dict[str, list[np.ndarray]] = {}
     for b in train_set.batches(64):
-        c = detector.predict(b.image).codes
-        if c is None:
+        pred = detector.predict(b.image)
+        if pred.codes is None:
             break
-        codes.append(c.cpu().numpy().astype(np.int32))
+        levels = {"codes": pred.codes, **{k: v for k, v in pred.extras.items() if k.endswith("codes")}}  # e.g. top_codes of a VQ-VAE-2
+        for name, c in levels.items():
+            codes.setdefault(name, []).append(c.cpu().numpy().astype(np.int32))
     if codes:
-        atomic_save_npz(run.latents / "train_codes.npz", codes=np.concatenate(codes), paths=np.array([str(s.path) for s in train_set.samples]))
+        atomic_save_npz(
+            run.latents / "train_codes.npz",
+            **{k: np.concatenate(v) for k, v in codes.items()},
+            paths=np.array([str(s.path) for s in train_set.samples]),
+            frames=np.array([-1 if s.frame is None else s.frame for s in train_set.samples]),
+        )
     console.print(f"calibrated on {len(val_set)} held-out normal images -> {run.calibration}")

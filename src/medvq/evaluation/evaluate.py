@@ -7,7 +7,10 @@
   sensitivity at 95 % specificity.
 - Pixel level, where masks exist: pixel AUROC, AUPRO up to FPR 0.3, and the best Dice over thresholds
   (an upper bound: the threshold is chosen on the test data).
-Outputs: metrics.json, scores.csv, evaluation.npz (gallery arrays) and report.html.
+- Reconstruction, for methods that reconstruct: SSIM, PSNR and MSE per image (data range 1.0, the range
+  of every model input), averaged overall and per class (``medvq.evaluation.reconstruction``).
+  Unlabelled data (NIfTI slices) is evaluated for reconstruction only.
+Outputs: metrics.json, scores.csv, reconstruction.csv, evaluation.npz (gallery arrays) and report.html.
 """
 
 from __future__ import annotations
@@ -24,11 +27,13 @@ import torch
 from rich.console import Console
 
 from medvq.data.dataset import ScanDataset
+from medvq.data.nifti import VolumeOptions
 from medvq.data.samples import Sample, dataset_splits, scan_dataset
 from medvq.detector import Detector, Prediction
 from medvq.engine.run_dir import RunDir
 from medvq.errors import DatasetError
 from medvq.evaluation import metrics as M
+from medvq.evaluation.reconstruction import reconstruction_metrics, spread_indices, summarize
 from medvq.io import atomic_save_npz, atomic_write_text
 
 SPECIFICITY = 0.95
@@ -45,20 +50,21 @@ def select_test_samples(run: RunDir, data_root: str | Path, split: str = "test")
     """Test samples of ``data_root`` that the run never saw (by file and, on the same data, by patient)."""
     config = run.read_config()
     d = config.data
+    volume = VolumeOptions.from_config(d, getattr(config.model, "stride", 1))  # NIfTI slices listed as in training
     if split == "test":
-        samples = dataset_splits(data_root, val_fraction=d.val_fraction, test_fraction=d.test_fraction, seed=d.split_seed)["test"]
+        samples = dataset_splits(data_root, val_fraction=d.val_fraction, test_fraction=d.test_fraction, seed=d.split_seed, volume=volume)["test"]
     elif split == "all":
-        samples = scan_dataset(data_root)
+        samples = scan_dataset(data_root, volume=volume)
     else:
         raise DatasetError(f"unknown split '{split}'", fix="use 'test' or 'all'")
     record = run.read_split()
     seen_paths, seen_patients = set(), set()
     for name in ("train", "val"):
         for item in record.get("splits", {}).get(name, []):
-            seen_paths.add(item["path"])
+            seen_paths.add((item["path"], item.get("frame")))
             seen_patients.add(item["patient_id"])
     same_data = record.get("data_root") == str(Path(data_root).resolve())
-    kept = [s for s in samples if str(s.path.resolve()) not in seen_paths and not (same_data and s.patient_id in seen_patients)]
+    kept = [s for s in samples if (str(s.path.resolve()), s.frame) not in seen_paths and not (same_data and s.patient_id in seen_patients)]
     return EvaluationSet(samples=kept, excluded=len(samples) - len(kept))
 
 
@@ -112,10 +118,22 @@ def write_scores_csv(path: Path, samples: list[Sample], dataset: ScanDataset, sc
     buffer = io.StringIO()
     writer = csv.writer(buffer)
     names = list(scores)
-    writer.writerow(["path", "class", "patient", "width", "height", *names])
+    frames = any(s.frame is not None for s in samples)  # slices of NIfTI volumes
+    writer.writerow(["path", *(["frame"] if frames else []), "class", "patient", "width", "height", *names])
     for i, s in enumerate(samples):
         g = dataset.geometry[i]
-        writer.writerow([str(s.path), s.label, s.patient_id, g.width, g.height, *(f"{scores[n][i]:.6g}" for n in names)])
+        frame = ["" if s.frame is None else s.frame] if frames else []
+        writer.writerow([str(s.path), *frame, s.label, s.patient_id, g.width, g.height, *(f"{scores[n][i]:.6g}" for n in names)])
+    atomic_write_text(path, buffer.getvalue())
+
+
+def write_reconstruction_csv(path: Path, samples: list[Sample], per_image: dict[str, np.ndarray]) -> None:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    names = list(per_image)
+    writer.writerow(["path", "frame", "class", "patient", *names])
+    for i, s in enumerate(samples):
+        writer.writerow([str(s.path), "" if s.frame is None else s.frame, s.label, s.patient_id, *(f"{per_image[n][i]:.6g}" for n in names)])
     atomic_write_text(path, buffer.getvalue())
 
 
@@ -127,6 +145,7 @@ def evaluate_run(
     split: str = "test",
     batch_size: int = 32,
     gallery_per_class: int = 4,
+    reconstruction_gallery: int = 8,
     device: str = "cpu",
     progress: bool = True,
     console: Console | None = None,
@@ -141,7 +160,9 @@ def evaluate_run(
     chosen = select_test_samples(run, data_root, split)
     samples = chosen.samples
     labels = [s.label for s in samples]
-    if normal not in labels or all(lab == normal for lab in labels):
+    unlabelled = bool(samples) and all(not lab for lab in labels)  # e.g. NIfTI slices: reconstruction metrics only
+    anomaly = normal in labels and any(lab != normal for lab in labels)
+    if not anomaly and not unlabelled:
         found = ", ".join(f"{c}: {labels.count(c)}" for c in sorted(set(labels))) or "none"
         raise DatasetError(f"evaluation needs {normal} and abnormal test images; found {found}", path=data_root, fix="check the test split (or use --split all)")
 
@@ -150,11 +171,19 @@ def evaluate_run(
     maps_np = {k: v[:, 0].numpy() for k, v in pred.maps.items()}
     masks = dataset.masks[:, 0].numpy() if dataset.masks is not None else None
     valid = dataset.valid[:, 0].numpy()
-    per_map = compute_metrics(labels, pred.scores, normal, dataset.original_widths(), masks, maps_np, valid)
+    if unlabelled and pred.reconstruction is None:
+        raise DatasetError(
+            f"the test images are unlabelled, so only reconstruction metrics apply, and method '{config.method}' does not reconstruct",
+            path=data_root,
+            fix="evaluate a reconstruction model (vqvae, vqvae2), or give the data class folders",
+        )
+    per_map = compute_metrics(labels, pred.scores, normal, dataset.original_widths(), masks, maps_np, valid) if anomaly else {}
+    images = dataset.images.float()
+    recon = reconstruction_metrics(pred.reconstruction, images) if pred.reconstruction is not None else None
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    counts = {c: labels.count(c) for c in sorted(set(labels))}
+    counts = {(c or "unlabelled"): labels.count(c) for c in sorted(set(labels))}
     result = {
         "run": str(run.root.resolve()),
         "data": str(Path(data_root).resolve()),
@@ -170,13 +199,35 @@ def evaluate_run(
         "calibration_images": detector.calibration.n_images,
         "maps": per_map,
     }
+    if recon is not None:
+        result["reconstruction"] = summarize(recon, None if unlabelled else labels)
+        write_reconstruction_csv(out / "reconstruction.csv", samples, recon)
     atomic_write_text(out / "metrics.json", json.dumps(result, indent=1))
     write_scores_csv(out / "scores.csv", samples, dataset, pred.scores)
+
+    gallery: dict[str, np.ndarray] = {}
+    if recon is not None:  # input / reconstruction / error, from the worst to the best SSIM
+        ridx = spread_indices(recon["ssim"], reconstruction_gallery)
+        rsel = torch.as_tensor(ridx, dtype=torch.long)
+        gallery.update(
+            recon_names=np.array([samples[i].name for i in ridx]),
+            recon_labels=np.array([labels[i] for i in ridx]),
+            recon_image=images[rsel, 0].numpy(),
+            recon_reconstruction=pred.reconstruction[rsel, 0].clamp(0, 1).numpy(),
+            **{f"recon_{k}": v[ridx] for k, v in recon.items()},
+        )
+    if not anomaly:
+        atomic_save_npz(out / "evaluation.npz", **gallery)
+        from medvq.report.html import build_report
+
+        build_report(out)
+        console.print(f"evaluated the reconstruction of {len(samples)} unlabelled images -> {out}")
+        return result
 
     key = "combined" if "combined" in pred.scores else next(iter(pred.scores))
     idx = _gallery_indices(labels, pred.scores[key], gallery_per_class)
     sel = torch.as_tensor(idx, dtype=torch.long)
-    gallery = {
+    gallery |= {
         "index": np.array(idx),
         "labels": np.array([labels[i] for i in idx]),
         "paths": np.array([str(samples[i].path) for i in idx]),

@@ -41,11 +41,27 @@ def _vqvae() -> Method:
     )
 
 
-_FACTORIES: dict[str, Callable[[], Method]] = {"vqvae": _vqvae}
+def _vqvae2() -> Method:
+    from medvq.models.vqvae2.anomaly_map import MAP_NAMES, vqvae2_maps
+    from medvq.models.vqvae2.lightning import VQVAE2Module
+    from medvq.models.vqvae2.model import VQVAE2
+
+    return Method(
+        name="vqvae2",
+        summary=SUMMARIES["vqvae2"],
+        map_names=MAP_NAMES,
+        build_model=VQVAE2,
+        compute_maps=vqvae2_maps,
+        training_module=VQVAE2Module.from_run_config,
+    )
+
+
+_FACTORIES: dict[str, Callable[[], Method]] = {"vqvae": _vqvae, "vqvae2": _vqvae2}
 
 # One line per method for help texts, without importing the method's code.
 SUMMARIES: dict[str, str] = {
     "vqvae": "VQ-VAE trained on normal scans; reconstruction residual and alignment loss map (ALM).",
+    "vqvae2": "VQ-VAE-2 (top and bottom codes) for MRI and OCT reconstruction; SSIM/PSNR, residual and per-level ALM.",
 }
 
 

@@ -21,7 +21,8 @@ def _save(fig, path: str | Path) -> None:
 
 
 def plot_history(history: Sequence[dict], plots_dir: str | Path) -> None:
-    """loss.png (train/val loss per epoch) and codebook.png (perplexity and share of codes used)."""
+    """loss.png (train/val loss per epoch), codebook.png (perplexity and share of codes used, per code level
+    when keys are ``perplexity_<level>``) and ssim.png (any ``*_ssim`` key)."""
     if not history:
         return
     epochs = [r["epoch"] for r in history]
@@ -37,16 +38,35 @@ def plot_history(history: Sequence[dict], plots_dir: str | Path) -> None:
     ax.legend()
     _save(fig, Path(plots_dir) / "loss.png")
 
-    fig, ax1 = plt.subplots(figsize=(5, 3.2))
-    ax1.plot(epochs, [r.get("perplexity", np.nan) for r in history], color="tab:blue", marker="o", ms=3)
-    ax1.set_xlabel("epoch")
-    ax1.set_ylabel("code perplexity", color="tab:blue")
-    ax2 = ax1.twinx()
-    ax2.plot(epochs, [100 * r.get("codes_used", np.nan) for r in history], color="tab:orange", marker="s", ms=3)
-    ax2.set_ylabel("codes used (%)", color="tab:orange")
-    ax2.set_ylim(0, 105)
-    ax1.grid(alpha=0.3)
-    _save(fig, Path(plots_dir) / "codebook.png")
+    keys = list(dict.fromkeys(k for r in history for k in r))
+    levels = [k.removeprefix("perplexity") for k in keys if k.startswith("perplexity")]  # "" or "_top", "_bottom", ...
+    if levels:
+        fig, ax1 = plt.subplots(figsize=(5, 3.2))
+        ax2 = ax1.twinx()
+        for level, style in zip(levels, ("-", "--", ":", "-.")):
+            name = level.lstrip("_")
+            ax1.plot(epochs, [r.get(f"perplexity{level}", np.nan) for r in history], color="tab:blue", ls=style, marker="o", ms=3, label=name or None)
+            ax2.plot(epochs, [100 * r.get(f"codes_used{level}", np.nan) for r in history], color="tab:orange", ls=style, marker="s", ms=3)
+        ax1.set_xlabel("epoch")
+        ax1.set_ylabel("code perplexity", color="tab:blue")
+        ax2.set_ylabel("codes used (%)", color="tab:orange")
+        ax2.set_ylim(0, 105)
+        ax1.grid(alpha=0.3)
+        if any(levels):
+            ax1.legend(title="level", fontsize=7)
+        _save(fig, Path(plots_dir) / "codebook.png")
+
+    ssim_keys = [k for k in keys if k.endswith("_ssim")]
+    if ssim_keys:
+        fig, ax = plt.subplots(figsize=(5, 3.2))
+        for key in ssim_keys:
+            label = {"train_ssim": "train", "val_ssim": "validation"}.get(key, key)
+            ax.plot(epochs, [r.get(key, np.nan) for r in history], marker="o", ms=3, label=label)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("SSIM (data range 1)")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        _save(fig, Path(plots_dir) / "ssim.png")
 
 
 def colorize(map_: np.ndarray, vmin: float, vmax: float, cmap: str = "inferno") -> np.ndarray:

@@ -1,0 +1,39 @@
+"""The VQ-VAE-2's anomaly maps: reconstruction residual and one alignment loss map per code level."""
+
+from __future__ import annotations
+
+import torch
+
+from medvq.maps import MapOutput
+from medvq.maps.alm import alignment_loss_map
+from medvq.maps.residual import residual_map
+from medvq.models.vqvae2.model import VQVAE2
+
+MAP_NAMES = ("residual", "alm_top", "alm_bottom")
+
+
+@torch.no_grad()
+def vqvae2_maps(model: VQVAE2, images: torch.Tensor, names: tuple[str, ...] | list[str] = MAP_NAMES) -> MapOutput:
+    """Run the model in eval mode on (B, C, H, W) images in [0, 1] and compute the requested maps.
+
+    ``codes`` are the bottom code maps; ``extras['top_codes']`` the top ones.
+    """
+    unknown = set(names) - set(MAP_NAMES)
+    if unknown:
+        raise ValueError(f"unknown map(s) {sorted(unknown)} for a VQ-VAE-2; available: {', '.join(MAP_NAMES)}")
+    was_training = model.training
+    model.eval()
+    try:
+        top, bottom = model.quantize(*model.encode(images))
+        reconstruction = model.decode(top.quantized, bottom.quantized).float()
+    finally:
+        model.train(was_training)
+    size = tuple(images.shape[-2:])
+    maps: dict[str, torch.Tensor] = {}
+    if "residual" in names:
+        maps["residual"] = residual_map(images, reconstruction)
+    if "alm_top" in names:
+        maps["alm_top"] = alignment_loss_map(top.latents, model.quantizer_top.codebook, top.indices, size=size)
+    if "alm_bottom" in names:
+        maps["alm_bottom"] = alignment_loss_map(bottom.latents, model.quantizer_bottom.codebook, bottom.indices, size=size)
+    return MapOutput(maps=maps, reconstruction=reconstruction, codes=bottom.indices, extras={"top_codes": top.indices})

@@ -1,0 +1,87 @@
+"""Thin Lightning wrapper: optimiser, logging and per-epoch statistics (losses, SSIM, code usage) of a VQ-VAE-2."""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+
+from medvq.evaluation.reconstruction import ssim_per_image
+from medvq.models.quantizer import code_usage
+from medvq.models.vqvae.lightning import WARMUP_STEPS
+from medvq.models.vqvae2.model import VQVAE2, VQVAE2Config
+
+# Per-epoch sums, weighted by batch size: loss, rec, commit_top, commit_bottom, ssim, n
+_SUMS = ("loss", "rec", "commit_top", "commit_bottom", "ssim")
+
+
+class VQVAE2Module(L.LightningModule):
+    def __init__(self, model_config: dict, learning_rate: float = 1e-3, weight_decay: float = 0.0, channels_last: bool = True, compile: bool = False):
+        super().__init__()
+        self.save_hyperparameters()  # plain dicts and numbers only: checkpoints load with weights_only=True
+        self.model = VQVAE2(VQVAE2Config(**model_config))
+        self.channels_last = channels_last
+        if channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        if compile:  # in place, so state-dict keys stay the same
+            for part in (self.model.encoder_bottom, self.model.encoder_top, self.model.decoder_top, self.model.decoder):
+                part.compile()
+        c = self.model.config
+        self.register_buffer("top_counts", torch.zeros(c.codebook_size_top, dtype=torch.float64), persistent=False)
+        self.register_buffer("bottom_counts", torch.zeros(c.codebook_size_bottom, dtype=torch.float64), persistent=False)
+        self.register_buffer("train_sums", torch.zeros(len(_SUMS) + 1, dtype=torch.float64), persistent=False)
+        self.register_buffer("val_sums", torch.zeros(len(_SUMS) + 1, dtype=torch.float64), persistent=False)
+
+    @classmethod
+    def from_run_config(cls, config) -> "VQVAE2Module":
+        t = config.train
+        return cls(config.model.model_dump(), learning_rate=t.learning_rate, weight_decay=t.weight_decay, channels_last=t.channels_last, compile=t.compile)
+
+    def _step(self, batch: dict, sums: torch.Tensor):
+        x = batch["image"]
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        out = self.model(x)
+        with torch.no_grad():
+            ssim = ssim_per_image(out.reconstruction.detach().float().clamp(0, 1), x.float()).sum()
+            n = x.shape[0]
+            parts = [out.loss * n, out.reconstruction_loss * n, out.top.loss * n, out.bottom.loss * n, ssim]
+            sums += torch.stack([p.detach().to(sums) for p in parts] + [torch.tensor(float(n), dtype=sums.dtype, device=sums.device)])
+        return out, n
+
+    def on_train_epoch_start(self) -> None:
+        self.top_counts.zero_()
+        self.bottom_counts.zero_()
+        self.train_sums.zero_()
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        out, n = self._step(batch, self.train_sums)
+        self.top_counts += torch.bincount(out.top.indices.flatten(), minlength=self.top_counts.numel()).to(self.top_counts)
+        self.bottom_counts += torch.bincount(out.bottom.indices.flatten(), minlength=self.bottom_counts.numel()).to(self.bottom_counts)
+        self.log("train/loss", out.loss.detach(), prog_bar=True, on_step=True, on_epoch=False, batch_size=n)
+        return out.loss
+
+    def on_validation_epoch_start(self) -> None:
+        self.val_sums.zero_()
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        out, n = self._step(batch, self.val_sums)
+        self.log("val/loss", out.loss, prog_bar=True, on_epoch=True, sync_dist=True, batch_size=n)
+
+    def epoch_summary(self) -> dict[str, float]:
+        """Mean losses and SSIM, and code usage per level, of the finished epoch, reduced over all processes."""
+        reduce = lambda t: self.trainer.strategy.reduce(t.clone(), reduce_op="sum") if self.trainer.world_size > 1 else t
+        summary: dict[str, float] = {}
+        for prefix, sums in (("train", reduce(self.train_sums)), ("val", reduce(self.val_sums))):
+            n = float(sums[-1])
+            if n > 0:
+                summary.update({f"{prefix}_{name}": float(sums[i]) / n for i, name in enumerate(_SUMS)})
+        for level, counts in (("top", reduce(self.top_counts)), ("bottom", reduce(self.bottom_counts))):
+            perplexity, used = code_usage(counts)
+            summary[f"perplexity_{level}"], summary[f"codes_used_{level}"] = perplexity, used
+        return summary
+
+    def configure_optimizers(self):
+        opt = torch.optim.AdamW(self.model.parameters(), lr=self.hparams.learning_rate, weight_decay=self.hparams.weight_decay)
+        # Linear warm-up, then constant (as the VQ-VAE): a resumed run continues as an uninterrupted one would.
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / WARMUP_STEPS))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

@@ -1,0 +1,197 @@
+"""VQ-VAE-2 (Razavi, van den Oord & Vinyals 2019): a two-level hierarchy of codes in one file.
+
+    x ──encoder_bottom──> h_b (bottom grid) ──encoder_top──> top latents z_t (top grid)
+    z_t ──quantizer_top──> e_t ──decoder_top──> decoded top (bottom grid)
+    [h_b, decoded top] ──1x1 conv──> bottom latents z_b ──quantizer_bottom──> e_b
+    [upsampled e_t, e_b] ──decoder──> x̂
+
+The top codes hold the coarse layout; the bottom quantizer sees the decoded top next to the bottom
+features, so the bottom codes only have to add what the top level did not explain. Both levels use the
+shared EMA vector quantizer (``medvq.models.quantizer``). Inputs are single-channel images in [0, 1],
+the same in training and inference. Knows nothing of files, CLIs or Lightning.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+from medvq.models.quantizer import QuantizerOutput, VectorQuantizer
+from medvq.models.vqvae.model import VQVAEConfig, residual_stack
+
+
+class VQVAE2Config(BaseModel):
+    """Architecture of a VQ-VAE-2; stored with every checkpoint and used to rebuild it."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    in_channels: int = Field(1, ge=1, description="Image channels.")
+    hidden_channels: int = Field(128, ge=8, description="Width of the encoders and decoders.", json_schema_extra={"aliases": ["n-hiddens"]})
+    residual_channels: int = Field(64, ge=4, description="Width inside residual blocks.", json_schema_extra={"aliases": ["n-residual-hiddens"]})
+    residual_layers: int = Field(2, ge=0, description="Residual blocks in every encoder and decoder.", json_schema_extra={"aliases": ["n-residual-layers"]})
+    bottom_downsample_layers: int = Field(2, ge=1, le=4, description="Stride-2 stages to the bottom code grid (image_size / 2**this).")
+    top_downsample_layers: int = Field(1, ge=1, le=3, description="Further stride-2 stages from the bottom to the top code grid.")
+    embedding_dim: int = Field(64, ge=1, description="Dimension of the codebook vectors of both levels.")
+    codebook_size_top: int = Field(512, ge=2, description="Number of top-level codebook vectors.")
+    codebook_size_bottom: int = Field(512, ge=2, description="Number of bottom-level codebook vectors.")
+    beta: float = Field(0.25, ge=0, description="Commitment weight on ||z_e - sg[e]||^2 (each level).")
+    ema_decay: float = Field(0.9, gt=0, lt=1, description="EMA decay of codebook updates (0.9 keeps the codebooks in use in short CPU runs).")
+    kmeans_init: bool = Field(True, description="Initialise each codebook by k-means on the first batch.")
+    dead_code_threshold: float = Field(1.0, ge=0, description="Restart codes whose EMA usage falls below this (0 = never).")
+    rotation_trick: bool = Field(False, description="Rotation-trick gradients through the quantizers instead of straight-through.")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout inside residual blocks (training only).")
+
+    @property
+    def bottom_stride(self) -> int:
+        return 2**self.bottom_downsample_layers
+
+    @property
+    def stride(self) -> int:
+        """Input sides must be multiples of this (the top grid's stride)."""
+        return 2 ** (self.bottom_downsample_layers + self.top_downsample_layers)
+
+
+@dataclass
+class VQVAE2Output:
+    reconstruction: torch.Tensor  # (B, C, H, W)
+    loss: torch.Tensor  # total: reconstruction MSE + commitment of both levels
+    reconstruction_loss: torch.Tensor
+    commitment_loss: torch.Tensor  # top + bottom
+    top: QuantizerOutput  # indices (B, H/s, W/s), s = config.stride
+    bottom: QuantizerOutput  # indices (B, H/sb, W/sb), sb = config.bottom_stride
+
+
+def downsampler(in_channels: int, width: int, layers: int, c: VQVAE2Config) -> nn.Sequential:
+    """``layers`` stride-2 convolutions (widths growing to ``width``), then a residual stack. (B, in, H, W) -> (B, width, H/2^layers, W/2^layers)."""
+    modules: list[nn.Module] = []
+    previous = in_channels
+    for i in range(layers):
+        w = max(width // 2 ** (layers - 1 - i), 8)
+        modules += [nn.Conv2d(previous, w, 4, stride=2, padding=1), nn.BatchNorm2d(w), nn.ReLU()]
+        previous = w
+    modules += [nn.Conv2d(previous, width, 3, padding=1), residual_stack(width, c.residual_channels, c.residual_layers, c.dropout)]
+    return nn.Sequential(*modules)
+
+
+def upsampler(in_channels: int, out_channels: int, layers: int, c: VQVAE2Config) -> nn.Sequential:
+    """Residual stack, then ``layers`` stride-2 transposed convolutions. (B, in, h, w) -> (B, out, h*2^layers, w*2^layers)."""
+    h = c.hidden_channels
+    modules: list[nn.Module] = [nn.Conv2d(in_channels, h, 3, padding=1), residual_stack(h, c.residual_channels, c.residual_layers, c.dropout)]
+    previous = h
+    for i in range(layers):
+        last = i == layers - 1
+        w = out_channels if last else max(h // 2 ** (i + 1), 8)
+        modules.append(nn.ConvTranspose2d(previous, w, 4, stride=2, padding=1))
+        if not last:
+            modules += [nn.BatchNorm2d(w), nn.ReLU()]
+        previous = w
+    return nn.Sequential(*modules)
+
+
+class VQVAE2(nn.Module):
+    def __init__(self, config: VQVAE2Config):
+        super().__init__()
+        self.config = c = config
+        h, d = c.hidden_channels, c.embedding_dim
+        vq = dict(beta=c.beta, ema_decay=c.ema_decay, kmeans_init=c.kmeans_init, dead_code_threshold=c.dead_code_threshold, rotation_trick=c.rotation_trick)
+        self.encoder_bottom = downsampler(c.in_channels, h, c.bottom_downsample_layers, c)
+        self.encoder_top = downsampler(h, h, c.top_downsample_layers, c)
+        self.pre_quantize_top = nn.Conv2d(h, d, 1)
+        self.quantizer_top = VectorQuantizer(dim=d, codebook_size=c.codebook_size_top, **vq)
+        self.decoder_top = upsampler(d, d, c.top_downsample_layers, c)
+        self.pre_quantize_bottom = nn.Conv2d(h + d, d, 1)
+        self.quantizer_bottom = VectorQuantizer(dim=d, codebook_size=c.codebook_size_bottom, **vq)
+        ups: list[nn.Module] = []
+        for i in range(c.top_downsample_layers):
+            ups.append(nn.ConvTranspose2d(d, d, 4, stride=2, padding=1))
+            if i < c.top_downsample_layers - 1:
+                ups.append(nn.ReLU())
+        self.upsample_top = nn.Sequential(*ups)
+        self.decoder = upsampler(2 * d, c.in_channels, c.bottom_downsample_layers, c)
+
+    @property
+    def stride(self) -> int:
+        return self.config.stride
+
+    def check_input(self, x: torch.Tensor) -> None:
+        if x.ndim != 4 or x.shape[1] != self.config.in_channels:
+            raise ValueError(f"expected images of shape (B, {self.config.in_channels}, H, W), got {tuple(x.shape)}")
+        if x.shape[-1] % self.stride or x.shape[-2] % self.stride:
+            raise ValueError(
+                f"image size {tuple(x.shape[-2:])} is not a multiple of the model stride {self.stride}; "
+                "resize the input (data.image_size) to a multiple of it"
+            )
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images (B, C, H, W) -> bottom features (B, hidden, H/sb, W/sb) and top latents (B, D, H/s, W/s)."""
+        self.check_input(x)
+        bottom_features = self.encoder_bottom(x)
+        return bottom_features, self.pre_quantize_top(self.encoder_top(bottom_features))
+
+    def quantize(self, bottom_features: torch.Tensor, top_latents: torch.Tensor) -> tuple[QuantizerOutput, QuantizerOutput]:
+        """Quantize the top, then the bottom conditioned on the decoded top. -> (top, bottom)."""
+        top = self.quantizer_top(top_latents)
+        decoded_top = self.decoder_top(top.quantized)  # (B, D, H/sb, W/sb)
+        bottom_latents = self.pre_quantize_bottom(torch.cat([bottom_features, decoded_top.to(bottom_features.dtype)], dim=1))
+        return top, self.quantizer_bottom(bottom_latents)
+
+    def decode(self, top_quantized: torch.Tensor, bottom_quantized: torch.Tensor) -> torch.Tensor:
+        """Codebook vectors (B, D, H/s, W/s) and (B, D, H/sb, W/sb) -> images (B, C, H, W)."""
+        up = self.upsample_top(top_quantized)  # (B, D, H/sb, W/sb)
+        return self.decoder(torch.cat([up, bottom_quantized.to(up.dtype)], dim=1))
+
+    def decode_codes(self, top_indices: torch.Tensor, bottom_indices: torch.Tensor) -> torch.Tensor:
+        """Code maps (B, H/s, W/s) and (B, H/sb, W/sb) -> images (B, C, H, W)."""
+        return self.decode(self.quantizer_top.lookup(top_indices), self.quantizer_bottom.lookup(bottom_indices))
+
+    def forward(self, x: torch.Tensor) -> VQVAE2Output:
+        top, bottom = self.quantize(*self.encode(x))
+        reconstruction = self.decode(top.quantized, bottom.quantized)
+        reconstruction_loss = F.mse_loss(reconstruction.float(), x.float())
+        commitment = top.loss + bottom.loss
+        return VQVAE2Output(
+            reconstruction=reconstruction,
+            loss=reconstruction_loss + commitment,
+            reconstruction_loss=reconstruction_loss,
+            commitment_loss=commitment,
+            top=top,
+            bottom=bottom,
+        )
+
+
+# --- code budget ------------------------------------------------------------------------------
+def code_bits(config: VQVAE2Config | VQVAEConfig, image_size: int) -> float:
+    """Bits in the code maps of one image_size x image_size image: sum over levels of positions * log2(K)."""
+    if isinstance(config, VQVAE2Config):
+        bottom = (image_size // config.bottom_stride) ** 2 * math.log2(config.codebook_size_bottom)
+        return bottom + (image_size // config.stride) ** 2 * math.log2(config.codebook_size_top)
+    return (image_size // config.stride) ** 2 * math.log2(config.codebook_size)
+
+
+def equal_budget_vqvae(config: VQVAE2Config) -> VQVAEConfig:
+    """The single-level VQ-VAE with the bottom level's grid and the same code bits per image.
+
+    Same widths and depths; the codebook grows to K = K_bottom * K_top ** (1 / 4**top_downsample_layers),
+    rounded, which carries the top level's bits on the bottom grid (512 and 512 codes -> 2435 codes).
+    """
+    size = config.codebook_size_bottom * config.codebook_size_top ** (1 / 4**config.top_downsample_layers)
+    return VQVAEConfig(
+        in_channels=config.in_channels,
+        hidden_channels=config.hidden_channels,
+        residual_channels=config.residual_channels,
+        residual_layers=config.residual_layers,
+        downsample_layers=config.bottom_downsample_layers,
+        embedding_dim=config.embedding_dim,
+        codebook_size=int(round(size)),
+        beta=config.beta,
+        ema_decay=config.ema_decay,
+        kmeans_init=config.kmeans_init,
+        dead_code_threshold=config.dead_code_threshold,
+        rotation_trick=config.rotation_trick,
+        dropout=config.dropout,
+    )
