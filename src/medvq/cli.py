@@ -211,15 +211,22 @@ def print_metrics(result: dict) -> None:
     classes = sorted({c for m in maps.values() for c in m["image_auroc_per_class"]})
     pixel = any("pixel_auroc" in m for m in maps.values())
     table = Table(title=f"{result['n_images']} test images")
-    for col in ["map", "image AUROC", *[f"AUROC {c}" for c in classes], "AUPRC", *(["pixel AUROC", "AUPRO", "Dice"] if pixel else [])]:
+    for col in ["map", "image AUROC", *[f"AUROC {c}" for c in classes], "AUPRC", *(["pixel AUROC", "AUPRO", "Dice", "pointing"] if pixel else [])]:
         table.add_column(col, justify="left" if col == "map" else "right")
     for name, m in maps.items():
         cells = [f"{m['image_auroc']:.3f}", *[f"{m['image_auroc_per_class'].get(c, float('nan')):.3f}" for c in classes], f"{m['image_auprc']:.3f}"]
         if pixel:
-            cells += [f"{m.get(k, float('nan')):.3f}" for k in ("pixel_auroc", "aupro", "dice")]
+            cells += [f"{m.get(k, float('nan')):.3f}" for k in ("pixel_auroc", "aupro", "dice", "pointing_game")]
         table.add_row(name, *cells)
     if maps:
         console.print(table)
+    c = result.get("classification")
+    if c:
+        auroc = f", AUROC macro {c['auroc_macro']:.3f}" if "auroc_macro" in c else ""
+        console.print(
+            f"classification: accuracy {c['accuracy']:.3f}, balanced accuracy {c['balanced_accuracy']:.3f}, "
+            f"AUROC normal vs abnormal {c['auroc_abnormal']:.3f}{auroc}"
+        )
     rec = result.get("reconstruction")
     if rec:
         fmt = lambda k, f: "–" if rec.get(k) is None else f"{rec[k]:{f}}"
@@ -240,6 +247,26 @@ def infer_cmd(
 
     rows = infer(run, inputs, out, device=device, save_npy=save_npy, console=console)
     console.print(f"{len(rows)} scans scored -> {out / 'scores.csv'}")
+
+
+@app.command("explain")
+@friendly_errors
+def explain_cmd(
+    run: Path = typer.Argument(..., help="Run directory written by `medvq train classifier`."),
+    inputs: list[Path] = typer.Argument(..., help="Scans and/or folders of scans."),
+    out: Path = typer.Option(..., "--out", help="Output folder for maps/, overlays/ and explanations.csv."),
+    method: str = typer.Option("gradcam", "--method", help="gradcam (any arch), rollout or gradient-rollout (ViT: attention rollout, plain or gradient-weighted heads)."),
+    head_fusion: Optional[str] = typer.Option(None, "--head-fusion", help="Rollout: fuse heads by mean, max or min (default: the run's setting)."),
+    discard_ratio: Optional[float] = typer.Option(None, "--discard-ratio", help="Rollout: share of the lowest attention entries dropped per layer, never the CLS entry (default: the run's)."),
+    layer: Optional[str] = typer.Option(None, "--layer", help="Grad-CAM: module name, e.g. layer3, _blocks.10, blocks.4.norm1 (default: the run's)."),
+    target: Optional[str] = typer.Option(None, "--target", help="abnormal: log-odds of abnormal; predicted: the predicted class's logit (default: the run's)."),
+    device: str = typer.Option("cpu", "--device"),
+) -> None:
+    """Explanation maps of a classifier (Grad-CAM, attention rollout, gradient rollout): .npy maps, overlays, predictions."""
+    from medvq.explain import explain
+
+    rows = explain(run, inputs, out, method=method, head_fusion=head_fusion, discard_ratio=discard_ratio, layer=layer, target=target, device=device, console=console)
+    console.print(f"{len(rows)} scans -> {out / 'explanations.csv'}")
 
 
 @app.command("report")

@@ -14,6 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, model_validator
 
 from medvq.errors import MedvqError
+from medvq.models.classifier.model import ClassifierConfig
 from medvq.models.vqvae.model import VQVAEConfig
 from medvq.models.vqvae2.model import VQVAE2Config
 
@@ -99,6 +100,7 @@ class ScoreConfig(Section):
 MODEL_CONFIGS: dict[str, type[BaseModel]] = {
     "vqvae": VQVAEConfig,
     "vqvae2": VQVAE2Config,
+    "classifier": ClassifierConfig,
 }
 
 

@@ -36,6 +36,7 @@ class Prediction:
     raw_maps: dict[str, torch.Tensor]  # smoothed, not standardised, (B, 1, S, S)
     maps: dict[str, torch.Tensor] = field(default_factory=dict)  # standardised (+ combined); empty if uncalibrated
     scores: dict[str, np.ndarray] = field(default_factory=dict)  # name -> (B,)
+    model_scores: dict[str, np.ndarray] = field(default_factory=dict)  # image scores the model gives itself (a classifier's P(abnormal)); also in scores
     extras: dict[str, torch.Tensor] = field(default_factory=dict)  # per-image outputs of the method, e.g. class probabilities (B, C)
 
 
@@ -69,7 +70,7 @@ class Detector:
 
     @property
     def map_names(self) -> list[str]:
-        return list(self.config.score.maps or self.method.map_names)
+        return list(self.config.score.maps or self.method.maps(self.config.model))
 
     @property
     def combine(self) -> list[str]:
@@ -99,10 +100,12 @@ class Detector:
             out = self.method.compute_maps(self.model, images, self.map_names)
         raw = {name: gaussian_smooth(m.float(), self.smoothing_sigma) for name, m in out.maps.items()}
         recon = out.reconstruction.float() if out.reconstruction is not None else None
-        pred = Prediction(reconstruction=recon, codes=out.codes, raw_maps=raw, extras=dict(out.extras))
+        model_scores = {k: v.detach().float().cpu().numpy() for k, v in out.scores.items()}
+        pred = Prediction(reconstruction=recon, codes=out.codes, raw_maps=raw, model_scores=model_scores, extras=dict(out.extras))
         if self.calibration is not None:
             pred.maps = self.calibration.standardize(raw)
             pred.scores = self.calibration.image_scores(pred.maps, valid.to(self.device) if valid is not None else None)
+        pred.scores.update(model_scores)
         return pred
 
     def predict_dataset(self, dataset: ScanDataset, batch_size: int = 32, progress: str | None = None) -> Prediction:
@@ -124,6 +127,7 @@ class Detector:
             raw_maps={k: cat([p.raw_maps[k] for p in parts]) for k in parts[0].raw_maps},
             maps={k: cat([p.maps[k] for p in parts]) for k in parts[0].maps},
             scores={k: np.concatenate([p.scores[k] for p in parts]) for k in parts[0].scores},
+            model_scores={k: np.concatenate([p.model_scores[k] for p in parts]) for k in parts[0].model_scores},
             extras={k: cat([p.extras[k] for p in parts]) for k in parts[0].extras},
         )
 
@@ -134,6 +138,7 @@ class Detector:
         self.calibration = NormalCalibration(reducer=s.reducer, topk_fraction=s.topk_fraction, combine=self.combine).fit(
             pred.raw_maps, normals.valid
         )
+        self.calibration.fit_scores(pred.model_scores)
         return self.calibration
 
     def predict_files(self, paths: Sequence[str | Path | Sample]) -> list[FileResult]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -22,6 +23,7 @@ class Batch:
     mask: torch.Tensor | None  # (B, 1, S, S) bool, when every sample has a mask
     index: torch.Tensor  # (B,) position in the dataset
     samples: list[Sample]
+    target: torch.Tensor | None = None  # (B,) int64 class targets, for supervised methods
 
     def to(self, device: torch.device | str) -> "Batch":
         self.image = self.image.to(device)
@@ -33,7 +35,8 @@ class Batch:
 class ScanDataset(Dataset):
     """Preprocessed scans held in memory as float16 (1, S, S) arrays.
 
-    ``hflip`` adds random left-right flips (training only). Reading and preprocessing happen once, at
+    ``hflip`` adds random left-right flips (training only). ``targets`` (one integer class per sample, for
+    supervised methods) adds ``target`` to every item. Reading and preprocessing happen once, at
     construction, with a progress bar; errors name the offending file.
     """
 
@@ -44,9 +47,13 @@ class ScanDataset(Dataset):
         *,
         hflip: bool = False,
         load_masks: bool = True,
+        targets: Sequence[int] | None = None,
         progress: str | None = None,
     ):
         self.samples = list(samples)
+        if targets is not None and len(targets) != len(self.samples):
+            raise ValueError(f"{len(targets)} targets for {len(self.samples)} samples")
+        self.targets = torch.as_tensor(list(targets), dtype=torch.long) if targets is not None else None
         self.preprocessor = preprocessor
         self.hflip = hflip
         n, s = len(self.samples), preprocessor.image_size
@@ -75,6 +82,8 @@ class ScanDataset(Dataset):
         item = {"image": self.images[i].float(), "valid": self.valid[i], "index": torch.tensor(i)}
         if self.masks is not None:
             item["mask"] = self.masks[i]
+        if self.targets is not None:
+            item["target"] = self.targets[i]
         if self.hflip and torch.rand(()) < 0.5:
             item = {k: v.flip(-1) if v.ndim == 3 else v for k, v in item.items()}
         return item
@@ -87,7 +96,19 @@ class ScanDataset(Dataset):
             mask=self.masks[idx] if self.masks is not None else None,
             index=idx,
             samples=[self.samples[i] for i in idx.tolist()],
+            target=self.targets[idx] if self.targets is not None else None,
         )
+
+    def subset(self, indices: Sequence[int]) -> "ScanDataset":
+        """The chosen scans as a dataset of their own, without reading anything again."""
+        idx = torch.as_tensor(list(indices), dtype=torch.long)
+        out = copy.copy(self)
+        out.samples = [self.samples[i] for i in idx.tolist()]
+        out.images, out.valid = self.images[idx], self.valid[idx]
+        out.masks = self.masks[idx] if self.masks is not None else None
+        out.targets = self.targets[idx] if self.targets is not None else None
+        out.geometry = [self.geometry[i] for i in idx.tolist()]
+        return out
 
     def batches(self, batch_size: int):
         for start in range(0, len(self), batch_size):

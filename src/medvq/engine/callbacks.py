@@ -73,7 +73,7 @@ class EpochArtifacts(L.Callback):
         if improved:
             self.best_loss = monitored
             self.run.save_weights(model, "best")
-        shown = "  ".join(f"{k} {row[k]:.4g}" for k in ("train_loss", "val_loss", "perplexity", "codes_used") if k in row)
+        shown = "  ".join(f"{k} {row[k]:.4g}" for k in ("train_loss", "val_loss", "val_ssim", "perplexity", "codes_used", "val_balanced_accuracy", "val_auroc") if k in row)
         self.console.print(f"epoch {epoch:3d}  {shown}  {row['seconds']:.1f}s{'  *best' if improved else ''}")
 
     def _write_metrics(self) -> None:
@@ -90,6 +90,12 @@ class EpochArtifacts(L.Callback):
         was_training = model.training
         model.eval()
         x = self.sample_images.to(pl_module.device)
+        if hasattr(pl_module, "sample_rows"):  # a method that draws its own rows (e.g. a classifier's explanation maps)
+            model.train(was_training)
+            rows = pl_module.sample_rows(x)  # [(label, (N, H, W) array, colour map, vmax)]
+            path = self.run.samples / f"epoch_{epoch:03d}.png"
+            save_image_grid([(r[0], r[1]) for r in rows], path, cmap=[r[2] for r in rows], vmax=[r[3] for r in rows])
+            return
         recon = model(x).reconstruction.float().clamp(0, 1)
         model.train(was_training)
         res = residual_map(x, recon)

@@ -43,12 +43,16 @@ class TrainResult:
 
 
 def training_splits(config: RunConfig, data_root: str | Path) -> dict[str, list[Sample]]:
-    """Patient-grouped train/val/test over all classes; train and val keep only the training classes."""
+    """Patient-grouped train/val/test over all classes; train and val keep only the training classes.
+
+    Unsupervised methods train on ``data.train_classes`` (NORMAL by default); supervised ones (a classifier)
+    on every class of the training patients.
+    """
     d = config.data
-    keep = set(d.train_classes)
     volume = VolumeOptions.from_config(d, getattr(config.model, "stride", 1))
     parts = dataset_splits(data_root, val_fraction=d.val_fraction, test_fraction=d.test_fraction, seed=d.split_seed, volume=volume)
     present = {s.label for items in parts.values() for s in items}
+    keep = set(d.train_classes) if get_method(config.method).normal_only else present
     if present == {""}:  # unlabelled data (NIfTI slices): every image trains
         keep = present
     missing = keep - present
@@ -159,6 +163,10 @@ def train_run(
     L.seed_everything(config.train.seed, workers=True, verbose=False)
 
     parts = splits if splits is not None else training_splits(config, data_root)
+    method = get_method(config.method)
+    if method.resolve_config is not None:  # e.g. a classifier's class names and weights, recorded in config.yaml
+        config = method.resolve_config(config, [s.label for s in parts["train"]])
+    targets = (lambda items: method.targets(config, [s.label for s in items])) if method.targets is not None else (lambda items: None)
     preprocessor = Preprocessor.from_config(config.data, getattr(config.model, "stride", 1))
     if is_rank_zero():
         console.print(
@@ -166,8 +174,10 @@ def train_run(
             f"({len({s.patient_id for s in parts['train']})} patients), validating on {len(parts['val'])} -> {run.root}"
         )
     # Every scan is read before the run directory is written: a bad file stops here and leaves nothing behind.
-    train_set = ScanDataset(parts["train"], preprocessor, hflip=config.data.hflip, load_masks=False, progress="reading training scans" if progress else None)
-    val_set = ScanDataset(parts["val"], preprocessor, load_masks=False, progress="reading validation scans" if progress else None)
+    train_set = ScanDataset(
+        parts["train"], preprocessor, hflip=config.data.hflip, load_masks=False, targets=targets(parts["train"]), progress="reading training scans" if progress else None
+    )
+    val_set = ScanDataset(parts["val"], preprocessor, load_masks=False, targets=targets(parts["val"]), progress="reading validation scans" if progress else None)
     run.create()
     if is_rank_zero():
         run.write_config(config)
@@ -184,7 +194,7 @@ def train_run(
     train_loader = DataLoader(train_set, batch_size=t.batch_size, sampler=sampler, **loader_kw)
     val_loader = DataLoader(val_set, batch_size=t.batch_size, shuffle=False, **loader_kw)
 
-    module = get_method(config.method).training_module(config)
+    module = method.training_module(config)
     n_samples = min(t.samples_per_epoch, len(val_set))
     artifacts = EpochArtifacts(run, val_set.images[:n_samples].float() if n_samples else None, min_delta=t.min_delta, console=console)
     trainer = build_trainer(config, run, [artifacts], progress)
@@ -203,7 +213,11 @@ def finish_run(run: RunDir, config: RunConfig, train_set: ScanDataset, val_set: 
     from medvq.detector import Detector
 
     detector = Detector.load(run.root)
-    calibration = detector.calibrate(val_set, batch_size=config.train.batch_size)
+    normal = config.data.normal_class
+    normals = val_set.subset([i for i, s in enumerate(val_set.samples) if s.label == normal]) if not detector.method.normal_only else val_set
+    if len(normals) < 2:
+        raise DatasetError(f"only {len(normals)} held-out {normal} validation image(s): score calibration needs at least 2", fix="raise --val-fraction")
+    calibration = detector.calibrate(normals, batch_size=config.train.batch_size)
     calibration.save(run.calibration)
     codes: dict[str, list[np.ndarray]] = {}
     for b in train_set.batches(64):
@@ -220,4 +234,4 @@ def finish_run(run: RunDir, config: RunConfig, train_set: ScanDataset, val_set: 
             paths=np.array([str(s.path) for s in train_set.samples]),
             frames=np.array([-1 if s.frame is None else s.frame for s in train_set.samples]),
         )
-    console.print(f"calibrated on {len(val_set)} held-out normal images -> {run.calibration}")
+    console.print(f"calibrated on {len(normals)} held-out normal images -> {run.calibration}")

@@ -5,8 +5,12 @@
 - Image level: AUROC of NORMAL vs all abnormal classes pooled, per abnormal class vs NORMAL, within
   each original image width (a guard against width leaking through preprocessing), AUPRC, and the
   sensitivity at 95 % specificity.
-- Pixel level, where masks exist: pixel AUROC, AUPRO up to FPR 0.3, and the best Dice over thresholds
-  (an upper bound: the threshold is chosen on the test data).
+- Pixel level, where masks exist: pixel AUROC, AUPRO up to FPR 0.3, the best Dice over thresholds
+  (an upper bound: the threshold is chosen on the test data), and the pointing game (share of lesion
+  images whose map peak lies within 15/224 of the image side of a lesion pixel).
+- Classifiers (supervised methods) also get ``classification``: accuracy, balanced accuracy, per-class
+  sensitivity and specificity, AUROC (normal vs abnormal; one-vs-rest per class for 4 classes), the
+  confusion matrix; their image score ``p_abnormal`` = P(abnormal) sits next to the map scores.
 - Reconstruction, for methods that reconstruct: SSIM, PSNR and MSE per image (data range 1.0, the range
   of every model input), averaged overall and per class (``medvq.evaluation.reconstruction``).
   Unlabelled data (NIfTI slices) is evaluated for reconstruction only.
@@ -38,6 +42,7 @@ from medvq.io import atomic_save_npz, atomic_write_text
 
 SPECIFICITY = 0.95
 AUPRO_FPR_LIMIT = 0.3
+POINTING_TOLERANCE = 15 / 224  # pointing-game tolerance as a share of the image side (15 px at 224 px, Zhang et al. 2016)
 
 
 @dataclass
@@ -76,6 +81,7 @@ def compute_metrics(
     masks: np.ndarray | None = None,
     maps: dict[str, np.ndarray] | None = None,
     valid: np.ndarray | None = None,
+    pointing_tolerance: float = 0.0,
 ) -> dict[str, dict[str, Any]]:
     """Metrics per map. labels: class names; scores: name -> (N,); masks/maps/valid: (N, H, W)."""
     y = np.array([lab != normal_class for lab in labels], dtype=int)
@@ -99,8 +105,24 @@ def compute_metrics(
             m["aupro"] = M.aupro(masks, mp, fpr_limit=AUPRO_FPR_LIMIT, valid=valid)
             dice, threshold = M.best_dice(masks, mp, valid=valid)
             m["dice"], m["dice_threshold"] = dice, threshold
+            m["pointing_game"] = M.pointing_game(masks, mp, valid=valid, tolerance=pointing_tolerance)
         out[name] = m
     return out
+
+
+def classify(detector: Detector, pred: Prediction, samples: list[Sample], dataset: ScanDataset) -> dict[str, Any]:
+    """Classification metrics of a classifier run on the evaluated images."""
+    from medvq.evaluation.classification import classification_metrics
+
+    model_config = detector.config.model
+    normal = detector.config.data.normal_class
+    unknown = sorted({s.label for s in samples} - set(model_config.classes or [])) if model_config.task == "4class" else []
+    if unknown:
+        raise DatasetError(f"test classes {', '.join(unknown)} are not among the model's classes {model_config.classes}", fix="evaluate on data with the training classes")
+    targets = np.array([model_config.target_index(s.label, normal) for s in samples])
+    return classification_metrics(
+        targets, pred.extras["probabilities"].numpy(), model_config.classes, groups=dataset.original_widths(), labels=[s.label for s in samples]
+    )
 
 
 def _gallery_indices(labels: list[str], scores: np.ndarray, per_class: int) -> list[int]:
@@ -177,7 +199,8 @@ def evaluate_run(
             path=data_root,
             fix="evaluate a reconstruction model (vqvae, vqvae2), or give the data class folders",
         )
-    per_map = compute_metrics(labels, pred.scores, normal, dataset.original_widths(), masks, maps_np, valid) if anomaly else {}
+    tolerance = POINTING_TOLERANCE * config.data.image_size
+    per_map = compute_metrics(labels, pred.scores, normal, dataset.original_widths(), masks, maps_np, valid, pointing_tolerance=tolerance) if anomaly else {}
     images = dataset.images.float()
     recon = reconstruction_metrics(pred.reconstruction, images) if pred.reconstruction is not None else None
 
@@ -198,12 +221,16 @@ def evaluate_run(
         "reducer": f"{config.score.reducer}" + (f" ({config.score.topk_fraction:g})" if config.score.reducer == "topk" else ""),
         "calibration_images": detector.calibration.n_images,
         "maps": per_map,
+        **({"pointing_tolerance_px": tolerance} if masks is not None else {}),
     }
     if recon is not None:
         result["reconstruction"] = summarize(recon, None if unlabelled else labels)
         write_reconstruction_csv(out / "reconstruction.csv", samples, recon)
-    atomic_write_text(out / "metrics.json", json.dumps(result, indent=1))
     write_scores_csv(out / "scores.csv", samples, dataset, pred.scores)
+
+    if not detector.method.normal_only:
+        result["classification"] = classify(detector, pred, samples, dataset)
+    atomic_write_text(out / "metrics.json", json.dumps(result, indent=1))
 
     gallery: dict[str, np.ndarray] = {}
     if recon is not None:  # input / reconstruction / error, from the worst to the best SSIM
@@ -224,7 +251,7 @@ def evaluate_run(
         console.print(f"evaluated the reconstruction of {len(samples)} unlabelled images -> {out}")
         return result
 
-    key = "combined" if "combined" in pred.scores else next(iter(pred.scores))
+    key = next((k for k in (*pred.model_scores, "combined") if k in pred.scores), next(iter(pred.scores)))
     idx = _gallery_indices(labels, pred.scores[key], gallery_per_class)
     sel = torch.as_tensor(idx, dtype=torch.long)
     gallery |= {
@@ -232,7 +259,7 @@ def evaluate_run(
         "labels": np.array([labels[i] for i in idx]),
         "paths": np.array([str(samples[i].path) for i in idx]),
         "image": dataset.images[sel, 0].float().numpy(),
-        "reconstruction": pred.reconstruction[sel, 0].numpy(),
+        **({"reconstruction": pred.reconstruction[sel, 0].numpy()} if pred.reconstruction is not None else {}),
         "valid": valid[idx],
         **{f"map_{k}": v[idx] for k, v in maps_np.items()},
         **{f"score_{k}": v[idx] for k, v in pred.scores.items()},

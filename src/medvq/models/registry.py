@@ -24,6 +24,14 @@ class Method:
     compute_maps: Callable[[nn.Module, torch.Tensor, Sequence[str]], MapOutput]
     training_module: Callable[..., "object"]  # (RunConfig) -> LightningModule with .model and .epoch_summary()
     normal_only: bool = True  # trains on the normal class only (unsupervised)
+    # Supervised methods (normal_only=False) train on every class of the training patients and say how:
+    maps_for: Callable[..., tuple[str, ...]] | None = None  # (model config) -> maps this configuration can give (default: map_names)
+    resolve_config: Callable[..., "object"] | None = None  # (RunConfig, training labels) -> RunConfig with data-dependent fields set
+    targets: Callable[..., list[int]] | None = None  # (RunConfig, class names) -> integer training targets
+
+    def maps(self, model_config) -> tuple[str, ...]:
+        """The maps a model built from ``model_config`` computes by default."""
+        return self.maps_for(model_config) if self.maps_for is not None else self.map_names
 
 
 def _vqvae() -> Method:
@@ -56,11 +64,32 @@ def _vqvae2() -> Method:
     )
 
 
-_FACTORIES: dict[str, Callable[[], Method]] = {"vqvae": _vqvae, "vqvae2": _vqvae2}
+def _classifier() -> Method:
+    from medvq.models.classifier.anomaly_map import MAP_NAMES, classifier_maps, map_names_for
+    from medvq.models.classifier.lightning import ClassifierModule
+    from medvq.models.classifier.model import Classifier
+    from medvq.models.classifier.training import resolve_classifier_config, training_targets
+
+    return Method(
+        name="classifier",
+        summary=SUMMARIES["classifier"],
+        map_names=MAP_NAMES,
+        build_model=Classifier,
+        compute_maps=classifier_maps,
+        training_module=ClassifierModule.from_run_config,
+        normal_only=False,
+        maps_for=map_names_for,
+        resolve_config=resolve_classifier_config,
+        targets=training_targets,
+    )
+
+
+_FACTORIES: dict[str, Callable[[], Method]] = {"vqvae": _vqvae, "vqvae2": _vqvae2, "classifier": _classifier}
 
 # One line per method for help texts, without importing the method's code.
 SUMMARIES: dict[str, str] = {
     "vqvae": "VQ-VAE trained on normal scans; reconstruction residual and alignment loss map (ALM).",
+    "classifier": "Supervised ViT / ResNet / EfficientNet-Lite0 classifier (binary or 4-class); Grad-CAM and attention-rollout maps, P(abnormal) score.",
     "vqvae2": "VQ-VAE-2 (top and bottom codes) for MRI and OCT reconstruction; SSIM/PSNR, residual and per-level ALM.",
 }
 

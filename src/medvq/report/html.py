@@ -83,6 +83,8 @@ def _metrics_table(metrics: dict) -> str:
     cols += [(f"AUROC {c}", ("per_class", c)) for c in classes]
     if pixel:
         cols += [("pixel AUROC", "pixel_auroc"), ("AUPRO (FPR≤0.3)", "aupro"), ("best Dice", "dice")]
+        if any("pointing_game" in m for m in maps.values()):
+            cols.append(("pointing game", "pointing_game"))
     value = lambda m, key: m.get("image_auroc_per_class", {}).get(key[1]) if isinstance(key, tuple) else m.get(key)
     best = {label: max((value(m, key) or -1) for m in maps.values()) for label, key in cols}
     head = "".join(f"<th>{html.escape(label)}</th>" for label, _ in cols)
@@ -107,6 +109,35 @@ def _metrics_table(metrics: dict) -> str:
             f"<table><tr><th class='l'>map</th>{head}</tr>{rows}</table>"
         )
     return table
+
+
+def _classification_section(c: dict) -> str:
+    """Accuracy, balanced accuracy, AUROC, per-class sensitivity/specificity and the confusion matrix of a classifier."""
+    names = c["classes"]
+    head = [("accuracy", c["accuracy"]), ("balanced accuracy", c["balanced_accuracy"]), ("AUROC normal vs abnormal", c["auroc_abnormal"])]
+    if "auroc_macro" in c:
+        head.append(("AUROC macro (one vs rest)", c["auroc_macro"]))
+    top = "<table><tr>" + "".join(f"<th>{html.escape(k)}</th>" for k, _ in head) + "</tr><tr>" + "".join(f"<td>{_fmt(v)}</td>" for _, v in head) + "</tr></table>"
+    ovr = c.get("auroc_one_vs_rest", {})
+    per_class = "<table><tr><th class='l'>class</th><th>sensitivity</th><th>specificity</th>" + ("<th>AUROC (one vs rest)</th>" if ovr else "") + "</tr>"
+    for n in names:
+        per_class += f"<tr><td class='l'>{html.escape(n)}</td><td>{_fmt(c['sensitivity'][n])}</td><td>{_fmt(c['specificity'][n])}</td>"
+        per_class += (f"<td>{_fmt(ovr.get(n))}</td>" if ovr else "") + "</tr>"
+    per_class += "</table>"
+    cm = "<table><tr><th class='l'>true \\ predicted</th>" + "".join(f"<th>{html.escape(n)}</th>" for n in names) + "</tr>"
+    for n, row in zip(names, c["confusion_matrix"]):
+        cm += f"<tr><td class='l'>{html.escape(n)}</td>" + "".join(f"<td>{v}</td>" for v in row) + "</tr>"
+    cm += "</table>"
+    extra = ""
+    if c.get("called_abnormal_per_label"):
+        extra += "<p class='muted'>Share of each class folder's images called abnormal: " + ", ".join(
+            f"{html.escape(k)} {v:.3f}" for k, v in c["called_abnormal_per_label"].items()
+        ) + "</p>"
+    if c.get("auroc_abnormal_by_width"):
+        extra += "<p class='muted'>AUROC of P(abnormal) within one original scan width: " + ", ".join(
+            f"{html.escape(k)} px {_fmt(v)}" for k, v in c["auroc_abnormal_by_width"].items()
+        ) + "</p>"
+    return top + per_class + "<p class='muted'>Confusion matrix (rows: true class, columns: predicted class, argmax of the probabilities).</p>" + cm + extra
 
 
 def _roc_section(rows: list[dict], names: list[str], normal: str) -> str:
@@ -139,7 +170,9 @@ def _gallery(npz: dict, normal: str) -> str:
     vmax = dict(zip(names, npz["map_vmax"].astype(float)))
     has_mask = "mask" in npz
     key = "combined" if "combined" in names else names[0]
-    header = ["input", "reconstruction", *names, f"overlay ({key})"] + (["lesion mask"] if has_mask else [])
+    has_recon = "reconstruction" in npz
+    extra_scores = [k.removeprefix("score_") for k in npz if k.startswith("score_") and k.removeprefix("score_") not in names and k != "score_combined"]
+    header = ["input", *(["reconstruction"] if has_recon else []), *names, f"overlay ({key})"] + (["lesion mask"] if has_mask else [])
     parts = []
     labels = [str(x) for x in npz["labels"]]
     for c in sorted(set(labels), key=lambda c: (c != normal, c)):
@@ -148,7 +181,7 @@ def _gallery(npz: dict, normal: str) -> str:
             if lab != c:
                 continue
             image = npz["image"][i]
-            cells = [_png(_gray(image)), _png(_gray(npz["reconstruction"][i]))]
+            cells = [_png(_gray(image)), *([_png(_gray(npz["reconstruction"][i]))] if has_recon else [])]
             cells += [_png(colorize(npz[f"map_{n}"][i], 0.0, max(vmax[n], 1e-6))) for n in names]
             cells.append(_png(overlay(image, npz[f"map_{key}"][i], 0.0, max(vmax[key], 1e-6))))
             if has_mask:
@@ -156,7 +189,9 @@ def _gallery(npz: dict, normal: str) -> str:
             score = float(npz[f"score_{key}"][i])
             name = Path(str(npz["paths"][i])).name
             rows.append(
-                "<tr>" + "".join(f"<td><img src='{src}'></td>" for src in cells) + f"<td class='l'>{html.escape(name)}<br>{key} score {score:.2f}</td></tr>"
+                "<tr>" + "".join(f"<td><img src='{src}'></td>" for src in cells) + f"<td class='l'>{html.escape(name)}<br>{key} score {score:.2f}"
+                + "".join(f"<br>{html.escape(k)} {float(npz[f'score_{k}'][i]):.3f}" for k in extra_scores)
+                + "</td></tr>"
             )
         head = "".join(f"<td><b>{html.escape(h)}</b></td>" for h in header)
         parts.append(f"<h3>{html.escape(c)}</h3><table class='gal'><tr>{head}<td></td></tr>{''.join(rows)}</table>")
@@ -214,6 +249,7 @@ def build_report(out_dir: str | Path) -> Path:
         npz = {k: f[k] for k in f.files}
     normal = "NORMAL" if any(r["class"] == "NORMAL" for r in rows) else sorted({r["class"] for r in rows})[0]
     counts = ", ".join(f"{html.escape(c)} {n}" for c, n in metrics["counts"].items())
+    classification = f"<h2>Classification</h2>{_classification_section(metrics['classification'])}" if "classification" in metrics else ""
     anomaly = (  # unlabelled data (NIfTI slices) has reconstruction metrics only
         f"""<h2>Metrics</h2>{_metrics_table(metrics)}
 <p class='muted'>Best Dice uses the best threshold found on these test images, so it is an upper bound. AUPRO is normalised to 1 for a perfect map.</p>
@@ -230,7 +266,7 @@ def build_report(out_dir: str | Path) -> Path:
 {metrics['excluded_seen_in_training']} images of patients or files used in training or calibration were excluded.
 Model input {metrics['image_size']}×{metrics['image_size']} px (field of view: {html.escape(metrics['fov'])}); image score = {html.escape(metrics['reducer'])} of each standardised map;
 normal statistics from {metrics['calibration_images']} held-out normal images.</p>
-{anomaly}
+{classification}{anomaly}
 {reconstruction}
 <p class='muted'>Generated by medvq from metrics.json, scores.csv and evaluation.npz in this folder.</p>
 </body></html>"""
