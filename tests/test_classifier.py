@@ -63,6 +63,17 @@ def test_vit_position_embedding_has_the_cls_row_first_and_resizes():
     torch.testing.assert_close(net.position_embedding((6, 6))[:, 0], net.pos_embed[:, 0])  # CLS row untouched
 
 
+def test_attention_weights_path_gives_the_same_logits():
+    torch.manual_seed(0)
+    model = Classifier(ClassifierConfig(arch="vit", patch_size=8, vit_input_size=32, **VIT)).eval()
+    x = torch.rand(2, 1, 32, 32)
+    with torch.no_grad():
+        fast, explicit = model(x), model(x, return_attention=True)
+    torch.testing.assert_close(fast.logits, explicit.logits, atol=1e-5, rtol=1e-5)
+    assert len(explicit.attentions) == 2 and explicit.attentions[0].shape == (2, 2, 17, 17)
+    torch.testing.assert_close(explicit.attentions[1].sum(-1), torch.ones(2, 2, 17))
+
+
 def test_rollout_needs_a_vit():
     model = Classifier(ClassifierConfig(arch="resnet18"))
     with pytest.raises(ValueError, match="needs --arch vit"):

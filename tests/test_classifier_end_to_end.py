@@ -116,6 +116,15 @@ def test_explain_writes_maps_overlays_and_predictions(vit_run, tiny_phantom, tmp
         assert (out / "overlays" / f"{r['name']}_{name}.png").is_file()
 
 
+def test_infer_reports_p_abnormal_next_to_the_maps(vit_run, tiny_phantom, tmp_path):
+    out = tmp_path / "infer"
+    code, text = _cli("infer", vit_run, tiny_phantom / "test" / "CNV", "--out", out)
+    assert code == 0, text
+    rows = list(csv.DictReader(open(out / "scores.csv")))
+    assert rows and all(0 <= float(r["p_abnormal"]) <= 1 and 0 <= float(r["p_abnormal_normal_percentile"]) <= 100 for r in rows)
+    assert {"gradcam", "rollout", "gradient_rollout", "combined"} <= set(rows[0])
+
+
 def test_explain_settings_and_bad_requests(vit_run, tiny_phantom, tmp_path):
     scan = sorted((tiny_phantom / "test" / "CNV").glob("*.jpeg"))[0]
     code, text = _cli("explain", vit_run, scan, "--method", "rollout", "--head-fusion", "max", "--discard-ratio", "0.9", "--out", tmp_path / "a")
