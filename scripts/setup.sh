@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Create .venv and install medvq for the CPU (torch pinned to the 2.13.0 CPU wheel by constraints-cpu.txt).
 #   bash scripts/setup.sh          # the package and its CLI
-#   bash scripts/setup.sh --test   # plus pytest
+#   bash scripts/setup.sh --test   # plus pytest, and the Colin27 MRI volume of Debian's mricron-data for the MRI tests
 # Set PYTHON to choose the interpreter (default: python3.11, else python3).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -14,3 +14,13 @@ fi
 .venv/bin/python -m pip install --quiet --upgrade pip
 .venv/bin/python -m pip install --quiet -c constraints-cpu.txt -e ".${extras}"
 .venv/bin/python -c "import medvq, torch; print(f'medvq {medvq.__version__} with torch {torch.__version__} ready in .venv')"
+# Real MRI for the tests: Colin27 T1 (181x217x181, 1 mm) from Debian's mricron-data, installed once where apt-get can run.
+COLIN27=/usr/share/mricron/templates/ch2.nii.gz
+if [[ -n "$extras" && ! -f "$COLIN27" ]]; then
+  sudo=""
+  [[ $(id -u) -ne 0 ]] && command -v sudo >/dev/null && sudo -n true 2>/dev/null && sudo="sudo -n"
+  if command -v apt-get >/dev/null && { [[ $(id -u) -eq 0 ]] || [[ -n "$sudo" ]]; }; then
+    $sudo apt-get install -y -q mricron-data >/dev/null || { $sudo apt-get update -q >/dev/null && $sudo apt-get install -y -q mricron-data >/dev/null; }
+  fi
+  [[ -f "$COLIN27" ]] && echo "Colin27 MRI installed: $COLIN27" || echo "warning: $COLIN27 is missing (mricron-data could not be installed here); the MRI tests need it (or MEDVQ_COLIN27=<path to ch2.nii.gz>)" >&2
+fi
