@@ -46,6 +46,15 @@ def test_reconstructions_are_clipped_and_inputs_checked_against_the_data_range()
     torch.testing.assert_close(psnr_per_image(noisy * 255, x * 255, data_range=255.0), psnr_per_image(noisy, x), atol=1e-3, rtol=1e-4)
 
 
+def test_fp32_under_bf16_autocast():
+    x = _images()
+    noisy = (x + 0.03 * torch.randn_like(x)).clamp(0, 1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        s = ssim_per_image(noisy.bfloat16(), x)
+    assert s.dtype == torch.float32
+    torch.testing.assert_close(s, ssim_per_image(noisy.bfloat16().float(), x))
+
+
 def test_batched_metrics_and_summary():
     x = _images(5)
     y = (x + 0.05).clamp(0, 1)

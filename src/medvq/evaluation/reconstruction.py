@@ -27,15 +27,17 @@ def _check(reconstructions: torch.Tensor, images: torch.Tensor, data_range: floa
 
 
 def ssim_per_image(reconstructions: torch.Tensor, images: torch.Tensor, data_range: float = DATA_RANGE) -> torch.Tensor:
-    """(B, C, H, W) pairs -> (B,) SSIM of each image (mean over its SSIM map)."""
+    """(B, C, H, W) pairs -> (B,) SSIM of each image (mean over its SSIM map), in fp32 under any autocast."""
     preds, target = _check(reconstructions, images, data_range)
-    return structural_similarity_index_measure(preds, target, data_range=data_range, reduction="none").reshape(-1)
+    with torch.autocast(device_type=preds.device.type, enabled=False):
+        return structural_similarity_index_measure(preds, target, data_range=data_range, reduction="none").reshape(-1)
 
 
 def psnr_per_image(reconstructions: torch.Tensor, images: torch.Tensor, data_range: float = DATA_RANGE) -> torch.Tensor:
     """(B, C, H, W) pairs -> (B,) PSNR in dB (inf for a perfect reconstruction)."""
     preds, target = _check(reconstructions, images, data_range)
-    return peak_signal_noise_ratio(preds, target, data_range=data_range, reduction="none", dim=(1, 2, 3)).reshape(-1)
+    with torch.autocast(device_type=preds.device.type, enabled=False):
+        return peak_signal_noise_ratio(preds, target, data_range=data_range, reduction="none", dim=(1, 2, 3)).reshape(-1)
 
 
 def mse_per_image(reconstructions: torch.Tensor, images: torch.Tensor, data_range: float = DATA_RANGE) -> torch.Tensor:
