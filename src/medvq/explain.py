@@ -3,10 +3,13 @@
 Writes, per scan, ``OUT/maps/<name>_<method>.npy`` (the smoothed map on the scan's own pixel grid, in the
 map's own units: Grad-CAM activation, or the rollout share of the CLS token's attention),
 ``OUT/overlays/<name>_<method>.png``, and one row of ``OUT/explanations.csv`` (predicted class, P(abnormal),
-every class probability, where the map peaks). Overlays use the run's normal calibration (0 = the normal
-mean of that map, same colour scale for every scan) when the map is computed with the run's own settings;
-with other settings (--head-fusion, --discard-ratio, --layer, --target) that calibration does not apply and
-each overlay is scaled from 0 to its own maximum, for display only (no score is computed from it).
+every class probability, where the map peaks). With the run's own settings, overlays show the
+normal-calibrated map from 0 (the mean of normal scans) to the larger of the normal scans' 99th-percentile
+score and this scan's peak: a scan within the normal range stays dim, and an abnormal scan, whose whole map
+can lie far above the normal range (a gradient map grows with the evidence), still shows where it peaks.
+With other settings (--head-fusion, --discard-ratio, --layer, --target) that calibration does not apply and
+each overlay is scaled from 0 to its own maximum. Either way the colour scale is for display only: no score
+is computed from it.
 """
 
 from __future__ import annotations
@@ -84,7 +87,8 @@ def explain(
         stem = _unique(sample.path.stem + (f"_{sample.frame:03d}" if getattr(sample, "frame", None) is not None else ""), used)
         if calibrated:
             shown = detector.preprocessor.to_original(pred.maps[name][0, 0].cpu().numpy(), prepared.geometry)
-            picture, scale = overlay(image, shown, 0.0, vmax), f"normal-calibrated 0..{vmax:.2f}"
+            top = max(vmax, float(shown.max()))
+            picture, scale = overlay(image, shown, 0.0, top), f"normal-calibrated 0..{top:.2f}"
         else:
             top = float(raw.max())
             picture, scale = overlay(image, raw, 0.0, top if top > 0 else 1.0), "per-scan 0..max (display only)"
