@@ -75,7 +75,7 @@ def _option_for(section: str, name: str, field) -> inspect.Parameter:
     extra = field.json_schema_extra or {}
     flag = "--" + name.replace("_", "-")
     aliases = ["--" + a for a in extra.get("aliases", [])]
-    default_text = ",".join(field.default) if isinstance(field.default, list) else ("(method default)" if field.default is None and origin is list else field.default)
+    default_text = ",".join(map(str, field.default)) if isinstance(field.default, list) else ("(method default)" if field.default is None and origin is list else field.default)
     help_text = f"{field.description or ''} (default: {default_text})"
     if annotation is bool:
         decls, hint = [f"{flag}/--no-{name.replace('_', '-')}"], Optional[bool]
@@ -159,7 +159,10 @@ def _train(method: str, data: Path, out: Path | None, config: Path | None, resum
     from medvq.engine.train import is_rank_zero
 
     if is_rank_zero():
-        console.print(f"[green]done[/] in {result.seconds:.0f}s: {result.epochs} epochs, best validation loss {result.best_val_loss:.4g} -> {out}")
+        if result.epochs:
+            console.print(f"[green]done[/] in {result.seconds:.0f}s: {result.epochs} epochs, best validation loss {result.best_val_loss:.4g} -> {out}")
+        else:  # a fit-only method (memory bank): no epochs, no validation loss
+            console.print(f"[green]done[/] in {result.seconds:.0f}s (fitted in one pass) -> {out}")
 
 
 def register_train_command(method: str, help_text: str) -> None:
@@ -276,6 +279,40 @@ def report_cmd(folder: Path = typer.Argument(..., help="An evaluation folder (me
     from medvq.report.html import build_report
 
     console.print(f"report: {build_report(folder)}")
+
+
+@app.command("benchmark")
+@friendly_errors
+def benchmark_cmd(
+    data: Path = typer.Option(..., "--data", help="Dataset root: CLASS/ folders or train|val|test/CLASS/ folders (labelled)."),
+    methods: str = typer.Option("vqvae,patchcore", "--methods", help="Methods to compare, comma-separated, or 'all' (every registered method)."),
+    out: Path = typer.Option(..., "--out", help="Output folder: benchmark.md/.csv/.json/.html and runs/<method>-seed<S>/."),
+    image_size: Optional[int] = typer.Option(None, "--image-size", min=16, help="Image size for every method (default: each method's own setting)."),
+    seed: str = typer.Option("0", "--seed", help="Training seed; several (e.g. 0,1,2) train every method once per seed and report mean ± std."),
+    split_seed: Optional[int] = typer.Option(None, "--split-seed", help="Seed of the patient split shared by all methods (default: the config's, 0)."),
+    config: list[str] = typer.Option([], "--config", help="METHOD=FILE.yaml: settings for one method over its defaults (repeatable)."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", min=1, help="Maximum epochs of every gradient-trained method."),
+    device: Optional[str] = typer.Option(None, "--device", help="Accelerator for training and inference: auto, cpu, gpu."),
+    batch_size: int = typer.Option(32, "--batch-size", min=1, help="Batch size of evaluation and of the timed inference pass."),
+    reuse: bool = typer.Option(False, "--reuse", help="Keep runs in OUT that finished with the same settings instead of training them again."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Allow writing into a non-empty output folder (runs are trained again)."),
+) -> None:
+    """Train and evaluate several methods on the same patients and write one table (time and peak memory included)."""
+    from medvq.evaluation.benchmark import markdown_table, parse_method_configs, run_benchmark
+
+    overrides: dict[str, dict] = {}
+    if split_seed is not None:
+        overrides.setdefault("data", {})["split_seed"] = split_seed
+    if epochs is not None:
+        overrides.setdefault("train", {})["epochs"] = epochs
+    if device is not None:
+        overrides.setdefault("train", {})["device"] = device
+    result = run_benchmark(
+        data, methods.split(","), out, seeds=seed, image_size=image_size, method_configs=parse_method_configs(config),
+        overrides=overrides, batch_size=batch_size, reuse=reuse, overwrite=overwrite, console=console,
+    )
+    typer.echo(markdown_table(result))
+    console.print(f"table: {out / 'benchmark.md'}  page: {out / 'benchmark.html'}")
 
 
 @app.command("phantom")

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationErr
 
 from medvq.errors import MedvqError
 from medvq.models.classifier.model import ClassifierConfig
+from medvq.models.patchcore.model import PatchCoreConfig
 from medvq.models.vqvae.model import VQVAEConfig
 from medvq.models.vqvae2.model import VQVAE2Config
 
@@ -101,6 +102,7 @@ MODEL_CONFIGS: dict[str, type[BaseModel]] = {
     "vqvae": VQVAEConfig,
     "vqvae2": VQVAE2Config,
     "classifier": ClassifierConfig,
+    "patchcore": PatchCoreConfig,
 }
 
 

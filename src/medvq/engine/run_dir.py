@@ -6,6 +6,7 @@ RUNDIR/
   model/best.safetensors   weights with the lowest validation loss (shareable; loads without pickle)
   model/last.safetensors   weights after the last finished epoch
   calibration.json         normal-image statistics of every map (see medvq.scoring.calibration)
+  fit.json                 fit-only methods (PatchCore): what was fitted, with the seconds of each stage
   metrics.csv              one row per epoch
   plots/loss.png, plots/codebook.png
   samples/epoch_NNN.png    input / reconstruction / residual of fixed validation images
@@ -43,6 +44,7 @@ class RunDir:
     config = property(lambda self: self.root / "config.yaml")
     split = property(lambda self: self.root / "split.json")
     calibration = property(lambda self: self.root / "calibration.json")
+    fit_summary = property(lambda self: self.root / "fit.json")
     metrics = property(lambda self: self.root / "metrics.csv")
     plots = property(lambda self: self.root / "plots")
     samples = property(lambda self: self.root / "samples")

@@ -6,6 +6,7 @@ Multi-GPU / multi-node training is configuration: ``--device gpu --devices 4 --s
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 import sys
@@ -30,7 +31,7 @@ from medvq.data.samples import Sample, dataset_splits
 from medvq.engine.callbacks import EpochArtifacts
 from medvq.engine.run_dir import RunDir, require_new_or_resumable
 from medvq.errors import DatasetError, MedvqError
-from medvq.io import atomic_save_npz
+from medvq.io import atomic_save_npz, atomic_write_text
 from medvq.models.registry import get_method
 
 
@@ -182,6 +183,8 @@ def train_run(
     if is_rank_zero():
         run.write_config(config)
         run.write_split(data_root, parts)
+    if method.fit is not None:  # no gradient training (a memory bank): one pass instead of the Lightning trainer
+        return fit_run(method, config, run, train_set, val_set, started, console, progress)
 
     t = config.train
     loader_kw = dict(num_workers=t.num_workers, persistent_workers=t.num_workers > 0)
@@ -206,6 +209,26 @@ def train_run(
     if trainer.is_global_zero:
         finish_run(run, config, train_set, val_set, console)
     return TrainResult(run=run, epochs=trainer.current_epoch, seconds=time.perf_counter() - started, best_val_loss=artifacts.best_loss)
+
+
+def torch_device(config: RunConfig) -> torch.device:
+    """The one device a single-process fit runs on (the first of --devices for a GPU)."""
+    accelerator = _accelerator(config)
+    if accelerator in ("gpu", "cuda"):
+        ids = str(config.train.devices)  # a list ('1,3') names GPUs; a count or 'auto' starts at the first
+        return torch.device("cuda", int(ids.split(",")[0])) if "," in ids else torch.device("cuda")
+    return torch.device(accelerator)
+
+
+def fit_run(method, config: RunConfig, run: RunDir, train_set: ScanDataset, val_set: ScanDataset, started: float, console: Console, progress: bool) -> TrainResult:
+    """Fit-only methods (``Method.fit``): fit once on the training images, then write the same run directory
+    as a trained one: model/best.safetensors, fit.json (counts and seconds of the fit), calibration.json."""
+    if is_rank_zero():  # one process fits; the others of a multi-process launch have nothing to do
+        model, summary = method.fit(config, train_set, device=torch_device(config), console=console, progress=progress)
+        run.save_weights(model, "best")
+        atomic_write_text(run.fit_summary, json.dumps(summary, indent=1))
+        finish_run(run, config, train_set, val_set, console)
+    return TrainResult(run=run, epochs=0, seconds=time.perf_counter() - started, best_val_loss=float("nan"))
 
 
 def finish_run(run: RunDir, config: RunConfig, train_set: ScanDataset, val_set: ScanDataset, console: Console) -> None:

@@ -22,12 +22,14 @@ class Method:
     map_names: tuple[str, ...]  # maps the method can compute, in report order
     build_model: Callable[..., nn.Module]  # (model config) -> pure nn.Module
     compute_maps: Callable[[nn.Module, torch.Tensor, Sequence[str]], MapOutput]
-    training_module: Callable[..., "object"]  # (RunConfig) -> LightningModule with .model and .epoch_summary()
+    training_module: Callable[..., "object"] | None  # (RunConfig) -> LightningModule with .model and .epoch_summary(); None for fit-only methods
     normal_only: bool = True  # trains on the normal class only (unsupervised)
     # Supervised methods (normal_only=False) train on every class of the training patients and say how:
     maps_for: Callable[..., tuple[str, ...]] | None = None  # (model config) -> maps this configuration can give (default: map_names)
     resolve_config: Callable[..., "object"] | None = None  # (RunConfig, training labels) -> RunConfig with data-dependent fields set
     targets: Callable[..., list[int]] | None = None  # (RunConfig, class names) -> integer training targets
+    # Methods without gradient training (a memory bank) fit in one pass instead of the Lightning trainer:
+    fit: Callable[..., tuple[nn.Module, dict]] | None = None  # (RunConfig, train ScanDataset, device=, console=, progress=) -> (model, summary)
 
     def maps(self, model_config) -> tuple[str, ...]:
         """The maps a model built from ``model_config`` computes by default."""
@@ -84,13 +86,30 @@ def _classifier() -> Method:
     )
 
 
-_FACTORIES: dict[str, Callable[[], Method]] = {"vqvae": _vqvae, "vqvae2": _vqvae2, "classifier": _classifier}
+def _patchcore() -> Method:
+    from medvq.models.patchcore.anomaly_map import MAP_NAMES, patchcore_maps
+    from medvq.models.patchcore.fit import fit_patchcore
+    from medvq.models.patchcore.model import PatchCore
+
+    return Method(
+        name="patchcore",
+        summary=SUMMARIES["patchcore"],
+        map_names=MAP_NAMES,
+        build_model=PatchCore,
+        compute_maps=patchcore_maps,
+        training_module=None,
+        fit=fit_patchcore,
+    )
+
+
+_FACTORIES: dict[str, Callable[[], Method]] = {"vqvae": _vqvae, "vqvae2": _vqvae2, "classifier": _classifier, "patchcore": _patchcore}
 
 # One line per method for help texts, without importing the method's code.
 SUMMARIES: dict[str, str] = {
     "vqvae": "VQ-VAE trained on normal scans; reconstruction residual and alignment loss map (ALM).",
     "classifier": "Supervised ViT / ResNet / EfficientNet-Lite0 classifier (binary or 4-class); Grad-CAM and attention-rollout maps, P(abnormal) score.",
     "vqvae2": "VQ-VAE-2 (top and bottom codes) for MRI and OCT reconstruction; SSIM/PSNR, residual and per-level ALM.",
+    "patchcore": "PatchCore memory bank of ImageNet EfficientNet-Lite0 patch features of normal scans (no gradient training); nearest-neighbour distance map.",
 }
 
 

@@ -1,0 +1,33 @@
+"""PatchCore's anomaly map and image score.
+
+``patch_distance``: each patch's Euclidean distance to its nearest memory-bank entry, on the stride-8
+patch grid, upsampled bilinearly to the image (the Detector then smooths and calibrates it like every
+map). ``reweighted_max``: the image score the method gives itself, the largest patch distance
+re-weighted by the isolation of its nearest bank entry (``PatchCore.image_scores``).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from medvq.maps import MapOutput
+from medvq.models.patchcore.model import PatchCore
+
+MAP_NAMES = ("patch_distance",)
+SCORE_NAME = "reweighted_max"
+
+
+@torch.no_grad()
+def patchcore_maps(model: PatchCore, images: torch.Tensor, names: tuple[str, ...] | list[str] = MAP_NAMES) -> MapOutput:
+    """(B, C, S, S) images in [0, 1] -> patch_distance map (B, 1, S, S) fp32 and the reweighted_max score (B,)."""
+    unknown = set(names) - set(MAP_NAMES)
+    if unknown:
+        raise ValueError(f"unknown map(s) {sorted(unknown)} for PatchCore; available: {', '.join(MAP_NAMES)}")
+    model.eval()
+    with torch.autocast(images.device.type, enabled=False):  # distances in fp32, whatever the caller's autocast
+        out = model(images.float())
+    maps = {}
+    if "patch_distance" in names:
+        maps["patch_distance"] = F.interpolate(out.distances[:, None], size=tuple(images.shape[-2:]), mode="bilinear", align_corners=False)
+    return MapOutput(maps=maps, scores={SCORE_NAME: out.score})

