@@ -323,13 +323,18 @@ def phantom_cmd(
     seed: int = typer.Option(0, "--seed"),
     height: int = typer.Option(496, "--height", min=32),
     width: int = typer.Option(512, "--width", min=32),
+    lesion_size: str = typer.Option("0.6,1.6", "--lesion-size", help="LOW,HIGH range of the log-uniform size multiplier drawn per lesion."),
 ) -> None:
     """Write a synthetic OCT dataset with pixel-exact lesion masks (NORMAL, CNV, DME, DRUSEN)."""
     from medvq.data.phantom import PhantomConfig, write_phantom
 
     started = time.perf_counter()
     try:
-        root = write_phantom(out, n, seed=seed, config=PhantomConfig(height=height, width=width), progress=sys.stderr.isatty())
+        size = tuple(float(v) for v in lesion_size.split(","))
+        if len(size) != 2:
+            raise ValueError(f"--lesion-size takes two numbers LOW,HIGH, got {lesion_size!r}")
+        config = PhantomConfig(height=height, width=width, lesion_size=size)
+        root = write_phantom(out, n, seed=seed, config=config, progress=sys.stderr.isatty())
     except (ValueError, FileExistsError) as err:
         raise MedvqError(str(err), path=out) from None
     console.print(f"{n} phantom scans in {time.perf_counter() - started:.1f}s -> {root}")
