@@ -21,8 +21,9 @@ directories stay under OUT/runs/), so the peak resident memory reported is that 
 Reported per dataset and method: test SSIM, PSNR and MSE (data range 1.0, mean and standard deviation
 over test images), best validation loss, seconds per training epoch and images per second, peak memory
 (RSS; and CUDA peak allocation on a GPU), parameters and code bits per image. Writes OUT/results.json
-and OUT/results.md. The load average of the machine at start and end is recorded, because shared
-machines slow training down.
+and OUT/results.md (runs of other datasets or methods already in OUT/results.json are kept, so the
+table can be built in parts). The load average of the machine at the start and end of each run is
+recorded, because shared machines slow training down.
 """
 
 from __future__ import annotations
@@ -165,7 +166,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--kermany", type=Path, default=DEFAULT_KERMANY, help="kermany-dev folder (CLASS/*.jpeg).")
     p.add_argument("--gap-mm", type=float, default=10.0, help="Least distance between the Colin27 train, validation and test slabs.")
     p.add_argument("--image-size", type=int, default=128)
-    p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--epochs", type=int, default=12)
     p.add_argument("--images-per-epoch", type=int, default=400, help="Training images per epoch (small sets are cycled).")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--learning-rate", type=float, default=2e-3)
@@ -203,14 +204,20 @@ def main(argv: list[str] | None = None) -> None:
         "load_average_start": os.getloadavg(),
         "args": {k: str(v) for k, v in vars(args).items()},
     }
-    results = []
+    # Runs of other datasets / methods already in OUT/results.json are kept, so the table can be built in parts.
+    previous = json.loads((args.out / "results.json").read_text())["results"] if (args.out / "results.json").is_file() else []
+    chosen = {(d, m) for d in datasets for m in methods}
+    results = [r for r in previous if (r["dataset"], r["method"]) not in chosen]
     context = multiprocessing.get_context("spawn")
     for dataset in datasets:
         for method in methods:
             print(f"training {method} on {dataset} ...", file=sys.stderr, flush=True)
+            load_start = os.getloadavg()
             with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
                 r = pool.submit(job, dataset, method, configs[method], str(data[dataset]), str(args.out), args.gap_mm).result()
+            r["load_average"] = {"start": load_start, "end": os.getloadavg()}
             results.append(r)
+            results.sort(key=lambda x: (list(data).index(x["dataset"]), ["vqvae2", "vqvae"].index(x["method"])))
             t = r["test"]
             print(f"  {dataset} {method}: test SSIM {t['ssim']:.4f}  PSNR {t['psnr']:.2f} dB  {r['seconds_per_epoch']:.0f} s/epoch  peak RSS {r['peak_rss_mib']:.0f} MiB", file=sys.stderr)
             meta["load_average_end"] = os.getloadavg()

@@ -115,6 +115,20 @@ def test_mri_evaluation_is_reconstruction_only(evaluated, hipmri, trained):
     assert code == 0
 
 
+def test_resume_continues_a_vqvae2_run(hipmri, tmp_path):
+    run = tmp_path / "run"
+    flags = [f for f in TINY]
+    flags[flags.index("--epochs") + 1] = "1"
+    code, out = _invoke("train", "vqvae2", "--data", hipmri, "--out", run, *flags)
+    assert code == 0, out
+    first = list(csv.DictReader(open(run / "metrics.csv")))
+    code, out = _invoke("train", "vqvae2", "--data", hipmri, "--out", run, "--resume", "--epochs", "2")
+    assert code == 0, out
+    rows = list(csv.DictReader(open(run / "metrics.csv")))
+    assert [int(r["epoch"]) for r in rows] == [1, 2] and rows[0] == first[0]
+    assert (run / "samples" / "epoch_002.png").is_file() and (run / "plots" / "ssim.png").is_file()
+
+
 def test_volumes_train_evaluate_and_infer(colin27, nibabel_data, tmp_path):
     """3D and 4D volumes taken slice by slice: Colin27 and nibabel's anatomical.nii train, a 4D series validates, a NIfTI-2 series tests."""
     root = tmp_path / "volumes"
@@ -122,7 +136,7 @@ def test_volumes_train_evaluate_and_infer(colin27, nibabel_data, tmp_path):
         (root / split).mkdir(parents=True, exist_ok=True)
         shutil.copy(source, root / split / Path(source).name)
     run = tmp_path / "run"
-    code, out = _invoke("train", "vqvae2", "--data", root, "--out", run, *TINY, "--max-train-images", "48", "--series-volumes", "first")
+    code, out = _invoke("train", "vqvae2", "--data", root, "--out", run, *TINY, "--max-train-images", "32", "--series-volumes", "first")
     assert code == 0, out
     split = json.loads((run / "split.json").read_text())["splits"]
     assert {x["patient_id"] for x in split["train"]} <= {"ch2", "anatomical"} and {x["patient_id"] for x in split["val"]} == {"example4d"}
