@@ -2,6 +2,7 @@
 
     python benchmarks/mri_reconstruction.py --out bench-recon                     # both datasets, both methods
     python benchmarks/mri_reconstruction.py --datasets colin27 --epochs 30 --images-per-epoch 1000
+    python benchmarks/mri_reconstruction.py --out bench-recon --datasets colin27 --epochs 36 --resume   # train on
 
 Datasets (both at --image-size, 128 px by default):
 - colin27: the Colin27 T1 volume (Debian mricron-data, ``ch2.nii.gz``), axial slices (empty ones skipped),
@@ -88,8 +89,12 @@ def splits_for(dataset: str, config, data: Path, gap_mm: float) -> dict[str, lis
     return {**parts, "test": [s for s in parts["test"] if s.label == config.data.normal_class]}
 
 
-def job(dataset: str, method: str, config_dict: dict, data: str, out: str, gap_mm: float) -> dict:
-    """Train one method on one dataset and measure it (runs in a fresh process)."""
+def job(dataset: str, method: str, config_dict: dict, data: str, out: str, gap_mm: float, resume: bool = False) -> dict:
+    """Train one method on one dataset and measure it (runs in a fresh process).
+
+    ``resume``: continue the run directory's finished epochs up to the (larger) epoch count of
+    ``config_dict``, with the same splits; the other settings stay those the run was started with.
+    """
     import numpy as np
     import torch
     from rich.console import Console
@@ -102,11 +107,15 @@ def job(dataset: str, method: str, config_dict: dict, data: str, out: str, gap_m
     from medvq.models.registry import get_method
     from medvq.models.vqvae2.model import code_bits
 
-    config = build_config(config_dict)
-    parts = splits_for(dataset, config, Path(data), gap_mm)
     run_dir = Path(out) / "runs" / f"{dataset}-{method}"
+    config = build_config(config_dict)
+    if resume:
+        from medvq.engine.run_dir import RunDir
+
+        config = build_config(RunDir(run_dir).read_config().model_dump(mode="json"), {"train": {"epochs": config.train.epochs, "patience": config.train.epochs}})
+    parts = splits_for(dataset, config, Path(data), gap_mm)
     started = time.perf_counter()
-    result = train_run(config, data, run_dir, splits=parts, overwrite=True, progress=False, console=Console(stderr=True))
+    result = train_run(config, data, run_dir, splits=parts, resume=resume, overwrite=not resume, progress=False, console=Console(stderr=True))
     train_seconds = time.perf_counter() - started
     history = list(csv.DictReader(open(run_dir / "metrics.csv")))
     epoch_seconds = [float(r["seconds"]) for r in history]
@@ -130,7 +139,8 @@ def job(dataset: str, method: str, config_dict: dict, data: str, out: str, gap_m
         "val_ssim_last_epoch": float(history[-1]["val_ssim"]) if "val_ssim" in history[-1] and history[-1]["val_ssim"] else None,
         "seconds_per_epoch": float(np.mean(epoch_seconds)),
         "images_per_epoch": max(len(parts["train"]), config.train.min_images_per_epoch),
-        "train_seconds_total": train_seconds,
+        "epoch_seconds_total": float(np.sum(epoch_seconds)),  # every epoch of the run, resumed ones included
+        "wall_seconds_this_call": train_seconds,  # training, calibration and code export of this call
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "peak_cuda_mib": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None,
         "parameters": sum(p.numel() for p in model.parameters()),
@@ -178,6 +188,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--precision", default="auto", help="auto, 32, bf16-mixed, 16-mixed.")
     p.add_argument("--device", default="auto", help="auto, cpu, gpu.")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true", help="Continue the runs in OUT/runs up to --epochs (their other settings are kept).")
     args = p.parse_args(argv)
 
     data = {"colin27": args.colin27, "kermany": args.kermany}
@@ -214,7 +225,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"training {method} on {dataset} ...", file=sys.stderr, flush=True)
             load_start = os.getloadavg()
             with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
-                r = pool.submit(job, dataset, method, configs[method], str(data[dataset]), str(args.out), args.gap_mm).result()
+                r = pool.submit(job, dataset, method, configs[method], str(data[dataset]), str(args.out), args.gap_mm, args.resume).result()
             r["load_average"] = {"start": load_start, "end": os.getloadavg()}
             results.append(r)
             results.sort(key=lambda x: (list(data).index(x["dataset"]), ["vqvae2", "vqvae"].index(x["method"])))
