@@ -24,6 +24,7 @@ VIT = dict(embed_dim=32, depth=2, num_heads=2)
     [
         ("vit", 64, "binary", dict(patch_size=8, vit_input_size=64, **VIT), (0.02, 0.1)),
         ("vit", 128, "4class", dict(patch_size=16, vit_input_size=128), (2.5, 3.0)),
+        ("vit", 64, "binary", dict(patch_size=8, vit_input_size=64, vit_stem="conv", **VIT), (0.02, 0.1)),
         ("resnet18", 64, "binary", {}, (11.0, 11.3)),
         ("resnet50", 96, "4class", {}, (23.4, 23.6)),
         ("efficientnet-lite0", 128, "binary", {}, (3.3, 3.5)),
@@ -163,6 +164,10 @@ def test_wrong_weights_are_refused_naming_the_file(tmp_path):
         load_pretrained(model, tmp_path / "nothing.pth")
     with pytest.raises(Exception, match="no ImageNet weights ship with medvq for resnet18"):
         load_pretrained(model, "imagenet")
+    with pytest.raises(Exception, match="linear patch stem"):
+        load_pretrained(Classifier(ClassifierConfig(arch="vit", vit_stem="conv")), tmp_path / "vit.pth")
+    with pytest.raises(ValueError, match="power-of-two"):
+        ClassifierConfig(arch="vit", vit_stem="conv", patch_size=12)
 
 
 class Payload:

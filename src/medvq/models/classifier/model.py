@@ -61,6 +61,11 @@ class ClassifierConfig(BaseModel):
         None, ge=16, description="Input side the ViT's position embedding is laid out for (default: data.image_size; other sizes are interpolated)."
     )
     patch_size: int = Field(16, ge=2, description="ViT patch side in pixels (the token grid is image_size / patch_size).")
+    vit_stem: Literal["patch", "conv"] = Field(
+        "patch",
+        description="ViT tokeniser: patch = one linear projection per patch (timm layout, loads ImageNet ViTs); conv = stride-2 3x3 "
+        "convolutions down to the patch grid (Xiao et al. 2021: trains far better from scratch on small data).",
+    )
     embed_dim: int = Field(192, ge=8, description="ViT token width.")
     depth: int = Field(6, ge=1, description="ViT transformer blocks.")
     num_heads: int = Field(3, ge=1, description="ViT attention heads per block.")
@@ -91,6 +96,8 @@ class ClassifierConfig(BaseModel):
         if self.arch == "vit":
             if self.embed_dim % self.num_heads:
                 raise ValueError(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
+            if self.vit_stem == "conv" and self.patch_size & (self.patch_size - 1):
+                raise ValueError(f"a conv stem needs a power-of-two patch_size, got {self.patch_size}")
             if self.vit_input_size is not None and self.vit_input_size % self.patch_size:
                 raise ValueError(f"vit_input_size {self.vit_input_size} is not a multiple of patch_size {self.patch_size}")
         if self.classes is not None:
@@ -186,13 +193,28 @@ class InputConv(nn.Conv2d):
 
 # --- ViT (Dosovitskiy et al. 2021), timm parameter names ---------------------------------------
 class PatchEmbed(nn.Module):
-    def __init__(self, in_channels: int, dim: int, patch: int):
+    """Image -> one token per patch. ``conv``: log2(patch) stride-2 3x3 conv/BN/ReLU stages (widths doubling
+    up to D/2), then a 1x1 projection; the same token grid as the linear ``patch`` projection."""
+
+    def __init__(self, in_channels: int, dim: int, patch: int, stem: str = "patch"):
         super().__init__()
         self.patch = patch
-        self.proj = InputConv(in_channels, dim, kernel_size=patch, stride=patch)
+        if stem == "conv":
+            stages, cin = [], in_channels
+            n = patch.bit_length() - 1
+            for i in range(n):
+                cout = max(dim // 2 ** (n - i), 8)
+                conv = InputConv(cin, cout, 3, 2, 1, bias=False) if i == 0 else nn.Conv2d(cin, cout, 3, 2, 1, bias=False)
+                stages += [conv, nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+                cin = cout
+            self.stem = nn.Sequential(*stages)  # (B, D/2, S/patch, S/patch)
+            self.proj: nn.Module = nn.Conv2d(cin, dim, 1)
+        else:
+            self.stem = nn.Identity()
+            self.proj = InputConv(in_channels, dim, kernel_size=patch, stride=patch)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
-        x = self.proj(x)  # (B, D, h, w)
+        x = self.proj(self.stem(x))  # (B, D, h, w)
         grid = (x.shape[-2], x.shape[-1])
         return x.flatten(2).transpose(1, 2), grid  # (B, h*w, D), row-major patches
 
@@ -251,7 +273,7 @@ class VisionTransformer(nn.Module):
         super().__init__()
         dim, side = c.embed_dim, (c.vit_input_size or 128) // c.patch_size
         self.grid = (side, side)
-        self.patch_embed = PatchEmbed(c.in_channels, dim, c.patch_size)
+        self.patch_embed = PatchEmbed(c.in_channels, dim, c.patch_size, c.vit_stem)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.pos_embed = nn.Parameter(torch.randn(1, 1 + side * side, dim) * 0.02)  # row 0: CLS, rows 1..: patches
         self.blocks = nn.ModuleList([Block(dim, c.num_heads, c.mlp_ratio, c.dropout) for _ in range(c.depth)])

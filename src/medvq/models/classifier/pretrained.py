@@ -119,6 +119,8 @@ def _resize_positions(pos: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
 def load_pretrained(model: Classifier, source: str | Path | None = None) -> LoadReport:
     """Load ImageNet weights (a file, or 'imagenet' for the bundled ones) into ``model``, except the head."""
     c = model.config
+    if c.arch == "vit" and c.vit_stem != "patch":
+        raise MedvqError("ImageNet ViT weights have a linear patch stem", fix="use --vit-stem patch with --pretrained, or train the conv stem from scratch")
     source = source if source is not None else c.pretrained_source
     if source is None:
         raise ValueError("no pretrained weights configured")
