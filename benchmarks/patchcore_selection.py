@@ -3,8 +3,10 @@
 The dataset is split by patient exactly as ``medvq train`` splits it; the test patients are set aside
 and never read. The remaining (train + val) patients are cut into ``--folds`` patient-grouped folds: for
 each fold, a memory bank is fitted on the NORMAL scans of the other folds and every scan of the fold
-(NORMAL and abnormal) is scored. Reported per setting: image AUROC (NORMAL vs abnormal) and AUROC per
-abnormal class, averaged over folds, for the re-weighted maximum and for the top-1 % mean of the
+(NORMAL and abnormal) is scored. Reported per setting: image AUROC (NORMAL vs abnormal), AUROC per
+abnormal class and AUROC within one original scan width (``w512``: 512-wide scans only, where NORMAL
+meets DRUSEN and DME without the width confound), averaged over folds, for the re-weighted maximum and
+for the top-1 % mean of the
 smoothed patch-distance map (what ``medvq evaluate`` reports as ``reweighted_max`` and
 ``patch_distance``), plus the fit time.
 
@@ -25,7 +27,7 @@ from sklearn.model_selection import StratifiedGroupKFold
 from medvq.data.dataset import ScanDataset
 from medvq.data.preprocess import Preprocessor
 from medvq.data.samples import dataset_splits
-from medvq.evaluation.metrics import image_auroc, reduce_map
+from medvq.evaluation.metrics import grouped_auroc, image_auroc, reduce_map
 from medvq.maps.smoothing import gaussian_smooth
 from medvq.models.patchcore.anomaly_map import SCORE_NAME, patchcore_maps
 from medvq.models.patchcore.coreset import StreamingCoreset
@@ -33,10 +35,10 @@ from medvq.models.patchcore.fit import load_backbone
 from medvq.models.patchcore.model import PatchCore, PatchCoreConfig
 
 GRID = {  # one axis at a time around the first value of each (the defaults being chosen)
-    "feature_stages": [[3, 5], [2, 3], [3, 4], [4, 5], [3, 4, 5]],
-    "patch_size": [3, 1, 5],
+    "feature_stages": [[2, 3], [1, 2, 3], [2], [3], [3, 5]],
+    "patch_size": [1, 3, 5],
     "normalisation": ["imagenet", "half"],
-    "coreset_ratio": [0.1, 0.25, 0.01],
+    "coreset_ratio": [0.1, 0.01, 0.25],
     "coreset_chunk_patches": [16384, 4096, 1 << 30],
     "coreset_projection_dim": [128, 64, 0],
 }
@@ -91,6 +93,7 @@ def main() -> None:
     results = []
     for size in args.image_size:
         data = ScanDataset(pool, Preprocessor(image_size=size), load_masks=False)
+        widths = data.original_widths()
         for setting in settings(args.axes):
             per_fold: dict[str, list] = {}
             fit_seconds = []
@@ -106,9 +109,10 @@ def main() -> None:
                         keep = np.isin(labels[held_idx], [cls, args.normal_class])
                         if len(set(y[keep])) == 2:
                             entry[cls] = image_auroc(y[keep], s[keep])
+                    entry.update({f"w{w}": v for w, v in grouped_auroc(y, s, widths[held_idx]).items()})
                     row.append(entry)
             for name, rows in per_fold.items():
-                keys = sorted({k for r in rows for k in r}, key=lambda k: (k != "pooled", k))
+                keys = sorted({k for r in rows for k in r}, key=lambda k: (k != "pooled", k.startswith("w"), k))
                 mean = {k: float(np.mean([r[k] for r in rows if k in r])) for k in keys}
                 results.append({"image_size": size, "score": name, **setting, "auroc": mean, "fit_seconds": float(np.mean(fit_seconds))})
                 changed = {k: v for k, v in setting.items() if v != GRID[k][0]} or "defaults"

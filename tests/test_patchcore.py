@@ -186,7 +186,7 @@ def test_reweighting_scales_the_largest_distance(fitted):
     out, out_plain = fitted(images), plain(images)
     max_d = out.distances.flatten(1).max(1).values
     torch.testing.assert_close(out_plain.score, max_d)
-    assert ((out.score > 0) & (out.score < max_d)).all(), "weights lie in (0, 1)"
+    assert ((out.score > 0) & (out.score <= max_d)).all(), "weights lie in (0, 1]"
     # by hand for the first image: softmax over distances to the nearest entry m* and its neighbours
     feats = fitted.embed(images[:1])[0].flatten(1).T  # (P, D)
     p = int(out.distances[0].flatten().argmax())
@@ -194,6 +194,22 @@ def test_reweighting_scales_the_largest_distance(fitted):
     support = torch.cdist(fitted.memory_bank[m_star][None], fitted.memory_bank)[0].topk(3, largest=False).indices
     d = torch.linalg.vector_norm(feats[p] - fitted.memory_bank[support], dim=1)
     torch.testing.assert_close(out.score[0], (1 - torch.softmax(d, 0)[0]) * max_d[0], atol=1e-4, rtol=1e-4)
+
+
+def test_reweighting_on_a_hand_made_bank():
+    """m* = 0 with two neighbours at 0.5 that the test patch (distance 2 from m*) sees at sqrt(4.25):
+    w = 1 - e^2 / (e^2 + 2 e^sqrt(4.25)); a bank entry far from everything else leaves w near 1."""
+    model = PatchCore(PatchCoreConfig(feature_stages=[1], reweight_neighbours=3))  # 16-dim features
+    u = torch.eye(16)
+    model.set_memory_bank(torch.stack([0 * u[0], 0.5 * u[1], 0.5 * u[2], 30 * u[3]]))
+    patches = torch.stack([0.1 * u[1], 2.0 * u[4]])[None]  # (1, P=2, 16): the second patch is the anomalous one
+    d, i = model.nearest(patches[0])
+    score = model.image_scores(patches, d[:, 0][None], i[:, 0][None])
+    w = 1 - np.exp(2.0) / (np.exp(2.0) + 2 * np.exp(np.sqrt(4.25)))
+    assert score.item() == pytest.approx(w * 2.0, rel=1e-5) and 0.6 < w < 0.7
+    lonely = torch.stack([0.1 * u[1], 31 * u[3]])[None]  # largest distance next to the isolated entry (30 u3)
+    d, i = model.nearest(lonely[0])
+    assert model.image_scores(lonely, d[:, 0][None], i[:, 0][None]).item() == pytest.approx(1.0, rel=1e-5)
 
 
 def test_backbone_stays_frozen_in_eval_mode(fitted):
@@ -235,8 +251,8 @@ def test_empty_bank_and_wrong_input_are_explained():
     model = PatchCore(PatchCoreConfig())
     with pytest.raises(RuntimeError, match="memory bank is empty"):
         model(torch.rand(1, 1, 64, 64))
-    with pytest.raises(ValueError, match="multiple of the model stride 16"):
-        model.embed(torch.rand(1, 1, 72, 72))
+    with pytest.raises(ValueError, match="multiple of the model stride 8"):
+        model.embed(torch.rand(1, 1, 68, 68))
     with pytest.raises(ValueError, match="memory bank must be"):
         model.set_memory_bank(torch.zeros(3, 5))
 

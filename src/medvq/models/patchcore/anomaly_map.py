@@ -1,7 +1,7 @@
 """PatchCore's anomaly map and image score.
 
-``patch_distance``: each patch's Euclidean distance to its nearest memory-bank entry, on the stride-8
-patch grid, upsampled bilinearly to the image (the Detector then smooths and calibrates it like every
+``patch_distance``: each patch's Euclidean distance to its nearest memory-bank entry, on the patch grid
+(stride 4 by default), upsampled bilinearly to the image (the Detector then smooths and calibrates it like every
 map). ``reweighted_max``: the image score the method gives itself, the largest patch distance
 re-weighted by the isolation of its nearest bank entry (``PatchCore.image_scores``).
 """

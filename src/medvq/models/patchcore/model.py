@@ -1,8 +1,9 @@
 """PatchCore (Roth et al. 2022): a memory bank of normal patch features, nearest-neighbour distances.
 
-Frozen ImageNet EfficientNet-Lite0 -> outputs of two mid-level stages (stride 8 and 16 by default) ->
-each averaged over a k x k neighbourhood (local aggregation, stride 1) -> deeper grids upsampled to the
-finest -> concatenated: one feature vector per patch of the stride-8 grid. The memory bank holds a
+Frozen ImageNet EfficientNet-Lite0 -> outputs of mid-level stages (stages 2 and 3, stride 4 and 8, by
+default) -> each optionally averaged over a k x k neighbourhood (local aggregation, stride 1) -> deeper
+grids upsampled bilinearly to the finest -> concatenated: one feature vector per patch of the finest
+grid (stride 4 by default: 32 x 32 patches at 128 px). The memory bank holds a
 greedy coreset of the training patches (``coreset.py``, filled by ``fit.py``). A test patch's anomaly is
 its Euclidean distance to the nearest bank entry; the image score is the largest patch distance,
 re-weighted by how isolated that nearest entry is among its own neighbours in the bank (paper, eq. 7).
@@ -47,11 +48,17 @@ class PatchCoreConfig(BaseModel):
     )
     in_channels: int = Field(1, ge=1, le=3, description="Image channels (1: gray scans fed as R = G = B; 3: RGB).")
     feature_stages: list[int] = Field(
-        [3, 5],
+        [2, 3],
         description="EfficientNet-Lite0 stages whose outputs form the patch features (stride/channels: 1: 2/16, 2: 4/24, 3: 8/40, 4: 16/80, "
-        "5: 16/112, 6: 32/192, 7: 32/320); deeper stages are upsampled to the grid of the first.",
+        "5: 16/112, 6: 32/192, 7: 32/320); deeper stages are upsampled to the grid of the first. Default chosen by patient-split "
+        "validation on OCT (benchmarks/patchcore_selection.py): fine stages find small lesions such as drusen.",
     )
-    patch_size: int = Field(3, ge=1, description="Local aggregation: each stage's features are averaged over this k x k neighbourhood (stride 1).")
+    patch_size: int = Field(
+        1,
+        ge=1,
+        description="Local aggregation: each stage's features are averaged over this k x k neighbourhood (stride 1); 1 keeps them as they are "
+        "(best on OCT in patient-split validation; 3 is the paper's setting).",
+    )
     coreset_ratio: float = Field(0.1, gt=0, le=1, description="Share of the training patches kept in the memory bank (greedy k-center coreset).")
     coreset_projection_dim: int = Field(
         128, ge=0, description="Coreset selection runs on a seeded Gaussian random projection to this many dimensions (0: on the features themselves)."
