@@ -81,6 +81,8 @@ def test_vit_block_grad_cam_and_the_last_block_output_trap():
     assert m.shape == (3, 1, 64, 64) and m.max() > 0
     with pytest.raises(ValueError, match="does not influence"):  # the last block's patch tokens never reach the CLS head
         GradCAM(model.net, "blocks.1", prefix_tokens=1)(x, target)
+    m = GradCAM(model.net, "patch_embed", prefix_tokens=1)(x, target)  # tokens before the CLS token joins them
+    assert m.shape == (3, 1, 64, 64) and m.max() > 0
     with pytest.raises(ValueError, match="no layer 'blocks.9'"):
         GradCAM(model.net, "blocks.9", prefix_tokens=1)(x, target)
 

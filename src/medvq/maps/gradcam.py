@@ -75,6 +75,10 @@ class LayerCapture:
 def layer_map(activations: torch.Tensor, gradients: torch.Tensor, *, prefix_tokens: int, image_size: tuple[int, int]) -> torch.Tensor:
     """Grad-CAM of a captured layer, tokens or feature maps alike -> (B, 1, H, W) at the image size."""
     if activations.ndim == 3:  # transformer tokens
+        try:
+            patch_grid(activations.shape[1] - prefix_tokens, image_size)
+        except ValueError:  # a layer before the prefix tokens are added (e.g. the patch embedding) has none
+            prefix_tokens = 0
         activations = tokens_to_grid(activations, prefix_tokens, image_size)
         gradients = tokens_to_grid(gradients, prefix_tokens, image_size)
     if not gradients.any():
