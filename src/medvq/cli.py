@@ -97,7 +97,12 @@ def config_options(method: str) -> Callable[[Callable], Callable]:
 
 def _with_config_options(fn: Callable, method: str) -> Callable:
     config_sections = sections(method)
-    params = [_option_for(section, name, field) for section, model in config_sections.items() for name, field in model.model_fields.items()]
+    params = [
+        _option_for(section, name, field)
+        for section, model in config_sections.items()
+        for name, field in model.model_fields.items()
+        if (field.json_schema_extra or {}).get("cli", True)  # fields filled in by training (a prior's frozen architectures) are not flags
+    ]
     fields = {p.name for p in params}
     base = inspect.signature(fn)
     kept = [p for p in base.parameters.values() if p.name != "overrides"]
@@ -270,6 +275,25 @@ def explain_cmd(
 
     rows = explain(run, inputs, out, method=method, head_fusion=head_fusion, discard_ratio=discard_ratio, layer=layer, target=target, device=device, console=console)
     console.print(f"{len(rows)} scans -> {out / 'explanations.csv'}")
+
+
+@app.command("sample")
+@friendly_errors
+def sample_cmd(
+    run: Path = typer.Argument(..., help="Run directory of `medvq train prior --kind autoregressive`."),
+    n: int = typer.Option(16, "-n", "--n", min=1, help="Images to draw."),
+    out: Path = typer.Option(..., "--out", help="Output folder: sample_NNN.png, grid.png, codes.npy, samples.json."),
+    temperature: float = typer.Option(1.0, "--temperature", min=0.01, help="Divides the logits before sampling (below 1: safer, less varied)."),
+    top_k: Optional[int] = typer.Option(None, "--top-k", min=1, help="Sample among the k most likely codes at each step (default: all codes)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the random draws."),
+    batch_size: int = typer.Option(16, "--batch-size", min=1, help="Images drawn together."),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1, mps."),
+) -> None:
+    """Draw new code maps from an autoregressive prior (cached keys/values) and decode them with its frozen VQ-VAE."""
+    from medvq.sampling import sample_run
+
+    result = sample_run(run, n, out, temperature=temperature, top_k=top_k, seed=seed, batch_size=batch_size, device=device, console=console)
+    console.print(f"{result['n']} samples in {result['seconds']:.1f}s ({result['seconds_per_image']:.2f}s per image) -> {out}")
 
 
 @app.command("report")

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationErr
 from medvq.errors import MedvqError
 from medvq.models.classifier.model import ClassifierConfig
 from medvq.models.patchcore.model import PatchCoreConfig
+from medvq.models.prior.model import PriorConfig
 from medvq.models.vqvae.model import VQVAEConfig
 from medvq.models.vqvae2.model import VQVAE2Config
 
@@ -103,6 +104,7 @@ MODEL_CONFIGS: dict[str, type[BaseModel]] = {
     "vqvae2": VQVAE2Config,
     "classifier": ClassifierConfig,
     "patchcore": PatchCoreConfig,
+    "prior": PriorConfig,
 }
 
 

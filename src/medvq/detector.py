@@ -135,7 +135,8 @@ class Detector:
         """Fit the normal calibration on held-out normal images and keep it."""
         pred = self.predict_dataset(normals, batch_size)
         s = self.config.score
-        self.calibration = NormalCalibration(reducer=s.reducer, topk_fraction=s.topk_fraction, combine=self.combine).fit(
+        combinations = [c for c in self.method.combinations if set(c.split("+")) <= set(self.map_names)]
+        self.calibration = NormalCalibration(reducer=s.reducer, topk_fraction=s.topk_fraction, combine=self.combine, combinations=combinations).fit(
             pred.raw_maps, normals.valid
         )
         self.calibration.fit_scores(pred.model_scores)

@@ -163,8 +163,10 @@ def train_run(
     started = time.perf_counter()
     L.seed_everything(config.train.seed, workers=True, verbose=False)
 
-    parts = splits if splits is not None else training_splits(config, data_root)
     method = get_method(config.method)
+    if method.prepare is not None and splits is None:  # built on another run (a prior on a VQ-VAE): its config and patient split
+        config, splits = method.prepare(config, data_root)
+    parts = splits if splits is not None else training_splits(config, data_root)
     if method.resolve_config is not None:  # e.g. a classifier's class names and weights, recorded in config.yaml
         config = method.resolve_config(config, [s.label for s in parts["train"]])
     targets = (lambda items: method.targets(config, [s.label for s in items])) if method.targets is not None else (lambda items: None)
@@ -204,6 +206,7 @@ def train_run(
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*does not have many workers.*")
         warnings.filterwarnings("ignore", message=".*the number of training batches.*")
+        warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")  # frozen parts of a prior stay in eval mode on purpose
         trainer.fit(module, train_loader, val_loader, ckpt_path=str(run.last_ckpt) if resume else None, weights_only=True)
 
     if trainer.is_global_zero:

@@ -30,6 +30,9 @@ class Method:
     targets: Callable[..., list[int]] | None = None  # (RunConfig, class names) -> integer training targets
     # Methods without gradient training (a memory bank) fit in one pass instead of the Lightning trainer:
     fit: Callable[..., tuple[nn.Module, dict]] | None = None  # (RunConfig, train ScanDataset, device=, console=, progress=) -> (model, summary)
+    # Methods built on another run (a prior on a VQ-VAE) complete their config and take that run's patient split:
+    prepare: Callable[..., tuple["object", dict]] | None = None  # (RunConfig, data root) -> (RunConfig, {'train', 'val', 'test'} -> samples)
+    combinations: tuple[str, ...] = ()  # named combinations 'a+b' calibrated next to 'combined' (the mean of the standardised maps a and b)
 
     def maps(self, model_config) -> tuple[str, ...]:
         """The maps a model built from ``model_config`` computes by default."""
@@ -102,13 +105,32 @@ def _patchcore() -> Method:
     )
 
 
-_FACTORIES: dict[str, Callable[[], Method]] = {"vqvae": _vqvae, "vqvae2": _vqvae2, "classifier": _classifier, "patchcore": _patchcore}
+def _prior() -> Method:
+    from medvq.models.prior.anomaly_map import COMBINATIONS, MAP_NAMES, prior_maps
+    from medvq.models.prior.lightning import PriorModule
+    from medvq.models.prior.model import LatentPrior
+    from medvq.models.prior.training import prepare_prior
+
+    return Method(
+        name="prior",
+        summary=SUMMARIES["prior"],
+        map_names=MAP_NAMES,
+        build_model=LatentPrior,
+        compute_maps=prior_maps,
+        training_module=PriorModule.from_run_config,
+        prepare=prepare_prior,
+        combinations=COMBINATIONS,
+    )
+
+
+_FACTORIES: dict[str, Callable[[], Method]] = {"vqvae": _vqvae, "vqvae2": _vqvae2, "classifier": _classifier, "patchcore": _patchcore, "prior": _prior}
 
 # One line per method for help texts, without importing the method's code.
 SUMMARIES: dict[str, str] = {
     "vqvae": "VQ-VAE trained on normal scans; reconstruction residual and alignment loss map (ALM).",
     "classifier": "Supervised ViT / ResNet / EfficientNet-Lite0 classifier (binary or 4-class); Grad-CAM and attention-rollout maps, P(abnormal) score.",
     "vqvae2": "VQ-VAE-2 (top and bottom codes) for MRI and OCT reconstruction; SSIM/PSNR, residual and per-level ALM.",
+    "prior": "Latent prior over a trained VQ-VAE's codes (--vqvae RUNDIR): fusion (frozen encoder features -> conv net) or autoregressive transformer; NLL map, sampling.",
     "patchcore": "PatchCore memory bank of ImageNet EfficientNet-Lite0 patch features of normal scans (no gradient training); nearest-neighbour distance map.",
 }
 

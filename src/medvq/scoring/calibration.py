@@ -2,7 +2,8 @@
 
 Statistics come only from held-out NORMAL images (never from the image being scored, never per-image
 min-max). Each map is standardised with the mean and standard deviation of its pixels over the normal
-images; ``combined`` is the average of the standardised maps named in ``combine``; an image score is a
+images; ``combined`` is the average of the standardised maps named in ``combine`` (and each name 'a+b' of
+``combinations`` the average of the standardised maps a and b); an image score is a
 reduction (top-k mean by default) of a standardised map over valid pixels. Image scores are then
 located among the normal images' scores (z-score and percentile), which gives every score a meaning a
 user can read: "3.1 normal standard deviations above the normal mean, higher than 99 % of normals".
@@ -43,6 +44,7 @@ class NormalCalibration:
     reducer: str = "topk"
     topk_fraction: float = 0.02
     combine: list[str] = field(default_factory=lambda: ["residual", "alm"])
+    combinations: list[str] = field(default_factory=list)  # further named combinations 'a+b': the mean of the standardised maps a and b
     stats: dict[str, MapStatistics] = field(default_factory=dict)
     n_images: int = 0
 
@@ -57,6 +59,10 @@ class NormalCalibration:
         parts = [out[n] for n in self.combine if n in out]
         if self.combine and len(parts) == len(self.combine):
             out[COMBINED] = torch.stack(parts).mean(dim=0)
+        for name in self.combinations:
+            parts = [out[n] for n in name.split("+") if n in out]
+            if len(parts) == len(name.split("+")):
+                out[name] = torch.stack(parts).mean(dim=0)
         return out
 
     def image_scores(self, standardized: dict[str, torch.Tensor], valid: torch.Tensor | None = None) -> dict[str, np.ndarray]:
@@ -114,6 +120,7 @@ class NormalCalibration:
             "reducer": self.reducer,
             "topk_fraction": self.topk_fraction,
             "combine": self.combine,
+            "combinations": self.combinations,
             "n_images": self.n_images,
             "stats": {k: asdict(v) for k, v in self.stats.items()},
         }
@@ -124,6 +131,7 @@ class NormalCalibration:
             reducer=d["reducer"],
             topk_fraction=d["topk_fraction"],
             combine=list(d["combine"]),
+            combinations=list(d.get("combinations", [])),
             n_images=d.get("n_images", 0),
             stats={k: MapStatistics(**v) for k, v in d["stats"].items()},
         )

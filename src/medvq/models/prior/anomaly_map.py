@@ -1,0 +1,40 @@
+"""A prior's anomaly maps: NLL of the VQ-VAE's codes under the prior, plus the frozen VQ-VAE's own maps."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from medvq.maps import MapOutput
+from medvq.models.prior.model import LatentPrior, code_nll
+from medvq.models.vqvae.anomaly_map import vqvae_maps
+
+MAP_NAMES = ("nll", "residual", "alm")
+# Named combinations next to 'combined' (all three): each the mean of the maps it names after standardisation.
+COMBINATIONS = ("nll+alm", "nll+residual", "alm+residual")
+
+
+def nll_map(logits: torch.Tensor, codes: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
+    """-log p(k*(i, j) | context) per latent position, (B, 1, h, w), upsampled bilinearly to ``size`` like the ALM."""
+    nll = code_nll(logits, codes)[:, None]
+    if size is not None and tuple(nll.shape[-2:]) != tuple(size):
+        nll = F.interpolate(nll, size=size, mode="bilinear", align_corners=False)
+    return nll
+
+
+@torch.no_grad()
+def prior_maps(model: LatentPrior, images: torch.Tensor, names: tuple[str, ...] | list[str] = MAP_NAMES) -> MapOutput:
+    """(B, 1, S, S) images in [0, 1] -> nll, residual and alm maps; one teacher-forced pass of the prior."""
+    unknown = set(names) - set(MAP_NAMES)
+    if unknown:
+        raise ValueError(f"unknown map(s) {sorted(unknown)} for a prior; available: {', '.join(MAP_NAMES)}")
+    was_training = model.training
+    model.eval()
+    try:
+        out = vqvae_maps(model.vqvae, images, [n for n in names if n != "nll"])  # also gives the code maps
+        if "nll" in names:
+            logits = model.logits(images, out.codes)
+            out.maps = {"nll": nll_map(logits, out.codes, tuple(images.shape[-2:])), **out.maps}
+    finally:
+        model.train(was_training)
+    return out

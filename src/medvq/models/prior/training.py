@@ -1,0 +1,105 @@
+"""Setting a prior up from its VQ-VAE run: configuration, patient split and frozen weights.
+
+A prior is trained on the data, preprocessing and patient split of its VQ-VAE (``split.json`` of that
+run), so no image the VQ-VAE trained or calibrated on reaches the prior's test set, and the prior learns
+the code maps of the same normal training images. The frozen weights (VQ-VAE, encoder) are copied into
+the prior, whose run directory then loads on its own.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+from medvq.config import RunConfig, build_config
+from medvq.data.samples import Sample
+from medvq.engine.run_dir import RunDir
+from medvq.errors import CheckpointError, DatasetError, MedvqError
+from medvq.models.prior.model import LITE0, VIT_RUN, LatentPrior, PriorConfig
+
+
+def _run(path: str | Path, what: str, fix: str) -> tuple[RunDir, RunConfig]:
+    run = RunDir(Path(path).expanduser())
+    if not run.root.is_dir():
+        raise CheckpointError(f"{what} run directory not found", path=run.root, fix=fix)
+    if not run.config.is_file():
+        raise CheckpointError(f"no config.yaml: not a {what} run directory", path=run.root, fix=fix)
+    if not run.weights("best").is_file() and not run.weights("last").is_file():
+        raise CheckpointError(f"no model/best.safetensors in the {what} run", path=run.root, fix="has its training finished an epoch?")
+    return run, run.read_config()
+
+
+def prepare_prior(config: RunConfig, data_root: str | Path) -> tuple[RunConfig, dict[str, list[Sample]]]:
+    """The prior's run config (VQ-VAE and encoder architectures, latent grid, the VQ-VAE's data settings) and
+    the VQ-VAE's patient split ({'train', 'val', 'test'} -> samples)."""
+    m: PriorConfig = config.model
+    if not m.vqvae_run:
+        raise MedvqError("a prior needs a trained VQ-VAE", fix="pass --vqvae RUNDIR (a run directory of `medvq train vqvae`)")
+    vq_run, vq_config = _run(m.vqvae_run, "VQ-VAE", "pass --vqvae the folder that `medvq train vqvae --out` wrote")
+    if vq_config.method != "vqvae":
+        raise CheckpointError(f"is a '{vq_config.method}' run, not a VQ-VAE run", path=vq_run.root, fix="pass --vqvae a `medvq train vqvae` run")
+    encoder_config = None
+    if m.kind == "fusion" and m.encoder.startswith(VIT_RUN):
+        path = m.encoder[len(VIT_RUN) :]
+        enc_run, enc_config = _run(path, "classifier", "pass --encoder vit-run:RUNDIR of `medvq train classifier --arch vit`")
+        if enc_config.method != "classifier" or enc_config.model.arch != "vit":
+            raise CheckpointError("is not a ViT classifier run", path=enc_run.root, fix="train one with `medvq train classifier --arch vit`, or use --encoder efficientnet-lite0")
+        encoder_config = enc_config.model
+    data = vq_config.data
+    if config.data != data and config.data != type(data)():
+        raise MedvqError(
+            "a prior takes its data settings (image size, field of view, patient split) from its VQ-VAE run",
+            path=vq_run.root,
+            fix="leave out the data options; they come from the VQ-VAE's config.yaml",
+        )
+    stride = vq_config.model.stride
+    model = PriorConfig.model_validate(
+        {
+            **m.model_dump(),
+            "vqvae_run": str(vq_run.root.resolve()),
+            "vqvae_config": vq_config.model.model_dump(),
+            "encoder_config": encoder_config.model_dump() if encoder_config is not None else None,
+            "latent_grid": [data.image_size // stride, data.image_size // stride],
+        }
+    )
+    prepared = build_config(
+        {"method": config.method, "data": data.model_dump(mode="json"), "model": model.model_dump(mode="json"),
+         "train": config.train.model_dump(mode="json"), "score": config.score.model_dump(mode="json")},
+        source=f"prior on {vq_run.root}",
+    )
+    record = vq_run.read_split()
+    root = str(Path(data_root).resolve())
+    if record.get("data_root") != root:
+        raise DatasetError(
+            f"the VQ-VAE run {vq_run.root} was trained on {record.get('data_root')}; a prior trains on the same data and patient split "
+            "so that its test patients stay unseen by both models",
+            path=data_root,
+            fix=f"pass --data {record.get('data_root')}",
+        )
+    parts = {
+        name: [Sample(path=Path(i["path"]), label=i["label"], patient_id=i["patient_id"], frame=i.get("frame")) for i in items]
+        for name, items in record.get("splits", {}).items()
+    }
+    for name in ("train", "val"):
+        missing = [s.path for s in parts.get(name, []) if not s.path.is_file()]
+        if missing:
+            raise DatasetError(f"a {name} image of the VQ-VAE run is missing ({len(missing)} in all)", path=missing[0], fix="restore the data the VQ-VAE was trained on")
+    parts.setdefault("test", [])
+    return prepared, parts
+
+
+def load_frozen_weights(model: LatentPrior) -> None:
+    """Copy the VQ-VAE run's weights and the encoder's (ImageNet EfficientNet-Lite0, or a ViT run's) into the prior."""
+    c = model.config
+    RunDir(c.vqvae_run).load_weights(model.vqvae)
+    if model.encoder is None:
+        return
+    if c.encoder == LITE0:
+        from medvq.models.patchcore.fit import load_backbone
+        from medvq.models.patchcore.model import PatchCoreConfig
+
+        # the PatchCore loader folds the ImageNet normalisation into the stem of the same LiteFeatures network
+        load_backbone(SimpleNamespace(config=PatchCoreConfig(feature_stages=c.encoder_stages), features=model.encoder.features), "imagenet")
+    else:
+        RunDir(c.encoder[len(VIT_RUN) :]).load_weights(model.encoder.vit)
+    model.train(model.training)
