@@ -14,8 +14,6 @@ is computed from it.
 
 from __future__ import annotations
 
-import csv
-import io
 from pathlib import Path
 from typing import Sequence
 
@@ -26,7 +24,8 @@ from rich.console import Console
 from medvq.data.samples import collect_images
 from medvq.detector import Detector
 from medvq.errors import MedvqError
-from medvq.io import atomic_path, atomic_write_text
+from medvq.io import atomic_path, atomic_write_csv
+from medvq.inference import output_stem
 from medvq.report.figures import overlay
 
 METHODS = {"rollout": "rollout", "gradcam": "gradcam", "grad-cam": "gradcam", "gradient-rollout": "gradient_rollout", "gradient_rollout": "gradient_rollout"}
@@ -84,7 +83,7 @@ def explain(
         image, prepared = detector.preprocessor.load(sample)
         pred = detector.predict(prepared.image[None], prepared.valid[None])
         raw = detector.preprocessor.to_original(pred.raw_maps[name][0, 0].cpu().numpy(), prepared.geometry)
-        stem = _unique(sample.path.stem + (f"_{sample.frame:03d}" if getattr(sample, "frame", None) is not None else ""), used)
+        stem = output_stem(sample, used)
         if calibrated:
             shown = detector.preprocessor.to_original(pred.maps[name][0, 0].cpu().numpy(), prepared.geometry)
             top = max(vmax, float(shown.max()))
@@ -111,26 +110,8 @@ def explain(
         }
         rows.append(row)
         if len(rows) % 25 == 0:  # a crash keeps what was explained
-            _write_rows(out / "explanations.csv", rows)
+            atomic_write_csv(out / "explanations.csv", rows)
     if rows:
-        _write_rows(out / "explanations.csv", rows)
+        atomic_write_csv(out / "explanations.csv", rows)
     console.print(f"{len(rows)} scans explained with {name} -> {out}")
     return rows
-
-
-def _unique(stem: str, used: set[str]) -> str:
-    candidate, k = stem, 1
-    while candidate in used:
-        k += 1
-        candidate = f"{stem}_{k}"
-    used.add(candidate)
-    return candidate
-
-
-def _write_rows(path: Path, rows: list[dict]) -> None:
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
-    writer.writeheader()
-    for r in rows:
-        writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
-    atomic_write_text(path, buffer.getvalue())

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import csv
-import io
 from pathlib import Path
 from typing import Sequence
 
@@ -14,11 +12,12 @@ from rich.console import Console
 from medvq.data.nifti import is_nifti, nifti_stem
 from medvq.data.samples import Sample, collect_images
 from medvq.detector import Detector
-from medvq.io import atomic_path, atomic_write_text
+from medvq.io import atomic_path, atomic_write_csv
 from medvq.report.figures import overlay
 
 
-def _unique_stem(sample: Sample, used: set[str]) -> str:
+def output_stem(sample: Sample, used: set[str]) -> str:
+    """A file stem for the outputs of one scan (NIfTI slices get their frame), unique within ``used``."""
     stem = nifti_stem(sample.path) if is_nifti(sample.path) else sample.path.stem
     if sample.frame is not None:
         stem = f"{stem}_frame{sample.frame:03d}"
@@ -53,7 +52,7 @@ def infer(
 
     for sample in track(samples, description="scoring", console=console, transient=True, disable=not console.is_terminal):
         result = detector.predict_files([sample])[0]
-        name = _unique_stem(sample, used)
+        name = output_stem(sample, used)
         with atomic_path(out / "overlays" / f"{name}.png") as tmp:
             Image.fromarray(overlay(result.image, result.maps[key], 0.0, vmax)).save(tmp, format="PNG")
         if save_npy:
@@ -70,16 +69,7 @@ def infer(
             row[f"{map_name}_normal_percentile"] = s["normal_percentile"]
         rows.append(row)
         if len(rows) % 25 == 0:  # a crash keeps what was scored
-            _write_rows(out / "scores.csv", rows)
+            atomic_write_csv(out / "scores.csv", rows)
     if rows:
-        _write_rows(out / "scores.csv", rows)
+        atomic_write_csv(out / "scores.csv", rows)
     return rows
-
-
-def _write_rows(path: Path, rows: list[dict]) -> None:
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
-    writer.writeheader()
-    for r in rows:
-        writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
-    atomic_write_text(path, buffer.getvalue())
