@@ -67,7 +67,9 @@ def sample_run(
         raise MedvqError(f"--top-k {top_k} exceeds the codebook size {config.model.codebook_size}")
     detector = Detector.load(run.root, device=device)
     prior = detector.model.eval()
-    generator = torch.Generator().manual_seed(seed)
+    # one generator per image, from the seed and the image's number: the same images whatever --batch-size
+    states = [int(ss.generate_state(1, dtype=np.uint64)[0]) for ss in np.random.SeedSequence(seed).spawn(n)]
+    generators = [torch.Generator().manual_seed(s) for s in states]
     tokens = prior.head.length
     out = Path(out)
     started = time.perf_counter()
@@ -79,7 +81,7 @@ def sample_run(
         for start in range(0, n, batch_size):
             m = min(batch_size, n - start)
             done = start * tokens
-            c = prior.sample(m, temperature=temperature, top_k=top_k, generator=generator, on_step=lambda t: bar.update(task, completed=done + t * m))
+            c = prior.sample(m, temperature=temperature, top_k=top_k, generator=generators[start : start + m], on_step=lambda t: bar.update(task, completed=done + t * m))
             with torch.no_grad():
                 images.append(prior.vqvae.decode_codes(c).float().clamp(0, 1).cpu())
             codes.append(c.cpu())

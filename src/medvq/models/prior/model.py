@@ -320,10 +320,15 @@ class CodeTransformer(nn.Module):
         *,
         temperature: float = 1.0,
         top_k: int | None = None,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
         on_step: Callable[[int], None] | None = None,
     ) -> torch.Tensor:
-        """Draw n code maps (n, h, w), one token per step with cached keys and values."""
+        """Draw n code maps (n, h, w), one token per step with cached keys and values.
+
+        ``generator``: one for the batch, or one per image (then each image's draw does not depend on the
+        batch it is drawn in)."""
+        if isinstance(generator, list) and len(generator) != n:
+            raise ValueError(f"{len(generator)} generators for {n} images")
         if temperature <= 0:
             raise ValueError(f"temperature must be positive, got {temperature}")
         device = self.pos_emb.device
@@ -337,7 +342,11 @@ class CodeTransformer(nn.Module):
                 kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
                 logits = logits.masked_fill(logits < kth, float("-inf"))
             probs = torch.softmax(logits, dim=-1)
-            token = torch.multinomial(probs.cpu(), 1, generator=generator)[:, 0].to(device)
+            if isinstance(generator, list):
+                probs = probs.cpu()
+                token = torch.cat([torch.multinomial(probs[i], 1, generator=g) for i, g in enumerate(generator)]).to(device)
+            else:
+                token = torch.multinomial(probs.cpu(), 1, generator=generator)[:, 0].to(device)
             out[:, t] = token
             if on_step is not None:
                 on_step(t + 1)

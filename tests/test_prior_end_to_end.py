@@ -1,0 +1,152 @@
+"""medvq train prior -> evaluate -> sample on a tiny phantom, as a user runs them."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from medvq.cli import app
+from medvq.detector import Detector
+from medvq.engine.run_dir import RunDir
+from medvq.models.prior.anomaly_map import COMBINATIONS
+
+pytestmark = pytest.mark.slow
+runner = CliRunner()
+
+VQ_FLAGS = [
+    "--image-size", "64", "--val-fraction", "0.2", "--test-fraction", "0.3", "--hidden-channels", "32", "--residual-channels", "16",
+    "--residual-layers", "1", "--embedding-dim", "16", "--codebook-size", "32",
+]
+TRAIN_FLAGS = ["--epochs", "2", "--batch-size", "16", "--learning-rate", "3e-3", "--device", "cpu", "--samples-per-epoch", "2", "--min-images-per-epoch", "0"]
+KIND_FLAGS = {
+    "fusion": ["--kind", "fusion", "--encoder", "efficientnet-lite0", "--fusion-channels", "16", "--fusion-blocks", "1"],
+    "autoregressive": ["--kind", "autoregressive", "--embed-dim", "32", "--layers", "2", "--heads", "2"],
+}
+
+
+def cli(*args) -> tuple[int, str]:
+    result = runner.invoke(app, [str(a) for a in args])
+    return result.exit_code, result.output
+
+
+@pytest.fixture(scope="module")
+def vqvae_run(tiny_phantom, tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("prior-runs") / "vqvae"
+    code, out = cli("train", "vqvae", "--data", tiny_phantom, "--out", run, *VQ_FLAGS, *TRAIN_FLAGS)
+    assert code == 0, out
+    return run
+
+
+@pytest.fixture(scope="module", params=["fusion", "autoregressive"])
+def prior_run(request, vqvae_run, tiny_phantom) -> Path:
+    run = vqvae_run.parent / request.param
+    code, out = cli("train", "prior", "--vqvae", vqvae_run, "--data", tiny_phantom, "--out", run, *KIND_FLAGS[request.param], *TRAIN_FLAGS)
+    assert code == 0, out
+    return run
+
+
+def test_prior_run_reuses_the_vqvae_split_and_holds_its_frozen_weights(prior_run, vqvae_run):
+    run = RunDir(prior_run)
+    config = run.read_config()
+    vq_config = RunDir(vqvae_run).read_config()
+    assert config.method == "prior" and config.model.vqvae_run == str(vqvae_run.resolve())
+    assert config.model.vqvae_config == vq_config.model and config.data == vq_config.data and config.model.latent_grid == [16, 16]
+    assert json.loads(run.split.read_text()) == json.loads(RunDir(vqvae_run).split.read_text())
+    assert {s["label"] for s in json.loads(run.split.read_text())["splits"]["train"]} == {"NORMAL"}
+    prior_weights, vq_weights = load_file(run.weights("best")), load_file(RunDir(vqvae_run).weights("best"))
+    for k, v in vq_weights.items():  # the frozen VQ-VAE is the trained one, unchanged by the prior's training
+        assert torch.equal(prior_weights[f"vqvae.{k}"], v), k
+    rows = (prior_run / "metrics.csv").read_text().splitlines()
+    assert rows[0].startswith("epoch,train_loss,val_loss") and "val_code_accuracy" in rows[0] and len(rows) == 3
+    assert (prior_run / "samples" / "epoch_002.png").is_file()
+
+
+def test_checkpoint_round_trip_without_pickle(prior_run, tiny_phantom, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("unpickling while loading a model")
+
+    monkeypatch.setattr(pickle, "load", refuse)
+    monkeypatch.setattr(pickle, "loads", refuse)
+    monkeypatch.setattr(torch, "load", refuse)
+    a, b = Detector.load(prior_run), Detector.load(prior_run)
+    assert a.map_names == ["nll", "residual", "alm"] and a.calibration.combinations == list(COMBINATIONS)
+    files = sorted((tiny_phantom / "test").rglob("*.jpeg"))[:4]
+    for ra, rb in zip(a.predict_files(files), b.predict_files(files)):
+        assert ra.scores == rb.scores
+        assert set(ra.maps) == {"nll", "residual", "alm", "combined", *COMBINATIONS}
+        np.testing.assert_array_equal(ra.maps["nll+alm"], rb.maps["nll+alm"])
+        assert ra.maps["nll"].shape == ra.image.shape
+
+
+def test_evaluate_reports_nll_and_its_combinations(prior_run, tiny_phantom):
+    out = prior_run / "eval"
+    code, text = cli("evaluate", prior_run, "--data", tiny_phantom, "--out", out)
+    assert code == 0, text
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics["maps"]) == {"nll", "residual", "alm", "combined", *COMBINATIONS}
+    reference = json.loads((out / "metrics.json").read_text())["maps"]["alm"].keys()
+    for name, m in metrics["maps"].items():
+        assert m.keys() == reference, name
+        assert 0.0 <= m["image_auroc"] <= 1.0 and 0.0 <= m["pixel_auroc"] <= 1.0 and 0.0 <= m["aupro"] <= 1.0
+    header = (out / "scores.csv").read_text().splitlines()[0].split(",")
+    assert {"nll", "nll+alm", "nll+residual"} <= set(header)
+    assert (out / "report.html").is_file() and "nll+alm" in (out / "report.html").read_text()
+
+
+def test_sample_writes_decoded_images_or_refuses_a_fusion_prior(prior_run, tmp_path):
+    kind = RunDir(prior_run).read_config().model.kind
+    out = tmp_path / "samples"
+    code, text = cli("sample", prior_run, "-n", "3", "--out", out, "--temperature", "0.8", "--top-k", "8", "--seed", "1", "--batch-size", "2")
+    if kind == "fusion":
+        assert code == 2 and "fusion prior" in text and str(prior_run.name) in text and not out.exists()
+        return
+    assert code == 0, text
+    codes = np.load(out / "codes.npy")
+    assert codes.shape == (3, 16, 16) and codes.dtype == np.int32 and codes.min() >= 0 and codes.max() < 32
+    assert [p.name for p in sorted(out.glob("sample_*.png"))] == ["sample_000.png", "sample_001.png", "sample_002.png"]
+    assert np.asarray(Image.open(out / "sample_000.png")).shape == (64, 64)
+    assert (out / "grid.png").is_file() and not list(out.glob(".*tmp*"))
+    info = json.loads((out / "samples.json").read_text())
+    assert info["n"] == 3 and info["top_k"] == 8 and info["seconds_per_image"] > 0
+    # the images are the frozen VQ-VAE's decoding of the drawn codes
+    det = Detector.load(prior_run)
+    decoded = det.model.vqvae.decode_codes(torch.as_tensor(codes[:1]).long()).clamp(0, 1)[0, 0].detach().numpy()
+    np.testing.assert_allclose(np.asarray(Image.open(out / "sample_000.png")) / 255.0, decoded, atol=1 / 255 + 1e-6)
+    again = tmp_path / "again"
+    assert cli("sample", prior_run, "-n", "3", "--out", again, "--temperature", "0.8", "--top-k", "8", "--seed", "1")[0] == 0
+    np.testing.assert_array_equal(np.load(again / "codes.npy"), codes)  # seeded, whatever the batch size
+
+
+def test_bad_prior_inputs_get_one_line_errors(vqvae_run, tiny_phantom, tmp_path):
+    code, out = cli("train", "prior", "--vqvae", tmp_path / "nowhere", "--data", tiny_phantom, "--out", tmp_path / "p1")
+    assert code == 2 and "nowhere: VQ-VAE run directory not found" in out and not (tmp_path / "p1").exists()
+
+    code, out = cli("train", "prior", "--data", tiny_phantom, "--out", tmp_path / "p2")
+    assert code == 2 and "--vqvae" in out
+
+    (tmp_path / "empty").mkdir()
+    code, out = cli("train", "prior", "--vqvae", tmp_path / "empty", "--data", tiny_phantom, "--out", tmp_path / "p3")
+    assert code == 2 and "no config.yaml" in out
+
+    other = tmp_path / "other-data"
+    shutil.copytree(tiny_phantom, other)
+    code, out = cli("train", "prior", "--vqvae", vqvae_run, "--data", other, "--out", tmp_path / "p4")
+    assert code == 2 and "same data" in out and str(tiny_phantom.resolve()) in out
+
+    code, out = cli("train", "prior", "--vqvae", vqvae_run, "--data", tiny_phantom, "--out", tmp_path / "p5", "--image-size", "96")
+    assert code == 2 and "data settings" in out
+
+    code, out = cli("train", "prior", "--vqvae", vqvae_run, "--data", tiny_phantom, "--out", tmp_path / "p6", "--encoder", f"vit-run:{vqvae_run}")
+    assert code == 2 and "not a ViT classifier run" in out
+
+    code, out = cli("sample", vqvae_run, "-n", "1", "--out", tmp_path / "s")
+    assert code == 2 and "'vqvae' run" in out
