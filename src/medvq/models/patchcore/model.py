@@ -138,7 +138,7 @@ class PatchCoreOutput:
 
 
 class PatchCore(nn.Module):
-    def __init__(self, config: PatchCoreConfig, distance_chunk: int = 4096):
+    def __init__(self, config: PatchCoreConfig, distance_chunk: int = 1024):
         super().__init__()
         self.config = config
         self.distance_chunk = distance_chunk  # query patches per distance block: memory ~ chunk x bank size x 4 bytes
@@ -203,12 +203,16 @@ class PatchCore(nn.Module):
         if bank.shape[0] == 0:
             raise RuntimeError("the memory bank is empty: fit the model (medvq train patchcore) or load its weights")
         k = min(k, bank.shape[0])
+        bank = bank.float()
         bank_sq = (bank * bank).sum(1)  # (N_bank,)
         dists, index = [], []
         for start in range(0, queries.shape[0], self.distance_chunk):
             q = queries[start : start + self.distance_chunk].float()
-            d2 = (q * q).sum(1, keepdim=True) - 2.0 * (q @ bank.T) + bank_sq  # (n, N_bank), fp32
-            value, idx = torch.topk(d2, k, dim=1, largest=False)
+            # ||b||^2 - 2 q.b in one fused matmul (fp32); ||q||^2 does not change the ranking, so it is added
+            # to the k winners only: one pass over the (n, N_bank) block instead of four
+            d2 = torch.addmm(bank_sq, q, bank.T, alpha=-2.0)
+            value, idx = d2.min(dim=1, keepdim=True) if k == 1 else torch.topk(d2, k, dim=1, largest=False)
+            value = value + (q * q).sum(1, keepdim=True)
             dists.append(value.clamp_min(0).sqrt())
             index.append(idx)
         return torch.cat(dists), torch.cat(index)
