@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 from safetensors.torch import load_file
 from typer.testing import CliRunner
@@ -150,3 +151,27 @@ def test_bad_prior_inputs_get_one_line_errors(vqvae_run, tiny_phantom, tmp_path)
 
     code, out = cli("sample", vqvae_run, "-n", "1", "--out", tmp_path / "s")
     assert code == 2 and "'vqvae' run" in out
+
+
+def test_benchmark_trains_the_vqvae_first_and_the_prior_on_it(tiny_phantom, tmp_path):
+    vq = {
+        "data": {"image_size": 64, "val_fraction": 0.2, "test_fraction": 0.3},
+        "model": {"hidden_channels": 32, "residual_channels": 16, "residual_layers": 1, "embedding_dim": 16, "codebook_size": 32},
+        "train": {"epochs": 1, "batch_size": 16, "device": "cpu", "samples_per_epoch": 0, "min_images_per_epoch": 0},
+    }
+    prior = {**vq, "model": {"kind": "autoregressive", "embed_dim": 16, "layers": 1, "heads": 2}}
+    for name, cfg in (("vqvae", vq), ("prior", prior)):
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "bench"
+    code, text = cli("benchmark", "--data", tiny_phantom, "--methods", "prior", "--out", out, "--config", f"prior={tmp_path / 'prior.yaml'}")
+    assert code == 2 and "add vqvae to --methods" in text
+    code, text = cli(
+        "benchmark", "--data", tiny_phantom, "--methods", "prior,vqvae", "--out", out,
+        "--config", f"vqvae={tmp_path / 'vqvae.yaml'}", "--config", f"prior={tmp_path / 'prior.yaml'}",
+    )
+    assert code == 0, text
+    result = json.loads((out / "benchmark.json").read_text())
+    assert result["methods"] == ["vqvae", "prior"]
+    prior_run = RunDir(out / "runs" / "prior-seed0").read_config()
+    assert prior_run.model.vqvae_run == str((out / "runs" / "vqvae-seed0").resolve())
+    assert {"nll", "nll+alm"} <= {r["score"] for r in result["rows"] if r["method"] == "prior"}

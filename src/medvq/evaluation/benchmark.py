@@ -14,6 +14,10 @@ test images. Per method and seed it measures, in this process:
 - the 1-minute load average before and after each stage, so that timings taken next to other jobs can
   be recognised.
 
+A latent prior (``prior``) stands on the VQ-VAE run of the same seed: ``vqvae`` must be among the methods
+(it is trained first) unless the prior's config names a ``vqvae_run``; the prior's training time is its own,
+the VQ-VAE's is in the vqvae row.
+
 Several seeds (``--seed 0,1,2``) train every method once per seed on the same split and report
 mean ± standard deviation. Outputs in OUT: benchmark.md, benchmark.csv, benchmark.json, benchmark.html,
 and runs/<method>-seed<S>/ (a full run directory, its evaluation in eval/).
@@ -262,6 +266,15 @@ def run_benchmark(
             layers.append(overrides or {})
             layers.append({"train": {"seed": seed}, **({"data": {"image_size": image_size}} if image_size else {})})
             configs[method, seed] = build_config(*layers, source=str(method_configs.get(method, f"benchmark settings of {method}")))
+            if method == "prior" and configs[method, seed].model.vqvae_run is None:  # a prior stands on the VQ-VAE run of the same seed
+                if "vqvae" not in methods:
+                    raise MedvqError(
+                        "the prior is trained on a VQ-VAE run", fix="add vqvae to --methods (trained first, the prior uses it), or set model.vqvae_run with --config prior=FILE.yaml"
+                    )
+                layers.append({"model": {"vqvae_run": str((out / "runs" / f"vqvae-seed{seed}").resolve())}})
+                configs[method, seed] = build_config(*layers, source=str(method_configs.get(method, "benchmark settings of prior")))
+    if "prior" in methods and "vqvae" in methods:  # the VQ-VAE is trained before the prior that uses it
+        methods = ["vqvae", *[m for m in methods if m != "vqvae"]]
 
     started = datetime.now()
     records = []
