@@ -175,3 +175,25 @@ def test_benchmark_trains_the_vqvae_first_and_the_prior_on_it(tiny_phantom, tmp_
     prior_run = RunDir(out / "runs" / "prior-seed0").read_config()
     assert prior_run.model.vqvae_run == str((out / "runs" / "vqvae-seed0").resolve())
     assert {"nll", "nll+alm"} <= {r["score"] for r in result["rows"] if r["method"] == "prior"}
+
+
+def test_fusion_prior_on_the_patch_tokens_of_a_vit_classifier_run(vqvae_run, tiny_phantom, tmp_path):
+    vit = tmp_path / "vit"
+    code, text = cli(
+        "train", "classifier", "--arch", "vit", "--patch-size", "8", "--depth", "1", "--embed-dim", "16", "--num-heads", "2",
+        "--data", tiny_phantom, "--out", vit, *VQ_FLAGS[:6], *TRAIN_FLAGS,
+    )
+    assert code == 0, text
+    run = tmp_path / "prior-vit"
+    code, text = cli(
+        "train", "prior", "--vqvae", vqvae_run, "--kind", "fusion", "--encoder", f"vit-run:{vit}", "--fusion-channels", "16",
+        "--fusion-blocks", "1", "--data", tiny_phantom, "--out", run, *TRAIN_FLAGS,
+    )
+    assert code == 0, text
+    config = RunDir(run).read_config()
+    assert config.model.encoder_config.arch == "vit" and config.model.encoder_config.embed_dim == 16
+    vit_weights, prior_weights = load_file(RunDir(vit).weights("best")), load_file(RunDir(run).weights("best"))
+    for k, v in vit_weights.items():  # the classifier's ViT, frozen inside the prior
+        assert torch.equal(prior_weights[f"encoder.vit.{k}"], v), k
+    pred = Detector.load(run).predict(torch.rand(2, 1, 64, 64))
+    assert pred.maps["nll"].shape == (2, 1, 64, 64) and np.isfinite(pred.scores["nll+alm"]).all()
