@@ -65,6 +65,7 @@ def run_configs(args) -> dict[str, dict]:
             "min_images_per_epoch": args.images_per_epoch,
             "batch_size": args.batch_size,
             "learning_rate": args.learning_rate,
+            "lr_schedule": args.lr_schedule,
             "precision": args.precision,
             "device": args.device,
             "patience": args.epochs,
@@ -180,6 +181,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--images-per-epoch", type=int, default=400, help="Training images per epoch (small sets are cycled).")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--learning-rate", type=float, default=2e-3)
+    p.add_argument("--lr-schedule", default="cosine", choices=["constant", "cosine"], help="Learning rate after the warm-up (cosine: decay to 1%% at the last epoch).")
     p.add_argument("--hidden-channels", type=int, default=64)
     p.add_argument("--residual-channels", type=int, default=32)
     p.add_argument("--residual-layers", type=int, default=2)

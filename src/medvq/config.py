@@ -72,6 +72,11 @@ class TrainConfig(Section):
     )
     learning_rate: float = Field(1e-3, gt=0, description="AdamW learning rate (after a 100-step linear warm-up).", json_schema_extra={"aliases": ["lr"]})
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    lr_schedule: Literal["constant", "cosine"] = Field(
+        "constant",
+        description="After the warm-up: constant (a resumed run given more epochs continues exactly), "
+        "or cosine decay to 1% of learning_rate at the last epoch (quieter final weights).",
+    )
     patience: int = Field(10, ge=1, description="Early stopping: epochs without improvement of the validation loss.")
     min_delta: float = Field(1e-4, ge=0, description="Early stopping: smallest change that counts as improvement.")
     device: str = Field("auto", description="Accelerator: auto, cpu, gpu, mps.", json_schema_extra={"aliases": ["accelerator"]})

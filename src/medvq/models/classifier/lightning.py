@@ -8,9 +8,9 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_only
 
+from medvq.engine.optim import configure_adamw
 from medvq.models.classifier.model import Classifier, ClassifierConfig
 
-WARMUP_STEPS = 100
 AUROC_BINS = 1000  # validation AUROC from summed histograms of P(abnormal): exact up to ties within 1e-3, DDP-safe
 
 
@@ -44,6 +44,7 @@ class ClassifierModule(L.LightningModule):
         model_config: dict,
         learning_rate: float = 1e-3,
         weight_decay: float = 0.0,
+        lr_schedule: str = "constant",
         channels_last: bool = True,
         compile: bool = False,
         augment: bool = True,
@@ -68,7 +69,7 @@ class ClassifierModule(L.LightningModule):
     @classmethod
     def from_run_config(cls, config) -> "ClassifierModule":
         t = config.train
-        module = cls(config.model.model_dump(), learning_rate=t.learning_rate, weight_decay=t.weight_decay, channels_last=t.channels_last, compile=t.compile)
+        module = cls(config.model.model_dump(), learning_rate=t.learning_rate, weight_decay=t.weight_decay, lr_schedule=t.lr_schedule, channels_last=t.channels_last, compile=t.compile)
         if config.model.pretrained_source is not None:
             from medvq.models.classifier.pretrained import load_pretrained
 
@@ -155,10 +156,8 @@ class ClassifierModule(L.LightningModule):
         return rows
 
     def configure_optimizers(self):
-        opt = torch.optim.AdamW(self.model.parameters(), lr=self.hparams.learning_rate, weight_decay=self.hparams.weight_decay)
-        # Linear warm-up, then constant (as for every medvq model: a resumed run continues exactly).
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / WARMUP_STEPS))
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        h = self.hparams
+        return configure_adamw(self, self.model.parameters(), h.learning_rate, h.weight_decay, h.get("lr_schedule", "constant"))
 
 
 @rank_zero_only

@@ -8,13 +8,12 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
+from medvq.engine.optim import configure_adamw
 from medvq.models.prior.model import LatentPrior, PriorConfig, code_nll
-
-WARMUP_STEPS = 100
 
 
 class PriorModule(L.LightningModule):
-    def __init__(self, model_config: dict, learning_rate: float = 1e-3, weight_decay: float = 0.0):
+    def __init__(self, model_config: dict, learning_rate: float = 1e-3, weight_decay: float = 0.0, lr_schedule: str = "constant"):
         super().__init__()
         self.save_hyperparameters()  # plain dicts and numbers only: checkpoints load with weights_only=True
         self.model = LatentPrior(PriorConfig(**model_config))
@@ -27,7 +26,7 @@ class PriorModule(L.LightningModule):
         from medvq.models.prior.training import load_frozen_weights
 
         t = config.train
-        module = cls(config.model.model_dump(mode="json"), learning_rate=t.learning_rate, weight_decay=t.weight_decay)
+        module = cls(config.model.model_dump(mode="json"), learning_rate=t.learning_rate, weight_decay=t.weight_decay, lr_schedule=t.lr_schedule)
         load_frozen_weights(module.model)
         return module
 
@@ -86,6 +85,5 @@ class PriorModule(L.LightningModule):
         ]
 
     def configure_optimizers(self):
-        opt = torch.optim.AdamW(self.model.trainable_parameters(), lr=self.hparams.learning_rate, weight_decay=self.hparams.weight_decay)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / WARMUP_STEPS))
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        h = self.hparams
+        return configure_adamw(self, self.model.trainable_parameters(), h.learning_rate, h.weight_decay, h.get("lr_schedule", "constant"))

@@ -6,14 +6,14 @@ import lightning as L
 import torch
 
 from medvq.models.quantizer import code_usage
+from medvq.engine.optim import configure_adamw
 from medvq.models.vqvae.model import VQVAE, VQVAEConfig
 
 
-WARMUP_STEPS = 100
 
 
 class VQVAEModule(L.LightningModule):
-    def __init__(self, model_config: dict, learning_rate: float = 1e-3, weight_decay: float = 0.0, channels_last: bool = True, compile: bool = False):
+    def __init__(self, model_config: dict, learning_rate: float = 1e-3, weight_decay: float = 0.0, lr_schedule: str = "constant", channels_last: bool = True, compile: bool = False):
         super().__init__()
         self.save_hyperparameters()  # plain dicts and numbers only: checkpoints load with weights_only=True
         self.model = VQVAE(VQVAEConfig(**model_config))
@@ -31,7 +31,7 @@ class VQVAEModule(L.LightningModule):
     @classmethod
     def from_run_config(cls, config) -> "VQVAEModule":
         t = config.train
-        return cls(config.model.model_dump(), learning_rate=t.learning_rate, weight_decay=t.weight_decay, channels_last=t.channels_last, compile=t.compile)
+        return cls(config.model.model_dump(), learning_rate=t.learning_rate, weight_decay=t.weight_decay, lr_schedule=t.lr_schedule, channels_last=t.channels_last, compile=t.compile)
 
     def _images(self, batch: dict) -> torch.Tensor:
         x = batch["image"]
@@ -75,9 +75,5 @@ class VQVAEModule(L.LightningModule):
         return summary
 
     def configure_optimizers(self):
-        opt = torch.optim.AdamW(self.model.parameters(), lr=self.hparams.learning_rate, weight_decay=self.hparams.weight_decay)
-        # Linear warm-up, then constant: stable first steps, and nothing that depends on the epoch count,
-        # so a resumed run with more epochs continues exactly as an uninterrupted one would.
-        warmup = WARMUP_STEPS
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / warmup))
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        h = self.hparams
+        return configure_adamw(self, self.model.parameters(), h.learning_rate, h.weight_decay, h.get("lr_schedule", "constant"))

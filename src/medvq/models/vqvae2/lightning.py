@@ -7,7 +7,7 @@ import torch
 
 from medvq.evaluation.reconstruction import ssim_per_image
 from medvq.models.quantizer import code_usage
-from medvq.models.vqvae.lightning import WARMUP_STEPS
+from medvq.engine.optim import configure_adamw
 from medvq.models.vqvae2.model import VQVAE2, VQVAE2Config
 
 # Per-epoch sums, weighted by batch size: loss, rec, commit_top, commit_bottom, ssim, n
@@ -15,7 +15,7 @@ _SUMS = ("loss", "rec", "commit_top", "commit_bottom", "ssim")
 
 
 class VQVAE2Module(L.LightningModule):
-    def __init__(self, model_config: dict, learning_rate: float = 1e-3, weight_decay: float = 0.0, channels_last: bool = True, compile: bool = False):
+    def __init__(self, model_config: dict, learning_rate: float = 1e-3, weight_decay: float = 0.0, lr_schedule: str = "constant", channels_last: bool = True, compile: bool = False):
         super().__init__()
         self.save_hyperparameters()  # plain dicts and numbers only: checkpoints load with weights_only=True
         self.model = VQVAE2(VQVAE2Config(**model_config))
@@ -34,7 +34,7 @@ class VQVAE2Module(L.LightningModule):
     @classmethod
     def from_run_config(cls, config) -> "VQVAE2Module":
         t = config.train
-        return cls(config.model.model_dump(), learning_rate=t.learning_rate, weight_decay=t.weight_decay, channels_last=t.channels_last, compile=t.compile)
+        return cls(config.model.model_dump(), learning_rate=t.learning_rate, weight_decay=t.weight_decay, lr_schedule=t.lr_schedule, channels_last=t.channels_last, compile=t.compile)
 
     def _step(self, batch: dict, sums: torch.Tensor):
         x = batch["image"]
@@ -81,7 +81,5 @@ class VQVAE2Module(L.LightningModule):
         return summary
 
     def configure_optimizers(self):
-        opt = torch.optim.AdamW(self.model.parameters(), lr=self.hparams.learning_rate, weight_decay=self.hparams.weight_decay)
-        # Linear warm-up, then constant (as the VQ-VAE): a resumed run continues as an uninterrupted one would.
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / WARMUP_STEPS))
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        h = self.hparams
+        return configure_adamw(self, self.model.parameters(), h.learning_rate, h.weight_decay, h.get("lr_schedule", "constant"))
