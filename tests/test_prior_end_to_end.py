@@ -117,7 +117,11 @@ def test_sample_writes_decoded_images_or_refuses_a_fusion_prior(prior_run, tmp_p
     assert np.asarray(Image.open(out / "sample_000.png")).shape == (64, 64)
     assert (out / "grid.png").is_file() and not list(out.glob(".*tmp*"))
     info = json.loads((out / "samples.json").read_text())
-    assert info["n"] == 3 and info["top_k"] == 8 and info["seconds_per_image"] > 0
+    assert info["n"] == 3 and info["top_k"] == 8 and info["seconds_per_image"] > 0 and info["codebook_size"] == 32
+    page = (out / "report.html").read_text()
+    assert page.count("alt='sample ") == 3 and "code usage" in page and ">0.8<" in page
+    (out / "report.html").unlink()
+    assert cli("report", out)[0] == 0 and (out / "report.html").read_text() == page  # rebuilt from the saved files
     # the images are the frozen VQ-VAE's decoding of the drawn codes
     det = Detector.load(prior_run)
     decoded = det.model.vqvae.decode_codes(torch.as_tensor(codes[:1]).long()).clamp(0, 1)[0, 0].detach().numpy()

@@ -282,7 +282,7 @@ def explain_cmd(
 def sample_cmd(
     run: Path = typer.Argument(..., help="Run directory of `medvq train prior --kind autoregressive`."),
     n: int = typer.Option(16, "-n", "--n", min=1, help="Images to draw."),
-    out: Path = typer.Option(..., "--out", help="Output folder: sample_NNN.png, grid.png, codes.npy, samples.json."),
+    out: Path = typer.Option(..., "--out", help="Output folder: sample_NNN.png, grid.png, codes.npy, samples.json, report.html."),
     temperature: float = typer.Option(1.0, "--temperature", min=0.01, help="Divides the logits before sampling (below 1: safer, less varied)."),
     top_k: Optional[int] = typer.Option(None, "--top-k", min=1, help="Sample among the k most likely codes at each step (default: all codes)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the random draws."),
@@ -298,7 +298,7 @@ def sample_cmd(
 
 @app.command("report")
 @friendly_errors
-def report_cmd(folder: Path = typer.Argument(..., help="An evaluation folder (metrics.json, scores.csv, evaluation.npz).")) -> None:
+def report_cmd(folder: Path = typer.Argument(..., help="An evaluation folder (metrics.json, scores.csv, evaluation.npz) or a `medvq sample` folder.")) -> None:
     """Rebuild report.html from a finished evaluation without running any model."""
     from medvq.report.html import build_report
 

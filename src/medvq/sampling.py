@@ -2,7 +2,8 @@
 
 Code maps are drawn token by token in raster order (keys and values of earlier tokens cached, so each
 step costs one token's pass), then decoded by the prior's frozen VQ-VAE. Writes sample_NNN.png, grid.png,
-codes.npy (int32, (N, h, w)) and samples.json (settings and timing), each file atomically.
+codes.npy (int32, (N, h, w)), samples.json (settings and timing) and report.html (samples and code usage),
+each file atomically.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from medvq.detector import Detector
 from medvq.engine.run_dir import RunDir
 from medvq.errors import MedvqError
 from medvq.io import atomic_path, atomic_write_text
+from medvq.report.html import samples_report
 
 
 def _save_png(path: Path, image: np.ndarray) -> None:
@@ -106,6 +108,8 @@ def sample_run(
         "seconds": seconds,
         "seconds_per_image": seconds / n,
         "codes_used": int(np.unique(code_maps).size),
+        "codebook_size": int(config.model.codebook_size),
     }
     atomic_write_text(out / "samples.json", json.dumps(result, indent=1))
+    samples_report(out)
     return result
