@@ -108,6 +108,20 @@ def test_evaluate_writes_metrics_scores_and_report(evaluated, tiny_phantom):
     assert html.count("data:image/png;base64") > 10 and "AUPRO" in html
 
 
+def test_validation_split_scores_every_image_of_the_validation_patients(trained, tiny_phantom, tmp_path):
+    out = tmp_path / "val-eval"
+    result = runner.invoke(app, ["evaluate", str(trained), "--data", str(tiny_phantom), "--split", "val", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    rows = list(csv.DictReader(open(out / "scores.csv")))
+    assert {r["path"] for r in rows} == {str(p) for p in (tiny_phantom / "val").rglob("*.jpeg")}
+    assert {r["class"] for r in rows} == {"NORMAL", "CNV", "DME", "DRUSEN"}, "abnormal scans of the validation patients too"
+    train_patients = {item["patient_id"] for item in json.loads((trained / "split.json").read_text())["splits"]["train"]}
+    assert not train_patients & {r["patient"] for r in rows}
+    assert json.loads((out / "metrics.json").read_text())["split"] == "val"
+    result = runner.invoke(app, ["evaluate", str(trained), "--data", str(tiny_phantom), "--split", "holdout", "--out", str(tmp_path / "x")])
+    assert result.exit_code == 2 and "'test', 'val' or 'all'" in result.output
+
+
 def test_maps_light_up_on_planted_lesions(evaluated):
     """Even a 4-epoch model at 64 px ranks lesion pixels above normal retina."""
     m = json.loads((evaluated / "metrics.json").read_text())

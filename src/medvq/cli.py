@@ -201,7 +201,7 @@ def evaluate_cmd(
     run: Path = typer.Argument(..., help="Run directory written by `medvq train`."),
     data: Path = typer.Option(..., "--data", help="Dataset root (its test split is scored): labelled scan folders, or NIfTI slices/volumes (reconstruction only)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: RUN/eval-<data name>)."),
-    split: str = typer.Option("test", "--split", help="'test': the held-out patients; 'all': every image the run did not train on."),
+    split: str = typer.Option("test", "--split", help="'test': the held-out patients; 'val': every image of the validation patients (to compare settings; their normals calibrated the run); 'all': every image the run did not train on."),
     batch_size: int = typer.Option(32, "--batch-size", min=1),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1, mps."),
 ) -> None:

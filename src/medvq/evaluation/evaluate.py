@@ -52,19 +52,25 @@ class EvaluationSet:
 
 
 def select_test_samples(run: RunDir, data_root: str | Path, split: str = "test") -> EvaluationSet:
-    """Test samples of ``data_root`` that the run never saw (by file and, on the same data, by patient)."""
+    """Samples of ``data_root`` to score, none of which the run trained on.
+
+    ``test``: the held-out patients, minus any file or (on the same data) patient the run saw in training
+    or validation. ``all``: every image under the same rule. ``val``: every image of the run's validation
+    patients (all classes), for choosing settings without touching the test patients; their NORMAL images
+    were used for early stopping and calibration, so its figures are for comparing runs, not for reporting.
+    """
     config = run.read_config()
     d = config.data
     volume = VolumeOptions.from_config(d, getattr(config.model, "stride", 1))  # NIfTI slices listed as in training
-    if split == "test":
-        samples = dataset_splits(data_root, val_fraction=d.val_fraction, test_fraction=d.test_fraction, seed=d.split_seed, volume=volume)["test"]
+    if split in ("test", "val"):
+        samples = dataset_splits(data_root, val_fraction=d.val_fraction, test_fraction=d.test_fraction, seed=d.split_seed, volume=volume)[split]
     elif split == "all":
         samples = scan_dataset(data_root, volume=volume)
     else:
-        raise DatasetError(f"unknown split '{split}'", fix="use 'test' or 'all'")
+        raise DatasetError(f"unknown split '{split}'", fix="use 'test', 'val' or 'all'")
     record = run.read_split()
     seen_paths, seen_patients = set(), set()
-    for name in ("train", "val"):
+    for name in ("train",) if split == "val" else ("train", "val"):
         for item in record.get("splits", {}).get(name, []):
             seen_paths.add((item["path"], item.get("frame")))
             seen_patients.add(item["patient_id"])
