@@ -59,7 +59,7 @@ def run_configs(args) -> dict[str, dict]:
         codebook_size_bottom=args.codebook_size,
     )
     common = {
-        "data": {"image_size": args.image_size},
+        "data": {"image_size": args.image_size, "zoom": args.zoom, "shift": args.shift},
         "train": {
             "epochs": args.epochs,
             "min_images_per_epoch": args.images_per_epoch,
@@ -182,6 +182,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--learning-rate", type=float, default=2e-3)
     p.add_argument("--lr-schedule", default="cosine", choices=["constant", "cosine"], help="Learning rate after the warm-up (cosine: decay to 1%% at the last epoch).")
+    p.add_argument("--zoom", type=float, default=0.0, help="Training augmentation: random rescaling by a factor in [1 - zoom, 1 + zoom].")
+    p.add_argument("--shift", type=float, default=0.0, help="Training augmentation: random translation by up to this share of the side.")
     p.add_argument("--hidden-channels", type=int, default=64)
     p.add_argument("--residual-channels", type=int, default=32)
     p.add_argument("--residual-layers", type=int, default=2)

@@ -39,6 +39,10 @@ class DataConfig(Section):
     test_fraction: float = Field(0.3, ge=0.0, lt=1.0, description="Share of patients held out for testing when the data has no test split.")
     split_seed: int = Field(0, description="Seed of the patient split.")
     hflip: bool = Field(True, description="Random left-right flips while training (left and right eyes mirror each other).")
+    zoom: float = Field(
+        0.0, ge=0.0, lt=1.0, description="Random rescaling while training by a factor in [1 - zoom, 1 + zoom] (0: off); helps when test anatomy is smaller or larger."
+    )
+    shift: float = Field(0.0, ge=0.0, le=0.5, description="Random translation while training by up to this share of the image side (0: off).")
     max_train_images: int | None = Field(None, ge=1, description="Use at most this many training images (seeded choice).")
     slice_axis: Literal["axial", "coronal", "sagittal"] = Field(
         "axial", description="NIfTI volumes: anatomical axis the 2D slices are cut along (after reorienting to RAS+; 2D slice files are read as stored)."

@@ -8,6 +8,7 @@ from typing import Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from medvq.data.preprocess import Geometry, Preprocessor
@@ -35,7 +36,9 @@ class Batch:
 class ScanDataset(Dataset):
     """Preprocessed scans held in memory as float16 (1, S, S) arrays.
 
-    ``hflip`` adds random left-right flips (training only). ``targets`` (one integer class per sample, for
+    ``hflip`` adds random left-right flips, ``zoom`` and ``shift`` a random rescaling by a factor in
+    [1 - zoom, 1 + zoom] and a translation by up to ``shift`` of the side (border pixels repeated; valid
+    region and masks follow), all for training only. ``targets`` (one integer class per sample, for
     supervised methods) adds ``target`` to every item. Reading and preprocessing happen once, at
     construction, with a progress bar; errors name the offending file.
     """
@@ -46,6 +49,8 @@ class ScanDataset(Dataset):
         preprocessor: Preprocessor,
         *,
         hflip: bool = False,
+        zoom: float = 0.0,
+        shift: float = 0.0,
         load_masks: bool = True,
         targets: Sequence[int] | None = None,
         progress: str | None = None,
@@ -56,6 +61,7 @@ class ScanDataset(Dataset):
         self.targets = torch.as_tensor(list(targets), dtype=torch.long) if targets is not None else None
         self.preprocessor = preprocessor
         self.hflip = hflip
+        self.zoom, self.shift = zoom, shift
         n, s = len(self.samples), preprocessor.image_size
         self.images = torch.empty(n, 1, s, s, dtype=torch.float16)
         self.valid = torch.ones(n, 1, s, s, dtype=torch.bool)
@@ -86,7 +92,20 @@ class ScanDataset(Dataset):
             item["target"] = self.targets[i]
         if self.hflip and torch.rand(()) < 0.5:
             item = {k: v.flip(-1) if v.ndim == 3 else v for k, v in item.items()}
+        if self.zoom > 0 or self.shift > 0:
+            item = self._rescale(item)
         return item
+
+    def _rescale(self, item: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        u = torch.rand(3) * 2 - 1
+        scale = 1 + self.zoom * float(u[0])  # > 1 enlarges the content
+        theta = torch.tensor([[1 / scale, 0.0, 2 * self.shift * float(u[1])], [0.0, 1 / scale, 2 * self.shift * float(u[2])]])
+        grid = F.affine_grid(theta[None], [1, 1, *item["image"].shape[-2:]], align_corners=False)
+        warp = lambda x, mode: F.grid_sample(x[None].float(), grid, mode=mode, padding_mode="border", align_corners=False)[0]
+        out = dict(item, image=warp(item["image"], "bilinear").clamp(0, 1), valid=warp(item["valid"], "nearest") > 0.5)
+        if "mask" in item:
+            out["mask"] = warp(item["mask"], "nearest") > 0.5
+        return out
 
     def batch(self, indices: Sequence[int]) -> Batch:
         idx = torch.as_tensor(list(indices), dtype=torch.long)

@@ -178,7 +178,7 @@ def train_run(
         )
     # Every scan is read before the run directory is written: a bad file stops here and leaves nothing behind.
     train_set = ScanDataset(
-        parts["train"], preprocessor, hflip=config.data.hflip, load_masks=False, targets=targets(parts["train"]), progress="reading training scans" if progress else None
+        parts["train"], preprocessor, hflip=config.data.hflip, zoom=config.data.zoom, shift=config.data.shift, load_masks=False, targets=targets(parts["train"]), progress="reading training scans" if progress else None
     )
     val_set = ScanDataset(parts["val"], preprocessor, load_masks=False, targets=targets(parts["val"]), progress="reading validation scans" if progress else None)
     run.create()
