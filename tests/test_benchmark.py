@@ -22,7 +22,7 @@ runner = CliRunner()
 SPLIT = {"image_size": 64, "val_fraction": 0.2, "test_fraction": 0.3}
 VQVAE = {
     "data": SPLIT,
-    "model": {"hidden_channels": 32, "residual_channels": 16, "residual_layers": 1, "embedding_dim": 16, "codebook_size": 32},
+    "model": {"hidden_channels": 32, "residual_channels": 16, "residual_layers": 1, "embedding_dim": 16, "codebook_size": 32, "downsample_layers": 2},
     "train": {"epochs": 2, "batch_size": 16, "learning_rate": 3e-3, "device": "cpu", "samples_per_epoch": 2, "min_images_per_epoch": 0},
 }
 PATCHCORE = {"data": SPLIT, "model": {"feature_stages": [2, 3], "coreset_ratio": 0.2}, "train": {"device": "cpu"}}

@@ -15,7 +15,7 @@ def test_two_process_ddp_training(tiny_phantom, tmp_path):
     run = tmp_path / "ddp"
     cmd = [str(medvq), "train", "vqvae", "--data", str(tiny_phantom), "--out", str(run), "--device", "cpu", "--devices", "2",
            "--strategy", "ddp", "--epochs", "2", "--image-size", "64", "--hidden-channels", "32", "--residual-channels", "16",
-           "--codebook-size", "32", "--min-images-per-epoch", "0"]
+           "--codebook-size", "32", "--downsample-layers", "2", "--min-images-per-epoch", "0"]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stderr.count("medvq training vqvae") == 1, "only the first process reports"

@@ -24,7 +24,7 @@ runner = CliRunner()
 
 TINY = {
     "data": {"image_size": 64, "val_fraction": 0.2, "test_fraction": 0.3},
-    "model": {"hidden_channels": 32, "residual_channels": 16, "residual_layers": 1, "embedding_dim": 16, "codebook_size": 32},
+    "model": {"hidden_channels": 32, "residual_channels": 16, "residual_layers": 1, "embedding_dim": 16, "codebook_size": 32, "downsample_layers": 2},
     "train": {"epochs": 4, "batch_size": 16, "learning_rate": 3e-3, "device": "cpu", "samples_per_epoch": 4, "min_images_per_epoch": 0},
 }
 
@@ -199,7 +199,7 @@ def test_bad_inputs_get_one_line_errors(tiny_phantom, trained, tmp_path):
     assert code == 2 and "HEALTHY" in out and "NORMAL" in out
 
     code, out = _run_cli("train", "vqvae", "--data", tiny_phantom, "--out", tmp_path / "r4", "--image-size", "66")
-    assert code == 2 and "multiple of the model stride 4" in out
+    assert code == 2 and "multiple of the model stride 8" in out and "use e.g. 64" in out
 
     code, out = _run_cli("train", "vqvae", "--data", tiny_phantom, "--out", trained)
     assert code == 2 and "not empty" in out and "--resume" in out

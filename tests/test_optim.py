@@ -40,7 +40,7 @@ def test_cosine_training_ends_at_a_lower_learning_rate(tiny_phantom, tmp_path):
     config = build_config(
         {
             "data": {"image_size": 64, "val_fraction": 0.2, "test_fraction": 0.3},
-            "model": {"hidden_channels": 16, "residual_channels": 8, "residual_layers": 1, "embedding_dim": 8, "codebook_size": 16},
+            "model": {"hidden_channels": 16, "residual_channels": 8, "residual_layers": 1, "embedding_dim": 8, "codebook_size": 16, "downsample_layers": 2},
             "train": {"epochs": 2, "batch_size": 8, "learning_rate": 2e-3, "lr_schedule": "cosine", "device": "cpu", "min_images_per_epoch": 0, "samples_per_epoch": 0},
         }
     )

@@ -21,7 +21,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\
 
 SIZE = 32  # images 32 x 32, VQ-VAE stride 4 -> 8 x 8 codes
 K = 16
-VQ = VQVAEConfig(hidden_channels=16, residual_channels=8, residual_layers=1, embedding_dim=8, codebook_size=K, kmeans_init=False)
+VQ = VQVAEConfig(hidden_channels=16, residual_channels=8, residual_layers=1, embedding_dim=8, codebook_size=K, kmeans_init=False, downsample_layers=2)
 
 
 def prior_config(**kw) -> PriorConfig:

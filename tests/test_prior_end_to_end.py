@@ -25,7 +25,7 @@ runner = CliRunner()
 
 VQ_FLAGS = [
     "--image-size", "64", "--val-fraction", "0.2", "--test-fraction", "0.3", "--hidden-channels", "32", "--residual-channels", "16",
-    "--residual-layers", "1", "--embedding-dim", "16", "--codebook-size", "32",
+    "--residual-layers", "1", "--embedding-dim", "16", "--codebook-size", "32", "--downsample-layers", "2",
 ]
 TRAIN_FLAGS = ["--epochs", "2", "--batch-size", "16", "--learning-rate", "3e-3", "--device", "cpu", "--samples-per-epoch", "2", "--min-images-per-epoch", "0"]
 KIND_FLAGS = {
@@ -160,7 +160,7 @@ def test_bad_prior_inputs_get_one_line_errors(vqvae_run, tiny_phantom, tmp_path)
 def test_benchmark_trains_the_vqvae_first_and_the_prior_on_it(tiny_phantom, tmp_path):
     vq = {
         "data": {"image_size": 64, "val_fraction": 0.2, "test_fraction": 0.3},
-        "model": {"hidden_channels": 32, "residual_channels": 16, "residual_layers": 1, "embedding_dim": 16, "codebook_size": 32},
+        "model": {"hidden_channels": 32, "residual_channels": 16, "residual_layers": 1, "embedding_dim": 16, "codebook_size": 32, "downsample_layers": 2},
         "train": {"epochs": 1, "batch_size": 16, "device": "cpu", "samples_per_epoch": 0, "min_images_per_epoch": 0},
     }
     prior = {**vq, "model": {"kind": "autoregressive", "embed_dim": 16, "layers": 1, "heads": 2}}

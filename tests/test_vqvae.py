@@ -37,7 +37,7 @@ def test_decode_codes_equals_reconstruction():
 
 
 def test_input_size_not_multiple_of_stride_is_rejected():
-    model = VQVAE(VQVAEConfig(**SMALL))
+    model = VQVAE(VQVAEConfig(**SMALL, downsample_layers=2))
     with pytest.raises(ValueError, match="multiple of the model stride 4"):
         model(torch.rand(1, 1, 30, 32))
     with pytest.raises(ValueError, match=r"\(B, 1, H, W\)"):
@@ -112,7 +112,7 @@ def test_residual_and_smoothing():
 def test_vqvae_maps_light_up_where_the_input_is_unlike_training():
     """A VQ-VAE fitted to smooth images: a planted bright square raises both maps there."""
     torch.manual_seed(0)
-    model = VQVAE(VQVAEConfig(**SMALL, dropout=0.0))
+    model = VQVAE(VQVAEConfig(**SMALL, dropout=0.0, downsample_layers=2))
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     yy = torch.linspace(0, 1, 32).view(1, 1, 32, 1).expand(1, 1, 32, 32)
     for _ in range(150):
