@@ -42,6 +42,23 @@ def test_decode_codes_equals_reconstruction():
     assert not torch.allclose(model.decode_codes(other, out.bottom.indices), out.reconstruction, atol=1e-4), "the top codes matter"
 
 
+@pytest.mark.parametrize("upsampling", ["transpose", "resize"])
+def test_one_code_everywhere_decodes_to_a_flat_image_only_with_resize_upsampling(upsampling):
+    # Flat regions (the background of an MRI slice) map to one code; resize-convolutions keep them flat,
+    # transposed convolutions lay a checkerboard over them (Odena et al. 2016).
+    torch.manual_seed(0)
+    model = VQVAE2(VQVAE2Config(**SMALL, upsampling=upsampling, kmeans_init=False)).eval()
+    top, bottom = torch.full((1, 32, 32), 3), torch.full((1, 64, 64), 5)  # a 256 px image
+    with torch.no_grad():
+        image = model.decode_codes(top, bottom)
+    assert image.shape == (1, 1, 256, 256)
+    interior = image[0, 0, 96:160, 96:160]  # far from the zero padding at the borders
+    if upsampling == "resize":
+        assert float(interior.std()) < 1e-6 * (1 + float(interior.abs().mean()))
+    else:
+        assert float(interior.std()) > 1e-4
+
+
 def test_the_decoded_top_conditions_the_bottom_quantizer():
     torch.manual_seed(0)
     model = VQVAE2(VQVAE2Config(**SMALL, kmeans_init=False)).eval()
@@ -125,3 +142,18 @@ def test_vqvae2_maps_light_up_where_the_input_is_unlike_training():
     inside[..., 8:16, 8:16] = True
     for name in ("residual", "alm_bottom"):
         assert maps[name][inside].mean() > 2 * maps[name][~inside].mean(), name
+
+
+def test_runs_written_before_the_upsampling_option_load_with_transposed_convolutions(tmp_path):
+    from medvq.engine.run_dir import RunDir
+
+    run = RunDir(tmp_path / "run")
+    run.create()
+    run.write_config(build_config({"method": "vqvae2", "model": SMALL}))
+    assert run.read_config().model.upsampling == "resize"  # today's default, written into every run's config.yaml
+    text = run.config.read_text()
+    assert "upsampling: resize" in text
+    run.config.write_text(text.replace("  upsampling: resize\n", ""))  # as a run from before the option
+    assert run.read_config().model.upsampling == "transpose"
+    model = VQVAE2(run.read_config().model)
+    assert any(isinstance(m, torch.nn.ConvTranspose2d) for m in model.decoder.modules())

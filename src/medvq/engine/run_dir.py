@@ -24,7 +24,7 @@ from pathlib import Path
 from safetensors.torch import load_model, save_model
 from torch import nn
 
-from medvq.config import RunConfig, dump_config, load_config
+from medvq.config import RunConfig, build_config, dump_config, load_yaml
 from medvq.data.samples import Sample
 from medvq.errors import CheckpointError, MedvqError
 from medvq.io import atomic_path, atomic_write_text
@@ -89,7 +89,11 @@ class RunDir:
 
     def read_config(self) -> RunConfig:
         self.check_exists()
-        return load_config(self.config)
+        data = load_yaml(self.config)
+        model = data.get("model")
+        if data.get("method") == "vqvae2" and isinstance(model, dict):
+            model.setdefault("upsampling", "transpose")  # a run's config.yaml holds every field; runs from before the option had transposed convolutions
+        return build_config(data, source=str(self.config))
 
     def read_split(self) -> dict:
         if not self.split.is_file():

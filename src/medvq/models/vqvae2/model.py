@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -45,6 +46,11 @@ class VQVAE2Config(BaseModel):
     dead_code_threshold: float = Field(1.0, ge=0, description="Restart codes whose EMA usage falls below this (0 = never).")
     rotation_trick: bool = Field(False, description="Rotation-trick gradients through the quantizers instead of straight-through.")
     dropout: float = Field(0.0, ge=0, lt=1, description="Dropout inside residual blocks (training only).")
+    upsampling: Literal["resize", "transpose"] = Field(
+        "resize",
+        description="Decoder upsampling: nearest-neighbour resizing followed by a 3x3 convolution (flat regions such as the background "
+        "of MRI slices stay flat), or 4x4 stride-2 transposed convolutions (checkerboard patterns; runs of medvq 0.1.0 before this option).",
+    )
 
     @property
     def bottom_stride(self) -> int:
@@ -78,15 +84,23 @@ def downsampler(in_channels: int, width: int, layers: int, c: VQVAE2Config) -> n
     return nn.Sequential(*modules)
 
 
+def upsample_by_two(in_channels: int, out_channels: int, mode: str) -> nn.Module:
+    """(B, in, h, w) -> (B, out, 2h, 2w): a transposed convolution, or a nearest-neighbour resize then a 3x3 convolution
+    (each output pixel then sees the same kernel, so flat inputs give flat outputs; Odena et al. 2016)."""
+    if mode == "resize":
+        return nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(in_channels, out_channels, 3, padding=1))
+    return nn.ConvTranspose2d(in_channels, out_channels, 4, stride=2, padding=1)
+
+
 def upsampler(in_channels: int, out_channels: int, layers: int, c: VQVAE2Config) -> nn.Sequential:
-    """Residual stack, then ``layers`` stride-2 transposed convolutions. (B, in, h, w) -> (B, out, h*2^layers, w*2^layers)."""
+    """Residual stack, then ``layers`` stride-2 upsampling steps. (B, in, h, w) -> (B, out, h*2^layers, w*2^layers)."""
     h = c.hidden_channels
     modules: list[nn.Module] = [nn.Conv2d(in_channels, h, 3, padding=1), residual_stack(h, c.residual_channels, c.residual_layers, c.dropout)]
     previous = h
     for i in range(layers):
         last = i == layers - 1
         w = out_channels if last else max(h // 2 ** (i + 1), 8)
-        modules.append(nn.ConvTranspose2d(previous, w, 4, stride=2, padding=1))
+        modules.append(upsample_by_two(previous, w, c.upsampling))
         if not last:
             modules += [nn.BatchNorm2d(w), nn.ReLU()]
         previous = w
@@ -108,7 +122,7 @@ class VQVAE2(nn.Module):
         self.quantizer_bottom = VectorQuantizer(dim=d, codebook_size=c.codebook_size_bottom, **vq)
         ups: list[nn.Module] = []
         for i in range(c.top_downsample_layers):
-            ups.append(nn.ConvTranspose2d(d, d, 4, stride=2, padding=1))
+            ups.append(upsample_by_two(d, d, c.upsampling))
             if i < c.top_downsample_layers - 1:
                 ups.append(nn.ReLU())
         self.upsample_top = nn.Sequential(*ups)
