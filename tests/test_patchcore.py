@@ -150,7 +150,7 @@ def test_backbone_matches_the_classifier_efficientnet():
 
 
 def test_nearest_equals_brute_force_in_chunks():
-    model = PatchCore(PatchCoreConfig(feature_stages=[2]), distance_chunk=7)
+    model = PatchCore(PatchCoreConfig(feature_stages=[2]), distance_block_elements=7 * 50)  # blocks of 7 queries x 50 bank entries
     bank = torch.randn(50, 24)
     model.set_memory_bank(bank)
     queries = torch.randn(30, 24)

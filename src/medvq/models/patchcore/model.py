@@ -9,8 +9,8 @@ its Euclidean distance to the nearest bank entry; the image score is the largest
 re-weighted by how isolated that nearest entry is among its own neighbours in the bank (paper, eq. 7).
 
 The memory bank is a buffer, so it is saved and loaded with the backbone weights in one safetensors
-file; its length comes from the file. Distances are computed in fp32 in chunks, so inference memory
-stays bounded for large banks. Knows nothing of files, CLIs or training loops.
+file; its length comes from the file. Distances are computed in fp32 in blocks of a fixed number of
+entries, so inference memory stays bounded however large the bank grows. Knows nothing of files, CLIs or training loops.
 """
 
 from __future__ import annotations
@@ -138,10 +138,12 @@ class PatchCoreOutput:
 
 
 class PatchCore(nn.Module):
-    def __init__(self, config: PatchCoreConfig, distance_chunk: int = 1024):
+    def __init__(self, config: PatchCoreConfig, distance_block_elements: int = 2**24):
         super().__init__()
         self.config = config
-        self.distance_chunk = distance_chunk  # query patches per distance block: memory ~ chunk x bank size x 4 bytes
+        # Query rows per distance block shrink as the bank grows: a block holds at most this many fp32 distances
+        # (64 MB by default), whatever the bank size.
+        self.distance_block_elements = distance_block_elements
         self.features = LiteFeatures(config.in_channels, config.feature_stages)
         self.features.requires_grad_(False)
         self.register_buffer("memory_bank", torch.zeros(0, config.feature_dim))  # (N, D), filled by fit
@@ -206,8 +208,9 @@ class PatchCore(nn.Module):
         bank = bank.float()
         bank_sq = (bank * bank).sum(1)  # (N_bank,)
         dists, index = [], []
-        for start in range(0, queries.shape[0], self.distance_chunk):
-            q = queries[start : start + self.distance_chunk].float()
+        rows = max(1, self.distance_block_elements // bank.shape[0])
+        for start in range(0, queries.shape[0], rows):
+            q = queries[start : start + rows].float()
             # ||b||^2 - 2 q.b in one fused matmul (fp32); ||q||^2 does not change the ranking, so it is added
             # to the k winners only: one pass over the (n, N_bank) block instead of four
             d2 = torch.addmm(bank_sq, q, bank.T, alpha=-2.0)
