@@ -49,7 +49,7 @@ class VQVAE2Config(BaseModel):
     upsampling: Literal["resize", "transpose"] = Field(
         "resize",
         description="Decoder upsampling: nearest-neighbour resizing followed by a 3x3 convolution (flat regions such as the background "
-        "of MRI slices stay flat), or 4x4 stride-2 transposed convolutions (checkerboard patterns; runs of medvq 0.1.0 before this option).",
+        "of MRI slices stay flat), or 4x4 stride-2 transposed convolutions (checkerboard patterns; what runs whose config.yaml predates this option use).",
     )
 
     @property
