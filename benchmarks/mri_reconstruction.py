@@ -60,7 +60,7 @@ def run_configs(args) -> dict[str, dict]:
         embedding_dim=args.embedding_dim,
         codebook_size_top=args.codebook_size,
         codebook_size_bottom=args.codebook_size,
-        upsampling=args.upsampling,
+        **({"upsampling": args.upsampling} if args.upsampling else {}),
     )
     common = {
         "data": {"image_size": args.image_size, "zoom": args.zoom, "shift": args.shift},
@@ -193,7 +193,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--residual-layers", type=int, default=2)
     p.add_argument("--embedding-dim", type=int, default=64)
     p.add_argument("--codebook-size", type=int, default=256, help="VQ-VAE-2 codes per level; the VQ-VAE gets the same bits per image.")
-    p.add_argument("--upsampling", default="resize", choices=["resize", "transpose"], help="VQ-VAE-2 decoder upsampling (the VQ-VAE keeps transposed convolutions).")
+    p.add_argument("--upsampling", default=None, choices=["resize", "transpose"], help="VQ-VAE-2 decoder upsampling (default: the model's); the VQ-VAE keeps transposed convolutions.")
     p.add_argument("--precision", default="auto", help="auto, 32, bf16-mixed, 16-mixed.")
     p.add_argument("--device", default="auto", help="auto, cpu, gpu.")
     p.add_argument("--seed", type=int, default=0)

@@ -28,6 +28,7 @@ from medvq.config import RunConfig, build_config, dump_config, load_yaml
 from medvq.data.samples import Sample
 from medvq.errors import CheckpointError, MedvqError
 from medvq.io import atomic_path, atomic_write_text
+from medvq.models.registry import get_method, method_names
 
 
 def timestamped(base: str | Path = "runs", prefix: str = "vqvae") -> Path:
@@ -90,9 +91,9 @@ class RunDir:
     def read_config(self) -> RunConfig:
         self.check_exists()
         data = load_yaml(self.config)
-        model = data.get("model")
-        if data.get("method") == "vqvae2" and isinstance(model, dict):
-            model.setdefault("upsampling", "transpose")  # a run's config.yaml holds every field; runs from before the option had transposed convolutions
+        if isinstance(data.get("model"), dict) and data.get("method") in method_names():
+            for key, value in get_method(data["method"]).stored_model_defaults.items():
+                data["model"].setdefault(key, value)
         return build_config(data, source=str(self.config))
 
     def read_split(self) -> dict:

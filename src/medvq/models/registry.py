@@ -6,8 +6,8 @@ evaluation all look it up by the `method:` field of a run's config.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
@@ -33,6 +33,9 @@ class Method:
     # Methods built on another run (a prior on a VQ-VAE) complete their config and take that run's patient split:
     prepare: Callable[..., tuple["object", dict]] | None = None  # (RunConfig, data root) -> (RunConfig, {'train', 'val', 'test'} -> samples)
     combinations: tuple[str, ...] = ()  # named combinations 'a+b' calibrated next to 'combined' (the mean of the standardised maps a and b)
+    # Model fields added after runs were saved, with the value a saved config.yaml without them means (every run's
+    # config.yaml holds every field of its time, so a missing one marks an older run, not a wish for today's default):
+    stored_model_defaults: dict[str, Any] = field(default_factory=dict)
 
     def maps(self, model_config) -> tuple[str, ...]:
         """The maps a model built from ``model_config`` computes by default."""
@@ -66,6 +69,7 @@ def _vqvae2() -> Method:
         build_model=VQVAE2,
         compute_maps=vqvae2_maps,
         training_module=VQVAE2Module.from_run_config,
+        stored_model_defaults={"upsampling": "transpose"},
     )
 
 
