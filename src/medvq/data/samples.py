@@ -108,7 +108,10 @@ def _check_patients(samples: list[Sample], unknown: list[Path], rule: PatientRul
 
 
 def _images_in(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if is_image_file(p))
+    """Image files and OCT volume files (``medvq.data.volumes``) of a folder."""
+    from medvq.data.volumes import VOLUME_SUFFIXES
+
+    return sorted(p for p in folder.iterdir() if is_image_file(p) or (p.suffix.lower() in VOLUME_SUFFIXES and p.is_file() and not p.name.startswith(".")))
 
 
 def _class_dirs(folder: Path) -> list[Path]:
@@ -158,6 +161,14 @@ def scan_dataset(
             if classes is not None and class_dir.name not in classes:
                 continue
             for image in _images_in(class_dir):
+                if is_volume_file(image):  # its B-scans; the patient from the pattern if given, else the file's metadata
+                    scans = volume_samples(image, volume, label=class_dir.name, split=split)
+                    patient = rule.patient(image, class_dir.name, root) if patient_pattern else (scans[0].patient_id or None)
+                    if patient is None:
+                        unknown.append(image)
+                    else:
+                        samples.extend(replace(s, patient_id=patient) for s in scans)
+                    continue
                 patient = rule.patient(image, class_dir.name, root)
                 if patient is None:
                     unknown.append(image)
@@ -238,16 +249,18 @@ def manifest_samples(path: str | Path, volume: "VolumeOptions | None" = None) ->
 
 
 def is_volume_file(path: Path) -> bool:
-    """A file that holds a stack of 2D scans (NIfTI volume)."""
-    from medvq.data import nifti
+    """A file that holds a stack of 2D scans: an OCT volume (``medvq.data.volumes``) or NIfTI."""
+    from medvq.data import nifti, volumes
 
-    return nifti.is_nifti(path)
+    return nifti.is_nifti(path) or volumes.is_oct_volume(path)
 
 
 def volume_samples(path: Path, volume: "VolumeOptions | None" = None, *, label: str = "", split: str | None = None) -> list[Sample]:
     """One sample per usable 2D scan of a volume file, with what its metadata says of patient and eye."""
-    from medvq.data import nifti
+    from medvq.data import nifti, volumes
 
+    if volumes.is_oct_volume(path):
+        return volumes.scan_volume_file(path, label=label, split=split)
     return nifti.scan_nifti_file(path, volume or nifti.VolumeOptions(), label=label, split=split)
 
 
