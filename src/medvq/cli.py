@@ -228,6 +228,10 @@ def print_metrics(result: dict) -> None:
         table.add_row(name, *cells)
     if maps:
         console.print(table)
+    volumes = result.get("volume_level")
+    if volumes:
+        aurocs = ", ".join(f"{name} {m['auroc']:.3f}" for name, m in volumes["maps"].items())
+        console.print(f"volume level ({volumes['n_volumes']} volumes, {volumes['aggregation']}): AUROC {aurocs}", highlight=False)
     c = result.get("classification")
     if c:
         auroc = f", AUROC macro {c['auroc_macro']:.3f}" if "auroc_macro" in c else ""
@@ -245,12 +249,12 @@ def print_metrics(result: dict) -> None:
 @friendly_errors
 def infer_cmd(
     run: Path = typer.Argument(..., help="Run directory written by `medvq train`."),
-    inputs: list[Path] = typer.Argument(..., help="Scans and/or folders of scans."),
-    out: Path = typer.Option(..., "--out", help="Output folder for maps, overlays and scores.csv."),
+    inputs: list[Path] = typer.Argument(..., help="Scans, OCT volumes (DICOM multi-frame, .vol, .img), NIfTI volumes, folders of them, or a manifest CSV."),
+    out: Path = typer.Option(..., "--out", help="Output folder for maps, overlays, scores.csv, and per volume volumes.csv and en-face maps."),
     device: str = typer.Option("cpu", "--device"),
     save_npy: bool = typer.Option(True, "--npy/--no-npy", help="Also save each map as .npy (original scan grid, standardised)."),
 ) -> None:
-    """Anomaly maps (overlay PNG + .npy) and calibrated scores for unlabelled scans."""
+    """Anomaly maps (overlay PNG + .npy) and calibrated scores for unlabelled scans; for each volume a score (top-k mean of its B-scans), its most abnormal B-scans and an en-face map."""
     from medvq.inference import infer
 
     rows = infer(run, inputs, out, device=device, save_npy=save_npy, console=console)

@@ -14,6 +14,7 @@ from medvq.data.samples import Sample, collect_images
 from medvq.detector import Detector
 from medvq.io import atomic_path, atomic_write_csv
 from medvq.report.figures import overlay
+from medvq.volume_outputs import write_volume_verdicts
 
 
 def output_stem(sample: Sample, used: set[str]) -> str:
@@ -38,7 +39,9 @@ def infer(
     save_npy: bool = True,
     console: Console | None = None,
 ) -> list[dict]:
-    """Write OUT/overlays/<name>.png, OUT/maps/<name>_<map>.npy and OUT/scores.csv; return the rows."""
+    """Write OUT/overlays/<name>.png, OUT/maps/<name>_<map>.npy and OUT/scores.csv; return the rows.
+    Volumes among the inputs (OCT volume files, NIfTI volumes, a manifest's eye-and-visit groups) also get
+    a verdict each: OUT/volumes.csv, volumes.json and en-face maps (``medvq.volume_outputs``)."""
     console = console or Console(stderr=True)
     detector = Detector.load(run_dir, device=device)
     samples = collect_images(inputs, detector.preprocessor.volume)  # NIfTI volumes: their slices, as in training
@@ -48,6 +51,7 @@ def infer(
     key = "combined" if "combined" in detector.calibration.stats else next(iter(detector.calibration.stats))
     vmax = max(3.0, float(np.quantile(detector.calibration.stats[key].normal_scores, 0.99)) if detector.calibration.stats[key].normal_scores else 3.0)
     rows, used = [], set()
+    column_maxima = []  # per scan, the calibrated map's maximum over depth per A-scan column (en-face rows)
     from rich.progress import track
 
     for sample in track(samples, description="scoring", console=console, transient=True, disable=not console.is_terminal):
@@ -68,8 +72,13 @@ def infer(
             row[f"{map_name}_z"] = s["z"]
             row[f"{map_name}_normal_percentile"] = s["normal_percentile"]
         rows.append(row)
+        column_maxima.append(result.maps[key].max(axis=0))
         if len(rows) % 25 == 0:  # a crash keeps what was scored
             atomic_write_csv(out / "scores.csv", rows)
     if rows:
         atomic_write_csv(out / "scores.csv", rows)
+        write_volume_verdicts(
+            out, samples, [r[key] for r in rows], column_maxima, detector.calibration.stats[key].normal_scores,
+            score_name=key, vmax=vmax, normal_class=detector.config.data.normal_class, console=console,
+        )  # fmt: skip
     return rows
