@@ -84,7 +84,7 @@ def _volume_manifest(phantom: Path, folder: Path) -> Path:
 
 
 @pytest.mark.slow
-def test_oct_volumes_train_evaluate_and_get_a_verdict_each(tiny_phantom, tmp_path):
+def test_oct_volumes_train_evaluate_and_get_a_verdict_each(tiny_phantom, nibabel_data, tmp_path):
     manifest = _volume_manifest(tiny_phantom, tmp_path / "volumes")
     run = tmp_path / "run"
     tiny = ["--image-size", "64", "--hidden-channels", "32", "--residual-channels", "16", "--residual-layers", "1", "--embedding-dim", "16",
@@ -119,3 +119,14 @@ def test_oct_volumes_train_evaluate_and_get_a_verdict_each(tiny_phantom, tmp_pat
     assert enface.shape == (n, 128)  # B-scans x A-scan columns of the original scans
     assert Image.open(out / "volumes" / f"{test_volume.stem}_enface.png").size[0] == 128
     assert f"volume {test_volume.name}" in result.output
+
+    # MRI: each volume of a 4D NIfTI series gets the same summary
+    result = runner.invoke(app, ["infer", str(run), str(nibabel_data / "example4d.nii.gz"), "--out", str(tmp_path / "mri")])
+    assert result.exit_code == 0, result.output
+    with open(tmp_path / "mri" / "volumes.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["volume"].rsplit("#", 1)[-1] if "#" in r["volume"] else "" for r in rows] == ["", "volume1"]
+    with open(tmp_path / "mri" / "scores.csv") as f:
+        slices = list(csv.DictReader(f))
+    assert sum(int(r["n_bscans"]) for r in rows) == len(slices)
+    assert np.load(tmp_path / "mri" / "volumes" / "example4d_volume1_enface.npy").shape[0] == int(rows[1]["n_bscans"])
