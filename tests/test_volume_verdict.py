@@ -112,9 +112,12 @@ def test_oct_volumes_train_evaluate_and_get_a_verdict_each(tiny_phantom, nibabel
     n = int(rows[0]["n_bscans"])
     assert len(rows) == 1 and rows[0]["patient"] == test_volume.stem.split("-", 1)[1] and rows[0]["eye"] == "OD"
     with open(out / "scores.csv") as f:
-        bscan_scores = [float(r["combined"]) for r in csv.DictReader(f)]
+        bscan_rows = list(csv.DictReader(f))
+    bscan_scores = [float(r[r["decision_map"]]) for r in bscan_rows]  # the run's primary map decides B-scans and volumes
     assert float(rows[0]["score"]) == pytest.approx(max(bscan_scores), rel=1e-5)  # top 10 % of <= 10 B-scans: the highest
     assert rows[0]["most_abnormal_bscans"] == str(int(np.argmax(bscan_scores)))
+    assert float(rows[0]["threshold"]) == pytest.approx(float(bscan_rows[0]["threshold"]))  # the stored B-scan threshold
+    assert rows[0]["decision"] == ("abnormal" if float(rows[0]["score"]) > float(rows[0]["threshold"]) else "normal")
     enface = np.load(out / "volumes" / f"{test_volume.stem}_enface.npy")
     assert enface.shape == (n, 128)  # B-scans x A-scan columns of the original scans
     assert Image.open(out / "volumes" / f"{test_volume.stem}_enface.png").size[0] == 128

@@ -26,14 +26,18 @@ def write_volume_verdicts(
     normal_scores: Sequence[float],
     *,
     score_name: str,
+    map_name: str,
     vmax: float,
     threshold: float | None = None,
+    operating_point: str = "",
     normal_class: str = "NORMAL",
     stems: dict[str, str] | None = None,
     console: Console | None = None,
 ) -> list[VolumeVerdict]:
     """One verdict per volume among ``samples`` (scored with ``scores``, the calibrated B-scan scores of
-    ``score_name``); writes OUT/volumes.csv, OUT/volumes.json and OUT/volumes/<stem>_enface.{npy,png}."""
+    ``score_name``, called abnormal above ``threshold``, the stored B-scan threshold ``operating_point``;
+    ``column_maxima`` from the map ``map_name``); writes OUT/volumes.csv, OUT/volumes.json and
+    OUT/volumes/<stem>_enface.{npy,png}."""
     groups = group_volumes(samples)
     if not groups:
         return []
@@ -53,7 +57,7 @@ def write_volume_verdicts(
             Image.fromarray(colorize(np.repeat(enface, repeat, axis=0), 0.0, vmax)).save(tmp, format="PNG")
         if console is not None:
             where = " ".join(x for x in (v.patient_id, v.eye, v.visit) if x)
-            decided = f", {v.decision} (threshold {v.threshold:.3g})" if v.decision else ""
+            decided = f", {v.decision} ({operating_point or 'threshold'} {v.threshold:.3g})" if v.decision else ""
             top = ", ".join(str(v.frames[i]) for i in v.most_abnormal)
             console.print(
                 f"volume {Path(v.path).name}{f' ({where})' if where else ''}: {len(idx)} B-scans, score {v.score:.3g} "
@@ -63,6 +67,10 @@ def write_volume_verdicts(
     atomic_write_csv(out / "volumes.csv", [v.row() for v in verdicts])
     payload = {
         "score": score_name,
+        "operating_point": operating_point,
+        "threshold": threshold,
+        "decision": "abnormal when the volume score is above the B-scan threshold of the operating point" if threshold is not None else "no threshold",
+        "en_face_map": map_name,
         "aggregation": f"mean of the ceil({DEFAULT_TOPK_FRACTION:g} x n) highest calibrated B-scan scores (at least 1)",
         "en_face": "per B-scan and A-scan column, the maximum of the calibrated map over depth; rows = B-scans in file order",
         "volumes": [{**v.row(), "label": v.label, "frames": v.frames, "bscan_scores": v.bscan_scores} for v in verdicts],
