@@ -245,6 +245,10 @@ def print_metrics(result: dict) -> None:
     if maps:
         console.print(table)
         console.print("[dim]AUROC with its 95 % bootstrap interval by patient; * from fewer than 10 abnormal scans: unreliable[/]")
+    volumes = result.get("volume_level")
+    if volumes:
+        aurocs = ", ".join(f"{name} {m['auroc']:.3f}" for name, m in volumes["maps"].items())
+        console.print(f"volume level ({volumes['n_volumes']} volumes, {volumes['aggregation']}): AUROC {aurocs}", highlight=False)
     c = result.get("classification")
     if c:
         auroc = f", AUROC macro {c['auroc_macro']:.3f}" if "auroc_macro" in c else ""
@@ -262,8 +266,8 @@ def print_metrics(result: dict) -> None:
 @friendly_errors
 def infer_cmd(
     run: Path = typer.Argument(..., help="Run directory written by `medvq train`."),
-    inputs: list[Path] = typer.Argument(..., help="Scans and/or folders of scans."),
-    out: Path = typer.Option(..., "--out", help="Output folder for maps, overlays and scores.csv."),
+    inputs: list[Path] = typer.Argument(..., help="Scans, OCT volumes (DICOM multi-frame, .vol, .img), NIfTI volumes, folders of them, or a manifest CSV."),
+    out: Path = typer.Option(..., "--out", help="Output folder for maps, overlays, scores.csv, and per volume volumes.csv and en-face maps."),
     device: str = typer.Option("cpu", "--device"),
     save_npy: bool = typer.Option(True, "--npy/--no-npy", help="Also save each map as .npy (original scan grid, standardised)."),
     decide_on: Optional[str] = typer.Option(None, "--map", help="Map or score that decides and is drawn (default: the run's primary map, chosen at training)."),
@@ -271,7 +275,7 @@ def infer_cmd(
         None, "--threshold", help="spec95 or spec99 (95 %/99 % specificity on the calibration normals, stored with the run) or a score value (default: the run's score.operating_point, spec95)."
     ),
 ) -> None:
-    """Anomaly maps (overlay PNG + .npy), calibrated scores and an abnormal/normal decision per scan (scores.csv)."""
+    """Anomaly maps (overlay PNG + .npy), calibrated scores and an abnormal/normal decision per scan (scores.csv); per volume a score (top-k mean of its B-scans), decision, most abnormal B-scans and an en-face map."""
     from medvq.inference import infer
 
     rows = infer(run, inputs, out, device=device, save_npy=save_npy, decide_on=decide_on, threshold=threshold, console=console)

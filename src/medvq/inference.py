@@ -17,6 +17,7 @@ from medvq.scoring.calibration import normals_needed
 from medvq.scoring.decision import operating_point
 from medvq.io import atomic_path, atomic_write_csv
 from medvq.report.figures import overlay
+from medvq.volume_outputs import write_volume_verdicts
 
 
 def output_stem(sample: Sample, used: set[str]) -> str:
@@ -45,9 +46,13 @@ def infer(
 ) -> list[dict]:
     """Write OUT/overlays/<name>.png, OUT/maps/<name>_<map>.npy and OUT/scores.csv; return the rows.
 
+
     Besides every map's score, z-score and normal percentile, each row holds the decision: ``decision_map``
     (``decide_on``, default the run's primary map), ``operating_point`` (spec95, spec99 or value), its
-    ``threshold`` and ``abnormal`` (1 when the score on the decision map is above the threshold)."""
+    ``threshold`` and ``abnormal`` (1 when the score on the decision map is above the threshold).
+    Volumes among the inputs (OCT volume files, NIfTI volumes, a manifest's eye-and-visit groups) also get
+    a verdict each, on the same score and threshold: OUT/volumes.csv, volumes.json and en-face maps of the
+    overlay's map (``medvq.volume_outputs``)."""
     console = console or Console(stderr=True)
     detector = Detector.load(run_dir, device=device)
     for note in detector.notes:
@@ -69,6 +74,7 @@ def infer(
     key = decide_on if decide_on in detector.standardized_maps else detector.standardized_maps[0]
     vmax = max(3.0, float(np.quantile(detector.calibration.stats[key].normal_scores, 0.99)) if detector.calibration.stats[key].normal_scores else 3.0)
     rows, used = [], set()
+    column_maxima = []  # per scan, the calibrated map's maximum over depth per A-scan column (en-face rows)
     from rich.progress import track
 
     for sample in track(samples, description="scoring", console=console, transient=True, disable=not console.is_terminal):
@@ -91,8 +97,14 @@ def infer(
         d = result.decision
         row |= {"decision_map": d.map, "operating_point": d.threshold.name, "threshold": d.threshold.value, "abnormal": int(d.abnormal)}
         rows.append(row)
+        column_maxima.append(result.maps[key].max(axis=0))
         if len(rows) % 25 == 0:  # a crash keeps what was scored
             atomic_write_csv(out / "scores.csv", rows)
     if rows:
         atomic_write_csv(out / "scores.csv", rows)
+        write_volume_verdicts(
+            out, samples, [r[decide_on] for r in rows], column_maxima, detector.calibration.stats[decide_on].normal_scores,
+            score_name=decide_on, map_name=key, vmax=vmax, threshold=point.value, operating_point=point.name,
+            normal_class=detector.config.data.normal_class, console=console,
+        )  # fmt: skip
     return rows
