@@ -28,6 +28,23 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from medvq import __version__
+
+        typer.echo(f"medvq {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: bool = typer.Option(False, "--version", help="Print the medvq version and exit.", is_eager=True, callback=_print_version),
+) -> None:
+    """Detect and outline abnormal regions in retinal OCT scans: train on normal scans, score, evaluate, report."""
+
+
 train_app = typer.Typer(help="Train a model; writes a run directory.", no_args_is_help=True)
 app.add_typer(train_app, name="train")
 
