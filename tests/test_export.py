@@ -115,6 +115,9 @@ def test_onnx_maps_and_scores_equal_torch_on_real_scans(exported, scans):
             # z divides by the normals' score spread, so it carries the score's error scaled by it
             spread = detector.calibration.stats[name].score_std
             assert abs(outs[f"z_{key}"][0] - t["z"][0]) < TOLERANCE * max(1.0, 1.0 / spread)
+        decision = scorer.meta["decision_map"]
+        if abs(pred.scores[decision][0] - scorer.meta["threshold"]) > TOLERANCE:
+            assert outs["abnormal"][0] == float(pred.scores[decision][0] > scorer.meta["threshold"])
 
 
 def test_batch_of_several_scans_equals_one_by_one(exported, scans):
@@ -146,6 +149,7 @@ def test_runs_without_torch_on_image_files(exported, scans):
     for row, ref in zip(rows, reference):
         for name, s in ref.scores.items():
             assert float(row[header.index(name)]) == pytest.approx(s["score"], abs=TOLERANCE)
+        assert row[header.index("abnormal")] == str(int(ref.decision.abnormal))
 
 
 def test_export_refuses_bad_requests(exported, tmp_path):

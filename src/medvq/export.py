@@ -9,7 +9,8 @@ normal percentile, and the scores the model gives itself (PatchCore's ``reweight
 the PatchCore memory bank, codebooks and the normal calibration are constants inside the graph.
 
     inputs : image (B, 1, S, S) float32 in [0, 1]; valid (B, 1, S, S) float32 (1 = scored pixel)
-    outputs: map_<name> (B, 1, S, S); score_<name>, z_<name>, percentile_<name> (B,)
+    outputs: map_<name> (B, 1, S, S); score_<name>, z_<name>, percentile_<name> (B,); abnormal (B,) 1.0 / 0.0:
+             the run's primary map above its stored threshold at the run's operating point (as ``medvq infer``)
 
 ``medvq.onnx_runtime`` runs the graph on image files with onnxruntime, numpy, Pillow and scipy (no torch).
 A method declares that it can be exported in the registry (``Method.onnx_export``).
@@ -30,6 +31,7 @@ from medvq.io import atomic_path
 from medvq.maps.smoothing import gaussian_smooth
 from medvq.onnx_runtime import METADATA_KEY  # JSON in the model's metadata_props: preprocessing settings and output names
 from medvq.scoring.calibration import COMBINED, NormalCalibration
+from medvq.scoring.decision import operating_point
 
 OPSET = 17
 
@@ -42,6 +44,8 @@ class ScoringGraph(nn.Module):
         super().__init__()
         if detector.calibration is None:
             raise CheckpointError("this run has no calibration.json", fix="finish training (calibration runs after the last epoch)")
+        self.decision_map = detector.primary_map
+        self.operating_point = operating_point(detector.calibration, self.decision_map, detector.config.score.operating_point)
         self.detector = detector
         self.model = detector.model
         cal: NormalCalibration = detector.calibration
@@ -100,6 +104,7 @@ class ScoringGraph(nn.Module):
                 std = normals.std(unbiased=False) + 1e-12 if normals.numel() > 1 else torch.ones(())
                 result[f"z_{_safe(name)}"] = (s - mean) / std
                 result[f"percentile_{_safe(name)}"] = (normals[None, :] <= s[:, None]).sum(dim=1).to(torch.float32) / normals.numel() * 100.0
+        result["abnormal"] = (scores[self.decision_map] > self.operating_point.value).to(torch.float32)  # as scoring.decision.is_abnormal
         return result
 
 
@@ -133,6 +138,9 @@ def export_onnx(run_dir: str | Path, out: str | Path, *, checkpoint: str = "best
         "fov": d.fov,
         "remove_padding": d.remove_padding,
         "outputs": names,
+        "decision_map": graph.decision_map,
+        "operating_point": graph.operating_point.name,
+        "threshold": graph.operating_point.value,
         "reducer": graph.reducer,
         "topk_fraction": graph.topk_fraction,
         "smoothing_sigma_px": graph.sigma,

@@ -6,6 +6,7 @@
     scorer = OnnxScorer("model.onnx")
     result = scorer.score_files(["scan.jpeg"])[0]
     result.scores["combined"]      # {'score', 'z', 'normal_percentile'}, as Detector.predict_files gives them
+    result.abnormal                # the run's primary map above its stored threshold, as `medvq infer` decides
     result.maps["combined"]        # (S, S) calibrated map on the model grid; result.geometry places it on the scan
 
 Preprocessing is medvq's own (``Preprocessor.crop``: white padding found and filled, field of view), followed by
@@ -74,6 +75,7 @@ def resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
 class OnnxResult:
     path: Path
     scores: dict[str, dict[str, float]]  # name -> {score, z, normal_percentile}
+    abnormal: bool  # the run's decision map above its stored threshold (meta['decision_map'], meta['threshold'])
     maps: dict[str, np.ndarray]  # calibrated maps (S, S) on the model grid
     geometry: Geometry  # where the model grid sits in the scan
 
@@ -127,7 +129,7 @@ class OnnxScorer:
                     for n in names
                 }
                 maps = {_name(k[len("map_") :]): outs[k][i, 0] for k in outs if k.startswith("map_")}
-                results.append(OnnxResult(p, scores, maps, prepared[i][2]))
+                results.append(OnnxResult(p, scores, bool(outs["abnormal"][i] > 0.5), maps, prepared[i][2]))
         return results
 
 
@@ -148,9 +150,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     writer = csv.writer(sys.stdout)
     names = list(results[0].scores)
-    writer.writerow(["path", *(f"{n}{suffix}" for n in names for suffix in ("", "_z", "_normal_percentile"))])
+    writer.writerow(["path", *(f"{n}{suffix}" for n in names for suffix in ("", "_z", "_normal_percentile")), "abnormal"])
     for r in results:
-        writer.writerow([str(r.path), *(f"{r.scores[n][k]:.6g}" for n in names for k in ("score", "z", "normal_percentile"))])
+        writer.writerow([str(r.path), *(f"{r.scores[n][k]:.6g}" for n in names for k in ("score", "z", "normal_percentile")), int(r.abnormal)])
     return 0
 
 
