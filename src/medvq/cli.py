@@ -231,6 +231,11 @@ def evaluate_cmd(
     console.print(f"report: {out / 'report.html'}")
 
 
+def _with_interval(value: float, interval: list[float] | None, unreliable: bool = False) -> str:
+    text = f"{value:.3f}{'*' if unreliable else ''}"
+    return text + (f"\n[{interval[0]:.2f}, {interval[1]:.2f}]" if interval else "")
+
+
 def print_metrics(result: dict) -> None:
     maps = result["maps"]
     classes = sorted({c for m in maps.values() for c in m["image_auroc_per_class"]})
@@ -242,7 +247,13 @@ def print_metrics(result: dict) -> None:
         table.add_column(col, justify="left" if col == "map" else "right")
     for name, m in maps.items():
         op = m.get("operating_point")
-        cells = [f"{m['image_auroc']:.3f}", *[f"{m['image_auroc_per_class'].get(c, float('nan')):.3f}" for c in classes], f"{m['image_auprc']:.3f}"]
+        per_class_ci = m.get("image_auroc_per_class_ci", {})
+        unreliable = set(m.get("unreliable_classes", []))
+        cells = [
+            _with_interval(m["image_auroc"], m.get("image_auroc_ci")),
+            *[_with_interval(m["image_auroc_per_class"].get(c, float("nan")), per_class_ci.get(c), c in unreliable) for c in classes],
+            f"{m['image_auprc']:.3f}",
+        ]
         if point:
             cells += [f"{op['sensitivity']:.3f}", f"{op['specificity']:.3f}"] if op else ["–", "–"]
         if pixel:
@@ -250,6 +261,7 @@ def print_metrics(result: dict) -> None:
         table.add_row(name, *cells)
     if maps:
         console.print(table)
+        console.print("[dim]AUROC with its 95 % bootstrap interval by patient; * from fewer than 10 abnormal scans: unreliable[/]")
     volumes = result.get("volume_level")
     if volumes:
         aurocs = ", ".join(f"{name} {m['auroc']:.3f}" for name, m in volumes["maps"].items())
