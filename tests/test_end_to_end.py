@@ -105,6 +105,11 @@ def test_evaluate_reports_the_stored_operating_point(evaluated, trained):
         c = op["confusion"]
         assert (c["tn"], c["fp"], c["fn"], c["tp"]) == ((~called & normal).sum(), (called & normal).sum(), (~called & ~normal).sum(), (called & ~normal).sum())
         assert op["specificity"] == pytest.approx(c["tn"] / normal.sum()) and op["sensitivity"] == pytest.approx(c["tp"] / (~normal).sum())
+        lo, hi = m["image_auroc_ci"]  # bootstrap by patient
+        assert lo <= m["image_auroc"] <= hi and hi - lo > 0
+        for c, (lo, hi) in m["image_auroc_per_class_ci"].items():
+            assert lo <= m["image_auroc_per_class"][c] <= hi
+            assert (c in m["unreliable_classes"]) == (m["n_abnormal_per_class"][c] < 10)
 
 
 def test_evaluate_writes_metrics_scores_and_report(evaluated, tiny_phantom):

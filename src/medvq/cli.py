@@ -28,6 +28,23 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from medvq import __version__
+
+        typer.echo(f"medvq {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: bool = typer.Option(False, "--version", help="Print the medvq version and exit.", is_eager=True, callback=_print_version),
+) -> None:
+    """Detect and outline abnormal regions in retinal OCT scans: train on normal scans, score, evaluate, report."""
+
+
 train_app = typer.Typer(help="Train a model; writes a run directory.", no_args_is_help=True)
 app.add_typer(train_app, name="train")
 
@@ -214,6 +231,11 @@ def evaluate_cmd(
     console.print(f"report: {out / 'report.html'}")
 
 
+def _with_interval(value: float, interval: list[float] | None, unreliable: bool = False) -> str:
+    text = f"{value:.3f}{'*' if unreliable else ''}"
+    return text + (f"\n[{interval[0]:.2f}, {interval[1]:.2f}]" if interval else "")
+
+
 def print_metrics(result: dict) -> None:
     maps = result["maps"]
     classes = sorted({c for m in maps.values() for c in m["image_auroc_per_class"]})
@@ -225,7 +247,13 @@ def print_metrics(result: dict) -> None:
         table.add_column(col, justify="left" if col == "map" else "right")
     for name, m in maps.items():
         op = m.get("operating_point")
-        cells = [f"{m['image_auroc']:.3f}", *[f"{m['image_auroc_per_class'].get(c, float('nan')):.3f}" for c in classes], f"{m['image_auprc']:.3f}"]
+        per_class_ci = m.get("image_auroc_per_class_ci", {})
+        unreliable = set(m.get("unreliable_classes", []))
+        cells = [
+            _with_interval(m["image_auroc"], m.get("image_auroc_ci")),
+            *[_with_interval(m["image_auroc_per_class"].get(c, float("nan")), per_class_ci.get(c), c in unreliable) for c in classes],
+            f"{m['image_auprc']:.3f}",
+        ]
         if point:
             cells += [f"{op['sensitivity']:.3f}", f"{op['specificity']:.3f}"] if op else ["–", "–"]
         if pixel:
@@ -233,6 +261,7 @@ def print_metrics(result: dict) -> None:
         table.add_row(name, *cells)
     if maps:
         console.print(table)
+        console.print("[dim]AUROC with its 95 % bootstrap interval by patient; * from fewer than 10 abnormal scans: unreliable[/]")
     volumes = result.get("volume_level")
     if volumes:
         aurocs = ", ".join(f"{name} {m['auroc']:.3f}" for name, m in volumes["maps"].items())

@@ -4,7 +4,10 @@
   (flat folders); any image or patient the run trained or calibrated on is excluded and counted.
 - Image level: AUROC of NORMAL vs all abnormal classes pooled, per abnormal class vs NORMAL, within
   each original image width (a guard against width leaking through preprocessing), AUPRC, and the
-  sensitivity at 95 % specificity.
+  sensitivity at 95 % specificity (chosen on the test scans: optimistic). Every image AUROC has a 95 %
+  bootstrap interval resampling patients (``*_ci``); a per-class AUROC from fewer than 10 abnormal scans
+  is listed in ``unreliable_classes``. Sensitivity and specificity at the threshold stored at calibration
+  (``operating_point``) are the honest operating point.
 - Pixel level, where masks exist: pixel AUROC, AUPRO up to FPR 0.3, the best Dice over thresholds
   (an upper bound: the threshold is chosen on the test data), and the pointing game (share of lesion
   images whose map peak lies within 15/224 of the image side of a lesion pixel).
@@ -43,6 +46,8 @@ from medvq.scoring.decision import OperatingPoint, is_abnormal, operating_point
 from medvq.scoring.volume import DEFAULT_TOPK_FRACTION, volume_level_scores
 
 SPECIFICITY = 0.95
+BOOTSTRAP_RESAMPLES = 1000  # patient-level bootstrap resamples behind every AUROC interval
+MIN_RELIABLE_ABNORMAL = 10  # a per-class AUROC from fewer abnormal scans is flagged as unreliable
 AUPRO_FPR_LIMIT = 0.3
 POINTING_TOLERANCE = 15 / 224  # pointing-game tolerance as a share of the image side (15 px at 224 px, Zhang et al. 2016)
 
@@ -93,26 +98,39 @@ def compute_metrics(
     valid: np.ndarray | None = None,
     pointing_tolerance: float = 0.0,
     operating_points: dict[str, OperatingPoint] | None = None,
+    patients: np.ndarray | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Metrics per map. labels: class names; scores: name -> (N,); masks/maps/valid: (N, H, W);
-    operating_points: name -> the stored threshold at which sensitivity and specificity are reported."""
+    operating_points: name -> the stored threshold at which sensitivity and specificity are reported;
+    patients: (N,) patient ids, for 95 % bootstrap intervals by patient on every image AUROC (``*_ci``)."""
     y = np.array([lab != normal_class for lab in labels], dtype=int)
     classes = sorted({lab for lab in labels if lab != normal_class})
+    labels_arr = np.array(labels)
+    interval = lambda keep, s: list(M.bootstrap_auroc_interval(y[keep], s[keep], patients[keep], BOOTSTRAP_RESAMPLES)) if patients is not None else None
+    everything = np.ones(len(labels), bool)
+    n_abnormal = {c: int((labels_arr == c).sum()) for c in classes}
     out: dict[str, dict[str, Any]] = {}
     for name, s in scores.items():
         m: dict[str, Any] = {
             "image_auroc": M.image_auroc(y, s),
+            "image_auroc_ci": interval(everything, s),
             "image_auprc": M.image_auprc(y, s),
             f"sensitivity_at_{int(SPECIFICITY * 100)}_specificity": M.sensitivity_at_specificity(y, s, SPECIFICITY),
             "image_auroc_per_class": {},
+            "image_auroc_per_class_ci": {},
+            "n_abnormal_per_class": n_abnormal,
+            "unreliable_classes": [c for c in classes if n_abnormal[c] < MIN_RELIABLE_ABNORMAL],  # fewer than 10 abnormal scans
         }
         for c in classes:
-            keep = np.array([lab in (c, normal_class) for lab in labels])
+            keep = np.isin(labels_arr, (c, normal_class))
             m["image_auroc_per_class"][c] = M.image_auroc(y[keep], s[keep])
+            m["image_auroc_per_class_ci"][c] = interval(keep, s)
         if operating_points and name in operating_points:
             m["operating_point"] = operating_point_metrics(y, s, operating_points[name])
         if widths is not None:
             m["image_auroc_by_width"] = M.grouped_auroc(y, s, widths)
+            if patients is not None:
+                m["image_auroc_by_width_ci"] = {w: interval(np.asarray(widths).astype(str) == w, s) for w in m["image_auroc_by_width"]}
         if masks is not None and maps is not None and name in maps and masks.any():
             mp = maps[name]
             m["pixel_auroc"] = M.pixel_auroc(masks, mp, valid=valid)
@@ -258,7 +276,12 @@ def evaluate_run(
     for note in detector.notes:
         console.print(f"[yellow]note[/]: {note}")
     points = {k: operating_point(detector.calibration, k, config.score.operating_point) for k in pred.scores if k in detector.calibration.stats}
-    per_map = compute_metrics(labels, pred.scores, normal, dataset.original_widths(), masks, maps_np, valid, pointing_tolerance=tolerance, operating_points=points) if anomaly else {}
+    patients = np.array([s.patient_id for s in samples])
+    per_map = (
+        compute_metrics(labels, pred.scores, normal, dataset.original_widths(), masks, maps_np, valid, tolerance, operating_points=points, patients=patients)
+        if anomaly
+        else {}
+    )
     images = dataset.images.float()
     recon = reconstruction_metrics(pred.reconstruction, images) if pred.reconstruction is not None else None
 

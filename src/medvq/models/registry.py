@@ -7,12 +7,13 @@ evaluation all look it up by the `method:` field of a run's config.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
-import torch
-from torch import nn
+if TYPE_CHECKING:  # the registry itself stays light: `medvq --help` lists methods without loading torch
+    import torch
+    from torch import nn
 
-from medvq.maps import MapOutput
+    from medvq.maps import MapOutput
 
 
 @dataclass(frozen=True)
