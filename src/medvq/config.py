@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationErr
 
 from medvq.errors import MedvqError
 from medvq.models.classifier.model import ClassifierConfig
+from medvq.models.featvq.model import FeatVQConfig
 from medvq.models.patchcore.model import PatchCoreConfig
 from medvq.models.prior.model import PriorConfig
 from medvq.models.vqvae.model import VQVAEConfig
@@ -114,6 +115,7 @@ MODEL_CONFIGS: dict[str, type[BaseModel]] = {
     "classifier": ClassifierConfig,
     "patchcore": PatchCoreConfig,
     "prior": PriorConfig,
+    "featvq": FeatVQConfig,
 }
 
 
