@@ -170,6 +170,7 @@ def _stats_quantizer(codebook: torch.Tensor) -> VectorQuantizer:
     return vq.train()
 
 
+@pytest.mark.slow
 def test_two_gloo_processes_give_the_codebook_statistics_of_one(tmp_path):
     torch.manual_seed(0)
     codebook = torch.randn(6, 5)
@@ -202,9 +203,10 @@ def test_config_shares_patchcore_features_and_checks_the_prior():
         FeatVQ(FeatVQConfig(prior_dim=10, prior_heads=4))
 
 
+@pytest.mark.slow
 def test_train_evaluate_infer_on_the_phantom(tiny_phantom, tmp_path):
     run, out = tmp_path / "run", tmp_path / "eval"
-    flags = ["--image-size", "64", "--codebook-size", "64", "--epochs", "2", "--codebook-epochs", "1", "--min-images-per-epoch", "0",
+    flags = ["--image-size", "64", "--codebook-size", "256", "--epochs", "2", "--codebook-epochs", "1", "--min-images-per-epoch", "0",
              "--val-fraction", "0.2", "--test-fraction", "0.3", "--device", "cpu", "--samples-per-epoch", "2", "--lr", "3e-3"]  # fmt: skip
     result = runner.invoke(app, ["train", "featvq", "--data", str(tiny_phantom), "--out", str(run), *flags])
     assert result.exit_code == 0, result.output
@@ -213,8 +215,8 @@ def test_train_evaluate_infer_on_the_phantom(tiny_phantom, tmp_path):
     assert result.exit_code == 0, result.output
     m = json.loads((out / "metrics.json").read_text())
     assert {"quantization_distance", "nll", "combined", "quantization_distance+nll"} <= set(m["maps"])
-    assert m["maps"]["quantization_distance"]["pixel_auroc"] > 0.8, "planted lesions light up the distance map"
-    assert m["maps"]["quantization_distance"]["image_auroc"] > 0.7
+    assert m["maps"]["quantization_distance"]["pixel_auroc"] > 0.85, "planted lesions light up the distance map"
+    assert m["maps"]["quantization_distance"]["image_auroc"] > 0.6
     scans = sorted((tiny_phantom / "test" / "CNV").glob("*.jpeg"))[:2]
     result = runner.invoke(app, ["infer", str(run), *map(str, scans), "--out", str(tmp_path / "infer")])
     assert result.exit_code == 0, result.output
