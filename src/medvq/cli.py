@@ -28,6 +28,23 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from medvq import __version__
+
+        typer.echo(f"medvq {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: bool = typer.Option(False, "--version", help="Print the medvq version and exit.", is_eager=True, callback=_print_version),
+) -> None:
+    """Detect and outline abnormal regions in retinal OCT scans: train on normal scans, score, evaluate, report."""
+
+
 train_app = typer.Typer(help="Train a model; writes a run directory.", no_args_is_help=True)
 app.add_typer(train_app, name="train")
 
@@ -175,7 +192,7 @@ def register_train_command(method: str, help_text: str) -> None:
     @friendly_errors
     @config_options(method)
     def command(
-        data: Path = typer.Option(..., "--data", help="Dataset root: CLASS/ folders or train|val|test/CLASS/ folders."),
+        data: Path = typer.Option(..., "--data", "--manifest", help="Dataset root (CLASS/ or train|val|test/CLASS/ folders, NIfTI) or a manifest CSV (path,label,patient[,eye,visit,split,mask,frame])."),
         out: Optional[Path] = typer.Option(None, "--out", help="Run directory (default: runs/<method>-<timestamp>)."),
         config: Optional[Path] = typer.Option(None, "--config", help="YAML file with data/model/train/score sections; flags override it."),
         resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from its last finished epoch."),
@@ -199,7 +216,7 @@ _register_train_commands()
 @friendly_errors
 def evaluate_cmd(
     run: Path = typer.Argument(..., help="Run directory written by `medvq train`."),
-    data: Path = typer.Option(..., "--data", help="Dataset root (its test split is scored): labelled scan folders, or NIfTI slices/volumes (reconstruction only)."),
+    data: Path = typer.Option(..., "--data", "--manifest", help="Dataset root or manifest CSV (its test split is scored): labelled scan folders, or NIfTI slices/volumes (reconstruction only)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: RUN/eval-<data name>)."),
     split: str = typer.Option("test", "--split", help="'test': the held-out patients; 'val': every image of the validation patients (to compare settings; their normals calibrated the run); 'all': every image the run did not train on."),
     batch_size: int = typer.Option(32, "--batch-size", min=1),
@@ -214,20 +231,41 @@ def evaluate_cmd(
     console.print(f"report: {out / 'report.html'}")
 
 
+def _with_interval(value: float, interval: list[float] | None, unreliable: bool = False) -> str:
+    text = f"{value:.3f}{'*' if unreliable else ''}"
+    return text + (f"\n[{interval[0]:.2f}, {interval[1]:.2f}]" if interval else "")
+
+
 def print_metrics(result: dict) -> None:
     maps = result["maps"]
     classes = sorted({c for m in maps.values() for c in m["image_auroc_per_class"]})
     pixel = any("pixel_auroc" in m for m in maps.values())
-    table = Table(title=f"{result['n_images']} test images")
-    for col in ["map", "image AUROC", *[f"AUROC {c}" for c in classes], "AUPRC", *(["pixel AUROC", "AUPRO", "Dice", "pointing"] if pixel else [])]:
+    point = result.get("operating_point")
+    table = Table(title=f"{result['n_images']} test images" + (f"; primary map {result['primary_map']}" if result.get("primary_map") else ""))
+    op_cols = [f"sens. @{point}", f"spec. @{point}"] if point else []
+    for col in ["map", "image AUROC", *[f"AUROC {c}" for c in classes], "AUPRC", *op_cols, *(["pixel AUROC", "AUPRO", "Dice", "pointing"] if pixel else [])]:
         table.add_column(col, justify="left" if col == "map" else "right")
     for name, m in maps.items():
-        cells = [f"{m['image_auroc']:.3f}", *[f"{m['image_auroc_per_class'].get(c, float('nan')):.3f}" for c in classes], f"{m['image_auprc']:.3f}"]
+        op = m.get("operating_point")
+        per_class_ci = m.get("image_auroc_per_class_ci", {})
+        unreliable = set(m.get("unreliable_classes", []))
+        cells = [
+            _with_interval(m["image_auroc"], m.get("image_auroc_ci")),
+            *[_with_interval(m["image_auroc_per_class"].get(c, float("nan")), per_class_ci.get(c), c in unreliable) for c in classes],
+            f"{m['image_auprc']:.3f}",
+        ]
+        if point:
+            cells += [f"{op['sensitivity']:.3f}", f"{op['specificity']:.3f}"] if op else ["–", "–"]
         if pixel:
             cells += [f"{m.get(k, float('nan')):.3f}" for k in ("pixel_auroc", "aupro", "dice", "pointing_game")]
         table.add_row(name, *cells)
     if maps:
         console.print(table)
+        console.print("[dim]AUROC with its 95 % bootstrap interval by patient; * from fewer than 10 abnormal scans: unreliable[/]")
+    volumes = result.get("volume_level")
+    if volumes:
+        aurocs = ", ".join(f"{name} {m['auroc']:.3f}" for name, m in volumes["maps"].items())
+        console.print(f"volume level ({volumes['n_volumes']} volumes, {volumes['aggregation']}): AUROC {aurocs}", highlight=False)
     c = result.get("classification")
     if c:
         auroc = f", AUROC macro {c['auroc_macro']:.3f}" if "auroc_macro" in c else ""
@@ -245,16 +283,22 @@ def print_metrics(result: dict) -> None:
 @friendly_errors
 def infer_cmd(
     run: Path = typer.Argument(..., help="Run directory written by `medvq train`."),
-    inputs: list[Path] = typer.Argument(..., help="Scans and/or folders of scans."),
-    out: Path = typer.Option(..., "--out", help="Output folder for maps, overlays and scores.csv."),
+    inputs: list[Path] = typer.Argument(..., help="Scans, OCT volumes (DICOM multi-frame, .vol, .img), NIfTI volumes, folders of them, or a manifest CSV."),
+    out: Path = typer.Option(..., "--out", help="Output folder for maps, overlays, scores.csv, and per volume volumes.csv and en-face maps."),
     device: str = typer.Option("cpu", "--device"),
     save_npy: bool = typer.Option(True, "--npy/--no-npy", help="Also save each map as .npy (original scan grid, standardised)."),
+    decide_on: Optional[str] = typer.Option(None, "--map", help="Map or score that decides and is drawn (default: the run's primary map, chosen at training)."),
+    threshold: Optional[str] = typer.Option(
+        None, "--threshold", help="spec95 or spec99 (95 %/99 % specificity on the calibration normals, stored with the run) or a score value (default: the run's score.operating_point, spec95)."
+    ),
 ) -> None:
-    """Anomaly maps (overlay PNG + .npy) and calibrated scores for unlabelled scans."""
+    """Anomaly maps (overlay PNG + .npy), calibrated scores and an abnormal/normal decision per scan (scores.csv); per volume a score (top-k mean of its B-scans), decision, most abnormal B-scans and an en-face map."""
     from medvq.inference import infer
 
-    rows = infer(run, inputs, out, device=device, save_npy=save_npy, console=console)
-    console.print(f"{len(rows)} scans scored -> {out / 'scores.csv'}")
+    rows = infer(run, inputs, out, device=device, save_npy=save_npy, decide_on=decide_on, threshold=threshold, console=console)
+    called = sum(r["abnormal"] for r in rows)
+    decided = f": {called} called abnormal on '{rows[0]['decision_map']}' above {rows[0]['threshold']:.4g} ({rows[0]['operating_point']})" if rows else ""
+    console.print(f"{len(rows)} scans scored{decided} -> {out / 'scores.csv'}")
 
 
 @app.command("explain")
@@ -308,7 +352,7 @@ def report_cmd(folder: Path = typer.Argument(..., help="An evaluation folder (me
 @app.command("benchmark")
 @friendly_errors
 def benchmark_cmd(
-    data: Path = typer.Option(..., "--data", help="Dataset root: CLASS/ folders or train|val|test/CLASS/ folders (labelled)."),
+    data: Path = typer.Option(..., "--data", "--manifest", help="Dataset root: CLASS/ folders or train|val|test/CLASS/ folders (labelled), or a manifest CSV."),
     methods: str = typer.Option("vqvae,patchcore", "--methods", help="Methods to compare, comma-separated, or 'all' (every registered method)."),
     out: Path = typer.Option(..., "--out", help="Output folder: benchmark.md/.csv/.json/.html and runs/<method>-seed<S>/."),
     image_size: Optional[int] = typer.Option(None, "--image-size", min=16, help="Image size for every method (default: each method's own setting)."),

@@ -14,12 +14,12 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, model_validator
 
 from medvq.errors import MedvqError
-from medvq.models.classifier.model import ClassifierConfig
-from medvq.models.featvq.model import FeatVQConfig
-from medvq.models.patchcore.model import PatchCoreConfig
-from medvq.models.prior.model import PriorConfig
-from medvq.models.vqvae.model import VQVAEConfig
-from medvq.models.vqvae2.model import VQVAE2Config
+from medvq.models.classifier.config import ClassifierConfig
+from medvq.models.featvq.config import FeatVQConfig
+from medvq.models.patchcore.config import PatchCoreConfig
+from medvq.models.prior.config import PriorConfig
+from medvq.models.vqvae.config import VQVAEConfig
+from medvq.models.vqvae2.config import VQVAE2Config
 
 
 class Section(BaseModel):
@@ -39,6 +39,11 @@ class DataConfig(Section):
     val_fraction: float = Field(0.15, ge=0.0, lt=1.0, description="Share of patients held out for validation and calibration when the data has no val split.")
     test_fraction: float = Field(0.3, ge=0.0, lt=1.0, description="Share of patients held out for testing when the data has no test split.")
     split_seed: int = Field(0, description="Seed of the patient split.")
+    patient_pattern: str | None = Field(
+        None,
+        description="Regular expression whose (?P<patient>...) group (or first group) is the patient id, searched in each file's path "
+        "relative to the data folder, e.g. '^(?P<patient>P\\d+)-' for P001-OD-012.png (default: the OCT2017 name CLASS-PATIENT-N).",
+    )
     hflip: bool = Field(True, description="Random left-right flips while training (left and right eyes mirror each other).")
     zoom: float = Field(
         0.0, ge=0.0, lt=1.0, description="Random rescaling while training by a factor in [1 - zoom, 1 + zoom] (0: off); helps when test anatomy is smaller or larger."
@@ -106,6 +111,11 @@ class ScoreConfig(Section):
     reducer: Literal["topk", "mean", "max"] = Field("topk", description="How a map becomes an image score.")
     topk_fraction: float = Field(0.01, gt=0, le=1, description="Share of the highest pixels averaged by the topk reducer.")
     smoothing_sigma: float = Field(2.0, ge=0, description="Gaussian smoothing of every map, in units of image_size/128 pixels.")
+    operating_point: Literal["spec95", "spec99"] = Field(
+        "spec95",
+        description="Threshold that calls a scan abnormal: the score at 95 % or 99 % specificity on the held-out calibration normals "
+        "(stored in calibration.json; `medvq infer --threshold` overrides it).",
+    )
 
 
 # Architecture config of each method; `model:` in a run config is validated by the class named by `method:`.

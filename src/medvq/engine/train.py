@@ -27,12 +27,15 @@ from medvq.config import RunConfig
 from medvq.data.dataset import ScanDataset
 from medvq.data.nifti import VolumeOptions
 from medvq.data.preprocess import Preprocessor
-from medvq.data.samples import Sample, dataset_splits
+from medvq.data.samples import Sample, dataset_splits, patient_summary
 from medvq.engine.callbacks import EpochArtifacts
 from medvq.engine.run_dir import RunDir, require_new_or_resumable
 from medvq.errors import DatasetError, MedvqError
 from medvq.io import atomic_save_npz, atomic_write_text
 from medvq.models.registry import get_method
+
+
+MIN_CALIBRATION_NORMALS = 20  # below this a 95 % specificity threshold is simply the highest normal score
 
 
 @dataclass
@@ -51,7 +54,9 @@ def training_splits(config: RunConfig, data_root: str | Path) -> dict[str, list[
     """
     d = config.data
     volume = VolumeOptions.from_config(d, getattr(config.model, "stride", 1))
-    parts = dataset_splits(data_root, val_fraction=d.val_fraction, test_fraction=d.test_fraction, seed=d.split_seed, volume=volume)
+    parts = dataset_splits(
+        data_root, val_fraction=d.val_fraction, test_fraction=d.test_fraction, seed=d.split_seed, volume=volume, patient_pattern=d.patient_pattern
+    )
     present = {s.label for items in parts.values() for s in items}
     keep = set(d.train_classes) if get_method(config.method).normal_only else present
     if present == {""}:  # unlabelled data (NIfTI slices): every image trains
@@ -71,7 +76,9 @@ def training_splits(config: RunConfig, data_root: str | Path) -> dict[str, list[
             path=data_root,
             fix="add a val/ split or raise --val-fraction",
         )
-    return {"train": train, "val": val, "test": parts["test"]}
+    # The validation patients' other scans (e.g. their abnormal ones) choose the run's primary map, never the test patients'.
+    val_other = [s for s in parts["val"] if s.label not in keep]
+    return {"train": train, "val": val, "val_abnormal": val_other, "test": parts["test"]}
 
 
 def _of(classes: set[str]) -> str:
@@ -176,17 +183,20 @@ def train_run(
             f"[bold]medvq[/] training {config.method} on {len(parts['train'])} {'/'.join(sorted({s.label for s in parts['train']} - {''})) or 'unlabelled'} images "
             f"({len({s.patient_id for s in parts['train']})} patients), validating on {len(parts['val'])} -> {run.root}"
         )
+        console.print(patient_summary(parts), highlight=False)
     # Every scan is read before the run directory is written: a bad file stops here and leaves nothing behind.
     train_set = ScanDataset(
         parts["train"], preprocessor, hflip=config.data.hflip, zoom=config.data.zoom, shift=config.data.shift, load_masks=False, targets=targets(parts["train"]), progress="reading training scans" if progress else None
     )
     val_set = ScanDataset(parts["val"], preprocessor, load_masks=False, targets=targets(parts["val"]), progress="reading validation scans" if progress else None)
+    val_other = [s for s in parts.get("val_abnormal", []) if s.label]
+    val_abnormal = ScanDataset(val_other, preprocessor, load_masks=False, progress="reading validation scans" if progress else None) if val_other else None
     run.create()
     if is_rank_zero():
         run.write_config(config)
         run.write_split(data_root, parts)
     if method.fit is not None:  # no gradient training (a memory bank): one pass instead of the Lightning trainer
-        return fit_run(method, config, run, train_set, val_set, started, console, progress)
+        return fit_run(method, config, run, train_set, val_set, started, console, progress, val_abnormal)
 
     t = config.train
     loader_kw = dict(num_workers=t.num_workers, persistent_workers=t.num_workers > 0)
@@ -210,7 +220,7 @@ def train_run(
         trainer.fit(module, train_loader, val_loader, ckpt_path=str(run.last_ckpt) if resume else None, weights_only=True)
 
     if trainer.is_global_zero:
-        finish_run(run, config, train_set, val_set, console)
+        finish_run(run, config, train_set, val_set, console, val_abnormal)
     return TrainResult(run=run, epochs=trainer.current_epoch, seconds=time.perf_counter() - started, best_val_loss=artifacts.best_loss)
 
 
@@ -223,28 +233,42 @@ def torch_device(config: RunConfig) -> torch.device:
     return torch.device(accelerator)
 
 
-def fit_run(method, config: RunConfig, run: RunDir, train_set: ScanDataset, val_set: ScanDataset, started: float, console: Console, progress: bool) -> TrainResult:
+def fit_run(
+    method, config: RunConfig, run: RunDir, train_set: ScanDataset, val_set: ScanDataset, started: float, console: Console, progress: bool, val_abnormal: ScanDataset | None = None
+) -> TrainResult:
     """Fit-only methods (``Method.fit``): fit once on the training images, then write the same run directory
     as a trained one: model/best.safetensors, fit.json (counts and seconds of the fit), calibration.json."""
     if is_rank_zero():  # one process fits; the others of a multi-process launch have nothing to do
         model, summary = method.fit(config, train_set, device=torch_device(config), console=console, progress=progress)
         run.save_weights(model, "best")
         atomic_write_text(run.fit_summary, json.dumps(summary, indent=1))
-        finish_run(run, config, train_set, val_set, console)
+        finish_run(run, config, train_set, val_set, console, val_abnormal)
     return TrainResult(run=run, epochs=0, seconds=time.perf_counter() - started, best_val_loss=float("nan"))
 
 
-def finish_run(run: RunDir, config: RunConfig, train_set: ScanDataset, val_set: ScanDataset, console: Console) -> None:
-    """Calibrate the best model on held-out normals and export the training images' code maps (VQ models)."""
+def finish_run(run: RunDir, config: RunConfig, train_set: ScanDataset, val_set: ScanDataset, console: Console, val_abnormal: ScanDataset | None = None) -> None:
+    """Calibrate the best model on held-out normals (thresholds included), choose the primary map on the
+    validation patients' abnormal scans, and export the training images' code maps (VQ models)."""
     from medvq.detector import Detector
 
     detector = Detector.load(run.root)
     normal = config.data.normal_class
-    normals = val_set.subset([i for i, s in enumerate(val_set.samples) if s.label == normal]) if not detector.method.normal_only else val_set
+    if detector.method.normal_only:
+        normals = val_set
+        abnormals = val_abnormal
+    else:  # a classifier validates on every class
+        normals = val_set.subset([i for i, s in enumerate(val_set.samples) if s.label == normal])
+        rest = [i for i, s in enumerate(val_set.samples) if s.label != normal]
+        abnormals = val_set.subset(rest) if rest else None
     if len(normals) < 2:
         raise DatasetError(f"only {len(normals)} held-out {normal} validation image(s): score calibration needs at least 2", fix="raise --val-fraction")
-    calibration = detector.calibrate(normals, batch_size=config.train.batch_size)
+    calibration = detector.calibrate(normals, batch_size=config.train.batch_size, abnormals=abnormals)
     calibration.save(run.calibration)
+    if len(normals) < MIN_CALIBRATION_NORMALS:
+        console.print(
+            f"[yellow]warning[/]: calibrated on only {len(normals)} held-out {normal} scans (fewer than {MIN_CALIBRATION_NORMALS}): "
+            "thresholds, percentiles and the out-of-distribution guard rest on few scans; raise --val-fraction or add normal scans"
+        )
     codes: dict[str, list[np.ndarray]] = {}
     for b in train_set.batches(64):
         pred = detector.predict(b.image)
@@ -261,3 +285,4 @@ def finish_run(run: RunDir, config: RunConfig, train_set: ScanDataset, val_set: 
             frames=np.array([-1 if s.frame is None else s.frame for s in train_set.samples]),
         )
     console.print(f"calibrated on {len(normals)} held-out normal images -> {run.calibration}")
+    console.print(f"primary map: {calibration.primary_map} ({calibration.primary_reason})")

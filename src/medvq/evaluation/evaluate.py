@@ -4,7 +4,10 @@
   (flat folders); any image or patient the run trained or calibrated on is excluded and counted.
 - Image level: AUROC of NORMAL vs all abnormal classes pooled, per abnormal class vs NORMAL, within
   each original image width (a guard against width leaking through preprocessing), AUPRC, and the
-  sensitivity at 95 % specificity.
+  sensitivity at 95 % specificity (chosen on the test scans: optimistic). Every image AUROC has a 95 %
+  bootstrap interval resampling patients (``*_ci``); a per-class AUROC from fewer than 10 abnormal scans
+  is listed in ``unreliable_classes``. Sensitivity and specificity at the threshold stored at calibration
+  (``operating_point``) are the honest operating point.
 - Pixel level, where masks exist: pixel AUROC, AUPRO up to FPR 0.3, the best Dice over thresholds
   (an upper bound: the threshold is chosen on the test data), and the pointing game (share of lesion
   images whose map peak lies within 15/224 of the image side of a lesion pixel).
@@ -39,8 +42,12 @@ from medvq.errors import DatasetError
 from medvq.evaluation import metrics as M
 from medvq.evaluation.reconstruction import reconstruction_metrics, spread_indices, summarize
 from medvq.io import atomic_save_npz, atomic_write_text
+from medvq.scoring.decision import OperatingPoint, is_abnormal, operating_point
+from medvq.scoring.volume import DEFAULT_TOPK_FRACTION, volume_level_scores
 
 SPECIFICITY = 0.95
+BOOTSTRAP_RESAMPLES = 1000  # patient-level bootstrap resamples behind every AUROC interval
+MIN_RELIABLE_ABNORMAL = 10  # a per-class AUROC from fewer abnormal scans is flagged as unreliable
 AUPRO_FPR_LIMIT = 0.3
 POINTING_TOLERANCE = 15 / 224  # pointing-game tolerance as a share of the image side (15 px at 224 px, Zhang et al. 2016)
 
@@ -63,14 +70,16 @@ def select_test_samples(run: RunDir, data_root: str | Path, split: str = "test")
     d = config.data
     volume = VolumeOptions.from_config(d, getattr(config.model, "stride", 1))  # NIfTI slices listed as in training
     if split in ("test", "val"):
-        samples = dataset_splits(data_root, val_fraction=d.val_fraction, test_fraction=d.test_fraction, seed=d.split_seed, volume=volume)[split]
+        samples = dataset_splits(
+            data_root, val_fraction=d.val_fraction, test_fraction=d.test_fraction, seed=d.split_seed, volume=volume, patient_pattern=d.patient_pattern
+        )[split]
     elif split == "all":
-        samples = scan_dataset(data_root, volume=volume)
+        samples = scan_dataset(data_root, volume=volume, patient_pattern=d.patient_pattern)
     else:
         raise DatasetError(f"unknown split '{split}'", fix="use 'test', 'val' or 'all'")
     record = run.read_split()
     seen_paths, seen_patients = set(), set()
-    for name in ("train",) if split == "val" else ("train", "val"):
+    for name in ("train",) if split == "val" else ("train", "val", "val_abnormal"):
         for item in record.get("splits", {}).get(name, []):
             seen_paths.add((item["path"], item.get("frame")))
             seen_patients.add(item["patient_id"])
@@ -88,23 +97,40 @@ def compute_metrics(
     maps: dict[str, np.ndarray] | None = None,
     valid: np.ndarray | None = None,
     pointing_tolerance: float = 0.0,
+    operating_points: dict[str, OperatingPoint] | None = None,
+    patients: np.ndarray | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """Metrics per map. labels: class names; scores: name -> (N,); masks/maps/valid: (N, H, W)."""
+    """Metrics per map. labels: class names; scores: name -> (N,); masks/maps/valid: (N, H, W);
+    operating_points: name -> the stored threshold at which sensitivity and specificity are reported;
+    patients: (N,) patient ids, for 95 % bootstrap intervals by patient on every image AUROC (``*_ci``)."""
     y = np.array([lab != normal_class for lab in labels], dtype=int)
     classes = sorted({lab for lab in labels if lab != normal_class})
+    labels_arr = np.array(labels)
+    interval = lambda keep, s: list(M.bootstrap_auroc_interval(y[keep], s[keep], patients[keep], BOOTSTRAP_RESAMPLES)) if patients is not None else None
+    everything = np.ones(len(labels), bool)
+    n_abnormal = {c: int((labels_arr == c).sum()) for c in classes}
     out: dict[str, dict[str, Any]] = {}
     for name, s in scores.items():
         m: dict[str, Any] = {
             "image_auroc": M.image_auroc(y, s),
+            "image_auroc_ci": interval(everything, s),
             "image_auprc": M.image_auprc(y, s),
             f"sensitivity_at_{int(SPECIFICITY * 100)}_specificity": M.sensitivity_at_specificity(y, s, SPECIFICITY),
             "image_auroc_per_class": {},
+            "image_auroc_per_class_ci": {},
+            "n_abnormal_per_class": n_abnormal,
+            "unreliable_classes": [c for c in classes if n_abnormal[c] < MIN_RELIABLE_ABNORMAL],  # fewer than 10 abnormal scans
         }
         for c in classes:
-            keep = np.array([lab in (c, normal_class) for lab in labels])
+            keep = np.isin(labels_arr, (c, normal_class))
             m["image_auroc_per_class"][c] = M.image_auroc(y[keep], s[keep])
+            m["image_auroc_per_class_ci"][c] = interval(keep, s)
+        if operating_points and name in operating_points:
+            m["operating_point"] = operating_point_metrics(y, s, operating_points[name])
         if widths is not None:
             m["image_auroc_by_width"] = M.grouped_auroc(y, s, widths)
+            if patients is not None:
+                m["image_auroc_by_width_ci"] = {w: interval(np.asarray(widths).astype(str) == w, s) for w in m["image_auroc_by_width"]}
         if masks is not None and maps is not None and name in maps and masks.any():
             mp = maps[name]
             m["pixel_auroc"] = M.pixel_auroc(masks, mp, valid=valid)
@@ -114,6 +140,23 @@ def compute_metrics(
             m["pointing_game"] = M.pointing_game(masks, mp, valid=valid, tolerance=pointing_tolerance)
         out[name] = m
     return out
+
+
+def operating_point_metrics(y: np.ndarray, scores: np.ndarray, point: OperatingPoint) -> dict[str, Any]:
+    """Sensitivity, specificity and the confusion counts at a threshold chosen without these data."""
+    called = is_abnormal(scores, point)
+    tp, fn = int((called & (y == 1)).sum()), int((~called & (y == 1)).sum())
+    fp, tn = int((called & (y == 0)).sum()), int((~called & (y == 0)).sum())
+    return {
+        "name": point.name,
+        "threshold": point.value,
+        "calibration_specificity": point.specificity,
+        "calibration_normals": point.n_normals,
+        "reliable": point.reliable,
+        "sensitivity": tp / max(tp + fn, 1),
+        "specificity": tn / max(tn + fp, 1),
+        "confusion": {"tn": tn, "fp": fp, "fn": fn, "tp": tp},
+    }
 
 
 def classify(detector: Detector, pred: Prediction, samples: list[Sample], dataset: ScanDataset) -> dict[str, Any]:
@@ -153,6 +196,30 @@ def write_scores_csv(path: Path, samples: list[Sample], dataset: ScanDataset, sc
         frame = ["" if s.frame is None else s.frame] if frames else []
         writer.writerow([str(s.path), *frame, s.label, s.patient_id, g.width, g.height, *(f"{scores[n][i]:.6g}" for n in names)])
     atomic_write_text(path, buffer.getvalue())
+
+
+def volume_metrics(
+    samples: list[Sample], scores: dict[str, np.ndarray], normal_class: str, operating_points: dict[str, OperatingPoint] | None = None
+) -> dict[str, Any] | None:
+    """AUROC and AUPRC per score over volumes (``medvq.scoring.volume``: a volume is abnormal when any of
+    its B-scans is; its score is the top-k mean of its B-scan scores), and sensitivity / specificity with
+    the stored B-scan threshold applied to volume scores; None without normal and abnormal volumes."""
+    found = volume_level_scores(samples, scores, normal_class)
+    if found is None:
+        return None
+    labels, volume_scores = found
+    if normal_class not in labels or all(lab == normal_class for lab in labels):
+        return None
+    per_map = compute_metrics(labels, volume_scores, normal_class, operating_points=operating_points)
+    return {
+        "n_volumes": len(labels),
+        "counts": {c: labels.count(c) for c in sorted(set(labels))},
+        "aggregation": f"mean of the ceil({DEFAULT_TOPK_FRACTION:g} x n) highest B-scan scores of a volume (at least 1)",
+        "maps": {
+            name: {"auroc": m["image_auroc"], "auprc": m["image_auprc"], "auroc_per_class": m["image_auroc_per_class"], **({"operating_point": m["operating_point"]} if "operating_point" in m else {})}
+            for name, m in per_map.items()
+        },
+    }
 
 
 def write_reconstruction_csv(path: Path, samples: list[Sample], per_image: dict[str, np.ndarray]) -> None:
@@ -206,7 +273,15 @@ def evaluate_run(
             fix="evaluate a reconstruction model (vqvae, vqvae2), or give the data class folders",
         )
     tolerance = POINTING_TOLERANCE * config.data.image_size
-    per_map = compute_metrics(labels, pred.scores, normal, dataset.original_widths(), masks, maps_np, valid, pointing_tolerance=tolerance) if anomaly else {}
+    for note in detector.notes:
+        console.print(f"[yellow]note[/]: {note}")
+    points = {k: operating_point(detector.calibration, k, config.score.operating_point) for k in pred.scores if k in detector.calibration.stats}
+    patients = np.array([s.patient_id for s in samples])
+    per_map = (
+        compute_metrics(labels, pred.scores, normal, dataset.original_widths(), masks, maps_np, valid, tolerance, operating_points=points, patients=patients)
+        if anomaly
+        else {}
+    )
     images = dataset.images.float()
     recon = reconstruction_metrics(pred.reconstruction, images) if pred.reconstruction is not None else None
 
@@ -226,9 +301,15 @@ def evaluate_run(
         "fov": config.data.fov,
         "reducer": f"{config.score.reducer}" + (f" ({config.score.topk_fraction:g})" if config.score.reducer == "topk" else ""),
         "calibration_images": detector.calibration.n_images,
+        "primary_map": detector.primary_map,
+        "primary_reason": detector.calibration.primary_reason or "the method's default (the run recorded no choice)",
+        "operating_point": config.score.operating_point,
         "maps": per_map,
         **({"pointing_tolerance_px": tolerance} if masks is not None else {}),
     }
+    volume_level = volume_metrics(samples, pred.scores, normal, points) if anomaly else None
+    if volume_level is not None:
+        result["volume_level"] = volume_level
     if recon is not None:
         result["reconstruction"] = summarize(recon, None if unlabelled else labels)
         write_reconstruction_csv(out / "reconstruction.csv", samples, recon)

@@ -33,6 +33,7 @@ h1{font-size:1.5rem;margin-bottom:.2rem} h2{font-size:1.15rem;margin-top:2rem;bo
 table{border-collapse:collapse;font-size:.85rem;margin:.5rem 0} th,td{border:1px solid #ddd;padding:.3rem .5rem;text-align:right}
 th{background:#f4f4f4} td.l,th.l{text-align:left} .muted{color:#666;font-size:.85rem}
 .best{font-weight:bold;background:#eef7ee} .gal td{padding:2px;border:none;text-align:center;font-size:.72rem;vertical-align:top}
+.ci{color:#666;font-size:.75rem} .warn{color:#b35900;font-size:.72rem}
 .gal img{width:132px;height:132px;image-rendering:pixelated;display:block} figure{display:inline-block;margin:.3rem}
 """
 
@@ -73,6 +74,19 @@ def read_scores(path: Path) -> tuple[list[dict], list[str]]:
     return rows, names
 
 
+def _interval_note(m: dict, key) -> str:
+    """An AUROC cell's 95 % bootstrap interval by patient, and a flag when too few abnormal scans stand behind it."""
+    if key == "image_auroc":
+        ci, flag = m.get("image_auroc_ci"), ""
+    elif isinstance(key, tuple) and key[0] == "per_class":
+        ci = m.get("image_auroc_per_class_ci", {}).get(key[1])
+        n = m.get("n_abnormal_per_class", {}).get(key[1])
+        flag = f"<br><span class='warn'>only {n} abnormal: unreliable</span>" if key[1] in m.get("unreliable_classes", []) else ""
+    else:
+        return ""
+    return (f"<br><span class='ci'>{ci[0]:.2f}–{ci[1]:.2f}</span>" if ci else "") + flag
+
+
 def _metrics_table(metrics: dict) -> str:
     maps = metrics["maps"]
     classes = sorted({c for m in maps.values() for c in m.get("image_auroc_per_class", {})})
@@ -81,21 +95,27 @@ def _metrics_table(metrics: dict) -> str:
     cols = [("image AUROC", "image_auroc"), ("AUPRC", "image_auprc")]
     if spec_key:
         cols.append(("sens. @95% spec.", spec_key))
+    point = metrics.get("operating_point")
+    if point:  # the stored threshold, chosen on calibration normals only: the honest operating point
+        cols += [(f"sens. @ stored {point}", ("operating_point", "sensitivity")), (f"spec. @ stored {point}", ("operating_point", "specificity"))]
     cols += [(f"AUROC {c}", ("per_class", c)) for c in classes]
     if pixel:
         cols += [("pixel AUROC", "pixel_auroc"), ("AUPRO (FPR≤0.3)", "aupro"), ("best Dice", "dice")]
         if any("pointing_game" in m for m in maps.values()):
             cols.append(("pointing game", "pointing_game"))
-    value = lambda m, key: m.get("image_auroc_per_class", {}).get(key[1]) if isinstance(key, tuple) else m.get(key)
+    value = lambda m, key: (m.get("image_auroc_per_class" if key[0] == "per_class" else key[0]) or {}).get(key[1]) if isinstance(key, tuple) else m.get(key)
     best = {label: max((value(m, key) or -1) for m in maps.values()) for label, key in cols}
     head = "".join(f"<th>{html.escape(label)}</th>" for label, _ in cols)
     rows = []
     for name, m in maps.items():
         cells = "".join(
-            f"<td class='{'best' if value(m, key) is not None and value(m, key) == best[label] else ''}'>{_fmt(value(m, key))}</td>" for label, key in cols
+            f"<td class='{'best' if value(m, key) is not None and value(m, key) == best[label] else ''}'>{_fmt(value(m, key))}{_interval_note(m, key)}</td>"
+            for label, key in cols
         )
         rows.append(f"<tr><td class='l'>{html.escape(name)}</td>{cells}</tr>")
     table = f"<table><tr><th class='l'>map</th>{head}</tr>{''.join(rows)}</table>"
+    if any("image_auroc_ci" in m for m in maps.values()):
+        table += "<p class='muted'>Under each AUROC: its 95 % bootstrap interval, resampling patients (1,000 resamples).</p>"
 
     widths = sorted({w for m in maps.values() for w in m.get("image_auroc_by_width", {})}, key=lambda w: int(w) if w.isdigit() else w)
     if widths:
@@ -141,7 +161,28 @@ def _classification_section(c: dict) -> str:
     return top + per_class + "<p class='muted'>Confusion matrix (rows: true class, columns: predicted class, argmax of the probabilities).</p>" + cm + extra
 
 
-def _roc_section(rows: list[dict], names: list[str], normal: str) -> str:
+def _operating_point_section(metrics: dict) -> str:
+    """Confusion matrix of every map at its stored threshold."""
+    point = metrics.get("operating_point")
+    maps = {n: m["operating_point"] for n, m in metrics["maps"].items() if "operating_point" in m}
+    if not point or not maps:
+        return ""
+    rows = "".join(
+        f"<tr><td class='l'>{html.escape(n)}{' (primary)' if n == metrics.get('primary_map') else ''}</td><td>{op['threshold']:.3g}</td>"
+        f"<td>{op['calibration_normals']}{'' if op['reliable'] else ' (too few)'}</td><td>{op['confusion']['tn']}</td><td>{op['confusion']['fp']}</td>"
+        f"<td>{op['confusion']['fn']}</td><td>{op['confusion']['tp']}</td><td>{_fmt(op['sensitivity'])}</td><td>{_fmt(op['specificity'])}</td></tr>"
+        for n, op in maps.items()
+    )
+    return (
+        f"<h2>Operating point ({html.escape(point)}, stored at calibration)</h2>"
+        f"<p class='muted'>Each map's threshold at {html.escape(point[4:])} % specificity on the held-out calibration normals, fixed before "
+        "these test scans were seen; a scan is called abnormal above it. Marked ● on the ROC curves.</p>"
+        "<table><tr><th class='l'>map</th><th>threshold</th><th>calibration normals</th><th>TN</th><th>FP</th><th>FN</th><th>TP</th>"
+        f"<th>sensitivity</th><th>specificity</th></tr>{rows}</table>"
+    )
+
+
+def _roc_section(rows: list[dict], names: list[str], normal: str, points: dict[str, float] | None = None) -> str:
     labels = np.array([r["class"] != normal for r in rows], dtype=int)
     classes = sorted({r["class"] for r in rows} - {normal})
     fig, axes = plt.subplots(1, 1 + len(classes), figsize=(3.6 * (1 + len(classes)), 3.4), squeeze=False)
@@ -155,7 +196,10 @@ def _roc_section(rows: list[dict], names: list[str], normal: str) -> str:
             if y.min() == y.max():
                 continue
             fpr, tpr = roc_points(y, s)
-            ax.plot(fpr, tpr, label=n)
+            (line,) = ax.plot(fpr, tpr, label=n)
+            if points and n in points:  # the stored operating point on these scans
+                called = s > points[n]
+                ax.plot([called[y == 0].mean()], [called[y == 1].mean()], "o", color=line.get_color(), ms=5)
         ax.plot([0, 1], [0, 1], ls="--", lw=0.8, color="gray")
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("false positive rate", fontsize=8)
@@ -284,7 +328,8 @@ def build_report(out_dir: str | Path) -> Path:
     anomaly = (  # unlabelled data (NIfTI slices) has reconstruction metrics only
         f"""<h2>Metrics</h2>{_metrics_table(metrics)}
 <p class='muted'>Best Dice uses the best threshold found on these test images, so it is an upper bound. AUPRO is normalised to 1 for a perfect map.</p>
-<h2>ROC curves</h2>{_roc_section(rows, names, normal)}
+{_operating_point_section(metrics)}
+<h2>ROC curves</h2>{_roc_section(rows, names, normal, {n: m["operating_point"]["threshold"] for n, m in metrics["maps"].items() if "operating_point" in m})}
 <h2>Gallery</h2>{_gallery(npz, normal)}"""
         if metrics["maps"]
         else ""
