@@ -202,11 +202,11 @@ class Preprocessor:
         """Read a sample and prepare it: the route of training, evaluation and inference alike.
 
         Returns the scan as read ((H, W) in [0, 1]) and the model input. White registration padding is an
-        OCT artefact: NIfTI slices are never searched for it.
+        OCT artefact: NIfTI slices are never searched for it; B-scans of OCT volumes are, like any OCT scan.
         """
         image = read_sample(sample, self.volume)
         mask = read_mask(sample.mask_path, image.shape) if with_mask and sample.mask_path is not None else None
-        nifti = sample.frame is not None or is_nifti(sample.path)
+        nifti = is_nifti(sample.path)
         return image, self(image, mask, remove_padding=False if nifti else None)
 
     def __call__(self, image: np.ndarray, mask: np.ndarray | None = None, *, remove_padding: bool | None = None) -> Prepared:

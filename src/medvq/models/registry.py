@@ -141,7 +141,30 @@ def _prior() -> Method:
     )
 
 
-_FACTORIES: dict[str, Callable[[], Method]] = {"vqvae": _vqvae, "vqvae2": _vqvae2, "classifier": _classifier, "patchcore": _patchcore, "prior": _prior}
+def _featvq() -> Method:
+    from medvq.models.featvq.anomaly_map import COMBINATIONS, MAP_NAMES, featvq_maps
+    from medvq.models.featvq.lightning import FeatVQModule
+    from medvq.models.featvq.model import FeatVQ
+
+    return Method(
+        name="featvq",
+        summary=SUMMARIES["featvq"],
+        map_names=MAP_NAMES,
+        build_model=FeatVQ,
+        compute_maps=featvq_maps,
+        training_module=FeatVQModule.from_run_config,
+        combinations=COMBINATIONS,
+    )
+
+
+_FACTORIES: dict[str, Callable[[], Method]] = {
+    "vqvae": _vqvae,
+    "vqvae2": _vqvae2,
+    "classifier": _classifier,
+    "patchcore": _patchcore,
+    "prior": _prior,
+    "featvq": _featvq,
+}
 
 # One line per method for help texts, without importing the method's code.
 SUMMARIES: dict[str, str] = {
@@ -150,6 +173,7 @@ SUMMARIES: dict[str, str] = {
     "vqvae2": "VQ-VAE-2 (top and bottom codes) for MRI and OCT reconstruction; SSIM/PSNR, residual and per-level ALM.",
     "prior": "Latent prior over a trained VQ-VAE's codes (--vqvae RUNDIR): fusion (frozen encoder features -> conv net) or autoregressive transformer; NLL map, sampling.",
     "patchcore": "PatchCore memory bank of ImageNet EfficientNet-Lite0 patch features of normal scans (no gradient training); nearest-neighbour distance map.",
+    "featvq": "Feature-space VQ: a codebook of ImageNet EfficientNet-Lite0 patch features of normal scans and a bidirectional prior over its codes; quantisation-distance and NLL maps.",
 }
 
 
