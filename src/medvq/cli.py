@@ -305,6 +305,25 @@ def infer_cmd(
     console.print(f"{len(rows)} scans scored{decided} -> {out / 'scores.csv'}")
 
 
+@app.command("export")
+@friendly_errors
+def export_cmd(
+    run: Path = typer.Argument(..., help="Run directory written by `medvq train` (vqvae or patchcore)."),
+    out: Path = typer.Option(..., "--out", help="The .onnx file to write."),
+    format: str = typer.Option("onnx", "--format", help="Only onnx for now."),
+    checkpoint: str = typer.Option("best", "--checkpoint", help="best or last."),
+) -> None:
+    """The whole scoring path (preprocessed image -> calibrated maps -> image scores) as one ONNX graph;
+    run it without torch: python -m medvq.onnx_runtime FILE.onnx SCAN..."""
+    if format != "onnx":
+        raise MedvqError(f"unknown export format '{format}'", fix="use --format onnx")
+    from medvq.export import export_onnx
+
+    meta = export_onnx(run, out, checkpoint=checkpoint)
+    size = out.stat().st_size / 2**20
+    console.print(f"{meta['method']} scoring graph ({len(meta['outputs'])} outputs, {size:.1f} MiB) -> {out}")
+
+
 @app.command("explain")
 @friendly_errors
 def explain_cmd(
