@@ -37,8 +37,9 @@ def write_dicom_opt(
     ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
     ds.Modality = "OPT"
     ds.PatientID, ds.PatientName = patient, "Test^Patient"
-    ds.StudyDate = ds.ContentDate = study_date
-    ds.AcquisitionDateTime = study_date + "101500"
+    if study_date:  # "" leaves the dates out
+        ds.StudyDate = ds.ContentDate = study_date
+        ds.AcquisitionDateTime = study_date + "101500"
     ds.ImageLaterality = laterality
     ds.NumberOfFrames = len(frames)
     ds.Rows, ds.Columns = frames.shape[1:]
