@@ -266,6 +266,10 @@ def print_metrics(result: dict) -> None:
     if volumes:
         aurocs = ", ".join(f"{name} {m['auroc']:.3f}" for name, m in volumes["maps"].items())
         console.print(f"volume level ({volumes['n_volumes']} volumes, {volumes['aggregation']}): AUROC {aurocs}", highlight=False)
+    ood = result.get("out_of_distribution")
+    if ood:
+        per_class = ", ".join(f"{c} {n}" for c, n in ood["flagged_per_class"].items())
+        console.print(f"out-of-distribution guard: {ood['flagged']} of {result['n_images']} scans flagged ({per_class})", highlight=False)
     c = result.get("classification")
     if c:
         auroc = f", AUROC macro {c['auroc_macro']:.3f}" if "auroc_macro" in c else ""
@@ -299,6 +303,25 @@ def infer_cmd(
     called = sum(r["abnormal"] for r in rows)
     decided = f": {called} called abnormal on '{rows[0]['decision_map']}' above {rows[0]['threshold']:.4g} ({rows[0]['operating_point']})" if rows else ""
     console.print(f"{len(rows)} scans scored{decided} -> {out / 'scores.csv'}")
+
+
+@app.command("export")
+@friendly_errors
+def export_cmd(
+    run: Path = typer.Argument(..., help="Run directory written by `medvq train` (vqvae or patchcore)."),
+    out: Path = typer.Option(..., "--out", help="The .onnx file to write."),
+    format: str = typer.Option("onnx", "--format", help="Only onnx for now."),
+    checkpoint: str = typer.Option("best", "--checkpoint", help="best or last."),
+) -> None:
+    """The whole scoring path (preprocessed image -> calibrated maps -> image scores) as one ONNX graph;
+    run it without torch: python -m medvq.onnx_runtime FILE.onnx SCAN..."""
+    if format != "onnx":
+        raise MedvqError(f"unknown export format '{format}'", fix="use --format onnx")
+    from medvq.export import export_onnx
+
+    meta = export_onnx(run, out, checkpoint=checkpoint)
+    size = out.stat().st_size / 2**20
+    console.print(f"{meta['method']} scoring graph ({len(meta['outputs'])} outputs, {size:.1f} MiB) -> {out}")
 
 
 @app.command("explain")
