@@ -102,6 +102,7 @@ def test_oct_volumes_train_evaluate_and_get_a_verdict_each(tiny_phantom, nibabel
     volume_level = metrics["volume_level"]
     assert volume_level["counts"]["NORMAL"] >= 2 and volume_level["n_volumes"] > volume_level["counts"]["NORMAL"]
     assert 0.0 <= volume_level["maps"]["residual"]["auroc"] <= 1.0 and "volume level" in result.output
+    assert "<h2>Volumes</h2>" in (tmp_path / "eval" / "report.html").read_text()
 
     test_volume = sorted((tmp_path / "volumes").glob("CNV-*.dcm"))[0]
     out = tmp_path / "infer"

@@ -42,7 +42,7 @@ class DataConfig(Section):
     patient_pattern: str | None = Field(
         None,
         description="Regular expression whose (?P<patient>...) group (or first group) is the patient id, searched in each file's path "
-        "relative to the data folder, e.g. '^(?P<patient>P\\d+)-' for P001-OD-012.png (default: the OCT2017 name CLASS-PATIENT-N).",
+        "relative to the data folder, e.g. '(?P<patient>P\\d+)-O[DS]-' for CLASS/P001-OD-012.png (default: the OCT2017 name CLASS-PATIENT-N).",
     )
     hflip: bool = Field(True, description="Random left-right flips while training (left and right eyes mirror each other).")
     zoom: float = Field(
