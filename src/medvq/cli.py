@@ -266,6 +266,10 @@ def print_metrics(result: dict) -> None:
     if volumes:
         aurocs = ", ".join(f"{name} {m['auroc']:.3f}" for name, m in volumes["maps"].items())
         console.print(f"volume level ({volumes['n_volumes']} volumes, {volumes['aggregation']}): AUROC {aurocs}", highlight=False)
+    ood = result.get("out_of_distribution")
+    if ood:
+        per_class = ", ".join(f"{c} {n}" for c, n in ood["flagged_per_class"].items())
+        console.print(f"out-of-distribution guard: {ood['flagged']} of {result['n_images']} scans flagged ({per_class})", highlight=False)
     c = result.get("classification")
     if c:
         auroc = f", AUROC macro {c['auroc_macro']:.3f}" if "auroc_macro" in c else ""

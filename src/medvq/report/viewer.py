@@ -117,10 +117,9 @@ def _read_scan(row: dict[str, str], folder: Path) -> np.ndarray:
     return read_sample(sample)
 
 
-def _score_columns(fields: list[str], kind: str) -> list[str]:
-    fixed = {"path", "name", "frame", "class", "patient", "width", "height", "decision_map", "operating_point", "threshold", "abnormal"}
-    names = [f for f in fields if f not in fixed and not f.endswith("_z") and not f.endswith("_normal_percentile")]
-    return names
+def _score_columns(fields: list[str]) -> list[str]:
+    fixed = {"path", "name", "frame", "class", "patient", "width", "height", "decision_map", "operating_point", "threshold", "abnormal", "in_distribution", "ood_distance"}
+    return [f for f in fields if f not in fixed and not f.endswith("_z") and not f.endswith("_normal_percentile")]
 
 
 def collect(folder: str | Path) -> ViewerData:
@@ -133,7 +132,7 @@ def collect(folder: str | Path) -> ViewerData:
     if not rows:
         raise MedvqError("scores.csv lists no scans", path=scores_csv, fix="score some scans first")
     kind = "evaluate" if (folder / "metrics.json").is_file() else "infer"
-    names = _score_columns(fields, kind)
+    names = _score_columns(fields)
     settings: dict[str, Any] = {"kind": kind, "folder": str(folder.resolve()), "scores": names, "colormap": _colormap(), "colormap_name": COLORMAP}
     metrics = json.loads((folder / "metrics.json").read_text()) if kind == "evaluate" else {}
     normal = "NORMAL"
@@ -167,6 +166,8 @@ def collect(folder: str | Path) -> ViewerData:
             "patient": row.get("patient", ""),
             "scores": {n: _float(row.get(n)) for n in names},
         }
+        if row.get("in_distribution") not in (None, ""):  # the out-of-distribution guard's verdict
+            rec["in_distribution"] = row["in_distribution"] == "1"
         if kind == "infer":
             rec["z"] = {n: _float(row.get(f"{n}_z")) for n in names}
             rec["pct"] = {n: _float(row.get(f"{n}_normal_percentile")) for n in names}
