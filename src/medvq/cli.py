@@ -295,11 +295,12 @@ def infer_cmd(
     threshold: Optional[str] = typer.Option(
         None, "--threshold", help="spec95 or spec99 (95 %/99 % specificity on the calibration normals, stored with the run) or a score value (default: the run's score.operating_point, spec95)."
     ),
+    contour: bool = typer.Option(False, "--contour", help="Outline in the overlays where the map crosses the threshold."),
 ) -> None:
     """Anomaly maps (overlay PNG + .npy), calibrated scores and an abnormal/normal decision per scan (scores.csv); per volume a score (top-k mean of its B-scans), decision, most abnormal B-scans and an en-face map."""
     from medvq.inference import infer
 
-    rows = infer(run, inputs, out, device=device, save_npy=save_npy, decide_on=decide_on, threshold=threshold, console=console)
+    rows = infer(run, inputs, out, device=device, save_npy=save_npy, decide_on=decide_on, threshold=threshold, contour=contour, console=console)
     called = sum(r["abnormal"] for r in rows)
     decided = f": {called} called abnormal on '{rows[0]['decision_map']}' above {rows[0]['threshold']:.4g} ({rows[0]['operating_point']})" if rows else ""
     console.print(f"{len(rows)} scans scored{decided} -> {out / 'scores.csv'}")
