@@ -154,6 +154,7 @@ def _featvq() -> Method:
         compute_maps=featvq_maps,
         training_module=FeatVQModule.from_run_config,
         combinations=COMBINATIONS,
+        onnx_export=lambda model: None,
     )
 
 
