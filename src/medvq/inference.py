@@ -17,6 +17,7 @@ from medvq.detector import Detector
 from medvq.errors import MedvqError
 from medvq.scoring.calibration import normals_needed
 from medvq.scoring.decision import operating_point
+from medvq.scoring.volume import volume_key
 from medvq.io import OutputWriter, atomic_path, atomic_write_csv
 from medvq.report.figures import overlay
 from medvq.volume_outputs import write_volume_verdicts
@@ -45,10 +46,6 @@ def _write_scan_outputs(out: Path, name: str, result, key: str, vmax: float, sav
         for map_name, m in result.maps.items():
             with atomic_path(out / "maps" / f"{name}_{map_name}.npy") as tmp:
                 np.save(tmp, m.astype(np.float32))
-
-
-def _column_maxima(maps, key: str) -> np.ndarray:
-    return maps[key].max(axis=0)
 
 
 def infer(
@@ -115,7 +112,7 @@ def infer(
             d = result.decision
             row |= {"decision_map": d.map, "operating_point": d.threshold.name, "threshold": d.threshold.value, "abnormal": int(d.abnormal)}
             rows.append(row)
-            column_maxima.append(_column_maxima(result.maps, key))
+            column_maxima.append(result.maps[key].max(axis=0) if volume_key(sample) is not None else None)  # B-scans of volumes only
             if len(rows) % 25 == 0 and time.monotonic() - saved > 2.0:  # a crash keeps what was scored (rewritten at most every 2 s)
                 atomic_write_csv(out / "scores.csv", rows)
                 saved = time.monotonic()
