@@ -353,6 +353,24 @@ def export_cmd(
     console.print(f"{meta['method']} scoring graph ({len(meta['outputs'])} outputs, {size:.1f} MiB) -> {out}")
 
 
+@app.command("view")
+@friendly_errors
+def view_cmd(
+    folder: Path = typer.Argument(..., help="Output folder of `medvq evaluate` or `medvq infer`."),
+    serve: bool = typer.Option(False, "--serve", help="Also serve the folder on 127.0.0.1 and open the page (Ctrl-C stops)."),
+    port: int = typer.Option(0, "--port", help="Port for --serve (0: a free one)."),
+    embed: bool = typer.Option(True, "--embed/--beside", help="Images inside viewer.html (one file), or beside it in viewer_files/."),
+) -> None:
+    """Interactive page FOLDER/viewer.html: every scan in a sortable grid, maps as overlays, a live threshold
+    with confusion counts and the ROC point; works offline."""
+    from medvq.report.viewer import build_viewer, serve as serve_folder
+
+    page = build_viewer(folder, embed=embed)
+    console.print(f"viewer: {page} ({page.stat().st_size / 2**20:.1f} MiB)")
+    if serve:
+        serve_folder(folder, port)
+
+
 @app.command("explain")
 @friendly_errors
 def explain_cmd(

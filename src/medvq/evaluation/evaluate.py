@@ -17,7 +17,8 @@
 - Reconstruction, for methods that reconstruct: SSIM, PSNR and MSE per image (data range 1.0, the range
   of every model input), averaged overall and per class (``medvq.evaluation.reconstruction``).
   Unlabelled data (NIfTI slices) is evaluated for reconstruction only.
-Outputs: metrics.json, scores.csv, reconstruction.csv, evaluation.npz (gallery arrays) and report.html.
+Outputs: metrics.json, scores.csv, maps.npz (every scan's calibrated maps, for `medvq view`), reconstruction.csv,
+evaluation.npz (gallery arrays) and report.html.
 """
 
 from __future__ import annotations
@@ -238,6 +239,20 @@ def volume_metrics(
     }
 
 
+def write_scan_maps(path: Path, dataset: ScanDataset, pred: Prediction) -> None:
+    """Every scan's calibrated maps (float16, model grid, rows of scores.csv), valid pixels, lesion mask and
+    reconstruction where they exist, and the box of the scan each came from (top, bottom, left, right in
+    original pixels): what `medvq view` shows without running the model again."""
+    arrays = {f"map_{k}": v[:, 0].numpy().astype(np.float16) for k, v in pred.maps.items()}
+    arrays["valid"] = dataset.valid[:, 0].numpy()
+    arrays["box"] = np.array([(g.top, g.bottom, g.left, g.right) for g in dataset.geometry], dtype=np.int32).reshape(-1, 4)
+    if dataset.masks is not None:
+        arrays["mask"] = dataset.masks[:, 0].numpy()
+    if pred.reconstruction is not None:
+        arrays["reconstruction"] = pred.reconstruction[:, 0].clamp(0, 1).numpy().astype(np.float16)
+    atomic_save_npz(path, **arrays)
+
+
 def write_reconstruction_csv(path: Path, samples: list[Sample], per_image: dict[str, np.ndarray]) -> None:
     buffer = io.StringIO()
     writer = csv.writer(buffer)
@@ -336,6 +351,7 @@ def evaluate_run(
         write_reconstruction_csv(out / "reconstruction.csv", samples, recon)
     ood = (pred.ood_distance, detector.calibration.guard.threshold) if pred.ood_distance is not None else None
     write_scores_csv(out / "scores.csv", samples, dataset, pred.scores, ood)
+    write_scan_maps(out / "maps.npz", dataset, pred)
 
     if not detector.method.normal_only:
         result["classification"] = classify(detector, pred, samples, dataset)
