@@ -266,6 +266,10 @@ def print_metrics(result: dict) -> None:
     if volumes:
         aurocs = ", ".join(f"{name} {m['auroc']:.3f}" for name, m in volumes["maps"].items())
         console.print(f"volume level ({volumes['n_volumes']} volumes, {volumes['aggregation']}): AUROC {aurocs}", highlight=False)
+    ood = result.get("out_of_distribution")
+    if ood:
+        per_class = ", ".join(f"{c} {n}" for c, n in ood["flagged_per_class"].items())
+        console.print(f"out-of-distribution guard: {ood['flagged']} of {result['n_images']} scans flagged ({per_class})", highlight=False)
     c = result.get("classification")
     if c:
         auroc = f", AUROC macro {c['auroc_macro']:.3f}" if "auroc_macro" in c else ""
@@ -291,14 +295,52 @@ def infer_cmd(
     threshold: Optional[str] = typer.Option(
         None, "--threshold", help="spec95 or spec99 (95 %/99 % specificity on the calibration normals, stored with the run) or a score value (default: the run's score.operating_point, spec95)."
     ),
+    contour: bool = typer.Option(False, "--contour", help="Outline in the overlays where the map crosses the threshold."),
 ) -> None:
     """Anomaly maps (overlay PNG + .npy), calibrated scores and an abnormal/normal decision per scan (scores.csv); per volume a score (top-k mean of its B-scans), decision, most abnormal B-scans and an en-face map."""
     from medvq.inference import infer
 
-    rows = infer(run, inputs, out, device=device, save_npy=save_npy, decide_on=decide_on, threshold=threshold, console=console)
+    rows = infer(run, inputs, out, device=device, save_npy=save_npy, decide_on=decide_on, threshold=threshold, contour=contour, console=console)
     called = sum(r["abnormal"] for r in rows)
     decided = f": {called} called abnormal on '{rows[0]['decision_map']}' above {rows[0]['threshold']:.4g} ({rows[0]['operating_point']})" if rows else ""
     console.print(f"{len(rows)} scans scored{decided} -> {out / 'scores.csv'}")
+
+
+@app.command("export")
+@friendly_errors
+def export_cmd(
+    run: Path = typer.Argument(..., help="Run directory written by `medvq train` (vqvae or patchcore)."),
+    out: Path = typer.Option(..., "--out", help="The .onnx file to write."),
+    format: str = typer.Option("onnx", "--format", help="Only onnx for now."),
+    checkpoint: str = typer.Option("best", "--checkpoint", help="best or last."),
+) -> None:
+    """The whole scoring path (preprocessed image -> calibrated maps -> image scores) as one ONNX graph;
+    run it without torch: python -m medvq.onnx_runtime FILE.onnx SCAN..."""
+    if format != "onnx":
+        raise MedvqError(f"unknown export format '{format}'", fix="use --format onnx")
+    from medvq.export import export_onnx
+
+    meta = export_onnx(run, out, checkpoint=checkpoint)
+    size = out.stat().st_size / 2**20
+    console.print(f"{meta['method']} scoring graph ({len(meta['outputs'])} outputs, {size:.1f} MiB) -> {out}")
+
+
+@app.command("view")
+@friendly_errors
+def view_cmd(
+    folder: Path = typer.Argument(..., help="Output folder of `medvq evaluate` or `medvq infer`."),
+    serve: bool = typer.Option(False, "--serve", help="Also serve the folder on 127.0.0.1 and open the page (Ctrl-C stops)."),
+    port: int = typer.Option(0, "--port", help="Port for --serve (0: a free one)."),
+    embed: bool = typer.Option(True, "--embed/--beside", help="Images inside viewer.html (one file), or beside it in viewer_files/."),
+) -> None:
+    """Interactive page FOLDER/viewer.html: every scan in a sortable grid, maps as overlays, a live threshold
+    with confusion counts and the ROC point; works offline."""
+    from medvq.report.viewer import build_viewer, serve as serve_folder
+
+    page = build_viewer(folder, embed=embed)
+    console.print(f"viewer: {page} ({page.stat().st_size / 2**20:.1f} MiB)")
+    if serve:
+        serve_folder(folder, port)
 
 
 @app.command("explain")

@@ -17,7 +17,8 @@
 - Reconstruction, for methods that reconstruct: SSIM, PSNR and MSE per image (data range 1.0, the range
   of every model input), averaged overall and per class (``medvq.evaluation.reconstruction``).
   Unlabelled data (NIfTI slices) is evaluated for reconstruction only.
-Outputs: metrics.json, scores.csv, reconstruction.csv, evaluation.npz (gallery arrays) and report.html.
+Outputs: metrics.json, scores.csv, maps.npz (every scan's calibrated maps, for `medvq view`), reconstruction.csv,
+evaluation.npz (gallery arrays) and report.html.
 """
 
 from __future__ import annotations
@@ -142,6 +143,17 @@ def compute_metrics(
     return out
 
 
+def ood_summary(distance: np.ndarray, threshold: float, labels: list[str]) -> dict[str, Any]:
+    """How many scans the out-of-distribution guard flags, overall and per class."""
+    flagged = distance > threshold
+    return {
+        "threshold": threshold,
+        "flagged": int(flagged.sum()),
+        "share_flagged": float(flagged.mean()) if flagged.size else 0.0,
+        "flagged_per_class": {(c or "unlabelled"): int(flagged[[lab == c for lab in labels]].sum()) for c in sorted(set(labels))},
+    }
+
+
 def operating_point_metrics(y: np.ndarray, scores: np.ndarray, point: OperatingPoint) -> dict[str, Any]:
     """Sensitivity, specificity and the confusion counts at a threshold chosen without these data."""
     called = is_abnormal(scores, point)
@@ -185,16 +197,20 @@ def _gallery_indices(labels: list[str], scores: np.ndarray, per_class: int) -> l
     return chosen
 
 
-def write_scores_csv(path: Path, samples: list[Sample], dataset: ScanDataset, scores: dict[str, np.ndarray]) -> None:
+def write_scores_csv(path: Path, samples: list[Sample], dataset: ScanDataset, scores: dict[str, np.ndarray], ood: tuple[np.ndarray, float] | None = None) -> None:
+    """One row per scan: its class, patient, original size and every score; with ``ood`` (distances and the
+    guard's threshold) also ``in_distribution`` (1/0) and ``ood_distance``."""
     buffer = io.StringIO()
     writer = csv.writer(buffer)
     names = list(scores)
     frames = any(s.frame is not None for s in samples)  # slices of NIfTI volumes
-    writer.writerow(["path", *(["frame"] if frames else []), "class", "patient", "width", "height", *names])
+    guard = ["in_distribution", "ood_distance"] if ood is not None else []
+    writer.writerow(["path", *(["frame"] if frames else []), "class", "patient", "width", "height", *names, *guard])
     for i, s in enumerate(samples):
         g = dataset.geometry[i]
         frame = ["" if s.frame is None else s.frame] if frames else []
-        writer.writerow([str(s.path), *frame, s.label, s.patient_id, g.width, g.height, *(f"{scores[n][i]:.6g}" for n in names)])
+        verdict = [int(ood[0][i] <= ood[1]), f"{ood[0][i]:.6g}"] if ood is not None else []
+        writer.writerow([str(s.path), *frame, s.label, s.patient_id, g.width, g.height, *(f"{scores[n][i]:.6g}" for n in names), *verdict])
     atomic_write_text(path, buffer.getvalue())
 
 
@@ -220,6 +236,20 @@ def volume_metrics(
             for name, m in per_map.items()
         },
     }
+
+
+def write_scan_maps(path: Path, dataset: ScanDataset, pred: Prediction) -> None:
+    """Every scan's calibrated maps (float16, model grid, rows of scores.csv), valid pixels, lesion mask and
+    reconstruction where they exist, and the box of the scan each came from (top, bottom, left, right in
+    original pixels): what `medvq view` shows without running the model again."""
+    arrays = {f"map_{k}": v[:, 0].numpy().astype(np.float16) for k, v in pred.maps.items()}
+    arrays["valid"] = dataset.valid[:, 0].numpy()
+    arrays["box"] = np.array([(g.top, g.bottom, g.left, g.right) for g in dataset.geometry], dtype=np.int32).reshape(-1, 4)
+    if dataset.masks is not None:
+        arrays["mask"] = dataset.masks[:, 0].numpy()
+    if pred.reconstruction is not None:
+        arrays["reconstruction"] = pred.reconstruction[:, 0].clamp(0, 1).numpy().astype(np.float16)
+    atomic_save_npz(path, **arrays)
 
 
 def write_reconstruction_csv(path: Path, samples: list[Sample], per_image: dict[str, np.ndarray]) -> None:
@@ -301,6 +331,7 @@ def evaluate_run(
         "fov": config.data.fov,
         "reducer": f"{config.score.reducer}" + (f" ({config.score.topk_fraction:g})" if config.score.reducer == "topk" else ""),
         "calibration_images": detector.calibration.n_images,
+        **({"out_of_distribution": ood_summary(pred.ood_distance, detector.calibration.guard.threshold, labels)} if pred.ood_distance is not None else {}),
         "primary_map": detector.primary_map,
         "primary_reason": detector.calibration.primary_reason or "the method's default (the run recorded no choice)",
         "operating_point": config.score.operating_point,
@@ -313,7 +344,9 @@ def evaluate_run(
     if recon is not None:
         result["reconstruction"] = summarize(recon, None if unlabelled else labels)
         write_reconstruction_csv(out / "reconstruction.csv", samples, recon)
-    write_scores_csv(out / "scores.csv", samples, dataset, pred.scores)
+    ood = (pred.ood_distance, detector.calibration.guard.threshold) if pred.ood_distance is not None else None
+    write_scores_csv(out / "scores.csv", samples, dataset, pred.scores, ood)
+    write_scan_maps(out / "maps.npz", dataset, pred)
 
     if not detector.method.normal_only:
         result["classification"] = classify(detector, pred, samples, dataset)

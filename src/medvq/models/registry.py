@@ -41,6 +41,8 @@ class Method:
     # Model fields added after runs were saved, with the value a saved config.yaml without them means (every run's
     # config.yaml holds every field of its time, so a missing one marks an older run, not a wish for today's default):
     stored_model_defaults: dict[str, Any] = field(default_factory=dict)
+    # Methods whose scoring path traces into one ONNX graph (`medvq export`): prepares the loaded model for tracing.
+    onnx_export: Callable[[nn.Module], None] | None = None
 
     def maps(self, model_config) -> tuple[str, ...]:
         """The maps a model built from ``model_config`` computes by default."""
@@ -60,6 +62,7 @@ def _vqvae() -> Method:
         compute_maps=vqvae_maps,
         training_module=VQVAEModule.from_run_config,
         primary_map="residual",
+        onnx_export=lambda model: None,
     )
 
 
@@ -77,6 +80,7 @@ def _vqvae2() -> Method:
         training_module=VQVAE2Module.from_run_config,
         primary_map="residual",
         stored_model_defaults={"upsampling": "transpose"},
+        onnx_export=lambda model: None,
     )
 
 
@@ -104,7 +108,7 @@ def _classifier() -> Method:
 def _patchcore() -> Method:
     from medvq.models.patchcore.anomaly_map import MAP_NAMES, patchcore_maps
     from medvq.models.patchcore.fit import fit_patchcore
-    from medvq.models.patchcore.model import PatchCore
+    from medvq.models.patchcore.model import PatchCore, prepare_for_export
 
     return Method(
         name="patchcore",
@@ -116,6 +120,7 @@ def _patchcore() -> Method:
         fit=fit_patchcore,
         streams_training=True,
         primary_map="patch_distance",
+        onnx_export=prepare_for_export,
     )
 
 

@@ -69,7 +69,7 @@ def _fmt(v) -> str:
 def read_scores(path: Path) -> tuple[list[dict], list[str]]:
     with open(path, newline="") as f:
         rows = list(csv.DictReader(f))
-    fixed = {"path", "frame", "class", "patient", "width", "height"}
+    fixed = {"path", "frame", "class", "patient", "width", "height", "in_distribution", "ood_distance"}
     names = [k for k in (rows[0].keys() if rows else []) if k not in fixed]
     return rows, names
 
