@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from medvq.data.loader import prepared_batches
 from medvq.data.preprocess import Geometry, Preprocessor
 from medvq.data.samples import Sample
 
@@ -33,6 +34,9 @@ class Batch:
         return self
 
 
+READ_BATCH = 16  # scans a reading worker prepares at a time
+
+
 class ScanDataset(Dataset):
     """Preprocessed scans held in memory as float16 (1, S, S) arrays.
 
@@ -40,7 +44,8 @@ class ScanDataset(Dataset):
     [1 - zoom, 1 + zoom] and a translation by up to ``shift`` of the side (border pixels repeated; valid
     region and masks follow), all for training only. ``targets`` (one integer class per sample, for
     supervised methods) adds ``target`` to every item. Reading and preprocessing happen once, at
-    construction, with a progress bar; errors name the offending file.
+    construction (in ``workers`` processes, 0: in this one), with a progress bar; errors name the
+    offending file.
     """
 
     def __init__(
@@ -54,6 +59,7 @@ class ScanDataset(Dataset):
         load_masks: bool = True,
         targets: Sequence[int] | None = None,
         progress: str | None = None,
+        workers: int = 0,
     ):
         self.samples = list(samples)
         if targets is not None and len(targets) != len(self.samples):
@@ -68,18 +74,18 @@ class ScanDataset(Dataset):
         self.has_masks = load_masks and n > 0 and all(x.mask_path is not None for x in self.samples)
         self.masks = torch.zeros(n, 1, s, s, dtype=torch.bool) if self.has_masks else None
         self.geometry: list[Geometry] = []
-        iterator = range(n)
+        batches = prepared_batches(self.samples, preprocessor, batch_size=READ_BATCH, workers=workers, with_masks=self.has_masks)
         if progress:
             from rich.progress import track
 
-            iterator = track(iterator, description=progress, transient=True)
-        for i in iterator:
-            _, prepared = preprocessor.load(self.samples[i], with_mask=self.has_masks)
-            self.images[i] = prepared.image.half()
-            self.valid[i] = prepared.valid
+            batches = track(batches, total=-(-n // READ_BATCH), description=progress, transient=True)
+        for b in batches:
+            rows = slice(b.start, b.start + len(b.samples))
+            self.images[rows] = b.images.half()
+            self.valid[rows] = b.valid
             if self.masks is not None:
-                self.masks[i] = prepared.mask
-            self.geometry.append(prepared.geometry)
+                self.masks[rows] = b.masks
+            self.geometry.extend(b.geometry)
 
     def __len__(self) -> int:
         return len(self.samples)
