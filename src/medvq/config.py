@@ -118,6 +118,16 @@ class ScoreConfig(Section):
     )
 
 
+class InferenceConfig(Section):
+    """How scans are scored (evaluate, infer, Detector.predict_files): speed settings, not part of a run."""
+
+    batch_size: int = Field(32, ge=1, description="Scans per model call.")
+    workers: int = Field(2, ge=0, description="Worker processes that read and preprocess scans while the model runs (0: read in the scoring process).")
+    precision: Literal["32", "bf16"] = Field(
+        "32", description="Model arithmetic: 32, or bf16 autocast (faster where the CPU computes bf16 natively; VQ distances stay fp32)."
+    )
+
+
 # Architecture config of each method; `model:` in a run config is validated by the class named by `method:`.
 MODEL_CONFIGS: dict[str, type[BaseModel]] = {
     "vqvae": VQVAEConfig,

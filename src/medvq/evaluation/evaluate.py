@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from rich.console import Console
 
+from medvq.config import InferenceConfig
 from medvq.data.dataset import ScanDataset
 from medvq.data.nifti import VolumeOptions
 from medvq.data.samples import Sample, dataset_splits, scan_dataset
@@ -268,7 +269,8 @@ def evaluate_run(
     out: str | Path,
     *,
     split: str = "test",
-    batch_size: int = 32,
+    batch_size: int | None = None,
+    inference: InferenceConfig | None = None,
     gallery_per_class: int = 4,
     reconstruction_gallery: int = 8,
     device: str = "cpu",
@@ -277,7 +279,10 @@ def evaluate_run(
 ) -> dict[str, Any]:
     console = console or Console(stderr=True)
     run = RunDir(run_dir)
-    detector = Detector.load(run.root, device=device)
+    inference = inference or InferenceConfig()
+    if batch_size is not None:
+        inference = inference.model_copy(update={"batch_size": batch_size})
+    detector = Detector.load(run.root, device=device, inference=inference)
     if detector.calibration is None:
         raise DatasetError("run has no calibration.json", path=run.root, fix="finish training first")
     config = detector.config
@@ -291,8 +296,8 @@ def evaluate_run(
         found = ", ".join(f"{c}: {labels.count(c)}" for c in sorted(set(labels))) or "none"
         raise DatasetError(f"evaluation needs {normal} and abnormal test images; found {found}", path=data_root, fix="check the test split (or use --split all)")
 
-    dataset = ScanDataset(samples, detector.preprocessor, load_masks=True, progress="reading test scans" if progress else None)
-    pred: Prediction = detector.predict_dataset(dataset, batch_size, progress="scoring" if progress else None)
+    dataset = ScanDataset(samples, detector.preprocessor, load_masks=True, progress="reading test scans" if progress else None, workers=inference.workers)
+    pred: Prediction = detector.predict_dataset(dataset, inference.batch_size, progress="scoring" if progress else None)
     maps_np = {k: v[:, 0].numpy() for k, v in pred.maps.items()}
     masks = dataset.masks[:, 0].numpy() if dataset.masks is not None else None
     valid = dataset.valid[:, 0].numpy()
