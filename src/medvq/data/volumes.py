@@ -9,6 +9,8 @@ Formats and the readers behind them
 - Heidelberg Spectralis ``.vol``: eyepy (``pip install medvq[oct-vendors]``). Patient, eye (scan
   position), visit date and B-scan distance from the file header; intensities shown through eyepy's
   HEYEX display mapping (``from_vol_intensity``, a logarithm of the stored reflectivity), missing values 0.
+- Topcon ``.fda``: oct-converter (same extra). Patient, eye and capture date from the file's
+  information chunks, B-scan spacing from its scan parameters; JPEG or raw 16-bit B-scans.
 - Zeiss Cirrus ``.img`` (raw cube): oct-converter (same extra). The file holds no header: the A-scan and
   B-scan counts come from the exported name (``..._Macular Cube 512x128_...``), patient (``P<digits>``),
   eye and date from the name as well, as oct-converter reads them.
@@ -21,6 +23,8 @@ skipped with a warning that names the file and the frame, and the other B-scans 
 
 from __future__ import annotations
 
+import contextlib
+import io
 import re
 import warnings
 from dataclasses import dataclass
@@ -187,6 +191,49 @@ def read_zeiss_img(path: Path) -> OCTVolume:
     )
 
 
+@contextlib.contextmanager
+def _binary_fromstring():
+    """oct-converter 0.7 reads binary fields with ``np.fromstring``, whose binary mode numpy 2.3 removed;
+    while its reader runs, that call reads the same bytes with ``np.frombuffer``."""
+    original = np.fromstring
+
+    def fromstring(string, dtype=float, count=-1, *, sep="", **kwargs):
+        if sep == "":
+            return np.frombuffer(string, dtype=dtype, count=count).copy()
+        return original(string, dtype=dtype, count=count, sep=sep, **kwargs)
+
+    np.fromstring = fromstring
+    try:
+        yield
+    finally:
+        np.fromstring = original
+
+
+def read_topcon_fda(path: Path) -> OCTVolume:
+    fda = _vendor_library("oct_converter.readers.fda")
+    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings(), _binary_fromstring():  # the reader prints and warns about chunks it skips
+        warnings.simplefilter("ignore")
+        volume = fda.FDA(path).read_oct_volume()
+    if not volume.volume:
+        raise ValueError("no OCT B-scans in the file (neither @IMG_JPEG nor @IMG_MOT_COMP_03)")
+    frames = np.stack([_gray(np.asarray(b)) for b in volume.volume])
+    if np.issubdtype(frames.dtype, np.integer):
+        frames = frames.astype(np.float32) / float(np.iinfo(frames.dtype).max)
+    acquired = volume.acquisition_date
+    spacing = volume.pixel_spacing[1] if volume.pixel_spacing else None  # [A-scan width, B-scan spacing, depth] in mm
+    return OCTVolume(
+        bscans=frames.astype(np.float32),
+        patient_id=(volume.patient_id or "").strip("\x00 "),
+        eye=EYE_CODES.get((volume.laterality or "").upper(), ""),
+        scan_date=acquired.date().isoformat() if isinstance(acquired, datetime) else "",
+        spacing_mm=float(spacing) if spacing else None,
+    )
+
+
+def _gray(b: np.ndarray) -> np.ndarray:
+    return b[..., 0] if b.ndim == 3 else b
+
+
 @dataclass(frozen=True)
 class VolumeFormat:
     name: str
@@ -199,6 +246,7 @@ FORMATS = (
     VolumeFormat("DICOM multi-frame", (".dcm", ".dicom"), read_dicom_volume, _dicom_is_volume),
     VolumeFormat("Heidelberg .vol", (".vol",), read_heidelberg_vol),
     VolumeFormat("Zeiss .img", (".img",), read_zeiss_img),
+    VolumeFormat("Topcon .fda", (".fda",), read_topcon_fda),
 )
 VOLUME_SUFFIXES = {s for f in FORMATS for s in f.suffixes}
 
