@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from volume_files import VOL_MISSING, write_dicom_opt, write_heidelberg_vol, write_topcon_fda, write_zeiss_img
+from volume_files import VOL_MISSING, write_dicom_opt, write_dicom_opt_jpeg, write_heidelberg_vol, write_topcon_fda, write_zeiss_img
 
 from medvq.data import volumes
 from medvq.data.readers import read_sample
@@ -32,6 +32,18 @@ def test_dicom_opt_multiframe_is_a_stack_of_bscans_with_patient_and_eye(tmp_path
     capture = write_dicom_opt(tmp_path / "photo.dcm", frames[:1], sop_class="1.2.840.10008.5.1.4.1.1.7")  # Secondary Capture
     assert not volumes.is_oct_volume(capture)  # one frame of another kind: an ordinary 2D DICOM image
     assert [s.frame for s in collect_images([tmp_path])] == [0, 1, 2, 3, 4, 0, None]
+
+
+def test_a_damaged_frame_of_a_compressed_dicom_volume_is_skipped_with_a_warning(tmp_path):
+    frames = _frames(4, 64, 48)
+    path = write_dicom_opt_jpeg(tmp_path / "jpeg.dcm", frames, damaged=(2,), patient="P7")
+    with pytest.warns(UserWarning, match=r"jpeg.dcm: B-scan 2 skipped: cannot be decoded"):
+        samples = volumes.scan_volume_file(path)
+    assert [s.frame for s in samples] == [0, 1, 3] and {s.patient_id for s in samples} == {"P7"}
+    assert np.abs(read_sample(samples[2]) - frames[3] / 255.0).mean() < 0.05  # JPEG: close to the frame written
+    broken = write_dicom_opt_jpeg(tmp_path / "broken.dcm", frames, damaged=(0, 1, 2, 3))
+    with pytest.raises(ImageReadError, match=r"broken.dcm: cannot read DICOM multi-frame volume: ValueError: none of its 4 frames can be decoded"):
+        volumes.scan_volume_file(broken)
 
 
 def test_heidelberg_vol_through_eyepy_with_a_missing_bscan_skipped(tmp_path):

@@ -118,3 +118,28 @@ def write_topcon_fda(path: Path, bscans: np.ndarray, *, patient: str = "TP-19", 
     body = b"".join(_fda_chunk(name, data) for name, data in ((b"@PATIENT_INFO_02", patient_info), (b"@CAPTURE_INFO_02", capture), (b"@PARAM_SCAN_04", scan), (b"@IMG_JPEG", image)))
     path.write_bytes(b"FOCT" + b"FDA" + struct.pack("<II", 1, 3) + body + b"\0")
     return path
+
+
+def write_dicom_opt_jpeg(path: Path, frames: np.ndarray, *, damaged: tuple[int, ...] = (), **kwargs) -> Path:
+    """A DICOM OPT multi-frame file whose frames are JPEG baseline (encapsulated pixel data, as many devices
+    export); the frames in ``damaged`` are cut short, as a failed transfer leaves them."""
+    import io
+
+    import pydicom
+    from PIL import Image
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import JPEGBaseline8Bit
+
+    write_dicom_opt(path, frames, **kwargs)
+    ds = pydicom.dcmread(path)
+    encoded = []
+    for i, frame in enumerate(frames):
+        buffer = io.BytesIO()
+        Image.fromarray(frame).save(buffer, format="JPEG", quality=95)
+        data = buffer.getvalue()
+        encoded.append(data[: len(data) // 3] if i in damaged else data)
+    ds.PixelData = encapsulate(encoded)
+    ds["PixelData"].VR = "OB"
+    ds.file_meta.TransferSyntaxUID = JPEGBaseline8Bit
+    ds.save_as(path, enforce_file_format=True)
+    return path
