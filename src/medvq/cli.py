@@ -231,6 +231,11 @@ def evaluate_cmd(
     console.print(f"report: {out / 'report.html'}")
 
 
+def _with_interval(value: float, interval: list[float] | None, unreliable: bool = False) -> str:
+    text = f"{value:.3f}{'*' if unreliable else ''}"
+    return text + (f"\n[{interval[0]:.2f}, {interval[1]:.2f}]" if interval else "")
+
+
 def print_metrics(result: dict) -> None:
     maps = result["maps"]
     classes = sorted({c for m in maps.values() for c in m["image_auroc_per_class"]})
@@ -242,7 +247,13 @@ def print_metrics(result: dict) -> None:
         table.add_column(col, justify="left" if col == "map" else "right")
     for name, m in maps.items():
         op = m.get("operating_point")
-        cells = [f"{m['image_auroc']:.3f}", *[f"{m['image_auroc_per_class'].get(c, float('nan')):.3f}" for c in classes], f"{m['image_auprc']:.3f}"]
+        per_class_ci = m.get("image_auroc_per_class_ci", {})
+        unreliable = set(m.get("unreliable_classes", []))
+        cells = [
+            _with_interval(m["image_auroc"], m.get("image_auroc_ci")),
+            *[_with_interval(m["image_auroc_per_class"].get(c, float("nan")), per_class_ci.get(c), c in unreliable) for c in classes],
+            f"{m['image_auprc']:.3f}",
+        ]
         if point:
             cells += [f"{op['sensitivity']:.3f}", f"{op['specificity']:.3f}"] if op else ["–", "–"]
         if pixel:
@@ -250,10 +261,15 @@ def print_metrics(result: dict) -> None:
         table.add_row(name, *cells)
     if maps:
         console.print(table)
+        console.print("[dim]AUROC with its 95 % bootstrap interval by patient; * from fewer than 10 abnormal scans: unreliable[/]")
     volumes = result.get("volume_level")
     if volumes:
         aurocs = ", ".join(f"{name} {m['auroc']:.3f}" for name, m in volumes["maps"].items())
         console.print(f"volume level ({volumes['n_volumes']} volumes, {volumes['aggregation']}): AUROC {aurocs}", highlight=False)
+    ood = result.get("out_of_distribution")
+    if ood:
+        per_class = ", ".join(f"{c} {n}" for c, n in ood["flagged_per_class"].items())
+        console.print(f"out-of-distribution guard: {ood['flagged']} of {result['n_images']} scans flagged ({per_class})", highlight=False)
     c = result.get("classification")
     if c:
         auroc = f", AUROC macro {c['auroc_macro']:.3f}" if "auroc_macro" in c else ""
@@ -287,6 +303,25 @@ def infer_cmd(
     called = sum(r["abnormal"] for r in rows)
     decided = f": {called} called abnormal on '{rows[0]['decision_map']}' above {rows[0]['threshold']:.4g} ({rows[0]['operating_point']})" if rows else ""
     console.print(f"{len(rows)} scans scored{decided} -> {out / 'scores.csv'}")
+
+
+@app.command("export")
+@friendly_errors
+def export_cmd(
+    run: Path = typer.Argument(..., help="Run directory written by `medvq train` (vqvae or patchcore)."),
+    out: Path = typer.Option(..., "--out", help="The .onnx file to write."),
+    format: str = typer.Option("onnx", "--format", help="Only onnx for now."),
+    checkpoint: str = typer.Option("best", "--checkpoint", help="best or last."),
+) -> None:
+    """The whole scoring path (preprocessed image -> calibrated maps -> image scores) as one ONNX graph;
+    run it without torch: python -m medvq.onnx_runtime FILE.onnx SCAN..."""
+    if format != "onnx":
+        raise MedvqError(f"unknown export format '{format}'", fix="use --format onnx")
+    from medvq.export import export_onnx
+
+    meta = export_onnx(run, out, checkpoint=checkpoint)
+    size = out.stat().st_size / 2**20
+    console.print(f"{meta['method']} scoring graph ({len(meta['outputs'])} outputs, {size:.1f} MiB) -> {out}")
 
 
 @app.command("explain")

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationErr
 
 from medvq.errors import MedvqError
 from medvq.models.classifier.config import ClassifierConfig
+from medvq.models.featvq.config import FeatVQConfig
 from medvq.models.patchcore.config import PatchCoreConfig
 from medvq.models.prior.config import PriorConfig
 from medvq.models.vqvae.config import VQVAEConfig
@@ -124,6 +125,7 @@ MODEL_CONFIGS: dict[str, type[BaseModel]] = {
     "classifier": ClassifierConfig,
     "patchcore": PatchCoreConfig,
     "prior": PriorConfig,
+    "featvq": FeatVQConfig,
 }
 
 

@@ -49,7 +49,9 @@ def infer(
 
     Besides every map's score, z-score and normal percentile, each row holds the decision: ``decision_map``
     (``decide_on``, default the run's primary map), ``operating_point`` (spec95, spec99 or value), its
-    ``threshold`` and ``abnormal`` (1 when the score on the decision map is above the threshold).
+    ``threshold`` and ``abnormal`` (1 when the score on the decision map is above the threshold), and the
+    out-of-distribution verdict ``in_distribution`` (0 for a scan unlike the calibration normals) with its
+    ``ood_distance`` (both empty for runs calibrated without a guard).
     Volumes among the inputs (OCT volume files, NIfTI volumes, a manifest's eye-and-visit groups) also get
     a verdict each, on the same score and threshold: OUT/volumes.csv, volumes.json and en-face maps of the
     overlay's map (``medvq.volume_outputs``)."""
@@ -96,12 +98,20 @@ def infer(
             row[f"{map_name}_normal_percentile"] = s["normal_percentile"]
         d = result.decision
         row |= {"decision_map": d.map, "operating_point": d.threshold.name, "threshold": d.threshold.value, "abnormal": int(d.abnormal)}
+        row |= {"in_distribution": "" if d.in_distribution is None else int(d.in_distribution), "ood_distance": "" if d.ood_distance is None else d.ood_distance}
         rows.append(row)
         column_maxima.append(result.maps[key].max(axis=0))
         if len(rows) % 25 == 0:  # a crash keeps what was scored
             atomic_write_csv(out / "scores.csv", rows)
     if rows:
         atomic_write_csv(out / "scores.csv", rows)
+        foreign = sum(r["in_distribution"] == 0 for r in rows)
+        if foreign:
+            console.print(
+                f"[yellow]warning[/]: {foreign} of {len(rows)} scans look unlike the normal scans this run was calibrated on "
+                f"(in_distribution = 0 in scores.csv, out-of-distribution distance above {detector.calibration.guard.threshold:.3g}): "
+                "their scores and decisions are not to be trusted"
+            )
         write_volume_verdicts(
             out, samples, [r[decide_on] for r in rows], column_maxima, detector.calibration.stats[decide_on].normal_scores,
             score_name=decide_on, map_name=key, vmax=vmax, threshold=point.value, operating_point=point.name,

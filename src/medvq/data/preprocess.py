@@ -22,15 +22,17 @@ the pooled figure.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from scipy import ndimage
 
 from medvq.data.nifti import VolumeOptions, is_nifti
 from medvq.data.readers import read_mask, read_sample
 from medvq.data.samples import Sample
+
+if TYPE_CHECKING:  # torch is imported where tensors are made, so the numpy stage runs without it (medvq.onnx_runtime)
+    import torch
 
 PADDING_LEVEL = 0.96  # registration padding is saturated white (255 in 8-bit files, JPEG-blurred at edges)
 
@@ -168,6 +170,8 @@ def background_level(image: np.ndarray, padding: np.ndarray) -> float:
 
 def _resize(t: torch.Tensor, size: tuple[int, int], kind: str) -> torch.Tensor:
     """t (1, 1, h, w) float -> (1, 1, *size). Images anti-aliased; masks by area coverage >= 1/2."""
+    import torch.nn.functional as F
+
     if kind == "image":
         return F.interpolate(t, size=size, mode="bilinear", antialias=True, align_corners=False).clamp_(0, 1)
     return F.interpolate(t, size=size, mode="area") >= 0.5
@@ -198,11 +202,11 @@ class Preprocessor:
         """Read a sample and prepare it: the route of training, evaluation and inference alike.
 
         Returns the scan as read ((H, W) in [0, 1]) and the model input. White registration padding is an
-        OCT artefact: NIfTI slices are never searched for it.
+        OCT artefact: NIfTI slices are never searched for it; B-scans of OCT volumes are, like any OCT scan.
         """
         image = read_sample(sample, self.volume)
         mask = read_mask(sample.mask_path, image.shape) if with_mask and sample.mask_path is not None else None
-        nifti = sample.frame is not None or is_nifti(sample.path)
+        nifti = is_nifti(sample.path)
         return image, self(image, mask, remove_padding=False if nifti else None)
 
     def __call__(self, image: np.ndarray, mask: np.ndarray | None = None, *, remove_padding: bool | None = None) -> Prepared:
@@ -210,6 +214,19 @@ class Preprocessor:
             raise ValueError(f"expected a 2D grayscale image, got shape {image.shape}")
         if mask is not None and mask.shape != image.shape:
             raise ValueError(f"mask shape {mask.shape} differs from image shape {image.shape}")
+        image, padding, geometry = self.crop(image, remove_padding)
+        crop = (slice(geometry.top, geometry.bottom), slice(geometry.left, geometry.right))
+        import torch  # here, not at the top: the numpy stage (crop) runs without torch
+
+        size = (self.image_size, self.image_size)
+        as_t = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))[None, None]
+        out_image = _resize(as_t(image), size, "image")[0]
+        valid = ~_resize(as_t(padding), size, "mask")[0] if padding.any() else torch.ones(1, *size, dtype=torch.bool)
+        out_mask = _resize(as_t(mask[crop]), size, "mask")[0] if mask is not None else None
+        return Prepared(out_image, valid, out_mask, geometry)
+
+    def crop(self, image: np.ndarray, remove_padding: bool | None = None) -> tuple[np.ndarray, np.ndarray, Geometry]:
+        """The numpy stage: (H, W) scan -> the crop box's pixels with padding filled, its padding mask, and the box."""
         h, w = image.shape
         image = image.astype(np.float32, copy=False)
         if not np.isfinite(image.sum()):  # one pass for the common case: NaN and inf propagate into the sum
@@ -232,16 +249,13 @@ class Preprocessor:
         image, padding = image[crop].copy(), padding[crop]
         if padding.any():
             image[padding] = background_level(image, padding)
-
-        size = (self.image_size, self.image_size)
-        as_t = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))[None, None]
-        out_image = _resize(as_t(image), size, "image")[0]
-        valid = ~_resize(as_t(padding), size, "mask")[0] if padding.any() else torch.ones(1, *size, dtype=torch.bool)
-        out_mask = _resize(as_t(mask[crop]), size, "mask")[0] if mask is not None else None
-        return Prepared(out_image, valid, out_mask, Geometry(h, w, top, bottom, left, right))
+        return image, padding, Geometry(h, w, top, bottom, left, right)
 
     def to_original(self, map_: np.ndarray, geometry: Geometry, fill: float = 0.0) -> np.ndarray:
         """A (S, S) map -> the original scan's (H, W) grid (``fill`` outside the crop box)."""
+        import torch
+        import torch.nn.functional as F
+
         g = geometry
         t = torch.from_numpy(np.ascontiguousarray(map_, dtype=np.float32))[None, None]
         inner = F.interpolate(t, size=(g.bottom - g.top, g.right - g.left), mode="bilinear", align_corners=False)[0, 0]
