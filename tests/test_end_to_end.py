@@ -179,8 +179,13 @@ def test_infer_writes_maps_overlays_and_scores(trained, tiny_phantom, tmp_path):
         assert float(r["threshold"]) == pytest.approx(stored["spec95"]["value"], rel=1e-4)
         assert r["abnormal"] == str(int(float(r[primary]) > stored["spec95"]["value"]))
     low = float(min(r["alm"] for r in rows)) - 1.0
-    result = runner.invoke(app, ["infer", str(trained), str(folder), "--out", str(tmp_path / "infer2"), "--map", "alm", "--threshold", str(low)])
+    result = runner.invoke(app, ["infer", str(trained), str(folder), "--out", str(tmp_path / "infer2"), "--map", "alm", "--threshold", str(low), "--contour"])
     assert result.exit_code == 0, result.output
+    from PIL import Image
+
+    drawn = Image.open(tmp_path / "infer2" / "overlays" / f"{rows[0]['name']}.png")
+    scan = Image.open(rows[0]["path"])
+    assert drawn.width > scan.width and drawn.height > scan.height  # colour bar on the right, caption strip below
     assert "3 called abnormal on 'alm'" in result.output
     rows = list(csv.DictReader(open(tmp_path / "infer2" / "scores.csv")))
     assert all(r["decision_map"] == "alm" and r["operating_point"] == "value" and r["abnormal"] == "1" for r in rows)
