@@ -12,24 +12,15 @@ import torch
 from typer.testing import CliRunner
 
 from medvq.cli import app
-from medvq.config import build_config
-from medvq.data.dataset import ScanDataset
 from medvq.data.readers import read_image
 from medvq.data.samples import Sample, scan_dataset
 from medvq.detector import Detector
-from medvq.engine.run_dir import RunDir
 from medvq.export import exportable_methods
-from medvq.models.registry import get_method
 from medvq.onnx_runtime import OnnxScorer, area_weights, bilinear_weights, resize_image
+from tiny_runs import MODELS, make_run
 
 pytestmark = pytest.mark.slow
 TOLERANCE = 1e-4
-# Small models of every method that claims export support (weights as built: parity does not need training).
-MODELS = {
-    "vqvae": {"hidden_channels": 16, "residual_channels": 8, "residual_layers": 1, "embedding_dim": 8, "codebook_size": 16, "downsample_layers": 2, "kmeans_init": False},
-    "vqvae2": {"hidden_channels": 16, "residual_channels": 8, "residual_layers": 1, "embedding_dim": 8, "codebook_size_top": 16, "codebook_size_bottom": 16, "kmeans_init": False},
-    "patchcore": {"feature_stages": [2, 3]},
-}
 
 
 def test_every_exportable_method_is_tested():
@@ -45,24 +36,6 @@ def scans(kermany) -> list[Sample]:
     for s in others:  # one abnormal scan per file-name class, of different widths; some carry white padding
         widths.setdefault(s.label, s)
     return normals[:4] + list(widths.values())
-
-
-def make_run(method: str, root, normals: list[Sample]) -> RunDir:
-    """A run folder as training leaves it: config.yaml, model/best.safetensors, calibration.json."""
-    config = build_config({"method": method, "data": {"image_size": 64}, "model": MODELS[method]})
-    torch.manual_seed(0)
-    model = get_method(method).build_model(config.model).eval()
-    detector = Detector(model, config)
-    data = ScanDataset(normals, detector.preprocessor)
-    if method == "patchcore":  # a bank of the normals' patches (the fit's coreset is tested in test_patchcore)
-        feats = model.embed(data.images.float())
-        model.set_memory_bank(feats.permute(0, 2, 3, 1).reshape(-1, feats.shape[1])[::7])
-    run = RunDir(root)
-    run.create()
-    run.write_config(config)
-    run.save_weights(model, "best")
-    detector.calibrate(data).save(run.calibration)
-    return run
 
 
 @pytest.fixture(scope="module", params=sorted(MODELS))

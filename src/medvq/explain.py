@@ -14,6 +14,8 @@ is computed from it.
 
 from __future__ import annotations
 
+import dataclasses
+
 from pathlib import Path
 from typing import Sequence
 
@@ -68,6 +70,9 @@ def explain(
         raise MedvqError(f"invalid explanation setting: {str(err).splitlines()[-1].strip()}") from None
     detector.model.config = model_config
     detector.config = config.model_copy(update={"model": model_config, "score": config.score.model_copy(update={"maps": [name], "combine": []})})
+    if detector.calibration is not None and detector.calibration.guard is not None:
+        # the out-of-distribution guard describes a scan by every calibrated map; an explanation computes one (infer applies the guard)
+        detector.calibration = dataclasses.replace(detector.calibration, guard=None)
     calibrated = not overrides and detector.calibration is not None and name in detector.calibration.stats
     if calibrated:
         normal_scores = detector.calibration.stats[name].normal_scores
