@@ -21,7 +21,7 @@ from medvq.data.dataset import ScanDataset
 from medvq.data.preprocess import Preprocessor
 from medvq.data.samples import Sample
 from medvq.engine.run_dir import RunDir
-from medvq.errors import CheckpointError, MedvqError
+from medvq.errors import BlankScanError, CheckpointError, MedvqError
 from medvq.maps.smoothing import gaussian_smooth
 from medvq.models.registry import Method, get_method
 from medvq.scoring.calibration import NormalCalibration
@@ -89,6 +89,14 @@ class Detector:
                 f"expected preprocessed images of shape (B, 1, {size}, {size}), got {tuple(images.shape)}",
                 fix="pass scans through detector.preprocessor (or use predict_files) first",
             )
+        if not images.is_floating_point():
+            raise MedvqError(f"expected float images in [0, 1], got dtype {images.dtype}", fix="pass scans through detector.preprocessor (or use predict_files) first")
+        low, high = float(images.min()), float(images.max())
+        if not (np.isfinite(low) and np.isfinite(high)) or low < -1e-3 or high > 1 + 1e-3:  # models were trained on [0, 1]
+            raise MedvqError(
+                f"expected images in [0, 1], got values from {low:.4g} to {high:.4g}",
+                fix="divide 8-bit pixels by 255 (or pass scans through detector.preprocessor / use predict_files)",
+            )
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor, valid: torch.Tensor | None = None, *, bf16: bool = False) -> Prediction:
@@ -147,10 +155,14 @@ class Detector:
         ``collect_images`` lists); maps are returned on each scan's own pixel grid."""
         if self.calibration is None:
             raise CheckpointError("this run has no calibration.json", fix="finish training (calibration runs after the last epoch)")
+        if isinstance(paths, (str, Path, Sample)):  # one scan, not a sequence of characters
+            paths = [paths]
         results = []
         for item in paths:
             sample = item if isinstance(item, Sample) else Sample(path=Path(item))
             image, prepared = self.preprocessor.load(sample)
+            if not bool(prepared.valid.any()):
+                raise BlankScanError("no valid pixel: the scan is saturated white or blank (all of it looks like registration padding)", path=sample.path, fix="nothing in it can be scored; leave it out")
             pred = self.predict(prepared.image[None], prepared.valid[None])
             table = self.calibration.score_table(pred.scores)
             results.append(

@@ -12,7 +12,8 @@ from rich.console import Console
 from medvq.data.nifti import is_nifti, nifti_stem
 from medvq.data.samples import Sample, collect_images
 from medvq.detector import Detector
-from medvq.io import atomic_path, atomic_write_csv
+from medvq.errors import BlankScanError, CheckpointError
+from medvq.io import atomic_path, atomic_write_csv, mark_output
 from medvq.report.figures import overlay
 
 
@@ -41,22 +42,29 @@ def infer(
     """Write OUT/overlays/<name>.png, OUT/maps/<name>_<map>.npy and OUT/scores.csv; return the rows."""
     console = console or Console(stderr=True)
     detector = Detector.load(run_dir, device=device)
-    samples = collect_images(inputs, detector.preprocessor.volume)  # NIfTI volumes: their slices, as in training
-    has_frames = any(s.frame is not None for s in samples)
+    if detector.calibration is None:
+        raise CheckpointError("this run has no calibration.json", path=run_dir, fix="finish training (calibration runs after the last epoch; `medvq train --resume` completes it)")
     out = Path(out)
-    (out / "overlays").mkdir(parents=True, exist_ok=True)
+    # NIfTI volumes: their slices, as in training; earlier results (this --out among them) are not scans
+    samples = collect_images(inputs, detector.preprocessor.volume, exclude=[out])
+    has_frames = any(s.frame is not None for s in samples)
+    mark_output(out, out / "overlays", *([out / "maps"] if save_npy else []))
     key = "combined" if "combined" in detector.calibration.stats else next(iter(detector.calibration.stats))
     vmax = max(3.0, float(np.quantile(detector.calibration.stats[key].normal_scores, 0.99)) if detector.calibration.stats[key].normal_scores else 3.0)
-    rows, used = [], set()
+    rows, used, blank = [], set(), []
     from rich.progress import track
 
     for sample in track(samples, description="scoring", console=console, transient=True, disable=not console.is_terminal):
-        result = detector.predict_files([sample])[0]
+        try:
+            result = detector.predict_files([sample])[0]
+        except BlankScanError as err:  # nothing to score in it; the others go on
+            console.print(f"skipped: {err}", highlight=False, markup=False)
+            blank.append(sample.name)
+            continue
         name = output_stem(sample, used)
         with atomic_path(out / "overlays" / f"{name}.png") as tmp:
             Image.fromarray(overlay(result.image, result.maps[key], 0.0, vmax)).save(tmp, format="PNG")
         if save_npy:
-            (out / "maps").mkdir(exist_ok=True)
             for map_name, m in result.maps.items():
                 with atomic_path(out / "maps" / f"{name}_{map_name}.npy") as tmp:
                     np.save(tmp, m.astype(np.float32))
@@ -72,4 +80,6 @@ def infer(
             atomic_write_csv(out / "scores.csv", rows)
     if rows:
         atomic_write_csv(out / "scores.csv", rows)
+    if blank:
+        console.print(f"{len(blank)} scan(s) without any valid pixel skipped (saturated or blank): {', '.join(blank[:5])}{' ...' if len(blank) > 5 else ''}")
     return rows

@@ -129,6 +129,10 @@ class ScanDataset(Dataset):
         out.geometry = [self.geometry[i] for i in idx.tolist()]
         return out
 
+    def blank_indices(self) -> list[int]:
+        """Scans without a single valid pixel (e.g. saturated white, all taken for registration padding)."""
+        return torch.nonzero(~self.valid.flatten(1).any(dim=1)).flatten().tolist()
+
     def batches(self, batch_size: int):
         for start in range(0, len(self), batch_size):
             yield self.batch(range(start, min(start + batch_size, len(self))))

@@ -38,7 +38,7 @@ from medvq.engine.run_dir import RunDir
 from medvq.errors import DatasetError
 from medvq.evaluation import metrics as M
 from medvq.evaluation.reconstruction import reconstruction_metrics, spread_indices, summarize
-from medvq.io import atomic_save_npz, atomic_write_text
+from medvq.io import atomic_save_npz, atomic_write_text, mark_output
 
 SPECIFICITY = 0.95
 AUPRO_FPR_LIMIT = 0.3
@@ -195,6 +195,11 @@ def evaluate_run(
         raise DatasetError(f"evaluation needs {normal} and abnormal test images; found {found}", path=data_root, fix="check the test split (or use --split all)")
 
     dataset = ScanDataset(samples, detector.preprocessor, load_masks=True, progress="reading test scans" if progress else None)
+    blank = dataset.blank_indices()  # saturated or blank scans: no valid pixel to score
+    if blank:
+        dataset = dataset.subset([i for i in range(len(dataset)) if i not in set(blank)])
+        samples, labels = dataset.samples, [s.label for s in dataset.samples]
+        console.print(f"left out {len(blank)} test scan(s) without any valid pixel (saturated or blank)")
     pred: Prediction = detector.predict_dataset(dataset, batch_size, progress="scoring" if progress else None)
     maps_np = {k: v[:, 0].numpy() for k, v in pred.maps.items()}
     masks = dataset.masks[:, 0].numpy() if dataset.masks is not None else None
@@ -211,7 +216,7 @@ def evaluate_run(
     recon = reconstruction_metrics(pred.reconstruction, images) if pred.reconstruction is not None else None
 
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    mark_output(out)
     counts = {(c or "unlabelled"): labels.count(c) for c in sorted(set(labels))}
     result = {
         "run": str(run.root.resolve()),
@@ -221,6 +226,7 @@ def evaluate_run(
         "n_patients": len({s.patient_id for s in samples}),
         "counts": counts,
         "excluded_seen_in_training": chosen.excluded,
+        "excluded_without_valid_pixels": len(blank),
         "has_masks": masks is not None,
         "image_size": config.data.image_size,
         "fov": config.data.fov,
