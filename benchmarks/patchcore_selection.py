@@ -31,7 +31,6 @@ from medvq.evaluation.metrics import grouped_auroc, image_auroc, reduce_map
 from medvq.maps.smoothing import gaussian_smooth
 from medvq.models.patchcore.anomaly_map import SCORE_NAME, patchcore_maps
 from medvq.models.patchcore.coreset import StreamingCoreset
-from medvq.models.patchcore.fit import load_backbone
 from medvq.models.patchcore.model import PatchCore, PatchCoreConfig
 
 GRID = {  # one axis at a time around the first value of each (the defaults being chosen)
@@ -54,7 +53,7 @@ def settings(axes: list[str]) -> list[dict]:
 
 def fold_scores(setting: dict, train: ScanDataset, held: ScanDataset, image_size: int, seed: int) -> tuple[dict[str, np.ndarray], float]:
     model = PatchCore(PatchCoreConfig(**setting))
-    load_backbone(model)
+    model.features.load_imagenet()
     started = time.perf_counter()
     c = model.config
     sampler = StreamingCoreset(c.feature_dim, c.coreset_ratio, c.coreset_chunk_patches, c.coreset_projection_dim, seed=seed)

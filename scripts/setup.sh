@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # Create .venv and install medvq for the CPU (torch pinned to the 2.13.0 CPU wheel by constraints-cpu.txt).
 #   bash scripts/setup.sh          # the package and its CLI
-#   bash scripts/setup.sh --test   # plus pytest, and the Colin27 MRI volume of Debian's mricron-data for the MRI tests
+#   bash scripts/setup.sh --test   # plus pytest, the OCT vendor-format readers (extra oct-vendors), and the Colin27 MRI volume of Debian's mricron-data for the MRI tests
 # Set PYTHON to choose the interpreter (default: python3.11, else python3).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-$(command -v python3.11 || command -v python3)}
 extras=""
-[[ "${1:-}" == "--test" ]] && extras="[test]"
+[[ "${1:-}" == "--test" ]] && extras="[test,oct-vendors]"
 if [[ ! -x .venv/bin/python ]]; then
   "$PYTHON" -m venv .venv
 fi

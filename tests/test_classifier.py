@@ -13,7 +13,8 @@ from medvq.errors import CheckpointError, DatasetError
 from medvq.models.classifier.anomaly_map import classifier_maps, map_names_for
 from medvq.models.classifier.lightning import ClassifierModule, augment, histogram_auroc
 from medvq.models.classifier.model import Classifier, ClassifierConfig
-from medvq.models.classifier.pretrained import bundled_weights, fold_input_conv, load_pretrained, read_state_dict
+from medvq.models.backbones.weights import fold_input_conv, read_state_dict
+from medvq.models.classifier.pretrained import bundled_weights, load_pretrained
 from medvq.models.classifier.training import balanced_weights, resolve_classifier_config
 
 VIT = dict(embed_dim=32, depth=2, num_heads=2)

