@@ -91,7 +91,7 @@ def friendly_errors(fn: Callable) -> Callable:
             if stop.resumable:
                 _one_line(f"interrupted after epoch {stop.epochs}; --resume continues ({stop.run})")
             else:
-                _one_line(f"interrupted after epoch {stop.epochs}; nothing was kept ({stop.run} is unchanged)")
+                _one_line(f"interrupted before the first epoch finished; run the same command again to start over ({stop.run})")
             raise typer.Exit(130) from None
         except KeyboardInterrupt:
             _one_line("interrupted; files already written are kept")

@@ -51,6 +51,30 @@ class FileResult:
     frame: int | None = None  # the slice, for a slice of a NIfTI volume
 
 
+def scoring_settings(config: RunConfig) -> dict:
+    """What a calibration depends on: the method and its data, model and score settings."""
+    d = config.model_dump(mode="json")
+    return {"method": d["method"], "data": d["data"], "model": d["model"], "score": d["score"]}
+
+
+def check_calibrated_settings(config: RunConfig, calibration: NormalCalibration, path: Path) -> None:
+    """config.yaml must say what the calibration was fitted under (settings added since are not compared)."""
+    now = scoring_settings(config)
+    changed = []
+    for section, recorded in calibration.settings.items():
+        current = now.get(section)
+        if isinstance(recorded, dict) and isinstance(current, dict):
+            changed += [f"{section}.{k}" for k, v in recorded.items() if k in current and current[k] != v]
+        elif current is not None and current != recorded:
+            changed.append(section)
+    if changed:
+        raise CheckpointError(
+            f"config.yaml differs from the settings the run was calibrated under ({', '.join(changed[:5])})",
+            path=path,
+            fix="restore config.yaml as training wrote it; train a new run for other settings",
+        )
+
+
 class Detector:
     def __init__(self, model: torch.nn.Module, config: RunConfig, calibration: NormalCalibration | None = None, device: str | torch.device = "cpu"):
         self.device = torch.device(device)
@@ -66,6 +90,8 @@ class Detector:
         config = run.read_config()
         model = run.load_weights(get_method(config.method).build_model(config.model), checkpoint)
         calibration = NormalCalibration.load(run.calibration) if run.calibration.is_file() else None
+        if calibration is not None:
+            check_calibrated_settings(config, calibration, run.calibration)
         return cls(model, config, calibration, device)
 
     @property
@@ -144,9 +170,9 @@ class Detector:
         pred = self.predict_dataset(normals, batch_size)
         s = self.config.score
         combinations = [c for c in self.method.combinations if set(c.split("+")) <= set(self.map_names)]
-        self.calibration = NormalCalibration(reducer=s.reducer, topk_fraction=s.topk_fraction, combine=self.combine, combinations=combinations).fit(
-            pred.raw_maps, normals.valid
-        )
+        self.calibration = NormalCalibration(
+            reducer=s.reducer, topk_fraction=s.topk_fraction, combine=self.combine, combinations=combinations, settings=scoring_settings(self.config)
+        ).fit(pred.raw_maps, normals.valid)
         self.calibration.fit_scores(pred.model_scores)
         return self.calibration
 

@@ -19,6 +19,7 @@ from typing import Sequence
 
 import numpy as np
 from PIL import Image
+from pydantic import ValidationError
 from rich.console import Console
 
 from medvq.data.samples import collect_images
@@ -64,8 +65,16 @@ def explain(
     overrides = _settings(head_fusion, discard_ratio, layer, target)
     try:
         model_config = type(config.model).model_validate({**config.model.model_dump(), **overrides})
-    except ValueError as err:
-        raise MedvqError(f"invalid explanation setting: {str(err).splitlines()[-1].strip()}") from None
+    except ValidationError as err:
+        problems = "; ".join(f"--{'-'.join(str(p) for p in e['loc']).replace('_', '-')}: {e['msg']}" for e in err.errors())
+        raise MedvqError(f"invalid explanation setting: {problems}".replace("--rollout-", "--").replace("--gradcam-", "--").replace("--explain-", "--")) from None
+    if layer is not None:
+        from medvq.maps.gradcam import LayerCapture
+
+        try:
+            LayerCapture(detector.model.net, layer)
+        except ValueError as err:
+            raise MedvqError(f"--layer: {err}", path=run_dir, fix="name a module of the network") from None
     detector.model.config = model_config
     detector.config = config.model_copy(update={"model": model_config, "score": config.score.model_copy(update={"maps": [name], "combine": []})})
     calibrated = not overrides and detector.calibration is not None and name in detector.calibration.stats

@@ -65,8 +65,11 @@ class ScanDataset(Dataset):
         n, s = len(self.samples), preprocessor.image_size
         self.images = torch.empty(n, 1, s, s, dtype=torch.float16)
         self.valid = torch.ones(n, 1, s, s, dtype=torch.bool)
-        self.has_masks = load_masks and n > 0 and all(x.mask_path is not None for x in self.samples)
+        # Datasets ship masks for lesion scans only: a scan without a mask file gets an empty mask, and
+        # ``mask_known`` says which masks were read (evaluation decides what an unknown mask means).
+        self.has_masks = load_masks and n > 0 and any(x.mask_path is not None for x in self.samples)
         self.masks = torch.zeros(n, 1, s, s, dtype=torch.bool) if self.has_masks else None
+        self.mask_known = torch.tensor([self.has_masks and x.mask_path is not None for x in self.samples], dtype=torch.bool)
         self.geometry: list[Geometry] = []
         iterator = range(n)
         if progress:
@@ -77,7 +80,7 @@ class ScanDataset(Dataset):
             _, prepared = preprocessor.load(self.samples[i], with_mask=self.has_masks)
             self.images[i] = prepared.image.half()
             self.valid[i] = prepared.valid
-            if self.masks is not None:
+            if self.masks is not None and prepared.mask is not None:
                 self.masks[i] = prepared.mask
             self.geometry.append(prepared.geometry)
 
@@ -125,6 +128,7 @@ class ScanDataset(Dataset):
         out.samples = [self.samples[i] for i in idx.tolist()]
         out.images, out.valid = self.images[idx], self.valid[idx]
         out.masks = self.masks[idx] if self.masks is not None else None
+        out.mask_known = self.mask_known[idx]
         out.targets = self.targets[idx] if self.targets is not None else None
         out.geometry = [self.geometry[i] for i in idx.tolist()]
         return out

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
+from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 from torch import nn
 
@@ -100,7 +101,14 @@ class RunDir:
     def read_split(self) -> dict:
         if not self.split.is_file():
             return {"data_root": None, "splits": {}}
-        return json.loads(self.split.read_text())
+        try:
+            record = json.loads(self.split.read_text())
+            for items in record["splits"].values():
+                for item in items:
+                    item["path"], item["patient_id"]  # every entry names its file and patient
+        except (ValueError, KeyError, TypeError, AttributeError) as err:
+            raise CheckpointError(f"damaged split record ({err.__class__.__name__}: {err})", path=self.split, fix="restore split.json as training wrote it") from None
+        return record
 
     def load_weights(self, model: nn.Module, which: str = "best") -> nn.Module:
         path = self.weights(which)
@@ -112,6 +120,12 @@ class RunDir:
                 raise CheckpointError(f"no {which} weights", path=path, fix="has training finished at least one epoch?")
         try:
             missing, unexpected = load_model(model, str(path), strict=False)
+        except (SafetensorError, OSError, ValueError) as err:  # truncated, garbage or not a safetensors file at all
+            raise CheckpointError(
+                f"damaged or not a safetensors file ({str(err).splitlines()[0][:200]})",
+                path=path,
+                fix="copy the run again from where it was trained, or train it again",
+            ) from None
         except Exception as err:  # shape mismatches surface as RuntimeError from load_state_dict
             raise CheckpointError(
                 f"weights do not fit the model built from config.yaml ({str(err).splitlines()[0][:300]})",

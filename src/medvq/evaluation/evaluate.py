@@ -91,7 +91,8 @@ def compute_metrics(
     valid: np.ndarray | None = None,
     pointing_tolerance: float = 0.0,
 ) -> dict[str, dict[str, Any]]:
-    """Metrics per map. labels: class names; scores: name -> (N,); masks/maps/valid: (N, H, W)."""
+    """Metrics per map. labels: class names; scores: name -> (N,); masks/maps/valid: (M, H, W) over the images
+    whose lesion mask is known (any M; pixel metrics need at least one lesion pixel)."""
     y = np.array([lab != normal_class for lab in labels], dtype=int)
     classes = sorted({lab for lab in labels if lab != normal_class})
     out: dict[str, dict[str, Any]] = {}
@@ -213,7 +214,11 @@ def evaluate_run(
             fix="evaluate a reconstruction model (vqvae, vqvae2), or give the data class folders",
         )
     tolerance = POINTING_TOLERANCE * config.data.image_size
-    per_map = compute_metrics(labels, pred.scores, normal, dataset.original_widths(), masks, maps_np, valid, pointing_tolerance=tolerance) if anomaly else {}
+    # Pixel metrics over scans whose mask is known: read from a file, or empty for a NORMAL scan without one;
+    # an abnormal scan without a mask file has unknown lesions and is left out of them.
+    pixel_rows = (dataset.mask_known.numpy() | np.array([lab == normal for lab in labels])) if masks is not None else None
+    pixel = dict(masks=masks[pixel_rows], maps={k: v[pixel_rows] for k, v in maps_np.items()}, valid=valid[pixel_rows]) if masks is not None else {}
+    per_map = compute_metrics(labels, pred.scores, normal, dataset.original_widths(), pointing_tolerance=tolerance, **pixel) if anomaly else {}
     images = dataset.images.float()
     recon = reconstruction_metrics(pred.reconstruction, images) if pred.reconstruction is not None else None
 
@@ -230,6 +235,7 @@ def evaluate_run(
         "excluded_seen_in_training": chosen.excluded,
         "excluded_without_valid_pixels": len(blank),
         "has_masks": masks is not None,
+        **({"pixel_metric_images": int(pixel_rows.sum()), "pixel_metric_left_out": int((~pixel_rows).sum())} if masks is not None else {}),
         "image_size": config.data.image_size,
         "fov": config.data.fov,
         "reducer": f"{config.score.reducer}" + (f" ({config.score.topk_fraction:g})" if config.score.reducer == "topk" else ""),

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from medvq.errors import CheckpointError
 from medvq.evaluation.metrics import reduce_map
 from medvq.io import atomic_write_text
 
@@ -47,6 +48,7 @@ class NormalCalibration:
     combinations: list[str] = field(default_factory=list)  # further named combinations 'a+b': the mean of the standardised maps a and b
     stats: dict[str, MapStatistics] = field(default_factory=dict)
     n_images: int = 0
+    settings: dict = field(default_factory=dict)  # the run's method, data, model and score settings it was fitted under
 
     def standardize(self, maps: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Raw maps -> standardised maps (plus 'combined' when all its parts are present)."""
@@ -123,6 +125,7 @@ class NormalCalibration:
             "combinations": self.combinations,
             "n_images": self.n_images,
             "stats": {k: asdict(v) for k, v in self.stats.items()},
+            "settings": self.settings,
         }
 
     @classmethod
@@ -134,6 +137,7 @@ class NormalCalibration:
             combinations=list(d.get("combinations", [])),
             n_images=d.get("n_images", 0),
             stats={k: MapStatistics(**v) for k, v in d["stats"].items()},
+            settings=dict(d.get("settings", {})),
         )
 
     def save(self, path: str | Path) -> None:
@@ -141,4 +145,13 @@ class NormalCalibration:
 
     @classmethod
     def load(cls, path: str | Path) -> "NormalCalibration":
-        return cls.from_dict(json.loads(Path(path).read_text()))
+        """Read calibration.json; a damaged or hand-edited file is refused, naming what is wrong."""
+        try:
+            calibration = cls.from_dict(json.loads(Path(path).read_text()))
+        except (ValueError, KeyError, TypeError, AttributeError) as err:
+            raise CheckpointError(f"damaged calibration ({err.__class__.__name__}: {err})", path=path, fix="calibrate again with `medvq train --resume` on the run") from None
+        empty = [name for name, s in calibration.stats.items() if not s.normal_scores or not np.all(np.isfinite(s.normal_scores))]
+        if not calibration.stats or empty:
+            what = f"no normal scores for {', '.join(empty)}" if empty else "no maps"
+            raise CheckpointError(f"incomplete calibration: {what}", path=path, fix="calibrate again with `medvq train --resume` on the run")
+        return calibration
