@@ -92,6 +92,21 @@ def test_save_load_same_scores(trained, tiny_phantom):
         assert ra.maps["combined"].shape == ra.image.shape
 
 
+def test_evaluate_reports_the_stored_operating_point(evaluated, trained):
+    metrics = json.loads((evaluated / "metrics.json").read_text())
+    calibration = json.loads((trained / "calibration.json").read_text())
+    assert metrics["primary_map"] == calibration["primary_map"] and metrics["operating_point"] == "spec95"
+    rows = list(csv.DictReader(open(evaluated / "scores.csv")))
+    for name, m in metrics["maps"].items():
+        op = m["operating_point"]
+        assert op["threshold"] == calibration["stats"][name]["thresholds"]["spec95"]["value"]
+        called = np.array([float(r[name]) > op["threshold"] for r in rows])
+        normal = np.array([r["class"] == "NORMAL" for r in rows])
+        c = op["confusion"]
+        assert (c["tn"], c["fp"], c["fn"], c["tp"]) == ((~called & normal).sum(), (called & normal).sum(), (~called & ~normal).sum(), (called & ~normal).sum())
+        assert op["specificity"] == pytest.approx(c["tn"] / normal.sum()) and op["sensitivity"] == pytest.approx(c["tp"] / (~normal).sum())
+
+
 def test_evaluate_writes_metrics_scores_and_report(evaluated, tiny_phantom):
     m = json.loads((evaluated / "metrics.json").read_text())
     assert set(m["maps"]) == {"residual", "alm", "combined"}
@@ -150,6 +165,23 @@ def test_infer_writes_maps_overlays_and_scores(trained, tiny_phantom, tmp_path):
         assert (out / "overlays" / f"{r['name']}.png").is_file()
         m = np.load(out / "maps" / f"{r['name']}_combined.npy")
         assert m.shape == (128, 128)
+    calibration = json.loads((trained / "calibration.json").read_text())
+    primary = calibration["primary_map"]
+    assert primary in calibration["stats"] and "validation AUROC" in calibration["primary_reason"]  # the phantom's val patients include lesions
+    stored = calibration["stats"][primary]["thresholds"]
+    for r in rows:  # the decision: the primary map's score against its stored spec95 threshold
+        assert r["decision_map"] == primary and r["operating_point"] == "spec95"
+        assert float(r["threshold"]) == pytest.approx(stored["spec95"]["value"], rel=1e-4)
+        assert r["abnormal"] == str(int(float(r[primary]) > stored["spec95"]["value"]))
+    low = float(min(r["alm"] for r in rows)) - 1.0
+    result = runner.invoke(app, ["infer", str(trained), str(folder), "--out", str(tmp_path / "infer2"), "--map", "alm", "--threshold", str(low)])
+    assert result.exit_code == 0, result.output
+    assert "3 called abnormal on 'alm'" in result.output
+    rows = list(csv.DictReader(open(tmp_path / "infer2" / "scores.csv")))
+    assert all(r["decision_map"] == "alm" and r["operating_point"] == "value" and r["abnormal"] == "1" for r in rows)
+    for bad, message in ((["--threshold", "spec90"], "unknown threshold 'spec90'"), (["--map", "nll"], "no map or score 'nll'")):
+        result = runner.invoke(app, ["infer", str(trained), str(folder), "--out", str(tmp_path / "bad"), *bad])
+        assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output
 
 
 def test_resume_continues_after_a_crash(tiny_phantom, tmp_path, monkeypatch):

@@ -28,9 +28,10 @@ def test_dicom_opt_multiframe_is_a_stack_of_bscans_with_patient_and_eye(tmp_path
     assert samples[3].meta["position_mm"] == pytest.approx(0.18)
     for s in (samples[0], samples[4]):
         np.testing.assert_allclose(read_sample(s), frames[s.frame] / 65535.0, atol=1e-6)
-    single = write_dicom_opt(tmp_path / "one.dcm", frames[:1])
-    assert not volumes.is_oct_volume(single)  # one frame: an ordinary 2D DICOM image
-    assert [s.frame for s in collect_images([tmp_path])] == [0, 1, 2, 3, 4, None]
+    assert volumes.is_oct_volume(write_dicom_opt(tmp_path / "one.dcm", frames[:1]))  # OCT: a volume even of one B-scan
+    capture = write_dicom_opt(tmp_path / "photo.dcm", frames[:1], sop_class="1.2.840.10008.5.1.4.1.1.7")  # Secondary Capture
+    assert not volumes.is_oct_volume(capture)  # one frame of another kind: an ordinary 2D DICOM image
+    assert [s.frame for s in collect_images([tmp_path])] == [0, 1, 2, 3, 4, 0, None]
 
 
 def test_heidelberg_vol_through_eyepy_with_a_missing_bscan_skipped(tmp_path):

@@ -19,12 +19,14 @@ import numpy as np
 VOL_MISSING = np.finfo(np.float32).max  # Heidelberg's marker of a missing value
 
 
-def write_dicom_opt(path: Path, frames: np.ndarray, *, patient: str = "P001", laterality: str = "R", spacing_mm: float = 0.12, study_date: str = "20240105") -> Path:
-    """frames: (N, H, W) uint8 or uint16 B-scans."""
+def write_dicom_opt(
+    path: Path, frames: np.ndarray, *, patient: str = "P001", laterality: str = "R", spacing_mm: float = 0.12, study_date: str = "20240105", sop_class: str | None = None
+) -> Path:
+    """frames: (N, H, W) uint8 or uint16 B-scans; ``sop_class`` replaces Ophthalmic Tomography (e.g. Secondary Capture)."""
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-    opt = "1.2.840.10008.5.1.4.1.1.77.1.5.4"  # Ophthalmic Tomography Image Storage
+    opt = sop_class or "1.2.840.10008.5.1.4.1.1.77.1.5.4"  # Ophthalmic Tomography Image Storage
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = opt
     meta.MediaStorageSOPInstanceUID = generate_uid()

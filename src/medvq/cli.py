@@ -266,16 +266,25 @@ def print_metrics(result: dict) -> None:
     maps = result["maps"]
     classes = sorted({c for m in maps.values() for c in m["image_auroc_per_class"]})
     pixel = any("pixel_auroc" in m for m in maps.values())
-    table = Table(title=f"{result['n_images']} test images")
-    for col in ["map", "image AUROC", *[f"AUROC {c}" for c in classes], "AUPRC", *(["pixel AUROC", "AUPRO", "Dice", "pointing"] if pixel else [])]:
+    point = result.get("operating_point")
+    table = Table(title=f"{result['n_images']} test images" + (f"; primary map {result['primary_map']}" if result.get("primary_map") else ""))
+    op_cols = [f"sens. @{point}", f"spec. @{point}"] if point else []
+    for col in ["map", "image AUROC", *[f"AUROC {c}" for c in classes], "AUPRC", *op_cols, *(["pixel AUROC", "AUPRO", "Dice", "pointing"] if pixel else [])]:
         table.add_column(col, justify="left" if col == "map" else "right")
     for name, m in maps.items():
+        op = m.get("operating_point")
         cells = [f"{m['image_auroc']:.3f}", *[f"{m['image_auroc_per_class'].get(c, float('nan')):.3f}" for c in classes], f"{m['image_auprc']:.3f}"]
+        if point:
+            cells += [f"{op['sensitivity']:.3f}", f"{op['specificity']:.3f}"] if op else ["–", "–"]
         if pixel:
             cells += [f"{m.get(k, float('nan')):.3f}" for k in ("pixel_auroc", "aupro", "dice", "pointing_game")]
         table.add_row(name, *cells)
     if maps:
         console.print(table)
+    volumes = result.get("volume_level")
+    if volumes:
+        aurocs = ", ".join(f"{name} {m['auroc']:.3f}" for name, m in volumes["maps"].items())
+        console.print(f"volume level ({volumes['n_volumes']} volumes, {volumes['aggregation']}): AUROC {aurocs}", highlight=False)
     c = result.get("classification")
     if c:
         auroc = f", AUROC macro {c['auroc_macro']:.3f}" if "auroc_macro" in c else ""
@@ -293,16 +302,22 @@ def print_metrics(result: dict) -> None:
 @friendly_errors
 def infer_cmd(
     run: Path = typer.Argument(..., help="Run directory written by `medvq train`."),
-    inputs: list[Path] = typer.Argument(..., help="Scans and/or folders of scans."),
-    out: Path = typer.Option(..., "--out", help="Output folder for maps, overlays and scores.csv."),
+    inputs: list[Path] = typer.Argument(..., help="Scans, OCT volumes (DICOM multi-frame, .vol, .img), NIfTI volumes, folders of them, or a manifest CSV."),
+    out: Path = typer.Option(..., "--out", help="Output folder for maps, overlays, scores.csv, and per volume volumes.csv and en-face maps."),
     device: str = typer.Option("cpu", "--device"),
     save_npy: bool = typer.Option(True, "--npy/--no-npy", help="Also save each map as .npy (original scan grid, standardised)."),
+    decide_on: Optional[str] = typer.Option(None, "--map", help="Map or score that decides and is drawn (default: the run's primary map, chosen at training)."),
+    threshold: Optional[str] = typer.Option(
+        None, "--threshold", help="spec95 or spec99 (95 %/99 % specificity on the calibration normals, stored with the run) or a score value (default: the run's score.operating_point, spec95)."
+    ),
 ) -> None:
-    """Anomaly maps (overlay PNG + .npy) and calibrated scores for unlabelled scans."""
+    """Anomaly maps (overlay PNG + .npy), calibrated scores and an abnormal/normal decision per scan (scores.csv); per volume a score (top-k mean of its B-scans), decision, most abnormal B-scans and an en-face map."""
     from medvq.inference import infer
 
-    rows = infer(run, inputs, out, device=device, save_npy=save_npy, console=console)
-    console.print(f"{len(rows)} scans scored -> {out / 'scores.csv'}")
+    rows = infer(run, inputs, out, device=device, save_npy=save_npy, decide_on=decide_on, threshold=threshold, console=console)
+    called = sum(r["abnormal"] for r in rows)
+    decided = f": {called} called abnormal on '{rows[0]['decision_map']}' above {rows[0]['threshold']:.4g} ({rows[0]['operating_point']})" if rows else ""
+    console.print(f"{len(rows)} scans scored{decided} -> {out / 'scores.csv'}")
 
 
 @app.command("explain")

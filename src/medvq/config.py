@@ -110,6 +110,11 @@ class ScoreConfig(Section):
     reducer: Literal["topk", "mean", "max"] = Field("topk", description="How a map becomes an image score.")
     topk_fraction: float = Field(0.01, gt=0, le=1, description="Share of the highest pixels averaged by the topk reducer.")
     smoothing_sigma: float = Field(2.0, ge=0, description="Gaussian smoothing of every map, in units of image_size/128 pixels.")
+    operating_point: Literal["spec95", "spec99"] = Field(
+        "spec95",
+        description="Threshold that calls a scan abnormal: the score at 95 % or 99 % specificity on the held-out calibration normals "
+        "(stored in calibration.json; `medvq infer --threshold` overrides it).",
+    )
 
 
 # Architecture config of each method; `model:` in a run config is validated by the class named by `method:`.

@@ -4,6 +4,7 @@
     det = Detector.load("runs/vqvae-20261121-101500")
     result = det.predict_files(["scan.jpeg"])[0]
     result.scores["combined"], result.maps["combined"]        # (H, W) on the original scan's grid
+    result.decision.abnormal, result.decision.threshold        # the run's primary map at its stored spec95 threshold
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ from medvq.engine.run_dir import RunDir
 from medvq.errors import BlankScanError, CheckpointError, MedvqError
 from medvq.maps.smoothing import gaussian_smooth
 from medvq.models.registry import Method, get_method
-from medvq.scoring.calibration import NormalCalibration
+from medvq.scoring.calibration import COMBINED, NormalCalibration
+from medvq.scoring.decision import Decision, choose_primary, is_abnormal, operating_point
 
 
 @dataclass
@@ -49,6 +51,7 @@ class FileResult:
     model_input: np.ndarray  # (S, S)
     reconstruction: np.ndarray | None  # (S, S)
     frame: int | None = None  # the slice, for a slice of a NIfTI volume
+    decision: Decision | None = None  # abnormal or not, on the deciding map at the operating point
 
 
 def scoring_settings(config: RunConfig) -> dict:
@@ -97,6 +100,35 @@ class Detector:
     @property
     def map_names(self) -> list[str]:
         return list(self.config.score.maps or self.method.maps(self.config.model))
+
+    @property
+    def standardized_maps(self) -> list[str]:
+        """The maps a calibrated prediction holds: the computed ones, 'combined' and the named combinations."""
+        names = list(self.map_names)
+        if self.calibration is not None:
+            names += [n for n in (COMBINED, *self.calibration.combinations) if n in self.calibration.stats and n not in names]
+        return names
+
+    @property
+    def primary_map(self) -> str:
+        """The map (or model score) that decides, recorded at calibration; older runs: the method's default."""
+        if self.calibration is not None and self.calibration.primary_map in self.calibration.stats:
+            return self.calibration.primary_map
+        stats = self.calibration.stats if self.calibration is not None else {}
+        default = self.method.primary_map
+        return default if default in stats or not stats else ("combined" if "combined" in stats else next(iter(stats)))
+
+    @property
+    def notes(self) -> list[str]:
+        """What an older run folder lacks and what is used instead (printed by the CLI, never silent)."""
+        if self.calibration is None:
+            return []
+        out = []
+        if self.calibration.primary_map is None:
+            out.append(f"this run recorded no primary map (calibrated before medvq chose one); using the method's default '{self.primary_map}'")
+        if not self.calibration.thresholds_stored:
+            out.append("this run's calibration.json holds no thresholds (calibrated before medvq stored them); derived from its stored normal scores")
+        return out
 
     @property
     def combine(self) -> list[str]:
@@ -165,8 +197,9 @@ class Detector:
             extras={k: cat([p.extras[k] for p in parts]) for k in parts[0].extras},
         )
 
-    def calibrate(self, normals: ScanDataset, batch_size: int = 32) -> NormalCalibration:
-        """Fit the normal calibration on held-out normal images and keep it."""
+    def calibrate(self, normals: ScanDataset, batch_size: int = 32, abnormals: ScanDataset | None = None) -> NormalCalibration:
+        """Fit the normal calibration on held-out normal images and keep it; choose the primary map on the
+        validation patients' ``abnormals`` against these normals (without them: the method's default)."""
         pred = self.predict_dataset(normals, batch_size)
         s = self.config.score
         combinations = [c for c in self.method.combinations if set(c.split("+")) <= set(self.map_names)]
@@ -174,15 +207,26 @@ class Detector:
             reducer=s.reducer, topk_fraction=s.topk_fraction, combine=self.combine, combinations=combinations, settings=scoring_settings(self.config)
         ).fit(pred.raw_maps, normals.valid)
         self.calibration.fit_scores(pred.model_scores)
+        abnormal_scores = self.predict_dataset(abnormals, batch_size).scores if abnormals is not None and len(abnormals) else None
+        patients = len({x.patient_id for x in abnormals.samples}) if abnormal_scores else 0
+        choice = choose_primary(self.calibration, self.method.primary_map or "combined", abnormal_scores, patients)
+        self.calibration.primary_map, self.calibration.primary_reason = choice.name, choice.reason
+        self.calibration.validation_auroc = choice.validation_auroc or {}
         return self.calibration
 
-    def predict_files(self, paths: Sequence[str | Path | Sample]) -> list[FileResult]:
+    def predict_files(self, paths: Sequence[str | Path | Sample], *, decide_on: str | None = None, threshold: str | None = None) -> list[FileResult]:
         """Read, preprocess and score scans (paths, or samples such as the slices of a NIfTI volume that
-        ``collect_images`` lists); maps are returned on each scan's own pixel grid."""
+        ``collect_images`` lists); maps are returned on each scan's own pixel grid. Each result carries a
+        decision on ``decide_on`` (default: the run's primary map) at ``threshold`` ('spec95', 'spec99'
+        or a number; default: the run's score.operating_point)."""
         if self.calibration is None:
             raise CheckpointError("this run has no calibration.json", fix="finish training (calibration runs after the last epoch)")
         if isinstance(paths, (str, Path, Sample)):  # one scan, not a sequence of characters
             paths = [paths]
+        decide_on = decide_on or self.primary_map
+        if decide_on not in self.calibration.stats:
+            raise MedvqError(f"this run has no map or score '{decide_on}'", fix=f"choose one of {', '.join(self.calibration.stats)}")
+        point = operating_point(self.calibration, decide_on, threshold or self.config.score.operating_point)
         results = []
         for item in paths:
             sample = item if isinstance(item, Sample) else Sample(path=Path(item))
@@ -200,6 +244,9 @@ class Detector:
                     model_input=prepared.image[0].numpy(),
                     reconstruction=pred.reconstruction[0, 0].cpu().numpy() if pred.reconstruction is not None else None,
                     frame=sample.frame,
+                    decision=Decision(
+                        decide_on, float(table[decide_on]["score"][0]), float(table[decide_on]["normal_percentile"][0]), point, bool(is_abnormal(table[decide_on]["score"][0], point))
+                    ),
                 )
             )
         return results

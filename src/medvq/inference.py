@@ -12,9 +12,12 @@ from rich.console import Console
 from medvq.data.nifti import is_nifti, nifti_stem
 from medvq.data.samples import Sample, collect_images
 from medvq.detector import Detector
-from medvq.errors import BlankScanError, CheckpointError
+from medvq.errors import BlankScanError, CheckpointError, MedvqError
 from medvq.io import atomic_path, atomic_write_csv, mark_output
+from medvq.scoring.calibration import normals_needed
+from medvq.scoring.decision import operating_point
 from medvq.report.figures import overlay
+from medvq.volume_outputs import write_volume_verdicts
 
 
 def output_stem(sample: Sample, used: set[str]) -> str:
@@ -37,26 +40,49 @@ def infer(
     *,
     device: str = "cpu",
     save_npy: bool = True,
+    decide_on: str | None = None,
+    threshold: str | None = None,
     console: Console | None = None,
 ) -> list[dict]:
-    """Write OUT/overlays/<name>.png, OUT/maps/<name>_<map>.npy and OUT/scores.csv; return the rows."""
+    """Write OUT/overlays/<name>.png, OUT/maps/<name>_<map>.npy and OUT/scores.csv; return the rows.
+
+
+    Besides every map's score, z-score and normal percentile, each row holds the decision: ``decision_map``
+    (``decide_on``, default the run's primary map), ``operating_point`` (spec95, spec99 or value), its
+    ``threshold`` and ``abnormal`` (1 when the score on the decision map is above the threshold).
+    Volumes among the inputs (OCT volume files, NIfTI volumes, a manifest's eye-and-visit groups) also get
+    a verdict each, on the same score and threshold: OUT/volumes.csv, volumes.json and en-face maps of the
+    overlay's map (``medvq.volume_outputs``)."""
     console = console or Console(stderr=True)
     detector = Detector.load(run_dir, device=device)
     if detector.calibration is None:
         raise CheckpointError("this run has no calibration.json", path=run_dir, fix="finish training (calibration runs after the last epoch; `medvq train --resume` completes it)")
+    for note in detector.notes:
+        console.print(f"[yellow]note[/]: {note}")
     out = Path(out)
     # NIfTI volumes: their slices, as in training; earlier results (this --out among them) are not scans
     samples = collect_images(inputs, detector.preprocessor.volume, exclude=[out])
     has_frames = any(s.frame is not None for s in samples)
+    decide_on = decide_on or detector.primary_map
+    if decide_on not in detector.calibration.stats:
+        raise MedvqError(f"this run has no map or score '{decide_on}'", path=run_dir, fix=f"use --map with one of {', '.join(detector.calibration.stats)}")
+    point = operating_point(detector.calibration, decide_on, threshold or detector.config.score.operating_point)
     mark_output(out, out / "overlays", *([out / "maps"] if save_npy else []))
-    key = "combined" if "combined" in detector.calibration.stats else next(iter(detector.calibration.stats))
+    if not point.reliable:
+        console.print(
+            f"[yellow]warning[/]: the {point.name} threshold of '{decide_on}' rests on {point.n_normals} calibration normals "
+            f"(fewer than {normals_needed(point.specificity)}): it is their highest score, and its specificity is not measured"
+        )
+    # the overlay shows the deciding map; a score without a map (a classifier's p_abnormal) shows the run's first map
+    key = decide_on if decide_on in detector.standardized_maps else detector.standardized_maps[0]
     vmax = max(3.0, float(np.quantile(detector.calibration.stats[key].normal_scores, 0.99)) if detector.calibration.stats[key].normal_scores else 3.0)
-    rows, used, blank = [], set(), []
+    rows, used, blank, scored = [], set(), [], []  # scored: the samples of rows
+    column_maxima = []  # per scan, the calibrated map's maximum over depth per A-scan column (en-face rows)
     from rich.progress import track
 
     for sample in track(samples, description="scoring", console=console, transient=True, disable=not console.is_terminal):
         try:
-            result = detector.predict_files([sample])[0]
+            result = detector.predict_files([sample], decide_on=decide_on, threshold=threshold)[0]
         except BlankScanError as err:  # nothing to score in it; the others go on
             console.print(f"skipped: {err}", highlight=False, markup=False)
             blank.append(sample.name)
@@ -75,11 +101,20 @@ def infer(
             row[map_name] = s["score"]
             row[f"{map_name}_z"] = s["z"]
             row[f"{map_name}_normal_percentile"] = s["normal_percentile"]
+        d = result.decision
+        row |= {"decision_map": d.map, "operating_point": d.threshold.name, "threshold": d.threshold.value, "abnormal": int(d.abnormal)}
         rows.append(row)
+        scored.append(sample)
+        column_maxima.append(result.maps[key].max(axis=0))
         if len(rows) % 25 == 0:  # a crash keeps what was scored
             atomic_write_csv(out / "scores.csv", rows)
     if rows:
         atomic_write_csv(out / "scores.csv", rows)
+        write_volume_verdicts(
+            out, scored, [r[decide_on] for r in rows], column_maxima, detector.calibration.stats[decide_on].normal_scores,
+            score_name=decide_on, map_name=key, vmax=vmax, threshold=point.value, operating_point=point.name,
+            normal_class=detector.config.data.normal_class, console=console,
+        )  # fmt: skip
     if blank:
         console.print(f"{len(blank)} scan(s) without any valid pixel skipped (saturated or blank): {', '.join(blank[:5])}{' ...' if len(blank) > 5 else ''}")
     return rows

@@ -1,7 +1,8 @@
 """OCT volumes: one file per eye and visit, read as a stack of B-scans with the metadata it carries.
 
 Formats and the readers behind them
-- DICOM with more than one frame (Ophthalmic Tomography multi-frame, ``.dcm``): pydicom. Patient =
+- DICOM Ophthalmic Tomography (any number of frames) and other DICOM with more than one frame (``.dcm``):
+  pydicom; a one-frame DICOM of another kind stays a 2D image. Patient =
   PatientID; eye = ImageLaterality, Laterality or the shared FrameLaterality; date = AcquisitionDateTime,
   ContentDate or StudyDate; B-scan spacing = the shared pixel measures' SpacingBetweenSlices or
   SliceThickness. Frames scaled like 2D DICOM (rescale slope/intercept, bit depth, MONOCHROME1).
@@ -53,14 +54,18 @@ class OCTVolume:
 
 
 # --- formats ------------------------------------------------------------------------------------
-def _dicom_frames(path: Path) -> int:
+OPHTHALMIC_TOMOGRAPHY = "1.2.840.10008.5.1.4.1.1.77.1.5.4"  # SOP class of DICOM OCT volumes
+
+
+def _dicom_is_volume(path: Path) -> bool:
+    """Several frames, or an Ophthalmic Tomography image (a volume even of one B-scan)."""
     import pydicom
 
     try:
         ds = pydicom.dcmread(path, stop_before_pixels=True)
     except Exception:
-        return 0  # not readable as DICOM: the 2D reader says why
-    return int(getattr(ds, "NumberOfFrames", 1) or 1)
+        return False  # not readable as DICOM: the 2D reader says why
+    return int(getattr(ds, "NumberOfFrames", 1) or 1) > 1 or str(getattr(ds, "SOPClassUID", "")) == OPHTHALMIC_TOMOGRAPHY
 
 
 def _first(ds, *names: str) -> str:
@@ -90,8 +95,10 @@ def read_dicom_volume(path: Path) -> OCTVolume:
     import pydicom
 
     ds = pydicom.dcmread(path)
-    frames = ds.pixel_array  # (N, H, W) for multi-frame monochrome
-    if frames.ndim == 4:  # (N, H, W, samples): colour frames -> luminance
+    frames = ds.pixel_array  # (N, H, W[, samples]); one frame comes without the N axis
+    if int(getattr(ds, "NumberOfFrames", 1) or 1) == 1:
+        frames = frames[None]
+    if int(getattr(ds, "SamplesPerPixel", 1) or 1) > 1:  # colour frames -> luminance
         frames = frames[..., :3].astype(np.float32) @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
     frames = frames.astype(np.float32)
     slope, intercept = float(getattr(ds, "RescaleSlope", 1.0)), float(getattr(ds, "RescaleIntercept", 0.0))
@@ -189,7 +196,7 @@ class VolumeFormat:
 
 
 FORMATS = (
-    VolumeFormat("DICOM multi-frame", (".dcm", ".dicom"), read_dicom_volume, lambda p: _dicom_frames(p) > 1),
+    VolumeFormat("DICOM multi-frame", (".dcm", ".dicom"), read_dicom_volume, _dicom_is_volume),
     VolumeFormat("Heidelberg .vol", (".vol",), read_heidelberg_vol),
     VolumeFormat("Zeiss .img", (".img",), read_zeiss_img),
 )
@@ -197,7 +204,7 @@ VOLUME_SUFFIXES = {s for f in FORMATS for s in f.suffixes}
 
 
 def volume_format(path: str | Path) -> VolumeFormat | None:
-    """The format of an OCT volume file, or None for anything else (a 2D image, a one-frame DICOM)."""
+    """The format of an OCT volume file, or None for anything else (a 2D image, a one-frame DICOM that is not OCT)."""
     path = Path(path)
     if path.name.startswith(".") or not path.is_file():
         return None

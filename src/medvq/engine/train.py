@@ -37,6 +37,9 @@ from medvq.io import atomic_save_npz, atomic_write_text
 from medvq.models.registry import get_method
 
 
+MIN_CALIBRATION_NORMALS = 20  # below this a 95 % specificity threshold is simply the highest normal score
+
+
 @dataclass
 class TrainResult:
     run: RunDir
@@ -75,7 +78,9 @@ def training_splits(config: RunConfig, data_root: str | Path) -> dict[str, list[
             path=data_root,
             fix="add a val/ split or raise --val-fraction",
         )
-    return {"train": train, "val": val, "test": parts["test"]}
+    # The validation patients' other scans (e.g. their abnormal ones) choose the run's primary map, never the test patients'.
+    val_other = [s for s in parts["val"] if s.label not in keep]
+    return {"train": train, "val": val, "val_abnormal": val_other, "test": parts["test"]}
 
 
 def _of(classes: set[str]) -> str:
@@ -228,13 +233,17 @@ def train_run(
     )
     val_set = ScanDataset(parts["val"], preprocessor, load_masks=False, targets=targets(parts["val"]), progress="reading validation scans" if progress else None)
     train_set, val_set = _without_blank(train_set, "training", console), _without_blank(val_set, "validation", console)
+    val_other = [s for s in parts.get("val_abnormal", []) if s.label]
+    val_abnormal = ScanDataset(val_other, preprocessor, load_masks=False, progress="reading validation scans" if progress else None) if val_other else None
+    if val_abnormal is not None:
+        val_abnormal = _without_blank(val_abnormal, "abnormal validation", console)
     run.create()
     if is_rank_zero():
         run.write_config(config)  # a resumed run records what changed (e.g. more epochs)
         if not resume:
             run.write_split(data_root, parts)
     if method.fit is not None:  # no gradient training (a memory bank): one pass instead of the Lightning trainer
-        result = fit_run(method, config, run, train_set, val_set, started, console, progress)
+        result = fit_run(method, config, run, train_set, val_set, started, console, progress, val_abnormal)
         if replaces and is_rank_zero():
             swap_in(run, target)
         return TrainResult(run=target, epochs=result.epochs, seconds=result.seconds, best_val_loss=result.best_val_loss)
@@ -261,7 +270,7 @@ def train_run(
             warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")  # frozen parts of a prior stay in eval mode on purpose
             trainer.fit(module, train_loader, val_loader, ckpt_path=str(run.last_ckpt) if resume else None, weights_only=True)
         if trainer.is_global_zero:
-            finish_run(run, config, train_set, val_set, console)
+            finish_run(run, config, train_set, val_set, console, val_abnormal)
     except (KeyboardInterrupt, SystemExit) as stop:
         if isinstance(stop, SystemExit) and not trainer.interrupted:  # Lightning turns Ctrl-C into exit(1)
             raise
@@ -323,28 +332,42 @@ def torch_device(config: RunConfig) -> torch.device:
     return torch.device(accelerator)
 
 
-def fit_run(method, config: RunConfig, run: RunDir, train_set: ScanDataset, val_set: ScanDataset, started: float, console: Console, progress: bool) -> TrainResult:
+def fit_run(
+    method, config: RunConfig, run: RunDir, train_set: ScanDataset, val_set: ScanDataset, started: float, console: Console, progress: bool, val_abnormal: ScanDataset | None = None
+) -> TrainResult:
     """Fit-only methods (``Method.fit``): fit once on the training images, then write the same run directory
     as a trained one: model/best.safetensors, fit.json (counts and seconds of the fit), calibration.json."""
     if is_rank_zero():  # one process fits; the others of a multi-process launch have nothing to do
         model, summary = method.fit(config, train_set, device=torch_device(config), console=console, progress=progress)
         run.save_weights(model, "best")
         atomic_write_text(run.fit_summary, json.dumps(summary, indent=1))
-        finish_run(run, config, train_set, val_set, console)
+        finish_run(run, config, train_set, val_set, console, val_abnormal)
     return TrainResult(run=run, epochs=0, seconds=time.perf_counter() - started, best_val_loss=float("nan"))
 
 
-def finish_run(run: RunDir, config: RunConfig, train_set: ScanDataset, val_set: ScanDataset, console: Console) -> None:
-    """Calibrate the best model on held-out normals and export the training images' code maps (VQ models)."""
+def finish_run(run: RunDir, config: RunConfig, train_set: ScanDataset, val_set: ScanDataset, console: Console, val_abnormal: ScanDataset | None = None) -> None:
+    """Calibrate the best model on held-out normals (thresholds included), choose the primary map on the
+    validation patients' abnormal scans, and export the training images' code maps (VQ models)."""
     from medvq.detector import Detector
 
     detector = Detector.load(run.root)
     normal = config.data.normal_class
-    normals = val_set.subset([i for i, s in enumerate(val_set.samples) if s.label == normal]) if not detector.method.normal_only else val_set
+    if detector.method.normal_only:
+        normals = val_set
+        abnormals = val_abnormal
+    else:  # a classifier validates on every class
+        normals = val_set.subset([i for i, s in enumerate(val_set.samples) if s.label == normal])
+        rest = [i for i, s in enumerate(val_set.samples) if s.label != normal]
+        abnormals = val_set.subset(rest) if rest else None
     if len(normals) < 2:
         raise DatasetError(f"only {len(normals)} held-out {normal} validation image(s): score calibration needs at least 2", fix="raise --val-fraction")
-    calibration = detector.calibrate(normals, batch_size=config.train.batch_size)
+    calibration = detector.calibrate(normals, batch_size=config.train.batch_size, abnormals=abnormals)
     calibration.save(run.calibration)
+    if len(normals) < MIN_CALIBRATION_NORMALS:
+        console.print(
+            f"[yellow]warning[/]: calibrated on only {len(normals)} held-out {normal} scans (fewer than {MIN_CALIBRATION_NORMALS}): "
+            "thresholds, percentiles and the out-of-distribution guard rest on few scans; raise --val-fraction or add normal scans"
+        )
     codes: dict[str, list[np.ndarray]] = {}
     for b in train_set.batches(64):
         pred = detector.predict(b.image)
@@ -361,3 +384,4 @@ def finish_run(run: RunDir, config: RunConfig, train_set: ScanDataset, val_set: 
             frames=np.array([-1 if s.frame is None else s.frame for s in train_set.samples]),
         )
     console.print(f"calibrated on {len(normals)} held-out normal images -> {run.calibration}")
+    console.print(f"primary map: {calibration.primary_map} ({calibration.primary_reason})")

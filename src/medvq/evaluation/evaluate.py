@@ -39,6 +39,8 @@ from medvq.errors import DatasetError
 from medvq.evaluation import metrics as M
 from medvq.evaluation.reconstruction import reconstruction_metrics, spread_indices, summarize
 from medvq.io import atomic_save_npz, atomic_write_text, mark_output
+from medvq.scoring.decision import OperatingPoint, is_abnormal, operating_point
+from medvq.scoring.volume import DEFAULT_TOPK_FRACTION, volume_level_scores
 
 SPECIFICITY = 0.95
 AUPRO_FPR_LIMIT = 0.3
@@ -72,7 +74,7 @@ def select_test_samples(run: RunDir, data_root: str | Path, split: str = "test")
         raise DatasetError(f"unknown split '{split}'", fix="use 'test', 'val' or 'all'")
     record = run.read_split()
     seen_paths, seen_patients = set(), set()
-    for name in ("train",) if split == "val" else ("train", "val"):
+    for name in ("train",) if split == "val" else ("train", "val", "val_abnormal"):
         for item in record.get("splits", {}).get(name, []):
             seen_paths.add((item["path"], item.get("frame")))
             seen_patients.add(item["patient_id"])
@@ -90,9 +92,11 @@ def compute_metrics(
     maps: dict[str, np.ndarray] | None = None,
     valid: np.ndarray | None = None,
     pointing_tolerance: float = 0.0,
+    operating_points: dict[str, OperatingPoint] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Metrics per map. labels: class names; scores: name -> (N,); masks/maps/valid: (M, H, W) over the images
-    whose lesion mask is known (any M; pixel metrics need at least one lesion pixel)."""
+    whose lesion mask is known (any M; pixel metrics need at least one lesion pixel);
+    operating_points: name -> the stored threshold at which sensitivity and specificity are reported."""
     y = np.array([lab != normal_class for lab in labels], dtype=int)
     classes = sorted({lab for lab in labels if lab != normal_class})
     out: dict[str, dict[str, Any]] = {}
@@ -106,6 +110,8 @@ def compute_metrics(
         for c in classes:
             keep = np.array([lab in (c, normal_class) for lab in labels])
             m["image_auroc_per_class"][c] = M.image_auroc(y[keep], s[keep])
+        if operating_points and name in operating_points:
+            m["operating_point"] = operating_point_metrics(y, s, operating_points[name])
         if widths is not None:
             m["image_auroc_by_width"] = M.grouped_auroc(y, s, widths)
         if masks is not None and maps is not None and name in maps and masks.any():
@@ -117,6 +123,23 @@ def compute_metrics(
             m["pointing_game"] = M.pointing_game(masks, mp, valid=valid, tolerance=pointing_tolerance)
         out[name] = m
     return out
+
+
+def operating_point_metrics(y: np.ndarray, scores: np.ndarray, point: OperatingPoint) -> dict[str, Any]:
+    """Sensitivity, specificity and the confusion counts at a threshold chosen without these data."""
+    called = is_abnormal(scores, point)
+    tp, fn = int((called & (y == 1)).sum()), int((~called & (y == 1)).sum())
+    fp, tn = int((called & (y == 0)).sum()), int((~called & (y == 0)).sum())
+    return {
+        "name": point.name,
+        "threshold": point.value,
+        "calibration_specificity": point.specificity,
+        "calibration_normals": point.n_normals,
+        "reliable": point.reliable,
+        "sensitivity": tp / max(tp + fn, 1),
+        "specificity": tn / max(tn + fp, 1),
+        "confusion": {"tn": tn, "fp": fp, "fn": fn, "tp": tp},
+    }
 
 
 def classify(detector: Detector, pred: Prediction, samples: list[Sample], dataset: ScanDataset) -> dict[str, Any]:
@@ -156,6 +179,30 @@ def write_scores_csv(path: Path, samples: list[Sample], dataset: ScanDataset, sc
         frame = ["" if s.frame is None else s.frame] if frames else []
         writer.writerow([str(s.path), *frame, s.label, s.patient_id, g.width, g.height, *(f"{scores[n][i]:.6g}" for n in names)])
     atomic_write_text(path, buffer.getvalue())
+
+
+def volume_metrics(
+    samples: list[Sample], scores: dict[str, np.ndarray], normal_class: str, operating_points: dict[str, OperatingPoint] | None = None
+) -> dict[str, Any] | None:
+    """AUROC and AUPRC per score over volumes (``medvq.scoring.volume``: a volume is abnormal when any of
+    its B-scans is; its score is the top-k mean of its B-scan scores), and sensitivity / specificity with
+    the stored B-scan threshold applied to volume scores; None without normal and abnormal volumes."""
+    found = volume_level_scores(samples, scores, normal_class)
+    if found is None:
+        return None
+    labels, volume_scores = found
+    if normal_class not in labels or all(lab == normal_class for lab in labels):
+        return None
+    per_map = compute_metrics(labels, volume_scores, normal_class, operating_points=operating_points)
+    return {
+        "n_volumes": len(labels),
+        "counts": {c: labels.count(c) for c in sorted(set(labels))},
+        "aggregation": f"mean of the ceil({DEFAULT_TOPK_FRACTION:g} x n) highest B-scan scores of a volume (at least 1)",
+        "maps": {
+            name: {"auroc": m["image_auroc"], "auprc": m["image_auprc"], "auroc_per_class": m["image_auroc_per_class"], **({"operating_point": m["operating_point"]} if "operating_point" in m else {})}
+            for name, m in per_map.items()
+        },
+    }
 
 
 def write_reconstruction_csv(path: Path, samples: list[Sample], per_image: dict[str, np.ndarray]) -> None:
@@ -214,11 +261,14 @@ def evaluate_run(
             fix="evaluate a reconstruction model (vqvae, vqvae2), or give the data class folders",
         )
     tolerance = POINTING_TOLERANCE * config.data.image_size
+    for note in detector.notes:
+        console.print(f"[yellow]note[/]: {note}")
+    points = {k: operating_point(detector.calibration, k, config.score.operating_point) for k in pred.scores if k in detector.calibration.stats}
     # Pixel metrics over scans whose mask is known: read from a file, or empty for a NORMAL scan without one;
     # an abnormal scan without a mask file has unknown lesions and is left out of them.
     pixel_rows = (dataset.mask_known.numpy() | np.array([lab == normal for lab in labels])) if masks is not None else None
     pixel = dict(masks=masks[pixel_rows], maps={k: v[pixel_rows] for k, v in maps_np.items()}, valid=valid[pixel_rows]) if masks is not None else {}
-    per_map = compute_metrics(labels, pred.scores, normal, dataset.original_widths(), pointing_tolerance=tolerance, **pixel) if anomaly else {}
+    per_map = compute_metrics(labels, pred.scores, normal, dataset.original_widths(), pointing_tolerance=tolerance, operating_points=points, **pixel) if anomaly else {}
     images = dataset.images.float()
     recon = reconstruction_metrics(pred.reconstruction, images) if pred.reconstruction is not None else None
 
@@ -240,9 +290,15 @@ def evaluate_run(
         "fov": config.data.fov,
         "reducer": f"{config.score.reducer}" + (f" ({config.score.topk_fraction:g})" if config.score.reducer == "topk" else ""),
         "calibration_images": detector.calibration.n_images,
+        "primary_map": detector.primary_map,
+        "primary_reason": detector.calibration.primary_reason or "the method's default (the run recorded no choice)",
+        "operating_point": config.score.operating_point,
         "maps": per_map,
         **({"pointing_tolerance_px": tolerance} if masks is not None else {}),
     }
+    volume_level = volume_metrics(samples, pred.scores, normal, points) if anomaly else None
+    if volume_level is not None:
+        result["volume_level"] = volume_level
     if recon is not None:
         result["reconstruction"] = summarize(recon, None if unlabelled else labels)
         write_reconstruction_csv(out / "reconstruction.csv", samples, recon)

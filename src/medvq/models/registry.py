@@ -32,6 +32,9 @@ class Method:
     fit: Callable[..., tuple[nn.Module, dict]] | None = None  # (RunConfig, train ScanDataset, device=, console=, progress=) -> (model, summary)
     # Methods built on another run (a prior on a VQ-VAE) complete their config and take that run's patient split:
     prepare: Callable[..., tuple["object", dict]] | None = None  # (RunConfig, data root) -> (RunConfig, {'train', 'val', 'test'} -> samples)
+    # The map (or model score) that decides when the validation patients hold no abnormal scans to choose on:
+    # the method's best on kermany-dev and the phantom (README, Results); None: 'combined', else the first map.
+    primary_map: str | None = None
     combinations: tuple[str, ...] = ()  # named combinations 'a+b' calibrated next to 'combined' (the mean of the standardised maps a and b)
     # Model fields added after runs were saved, with the value a saved config.yaml without them means (every run's
     # config.yaml holds every field of its time, so a missing one marks an older run, not a wish for today's default):
@@ -54,6 +57,7 @@ def _vqvae() -> Method:
         build_model=VQVAE,
         compute_maps=vqvae_maps,
         training_module=VQVAEModule.from_run_config,
+        primary_map="residual",
     )
 
 
@@ -69,6 +73,7 @@ def _vqvae2() -> Method:
         build_model=VQVAE2,
         compute_maps=vqvae2_maps,
         training_module=VQVAE2Module.from_run_config,
+        primary_map="residual",
         stored_model_defaults={"upsampling": "transpose"},
     )
 
@@ -90,6 +95,7 @@ def _classifier() -> Method:
         maps_for=map_names_for,
         resolve_config=resolve_classifier_config,
         targets=training_targets,
+        primary_map="p_abnormal",
     )
 
 
@@ -106,6 +112,7 @@ def _patchcore() -> Method:
         compute_maps=patchcore_maps,
         training_module=None,
         fit=fit_patchcore,
+        primary_map="patch_distance",
     )
 
 
@@ -123,6 +130,7 @@ def _prior() -> Method:
         compute_maps=prior_maps,
         training_module=PriorModule.from_run_config,
         prepare=prepare_prior,
+        primary_map="nll",
         combinations=COMBINATIONS,
     )
 

@@ -82,12 +82,15 @@ def _metrics_table(metrics: dict) -> str:
     cols = [("image AUROC", "image_auroc"), ("AUPRC", "image_auprc")]
     if spec_key:
         cols.append(("sens. @95% spec.", spec_key))
+    point = metrics.get("operating_point")
+    if point:  # the stored threshold, chosen on calibration normals only: the honest operating point
+        cols += [(f"sens. @ stored {point}", ("operating_point", "sensitivity")), (f"spec. @ stored {point}", ("operating_point", "specificity"))]
     cols += [(f"AUROC {c}", ("per_class", c)) for c in classes]
     if pixel:
         cols += [("pixel AUROC", "pixel_auroc"), ("AUPRO (FPR≤0.3)", "aupro"), ("best Dice", "dice")]
         if any("pointing_game" in m for m in maps.values()):
             cols.append(("pointing game", "pointing_game"))
-    value = lambda m, key: m.get("image_auroc_per_class", {}).get(key[1]) if isinstance(key, tuple) else m.get(key)
+    value = lambda m, key: (m.get("image_auroc_per_class" if key[0] == "per_class" else key[0]) or {}).get(key[1]) if isinstance(key, tuple) else m.get(key)
     best = {label: max((value(m, key) or -1) for m in maps.values()) for label, key in cols}
     head = "".join(f"<th>{html.escape(label)}</th>" for label, _ in cols)
     rows = []
@@ -142,7 +145,28 @@ def _classification_section(c: dict) -> str:
     return top + per_class + "<p class='muted'>Confusion matrix (rows: true class, columns: predicted class, argmax of the probabilities).</p>" + cm + extra
 
 
-def _roc_section(rows: list[dict], names: list[str], normal: str) -> str:
+def _operating_point_section(metrics: dict) -> str:
+    """Confusion matrix of every map at its stored threshold."""
+    point = metrics.get("operating_point")
+    maps = {n: m["operating_point"] for n, m in metrics["maps"].items() if "operating_point" in m}
+    if not point or not maps:
+        return ""
+    rows = "".join(
+        f"<tr><td class='l'>{html.escape(n)}{' (primary)' if n == metrics.get('primary_map') else ''}</td><td>{op['threshold']:.3g}</td>"
+        f"<td>{op['calibration_normals']}{'' if op['reliable'] else ' (too few)'}</td><td>{op['confusion']['tn']}</td><td>{op['confusion']['fp']}</td>"
+        f"<td>{op['confusion']['fn']}</td><td>{op['confusion']['tp']}</td><td>{_fmt(op['sensitivity'])}</td><td>{_fmt(op['specificity'])}</td></tr>"
+        for n, op in maps.items()
+    )
+    return (
+        f"<h2>Operating point ({html.escape(point)}, stored at calibration)</h2>"
+        f"<p class='muted'>Each map's threshold at {html.escape(point[4:])} % specificity on the held-out calibration normals, fixed before "
+        "these test scans were seen; a scan is called abnormal above it. Marked ● on the ROC curves.</p>"
+        "<table><tr><th class='l'>map</th><th>threshold</th><th>calibration normals</th><th>TN</th><th>FP</th><th>FN</th><th>TP</th>"
+        f"<th>sensitivity</th><th>specificity</th></tr>{rows}</table>"
+    )
+
+
+def _roc_section(rows: list[dict], names: list[str], normal: str, points: dict[str, float] | None = None) -> str:
     labels = np.array([r["class"] != normal for r in rows], dtype=int)
     classes = sorted({r["class"] for r in rows} - {normal})
     fig, axes = plt.subplots(1, 1 + len(classes), figsize=(3.6 * (1 + len(classes)), 3.4), squeeze=False)
@@ -156,7 +180,10 @@ def _roc_section(rows: list[dict], names: list[str], normal: str) -> str:
             if y.min() == y.max():
                 continue
             fpr, tpr = roc_points(y, s)
-            ax.plot(fpr, tpr, label=n)
+            (line,) = ax.plot(fpr, tpr, label=n)
+            if points and n in points:  # the stored operating point on these scans
+                called = s > points[n]
+                ax.plot([called[y == 0].mean()], [called[y == 1].mean()], "o", color=line.get_color(), ms=5)
         ax.plot([0, 1], [0, 1], ls="--", lw=0.8, color="gray")
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("false positive rate", fontsize=8)
@@ -318,7 +345,8 @@ def _evaluation_page(metrics: dict, rows: list, names: list, npz: dict) -> str:
     anomaly = (  # unlabelled data (NIfTI slices) has reconstruction metrics only
         f"""<h2>Metrics</h2>{_metrics_table(metrics)}
 <p class='muted'>Best Dice uses the best threshold found on these test images, so it is an upper bound. AUPRO is normalised to 1 for a perfect map.</p>
-<h2>ROC curves</h2>{_roc_section(rows, names, normal)}
+{_operating_point_section(metrics)}
+<h2>ROC curves</h2>{_roc_section(rows, names, normal, {n: m["operating_point"]["threshold"] for n, m in metrics["maps"].items() if "operating_point" in m})}
 <h2>Gallery</h2>{_gallery(npz, normal)}"""
         if metrics["maps"]
         else ""

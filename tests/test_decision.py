@@ -1,0 +1,81 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from medvq.errors import MedvqError
+from medvq.scoring.calibration import NormalCalibration, normals_needed, threshold_at_specificity
+from medvq.scoring.decision import choose_primary, is_abnormal, operating_point
+
+
+def test_threshold_on_a_known_score_distribution():
+    scores = np.arange(1, 101, dtype=float)  # 100 normals scoring 1..100
+    assert threshold_at_specificity(scores, 0.95) == 95.0  # 95 normals at or below, 5 above: specificity 0.95
+    assert threshold_at_specificity(scores, 0.99) == 99.0
+    assert threshold_at_specificity(np.random.default_rng(0).permutation(scores), 0.95) == 95.0  # order does not matter
+    assert threshold_at_specificity(np.arange(1, 21, dtype=float), 0.95) == 19.0  # 20 normals: one lies above
+    assert threshold_at_specificity(np.arange(1, 31, dtype=float), 0.99) == 30.0  # too few for 99 %: the highest normal
+    for n in (7, 20, 31, 100, 257):
+        s = np.random.default_rng(n).normal(size=n)
+        for q in (0.95, 0.99):
+            t = threshold_at_specificity(s, q)
+            assert (s <= t).mean() >= q  # specificity on the calibration normals at least q
+            assert t == s.min() or (s < t).mean() < q  # and the smallest such threshold
+    assert normals_needed(0.95) == 20 and normals_needed(0.99) == 100
+    with pytest.raises(ValueError, match="no normal scores"):
+        threshold_at_specificity([], 0.95)
+
+
+def _maps(n, seed, shift=0.0):
+    g = torch.Generator().manual_seed(seed)
+    return {"residual": 0.1 * torch.rand(n, 1, 8, 8, generator=g) + shift, "alm": torch.rand(n, 1, 8, 8, generator=g)}
+
+
+def test_calibration_stores_thresholds_with_counts_and_reliability(tmp_path):
+    cal = NormalCalibration(reducer="mean").fit(_maps(40, 0))
+    stored = json.loads(json.dumps(cal.to_dict()))["stats"]["residual"]["thresholds"]
+    assert stored["spec95"]["n_normals"] == 40 and stored["spec95"]["reliable"] is True
+    assert stored["spec99"]["n_normals"] == 40 and stored["spec99"]["reliable"] is False  # 99 % from < 100 normals is marked
+    assert stored["spec95"]["value"] == threshold_at_specificity(cal.stats["residual"].normal_scores, 0.95)
+    cal.save(tmp_path / "c.json")
+    again = NormalCalibration.load(tmp_path / "c.json")
+    assert again.thresholds_stored and again.threshold("combined", "spec99").value == cal.threshold("combined", "spec99").value
+
+
+def test_old_calibration_without_thresholds_loads_and_derives_them(tmp_path):
+    cal = NormalCalibration(reducer="mean").fit(_maps(30, 0))
+    d = cal.to_dict()
+    for st in d["stats"].values():
+        del st["thresholds"]
+    del d["primary_map"]
+    old = NormalCalibration.from_dict(d)
+    assert not old.thresholds_stored and old.primary_map is None
+    assert old.threshold("alm", "spec95").value == cal.threshold("alm", "spec95").value
+
+
+def test_operating_point_choices_and_decisions():
+    cal = NormalCalibration(reducer="mean").fit(_maps(40, 0))
+    p95, p99 = operating_point(cal, "alm", "spec95"), operating_point(cal, "alm", "spec99")
+    assert p99.value >= p95.value and p95.reliable and not p99.reliable
+    normals = np.array(cal.stats["alm"].normal_scores)
+    assert is_abnormal(normals, p95).mean() <= 0.05
+    value = operating_point(cal, "alm", "0.7")
+    assert value.name == "value" and value.value == 0.7
+    np.testing.assert_array_equal(is_abnormal(np.array([0.69, 0.7, 0.71]), value), [False, False, True])
+    for bad in ("spec90", "abc", "nan"):
+        with pytest.raises(MedvqError, match="threshold"):
+            operating_point(cal, "alm", bad)
+
+
+def test_primary_map_chosen_on_validation_abnormals_else_default():
+    cal = NormalCalibration(reducer="mean").fit(_maps(30, 0))
+    default = choose_primary(cal, "residual")
+    assert default.name == "residual" and "no abnormal" in default.reason
+    # abnormal scans stand out on alm only
+    abnormal = cal.image_scores(cal.standardize({"residual": _maps(12, 1)["residual"], "alm": _maps(12, 1)["alm"] + 1.0}))
+    choice = choose_primary(cal, "residual", abnormal, n_abnormal_patients=4)
+    assert choice.name == "alm" and choice.validation_auroc["alm"] == 1.0
+    assert "12 abnormal scans (4 patients)" in choice.reason and "unreliable" not in choice.reason
+    few = choose_primary(cal, "residual", {k: v[:3] for k, v in abnormal.items()}, 2)
+    assert few.name == "alm" and "unreliable" in few.reason

@@ -1,0 +1,135 @@
+"""A verdict per volume: top-k aggregation, en-face maps, and volumes through train / evaluate / infer."""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+from volume_files import write_dicom_opt
+
+from medvq.cli import app
+from medvq.data.samples import Sample, scan_dataset
+from medvq.scoring.volume import en_face, group_volumes, topk_count, verdict, volume_level_scores, volume_score
+
+runner = CliRunner()
+
+
+def _bscans(path: str, n: int, label: str = "NORMAL", patient: str = "P1") -> list[Sample]:
+    return [Sample(path=Path(path), label=label, patient_id=patient, frame=i, eye="OD") for i in range(n)]
+
+
+def test_volume_score_is_the_mean_of_the_highest_tenth_of_bscan_scores():
+    assert topk_count(1) == 1 and topk_count(10) == 1 and topk_count(11) == 2 and topk_count(128) == 13
+    scores = np.zeros(20)
+    scores[[4, 5]] = [3.0, 5.0]
+    assert volume_score(scores) == pytest.approx(4.0)  # the two highest of 20
+    assert volume_score([7.0]) == 7.0
+    v = verdict("vol", _bscans("v.dcm", 20, "CNV"), scores, normal_scores=np.linspace(-2, 2, 101), threshold=3.5)
+    assert v.most_abnormal == [5, 4] and v.decision == "abnormal" and v.label == "CNV"
+    assert v.normal_percentile == 100.0 and v.z == pytest.approx(4.0 / np.linspace(-2, 2, 101).std(), rel=1e-6)
+    assert verdict("vol", _bscans("v.dcm", 20), scores - 2, normal_scores=[0.0, 1.0], threshold=3.5).decision == "normal"
+    assert verdict("vol", _bscans("v.dcm", 20), scores, normal_scores=[0.0, 1.0]).decision == ""  # no stored threshold: no call
+
+
+def test_en_face_map_lights_up_where_a_lesion_was_planted():
+    maps = [np.zeros((30, 40), np.float32) for _ in range(6)]
+    for b in (2, 3):
+        maps[b][18:22, 10:15] = 4.0  # a lesion at depth 18-21, columns 10-14, on B-scans 2 and 3
+    enface = en_face([m.max(axis=0) for m in maps])
+    assert enface.shape == (6, 40)
+    hot = np.argwhere(enface > 1)
+    assert set(hot[:, 0]) == {2, 3} and set(hot[:, 1]) == set(range(10, 15))
+    resampled = en_face([np.arange(40.0), np.arange(40.0), np.linspace(0, 39, 20)])  # a narrower scan is resampled
+    np.testing.assert_allclose(resampled[2], np.arange(40.0), atol=1e-4)
+
+
+def test_volumes_are_grouped_by_file_or_by_eye_and_visit():
+    samples = [
+        *_bscans("a.dcm", 3, "NORMAL", "P1"),
+        Sample(path=Path("x.png"), label="CNV", patient_id="P2", eye="OS", visit="2024-01"),
+        Sample(path=Path("y.png"), label="NORMAL", patient_id="P2", eye="OS", visit="2024-01"),
+        Sample(path=Path("z.png"), label="NORMAL", patient_id="P3"),  # no eye or visit: a scan on its own
+        *_bscans("b.dcm", 2, "NORMAL", "P4"),
+    ]
+    groups = group_volumes(samples)
+    assert list(groups.values()) == [[0, 1, 2], [3, 4], [6, 7]]
+    labels, scores = volume_level_scores(samples, {"s": np.arange(8.0)}, "NORMAL")
+    assert labels == ["NORMAL", "CNV", "NORMAL"]  # a volume with an abnormal B-scan is abnormal
+    np.testing.assert_allclose(scores["s"], [2.0, 4.0, 7.0])
+
+
+def _volume_manifest(phantom: Path, folder: Path) -> Path:
+    """Each patient's phantom scans of one class stacked as a DICOM OPT volume (single scans stay images)."""
+    groups: dict[tuple, list[Sample]] = defaultdict(list)
+    for s in scan_dataset(phantom):
+        groups[(s.split, s.label, s.patient_id)].append(s)
+    lines = ["path,label,patient,eye,split"]
+    folder.mkdir()
+    for (split, label, patient), items in sorted(groups.items()):
+        if len(items) == 1:
+            lines.append(f"{items[0].path},{label},{patient},OD,{split}")
+            continue
+        frames = np.stack([np.asarray(Image.open(s.path).convert("L")) for s in sorted(items, key=lambda s: s.path.name)])
+        path = write_dicom_opt(folder / f"{label}-{patient}.dcm", frames, patient=patient, laterality="R")
+        lines.append(f"{path},{label},{patient},OD,{split}")
+    manifest = folder / "scans.csv"
+    manifest.write_text("\n".join(lines) + "\n")
+    return manifest
+
+
+@pytest.mark.slow
+def test_oct_volumes_train_evaluate_and_get_a_verdict_each(tiny_phantom, nibabel_data, tmp_path):
+    manifest = _volume_manifest(tiny_phantom, tmp_path / "volumes")
+    run = tmp_path / "run"
+    tiny = ["--image-size", "64", "--hidden-channels", "32", "--residual-channels", "16", "--residual-layers", "1", "--embedding-dim", "16",
+            "--codebook-size", "32", "--downsample-layers", "2", "--epochs", "2", "--batch-size", "16", "--device", "cpu",
+            "--samples-per-epoch", "0", "--min-images-per-epoch", "0"]  # fmt: skip
+    result = runner.invoke(app, ["train", "vqvae", "--manifest", str(manifest), "--out", str(run), *tiny])
+    assert result.exit_code == 0, result.output
+    assert "train:" in result.output and "patients" in result.output  # the patient summary
+    split = json.loads((run / "split.json").read_text())["splits"]
+    assert any("frame" in item and item["path"].endswith(".dcm") for item in split["train"])  # B-scans of volumes trained
+
+    result = runner.invoke(app, ["evaluate", str(run), "--manifest", str(manifest), "--out", str(tmp_path / "eval")])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    volume_level = metrics["volume_level"]
+    assert volume_level["counts"]["NORMAL"] >= 2 and volume_level["n_volumes"] > volume_level["counts"]["NORMAL"]
+    assert 0.0 <= volume_level["maps"]["residual"]["auroc"] <= 1.0 and "volume level" in result.output
+
+    test_volume = sorted((tmp_path / "volumes").glob("CNV-*.dcm"))[0]
+    out = tmp_path / "infer"
+    result = runner.invoke(app, ["infer", str(run), str(test_volume), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    with open(out / "volumes.csv") as f:
+        rows = list(csv.DictReader(f))
+    n = int(rows[0]["n_bscans"])
+    assert len(rows) == 1 and rows[0]["patient"] == test_volume.stem.split("-", 1)[1] and rows[0]["eye"] == "OD"
+    with open(out / "scores.csv") as f:
+        bscan_rows = list(csv.DictReader(f))
+    bscan_scores = [float(r[r["decision_map"]]) for r in bscan_rows]  # the run's primary map decides B-scans and volumes
+    assert float(rows[0]["score"]) == pytest.approx(max(bscan_scores), rel=1e-5)  # top 10 % of <= 10 B-scans: the highest
+    assert rows[0]["most_abnormal_bscans"] == str(int(np.argmax(bscan_scores)))
+    assert float(rows[0]["threshold"]) == pytest.approx(float(bscan_rows[0]["threshold"]))  # the stored B-scan threshold
+    assert rows[0]["decision"] == ("abnormal" if float(rows[0]["score"]) > float(rows[0]["threshold"]) else "normal")
+    enface = np.load(out / "volumes" / f"{test_volume.stem}_enface.npy")
+    assert enface.shape == (n, 128)  # B-scans x A-scan columns of the original scans
+    assert Image.open(out / "volumes" / f"{test_volume.stem}_enface.png").size[0] == 128
+    assert f"volume {test_volume.name}" in result.output
+
+    # MRI: each volume of a 4D NIfTI series gets the same summary
+    result = runner.invoke(app, ["infer", str(run), str(nibabel_data / "example4d.nii.gz"), "--out", str(tmp_path / "mri")])
+    assert result.exit_code == 0, result.output
+    with open(tmp_path / "mri" / "volumes.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["volume"].rsplit("#", 1)[-1] if "#" in r["volume"] else "" for r in rows] == ["", "volume1"]
+    with open(tmp_path / "mri" / "scores.csv") as f:
+        slices = list(csv.DictReader(f))
+    assert sum(int(r["n_bscans"]) for r in rows) == len(slices)
+    assert np.load(tmp_path / "mri" / "volumes" / "example4d_volume1_enface.npy").shape[0] == int(rows[1]["n_bscans"])
