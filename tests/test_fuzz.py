@@ -429,3 +429,39 @@ def test_pixel_metrics_need_masks_for_lesion_scans_only(run, data, tmp_path):
     assert metrics["pixel_metric_images"] == metrics["n_images"] - 1
     assert all("pixel_auroc" in m for m in metrics["maps"].values())
     assert "1 abnormal images without a mask were left out" in (tmp_path / "eval" / "report.html").read_text()
+
+
+# --- explain ------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def vit_run(data) -> Path:
+    out = data.parent / "vit"
+    code, text = cli(
+        "train", "classifier", "--data", data, "--out", out, "--arch", "vit", "--patch-size", "8", "--depth", "1", "--embed-dim", "16",
+        "--num-heads", "1", "--image-size", "32", "--epochs", "1", "--batch-size", "16", "--device", "cpu", "--min-images-per-epoch", "0",
+        "--samples-per-epoch", "0", "--precision", "32",
+    )
+    assert code == 0, text
+    return out
+
+
+@pytest.mark.parametrize(
+    "flags,expect",
+    [
+        (["--discard-ratio", "1.5"], "--discard-ratio"),
+        (["--head-fusion", "median"], "--head-fusion"),
+        (["--layer", "x"], "no layer 'x'"),
+        (["--method", "lime"], "unknown explanation method"),
+    ],
+)
+def test_explain_names_bad_settings(flags, expect, vit_run, scans, tmp_path):
+    before = digest(vit_run, scans)
+    code, text = cli("explain", vit_run, scans, "--out", tmp_path / "x", *flags)
+    line = one_error(code, text)
+    assert expect in line and "pydantic" not in line and "http" not in line, line
+    assert digest(vit_run, scans) == before
+
+
+def test_explain_never_reads_its_own_outputs_back(vit_run, scans):
+    for _ in range(2):
+        code, text = cli("explain", vit_run, scans, "--out", scans / "why", "--method", "rollout")
+        assert code == 0 and "4 scans explained" in text, text

@@ -25,6 +25,7 @@ from medvq.engine.run_dir import RunDir
 from medvq.errors import BlankScanError, CheckpointError, MedvqError
 from medvq.maps.smoothing import gaussian_smooth
 from medvq.models.registry import Method, get_method
+from medvq.progress import progress_bar
 from medvq.scoring.calibration import COMBINED, NormalCalibration
 from medvq.scoring.decision import Decision, choose_primary, is_abnormal, operating_point
 
@@ -178,14 +179,10 @@ class Detector:
         """Predict every image of a dataset; maps and scores concatenated in dataset order."""
         parts: list[Prediction] = []
         batches = list(range(0, len(dataset), batch_size))
-        iterator = batches
-        if progress:
-            from rich.progress import track
-
-            iterator = track(batches, description=progress, transient=True)
-        for start in iterator:
-            b = dataset.batch(range(start, min(start + batch_size, len(dataset))))
-            parts.append(self.predict(b.image, b.valid))
+        with progress_bar(batches, progress) as iterator:
+            for start in iterator:
+                b = dataset.batch(range(start, min(start + batch_size, len(dataset))))
+                parts.append(self.predict(b.image, b.valid))
         cat = lambda ts: torch.cat(ts).cpu() if ts and ts[0] is not None else None
         return Prediction(
             reconstruction=cat([p.reconstruction for p in parts]),

@@ -16,6 +16,7 @@ from medvq.errors import BlankScanError, CheckpointError, MedvqError
 from medvq.io import atomic_path, atomic_write_csv, mark_output
 from medvq.scoring.calibration import normals_needed
 from medvq.scoring.decision import operating_point
+from medvq.progress import progress_bar
 from medvq.report.figures import overlay
 from medvq.volume_outputs import write_volume_verdicts
 
@@ -78,36 +79,35 @@ def infer(
     vmax = max(3.0, float(np.quantile(detector.calibration.stats[key].normal_scores, 0.99)) if detector.calibration.stats[key].normal_scores else 3.0)
     rows, used, blank, scored = [], set(), [], []  # scored: the samples of rows
     column_maxima = []  # per scan, the calibrated map's maximum over depth per A-scan column (en-face rows)
-    from rich.progress import track
-
-    for sample in track(samples, description="scoring", console=console, transient=True, disable=not console.is_terminal):
-        try:
-            result = detector.predict_files([sample], decide_on=decide_on, threshold=threshold)[0]
-        except BlankScanError as err:  # nothing to score in it; the others go on
-            console.print(f"skipped: {err}", highlight=False, markup=False)
-            blank.append(sample.name)
-            continue
-        name = output_stem(sample, used)
-        with atomic_path(out / "overlays" / f"{name}.png") as tmp:
-            Image.fromarray(overlay(result.image, result.maps[key], 0.0, vmax)).save(tmp, format="PNG")
-        if save_npy:
-            for map_name, m in result.maps.items():
-                with atomic_path(out / "maps" / f"{name}_{map_name}.npy") as tmp:
-                    np.save(tmp, m.astype(np.float32))
-        row = {"path": str(sample.path), "name": name}
-        if has_frames:
-            row["frame"] = "" if sample.frame is None else sample.frame
-        for map_name, s in result.scores.items():
-            row[map_name] = s["score"]
-            row[f"{map_name}_z"] = s["z"]
-            row[f"{map_name}_normal_percentile"] = s["normal_percentile"]
-        d = result.decision
-        row |= {"decision_map": d.map, "operating_point": d.threshold.name, "threshold": d.threshold.value, "abnormal": int(d.abnormal)}
-        rows.append(row)
-        scored.append(sample)
-        column_maxima.append(result.maps[key].max(axis=0))
-        if len(rows) % 25 == 0:  # a crash keeps what was scored
-            atomic_write_csv(out / "scores.csv", rows)
+    with progress_bar(samples, "scoring") as tracked:
+        for sample in tracked:
+            try:
+                result = detector.predict_files([sample], decide_on=decide_on, threshold=threshold)[0]
+            except BlankScanError as err:  # nothing to score in it; the others go on
+                console.print(f"skipped: {err}", highlight=False, markup=False)
+                blank.append(sample.name)
+                continue
+            name = output_stem(sample, used)
+            with atomic_path(out / "overlays" / f"{name}.png") as tmp:
+                Image.fromarray(overlay(result.image, result.maps[key], 0.0, vmax)).save(tmp, format="PNG")
+            if save_npy:
+                for map_name, m in result.maps.items():
+                    with atomic_path(out / "maps" / f"{name}_{map_name}.npy") as tmp:
+                        np.save(tmp, m.astype(np.float32))
+            row = {"path": str(sample.path), "name": name}
+            if has_frames:
+                row["frame"] = "" if sample.frame is None else sample.frame
+            for map_name, s in result.scores.items():
+                row[map_name] = s["score"]
+                row[f"{map_name}_z"] = s["z"]
+                row[f"{map_name}_normal_percentile"] = s["normal_percentile"]
+            d = result.decision
+            row |= {"decision_map": d.map, "operating_point": d.threshold.name, "threshold": d.threshold.value, "abnormal": int(d.abnormal)}
+            rows.append(row)
+            scored.append(sample)
+            column_maxima.append(result.maps[key].max(axis=0))
+            if len(rows) % 25 == 0:  # a crash keeps what was scored
+                atomic_write_csv(out / "scores.csv", rows)
     if rows:
         atomic_write_csv(out / "scores.csv", rows)
         write_volume_verdicts(

@@ -13,6 +13,7 @@ from torch.utils.data import Dataset
 
 from medvq.data.preprocess import Geometry, Preprocessor
 from medvq.data.samples import Sample
+from medvq.progress import progress_bar
 
 
 @dataclass
@@ -71,18 +72,14 @@ class ScanDataset(Dataset):
         self.masks = torch.zeros(n, 1, s, s, dtype=torch.bool) if self.has_masks else None
         self.mask_known = torch.tensor([self.has_masks and x.mask_path is not None for x in self.samples], dtype=torch.bool)
         self.geometry: list[Geometry] = []
-        iterator = range(n)
-        if progress:
-            from rich.progress import track
-
-            iterator = track(iterator, description=progress, transient=True)
-        for i in iterator:
-            _, prepared = preprocessor.load(self.samples[i], with_mask=self.has_masks)
-            self.images[i] = prepared.image.half()
-            self.valid[i] = prepared.valid
-            if self.masks is not None and prepared.mask is not None:
-                self.masks[i] = prepared.mask
-            self.geometry.append(prepared.geometry)
+        with progress_bar(range(n), progress) as iterator:
+            for i in iterator:
+                _, prepared = preprocessor.load(self.samples[i], with_mask=self.has_masks)
+                self.images[i] = prepared.image.half()
+                self.valid[i] = prepared.valid
+                if self.masks is not None and prepared.mask is not None:
+                    self.masks[i] = prepared.mask
+                self.geometry.append(prepared.geometry)
 
     def __len__(self) -> int:
         return len(self.samples)
