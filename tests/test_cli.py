@@ -41,3 +41,26 @@ def test_phantom_command(tmp_path):
     assert result.exit_code == 0, result.output
     assert len(list((tmp_path / "p").rglob("*.jpeg"))) == 12
     assert len(list((tmp_path / "p" / "masks").rglob("*.png"))) == 12
+
+
+def test_version_flag():
+    import medvq
+
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0 and result.stdout.strip() == f"medvq {medvq.__version__}"
+
+
+def test_help_loads_neither_torch_nor_a_model():
+    """`medvq --help` and every `medvq <cmd> --help` must start fast: the configs and the registry import no torch."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\nfrom typer.testing import CliRunner\nfrom medvq.cli import app\n"
+        "for args in (['--help'], ['train', 'vqvae', '--help'], ['train', 'patchcore', '--help'], ['infer', '--help']):\n"
+        "    assert CliRunner().invoke(app, args).exit_code == 0, args\n"
+        "heavy = sorted(m for m in ('torch', 'lightning', 'vector_quantize_pytorch', 'scipy', 'matplotlib') if m in sys.modules)\n"
+        "print(','.join(heavy))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "", f"--help imported {out}"

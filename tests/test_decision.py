@@ -79,3 +79,24 @@ def test_primary_map_chosen_on_validation_abnormals_else_default():
     assert "12 abnormal scans (4 patients)" in choice.reason and "unreliable" not in choice.reason
     few = choose_primary(cal, "residual", {k: v[:3] for k, v in abnormal.items()}, 2)
     assert few.name == "alm" and "unreliable" in few.reason
+
+
+def test_annotated_overlay_has_colour_bar_outline_and_caption():
+    from medvq.report.figures import annotated_overlay, colorize
+
+    h, w = 120, 200
+    image = np.full((h, w), 0.3)
+    heat = np.zeros((h, w))
+    heat[40:80, 60:120] = 5.0  # a planted lesion above the threshold
+    out = annotated_overlay(image, heat, 0.0, 6.0, ["scan.jpeg", "ABNORMAL"], threshold=2.5, contour=True)
+    text = max(11, round(h / 32))
+    bar_w = max(12, w // 40)
+    assert out.shape[1] == w + bar_w + 5 * text + 8 and out.shape[0] > h + 2 * text  # scan, bar and labels; caption strip below
+    np.testing.assert_array_equal(out[0, w + 4 + bar_w // 2], colorize(np.array([[6.0]]), 0.0, 6.0, "jet")[0, 0])  # top of the bar: vmax
+    np.testing.assert_array_equal(out[h - 1, w + 4 + bar_w // 2], colorize(np.array([[0.0]]), 0.0, 6.0, "jet")[0, 0])  # bottom: vmin
+    assert (out[40, 60:120] == 255).all() and (out[60, 60] == 255).all()  # white outline on the lesion's border
+    assert not (out[60, 90] == 255).all() and not (out[10, 10] == 255).all()  # not inside it, not on the background
+    caption = out[h + 2 :, :w]
+    assert (caption.min(axis=2) < 100).any()  # dark text in the caption strip
+    plain = annotated_overlay(image, heat, 0.0, 6.0, ["scan.jpeg"], threshold=2.5, contour=False)
+    assert not (plain[40, 60:120] == 255).all()

@@ -105,6 +105,11 @@ def test_evaluate_reports_the_stored_operating_point(evaluated, trained):
         c = op["confusion"]
         assert (c["tn"], c["fp"], c["fn"], c["tp"]) == ((~called & normal).sum(), (called & normal).sum(), (~called & ~normal).sum(), (called & ~normal).sum())
         assert op["specificity"] == pytest.approx(c["tn"] / normal.sum()) and op["sensitivity"] == pytest.approx(c["tp"] / (~normal).sum())
+        lo, hi = m["image_auroc_ci"]  # bootstrap by patient
+        assert lo <= m["image_auroc"] <= hi and hi - lo > 0
+        for c, (lo, hi) in m["image_auroc_per_class_ci"].items():
+            assert lo <= m["image_auroc_per_class"][c] <= hi
+            assert (c in m["unreliable_classes"]) == (m["n_abnormal_per_class"][c] < 10)
 
 
 def test_evaluate_writes_metrics_scores_and_report(evaluated, tiny_phantom):
@@ -174,8 +179,13 @@ def test_infer_writes_maps_overlays_and_scores(trained, tiny_phantom, tmp_path):
         assert float(r["threshold"]) == pytest.approx(stored["spec95"]["value"], rel=1e-4)
         assert r["abnormal"] == str(int(float(r[primary]) > stored["spec95"]["value"]))
     low = float(min(r["alm"] for r in rows)) - 1.0
-    result = runner.invoke(app, ["infer", str(trained), str(folder), "--out", str(tmp_path / "infer2"), "--map", "alm", "--threshold", str(low)])
+    result = runner.invoke(app, ["infer", str(trained), str(folder), "--out", str(tmp_path / "infer2"), "--map", "alm", "--threshold", str(low), "--contour"])
     assert result.exit_code == 0, result.output
+    from PIL import Image
+
+    drawn = Image.open(tmp_path / "infer2" / "overlays" / f"{rows[0]['name']}.png")
+    scan = Image.open(rows[0]["path"])
+    assert drawn.width > scan.width and drawn.height > scan.height  # colour bar on the right, caption strip below
     assert "3 called abnormal on 'alm'" in result.output
     rows = list(csv.DictReader(open(tmp_path / "infer2" / "scores.csv")))
     assert all(r["decision_map"] == "alm" and r["operating_point"] == "value" and r["abnormal"] == "1" for r in rows)
@@ -261,3 +271,24 @@ def test_corrupt_scan_named_and_earlier_results_kept(trained, tiny_phantom, tmp_
     code, msg = _run_cli("infer", trained, bad, "--out", out)
     assert code == 2 and "bad.jpeg" in msg and "cannot read image" in msg
     assert (out / "scores.csv").read_bytes() == before
+
+
+def test_guard_flags_an_mri_slice_given_to_the_oct_model(trained, tiny_phantom, colin27, tmp_path):
+    import nibabel as nib
+    from PIL import Image
+
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    volume = np.asarray(nib.load(colin27).dataobj, dtype=np.float32)
+    mri = volume[:, :, volume.shape[2] // 2].T[::-1]  # a mid axial slice of the brain
+    Image.fromarray((255 * mri / mri.max()).astype(np.uint8)).save(folder / "colin27_axial.png")
+    for p in sorted((tiny_phantom / "test" / "NORMAL").glob("*.jpeg"))[:4]:
+        shutil.copy(p, folder / p.name)
+    result = runner.invoke(app, ["infer", str(trained), str(folder), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    assert "1 of 5 scans look unlike the normal scans" in " ".join(result.output.split())
+    rows = {r["name"]: r for r in csv.DictReader(open(tmp_path / "out" / "scores.csv"))}
+    assert rows["colin27_axial"]["in_distribution"] == "0"
+    assert all(r["in_distribution"] == "1" for n, r in rows.items() if n != "colin27_axial")
+    guard = json.loads((trained / "calibration.json").read_text())["ood_guard"]
+    assert float(rows["colin27_axial"]["ood_distance"]) > guard["threshold"] > max(guard["normal_distances"])

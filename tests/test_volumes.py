@@ -94,3 +94,25 @@ def test_volumes_in_class_folders_and_manifests_split_by_their_patients(tmp_path
     manifest.write_text(f"path,label,patient,eye,frame\n{root}/NORMAL/vol1.dcm,CNV,X1,,\n{root}/NORMAL/vol2.dcm,NORMAL,X2,OS,1\n")
     listed = scan_dataset(manifest)
     assert [(s.patient_id, s.label, s.eye, s.frame) for s in listed] == [("X1", "CNV", "OD", 0), ("X1", "CNV", "OD", 1), ("X1", "CNV", "OD", 2), ("X2", "NORMAL", "OS", 1)]
+
+
+def test_bscans_of_a_volume_are_prepared_like_the_same_scans_as_images(kermany, tmp_path):
+    """White registration padding is removed from volume B-scans as from JPEG B-scans: same model input."""
+    from PIL import Image
+
+    from medvq.config import DataConfig
+    from medvq.data.preprocess import Preprocessor
+    from medvq.data.samples import Sample
+
+    padded = sorted(kermany.glob("NORMAL/*.jpeg"))
+    pixels = [np.asarray(Image.open(p).convert("L")) for p in padded]
+    chosen = [(p, x) for p, x in zip(padded, pixels) if (x[:4] >= 250).all() or (x[-4:] >= 250).all()][:2]  # scans with white bars
+    assert chosen, "kermany-dev holds scans with white padding"
+    prep = Preprocessor.from_config(DataConfig(image_size=64))
+    for k, (path, x) in enumerate(chosen):
+        volume = write_dicom_opt(tmp_path / f"v{k}.dcm", x[None])
+        _, from_image = prep.load(Sample(path=path))
+        _, from_volume = prep.load(volumes.scan_volume_file(volume)[0])
+        assert not from_image.valid.all()  # the padding was found ...
+        np.testing.assert_array_equal(from_volume.valid.numpy(), from_image.valid.numpy())  # ... in the B-scan too
+        np.testing.assert_allclose(from_volume.image.numpy(), from_image.image.numpy(), atol=1e-6)

@@ -28,6 +28,23 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from medvq import __version__
+
+        typer.echo(f"medvq {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: bool = typer.Option(False, "--version", help="Print the medvq version and exit.", is_eager=True, callback=_print_version),
+) -> None:
+    """Detect and outline abnormal regions in retinal OCT scans: train on normal scans, score, evaluate, report."""
+
+
 train_app = typer.Typer(help="Train a model; writes a run directory.", no_args_is_help=True)
 app.add_typer(train_app, name="train")
 
@@ -262,6 +279,11 @@ def evaluate_cmd(
     console.print(f"report: {out / 'report.html'}")
 
 
+def _with_interval(value: float, interval: list[float] | None, unreliable: bool = False) -> str:
+    text = f"{value:.3f}{'*' if unreliable else ''}"
+    return text + (f"\n[{interval[0]:.2f}, {interval[1]:.2f}]" if interval else "")
+
+
 def print_metrics(result: dict) -> None:
     maps = result["maps"]
     classes = sorted({c for m in maps.values() for c in m["image_auroc_per_class"]})
@@ -273,7 +295,13 @@ def print_metrics(result: dict) -> None:
         table.add_column(col, justify="left" if col == "map" else "right")
     for name, m in maps.items():
         op = m.get("operating_point")
-        cells = [f"{m['image_auroc']:.3f}", *[f"{m['image_auroc_per_class'].get(c, float('nan')):.3f}" for c in classes], f"{m['image_auprc']:.3f}"]
+        per_class_ci = m.get("image_auroc_per_class_ci", {})
+        unreliable = set(m.get("unreliable_classes", []))
+        cells = [
+            _with_interval(m["image_auroc"], m.get("image_auroc_ci")),
+            *[_with_interval(m["image_auroc_per_class"].get(c, float("nan")), per_class_ci.get(c), c in unreliable) for c in classes],
+            f"{m['image_auprc']:.3f}",
+        ]
         if point:
             cells += [f"{op['sensitivity']:.3f}", f"{op['specificity']:.3f}"] if op else ["–", "–"]
         if pixel:
@@ -281,10 +309,15 @@ def print_metrics(result: dict) -> None:
         table.add_row(name, *cells)
     if maps:
         console.print(table)
+        console.print("[dim]AUROC with its 95 % bootstrap interval by patient; * from fewer than 10 abnormal scans: unreliable[/]")
     volumes = result.get("volume_level")
     if volumes:
         aurocs = ", ".join(f"{name} {m['auroc']:.3f}" for name, m in volumes["maps"].items())
         console.print(f"volume level ({volumes['n_volumes']} volumes, {volumes['aggregation']}): AUROC {aurocs}", highlight=False)
+    ood = result.get("out_of_distribution")
+    if ood:
+        per_class = ", ".join(f"{c} {n}" for c, n in ood["flagged_per_class"].items())
+        console.print(f"out-of-distribution guard: {ood['flagged']} of {result['n_images']} scans flagged ({per_class})", highlight=False)
     c = result.get("classification")
     if c:
         auroc = f", AUROC macro {c['auroc_macro']:.3f}" if "auroc_macro" in c else ""
@@ -310,14 +343,52 @@ def infer_cmd(
     threshold: Optional[str] = typer.Option(
         None, "--threshold", help="spec95 or spec99 (95 %/99 % specificity on the calibration normals, stored with the run) or a score value (default: the run's score.operating_point, spec95)."
     ),
+    contour: bool = typer.Option(False, "--contour", help="Outline in the overlays where the map crosses the threshold."),
 ) -> None:
     """Anomaly maps (overlay PNG + .npy), calibrated scores and an abnormal/normal decision per scan (scores.csv); per volume a score (top-k mean of its B-scans), decision, most abnormal B-scans and an en-face map."""
     from medvq.inference import infer
 
-    rows = infer(run, inputs, out, device=device, save_npy=save_npy, decide_on=decide_on, threshold=threshold, console=console)
+    rows = infer(run, inputs, out, device=device, save_npy=save_npy, decide_on=decide_on, threshold=threshold, contour=contour, console=console)
     called = sum(r["abnormal"] for r in rows)
     decided = f": {called} called abnormal on '{rows[0]['decision_map']}' above {rows[0]['threshold']:.4g} ({rows[0]['operating_point']})" if rows else ""
     console.print(f"{len(rows)} scans scored{decided} -> {out / 'scores.csv'}")
+
+
+@app.command("export")
+@friendly_errors
+def export_cmd(
+    run: Path = typer.Argument(..., help="Run directory written by `medvq train` (vqvae or patchcore)."),
+    out: Path = typer.Option(..., "--out", help="The .onnx file to write."),
+    format: str = typer.Option("onnx", "--format", help="Only onnx for now."),
+    checkpoint: str = typer.Option("best", "--checkpoint", help="best or last."),
+) -> None:
+    """The whole scoring path (preprocessed image -> calibrated maps -> image scores) as one ONNX graph;
+    run it without torch: python -m medvq.onnx_runtime FILE.onnx SCAN..."""
+    if format != "onnx":
+        raise MedvqError(f"unknown export format '{format}'", fix="use --format onnx")
+    from medvq.export import export_onnx
+
+    meta = export_onnx(run, out, checkpoint=checkpoint)
+    size = out.stat().st_size / 2**20
+    console.print(f"{meta['method']} scoring graph ({len(meta['outputs'])} outputs, {size:.1f} MiB) -> {out}")
+
+
+@app.command("view")
+@friendly_errors
+def view_cmd(
+    folder: Path = typer.Argument(..., help="Output folder of `medvq evaluate` or `medvq infer`."),
+    serve: bool = typer.Option(False, "--serve", help="Also serve the folder on 127.0.0.1 and open the page (Ctrl-C stops)."),
+    port: int = typer.Option(0, "--port", help="Port for --serve (0: a free one)."),
+    embed: bool = typer.Option(True, "--embed/--beside", help="Images inside viewer.html (one file), or beside it in viewer_files/."),
+) -> None:
+    """Interactive page FOLDER/viewer.html: every scan in a sortable grid, maps as overlays, a live threshold
+    with confusion counts and the ROC point; works offline."""
+    from medvq.report.viewer import build_viewer, serve as serve_folder
+
+    page = build_viewer(folder, embed=embed)
+    console.print(f"viewer: {page} ({page.stat().st_size / 2**20:.1f} MiB)")
+    if serve:
+        serve_folder(folder, port)
 
 
 @app.command("explain")

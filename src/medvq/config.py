@@ -14,11 +14,12 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, model_validator
 
 from medvq.errors import MedvqError
-from medvq.models.classifier.model import ClassifierConfig
-from medvq.models.patchcore.model import PatchCoreConfig
-from medvq.models.prior.model import PriorConfig
-from medvq.models.vqvae.model import VQVAEConfig
-from medvq.models.vqvae2.model import VQVAE2Config
+from medvq.models.classifier.config import ClassifierConfig
+from medvq.models.featvq.config import FeatVQConfig
+from medvq.models.patchcore.config import PatchCoreConfig
+from medvq.models.prior.config import PriorConfig
+from medvq.models.vqvae.config import VQVAEConfig
+from medvq.models.vqvae2.config import VQVAE2Config
 
 
 class Section(BaseModel):
@@ -124,6 +125,7 @@ MODEL_CONFIGS: dict[str, type[BaseModel]] = {
     "classifier": ClassifierConfig,
     "patchcore": PatchCoreConfig,
     "prior": PriorConfig,
+    "featvq": FeatVQConfig,
 }
 
 

@@ -28,6 +28,7 @@ from medvq.models.registry import Method, get_method
 from medvq.progress import progress_bar
 from medvq.scoring.calibration import COMBINED, NormalCalibration
 from medvq.scoring.decision import Decision, choose_primary, is_abnormal, operating_point
+from medvq.scoring.ood import DistributionGuard, scan_features
 
 
 @dataclass
@@ -41,6 +42,7 @@ class Prediction:
     scores: dict[str, np.ndarray] = field(default_factory=dict)  # name -> (B,)
     model_scores: dict[str, np.ndarray] = field(default_factory=dict)  # image scores the model gives itself (a classifier's P(abnormal)); also in scores
     extras: dict[str, torch.Tensor] = field(default_factory=dict)  # per-image outputs of the method, e.g. class probabilities (B, C)
+    ood_distance: np.ndarray | None = None  # (B,) distance from the calibration normals (medvq.scoring.ood); None without a guard
 
 
 @dataclass
@@ -127,6 +129,8 @@ class Detector:
         out = []
         if self.calibration.primary_map is None:
             out.append(f"this run recorded no primary map (calibrated before medvq chose one); using the method's default '{self.primary_map}'")
+        if self.calibration.guard is None:
+            out.append("this run has no out-of-distribution guard (calibrated before medvq stored one); in_distribution is left empty")
         if not self.calibration.thresholds_stored:
             out.append("this run's calibration.json holds no thresholds (calibrated before medvq stored them); derived from its stored normal scores")
         return out
@@ -172,6 +176,8 @@ class Detector:
         if self.calibration is not None:
             pred.maps = self.calibration.standardize(raw)
             pred.scores = self.calibration.image_scores(pred.maps, valid.to(self.device) if valid is not None else None)
+            if self.calibration.guard is not None:
+                pred.ood_distance = self.calibration.guard.distance(*scan_features(images, valid, pred.maps))
         pred.scores.update(model_scores)
         return pred
 
@@ -192,6 +198,7 @@ class Detector:
             scores={k: np.concatenate([p.scores[k] for p in parts]) for k in parts[0].scores},
             model_scores={k: np.concatenate([p.model_scores[k] for p in parts]) for k in parts[0].model_scores},
             extras={k: cat([p.extras[k] for p in parts]) for k in parts[0].extras},
+            ood_distance=np.concatenate([p.ood_distance for p in parts]) if parts[0].ood_distance is not None else None,
         )
 
     def calibrate(self, normals: ScanDataset, batch_size: int = 32, abnormals: ScanDataset | None = None) -> NormalCalibration:
@@ -204,6 +211,9 @@ class Detector:
             reducer=s.reducer, topk_fraction=s.topk_fraction, combine=self.combine, combinations=combinations, settings=scoring_settings(self.config)
         ).fit(pred.raw_maps, normals.valid)
         self.calibration.fit_scores(pred.model_scores)
+        standardized = self.calibration.standardize(pred.raw_maps)
+        if len(normals) >= 3:  # below that no spread of normal scans can be measured
+            self.calibration.guard = DistributionGuard().fit(*scan_features(normals.images.float(), normals.valid, standardized))
         abnormal_scores = self.predict_dataset(abnormals, batch_size).scores if abnormals is not None and len(abnormals) else None
         patients = len({x.patient_id for x in abnormals.samples}) if abnormal_scores else 0
         choice = choose_primary(self.calibration, self.method.primary_map or "combined", abnormal_scores, patients)
@@ -242,7 +252,13 @@ class Detector:
                     reconstruction=pred.reconstruction[0, 0].cpu().numpy() if pred.reconstruction is not None else None,
                     frame=sample.frame,
                     decision=Decision(
-                        decide_on, float(table[decide_on]["score"][0]), float(table[decide_on]["normal_percentile"][0]), point, bool(is_abnormal(table[decide_on]["score"][0], point))
+                        decide_on,
+                        float(table[decide_on]["score"][0]),
+                        float(table[decide_on]["normal_percentile"][0]),
+                        point,
+                        bool(is_abnormal(table[decide_on]["score"][0], point)),
+                        None if pred.ood_distance is None else bool(pred.ood_distance[0] <= self.calibration.guard.threshold),
+                        None if pred.ood_distance is None else float(pred.ood_distance[0]),
                     ),
                 )
             )

@@ -11,13 +11,13 @@ from rich.console import Console
 
 from medvq.data.nifti import is_nifti, nifti_stem
 from medvq.data.samples import Sample, collect_images
-from medvq.detector import Detector
+from medvq.detector import Detector, FileResult
 from medvq.errors import BlankScanError, CheckpointError, MedvqError
 from medvq.io import atomic_path, atomic_write_csv, mark_output
+from medvq.progress import progress_bar
+from medvq.report.figures import annotated_overlay
 from medvq.scoring.calibration import normals_needed
 from medvq.scoring.decision import operating_point
-from medvq.progress import progress_bar
-from medvq.report.figures import overlay
 from medvq.volume_outputs import write_volume_verdicts
 
 
@@ -34,6 +34,19 @@ def output_stem(sample: Sample, used: set[str]) -> str:
     return candidate
 
 
+def decision_figure(result: FileResult, key: str, vmax: float, contour_at: float | None) -> np.ndarray:
+    """The overlay of one scan with its colour bar and a caption: file, score, percentile, decision, verdict."""
+    d = result.decision
+    verdict = "" if d.in_distribution is None else ("; in distribution" if d.in_distribution else "; OUT OF DISTRIBUTION: unlike the calibration normals")
+    point = f"{d.threshold.name} threshold {d.threshold.value:.3g}" if d.threshold.name != "value" else f"threshold {d.threshold.value:.3g}"
+    caption = [
+        f"{result.path.name}" + (f" frame {result.frame}" if result.frame is not None else ""),
+        f"{d.map} score {d.score:.3g}, above {d.normal_percentile:.0f} % of calibration normals: {'ABNORMAL' if d.abnormal else 'normal'} at {point}{verdict}",
+        f"colour: {key} in standard deviations of normal pixels, 0 to {vmax:.3g}" + (f"; white outline: {key} above {contour_at:.3g}" if contour_at is not None else ""),
+    ]
+    return annotated_overlay(result.image, result.maps[key], 0.0, vmax, caption, threshold=contour_at, contour=contour_at is not None)
+
+
 def infer(
     run_dir: str | Path,
     inputs: Sequence[str | Path],
@@ -43,6 +56,7 @@ def infer(
     save_npy: bool = True,
     decide_on: str | None = None,
     threshold: str | None = None,
+    contour: bool = False,
     console: Console | None = None,
 ) -> list[dict]:
     """Write OUT/overlays/<name>.png, OUT/maps/<name>_<map>.npy and OUT/scores.csv; return the rows.
@@ -50,7 +64,11 @@ def infer(
 
     Besides every map's score, z-score and normal percentile, each row holds the decision: ``decision_map``
     (``decide_on``, default the run's primary map), ``operating_point`` (spec95, spec99 or value), its
-    ``threshold`` and ``abnormal`` (1 when the score on the decision map is above the threshold).
+    ``threshold`` and ``abnormal`` (1 when the score on the decision map is above the threshold), and the
+    out-of-distribution verdict ``in_distribution`` (0 for a scan unlike the calibration normals) with its
+    ``ood_distance`` (both empty for runs calibrated without a guard). Overlays show the deciding map (a
+    score without a map: the run's first map) in calibrated units with a colour bar, a caption strip with the
+    decision, and with ``contour`` the outline where the map crosses the threshold.
     Volumes among the inputs (OCT volume files, NIfTI volumes, a manifest's eye-and-visit groups) also get
     a verdict each, on the same score and threshold: OUT/volumes.csv, volumes.json and en-face maps of the
     overlay's map (``medvq.volume_outputs``)."""
@@ -76,7 +94,11 @@ def infer(
         )
     # the overlay shows the deciding map; a score without a map (a classifier's p_abnormal) shows the run's first map
     key = decide_on if decide_on in detector.standardized_maps else detector.standardized_maps[0]
-    vmax = max(3.0, float(np.quantile(detector.calibration.stats[key].normal_scores, 0.99)) if detector.calibration.stats[key].normal_scores else 3.0)
+    # the outline in the overlay's own units: the decision threshold when the overlay shows the deciding map
+    contour_at = point.value if key == decide_on else operating_point(detector.calibration, key, point.name if point.name != "value" else detector.config.score.operating_point).value
+    # one colour scale for every scan of the run: from the normal mean to 1.5x the highest calibration normal's score
+    normal_scores = detector.calibration.stats[key].normal_scores
+    vmax = max(3.0, 1.5 * max(normal_scores), 1.2 * contour_at) if normal_scores else max(3.0, 1.2 * contour_at)
     rows, used, blank, scored = [], set(), [], []  # scored: the samples of rows
     column_maxima = []  # per scan, the calibrated map's maximum over depth per A-scan column (en-face rows)
     with progress_bar(samples, "scoring") as tracked:
@@ -89,7 +111,7 @@ def infer(
                 continue
             name = output_stem(sample, used)
             with atomic_path(out / "overlays" / f"{name}.png") as tmp:
-                Image.fromarray(overlay(result.image, result.maps[key], 0.0, vmax)).save(tmp, format="PNG")
+                Image.fromarray(decision_figure(result, key, vmax, contour_at if contour else None)).save(tmp, format="PNG")
             if save_npy:
                 for map_name, m in result.maps.items():
                     with atomic_path(out / "maps" / f"{name}_{map_name}.npy") as tmp:
@@ -103,6 +125,7 @@ def infer(
                 row[f"{map_name}_normal_percentile"] = s["normal_percentile"]
             d = result.decision
             row |= {"decision_map": d.map, "operating_point": d.threshold.name, "threshold": d.threshold.value, "abnormal": int(d.abnormal)}
+            row |= {"in_distribution": "" if d.in_distribution is None else int(d.in_distribution), "ood_distance": "" if d.ood_distance is None else d.ood_distance}
             rows.append(row)
             scored.append(sample)
             column_maxima.append(result.maps[key].max(axis=0))
@@ -110,6 +133,13 @@ def infer(
                 atomic_write_csv(out / "scores.csv", rows)
     if rows:
         atomic_write_csv(out / "scores.csv", rows)
+        foreign = sum(r["in_distribution"] == 0 for r in rows)
+        if foreign:
+            console.print(
+                f"[yellow]warning[/]: {foreign} of {len(rows)} scans look unlike the normal scans this run was calibrated on "
+                f"(in_distribution = 0 in scores.csv, out-of-distribution distance above {detector.calibration.guard.threshold:.3g}): "
+                "their scores and decisions are not to be trusted"
+            )
         write_volume_verdicts(
             out, scored, [r[decide_on] for r in rows], column_maxima, detector.calibration.stats[decide_on].normal_scores,
             score_name=decide_on, map_name=key, vmax=vmax, threshold=point.value, operating_point=point.name,

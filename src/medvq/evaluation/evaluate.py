@@ -4,7 +4,10 @@
   (flat folders); any image or patient the run trained or calibrated on is excluded and counted.
 - Image level: AUROC of NORMAL vs all abnormal classes pooled, per abnormal class vs NORMAL, within
   each original image width (a guard against width leaking through preprocessing), AUPRC, and the
-  sensitivity at 95 % specificity.
+  sensitivity at 95 % specificity (chosen on the test scans: optimistic). Every image AUROC has a 95 %
+  bootstrap interval resampling patients (``*_ci``); a per-class AUROC from fewer than 10 abnormal scans
+  is listed in ``unreliable_classes``. Sensitivity and specificity at the threshold stored at calibration
+  (``operating_point``) are the honest operating point.
 - Pixel level, where masks exist: pixel AUROC, AUPRO up to FPR 0.3, the best Dice over thresholds
   (an upper bound: the threshold is chosen on the test data), and the pointing game (share of lesion
   images whose map peak lies within 15/224 of the image side of a lesion pixel).
@@ -14,7 +17,8 @@
 - Reconstruction, for methods that reconstruct: SSIM, PSNR and MSE per image (data range 1.0, the range
   of every model input), averaged overall and per class (``medvq.evaluation.reconstruction``).
   Unlabelled data (NIfTI slices) is evaluated for reconstruction only.
-Outputs: metrics.json, scores.csv, reconstruction.csv, evaluation.npz (gallery arrays) and report.html.
+Outputs: metrics.json, scores.csv, maps.npz (every scan's calibrated maps, for `medvq view`), reconstruction.csv,
+evaluation.npz (gallery arrays) and report.html.
 """
 
 from __future__ import annotations
@@ -43,6 +47,8 @@ from medvq.scoring.decision import OperatingPoint, is_abnormal, operating_point
 from medvq.scoring.volume import DEFAULT_TOPK_FRACTION, volume_level_scores
 
 SPECIFICITY = 0.95
+BOOTSTRAP_RESAMPLES = 1000  # patient-level bootstrap resamples behind every AUROC interval
+MIN_RELIABLE_ABNORMAL = 10  # a per-class AUROC from fewer abnormal scans is flagged as unreliable
 AUPRO_FPR_LIMIT = 0.3
 POINTING_TOLERANCE = 15 / 224  # pointing-game tolerance as a share of the image side (15 px at 224 px, Zhang et al. 2016)
 
@@ -93,27 +99,40 @@ def compute_metrics(
     valid: np.ndarray | None = None,
     pointing_tolerance: float = 0.0,
     operating_points: dict[str, OperatingPoint] | None = None,
+    patients: np.ndarray | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Metrics per map. labels: class names; scores: name -> (N,); masks/maps/valid: (M, H, W) over the images
     whose lesion mask is known (any M; pixel metrics need at least one lesion pixel);
-    operating_points: name -> the stored threshold at which sensitivity and specificity are reported."""
+    operating_points: name -> the stored threshold at which sensitivity and specificity are reported;
+    patients: (N,) patient ids, for 95 % bootstrap intervals by patient on every image AUROC (``*_ci``)."""
     y = np.array([lab != normal_class for lab in labels], dtype=int)
     classes = sorted({lab for lab in labels if lab != normal_class})
+    labels_arr = np.array(labels)
+    interval = lambda keep, s: list(M.bootstrap_auroc_interval(y[keep], s[keep], patients[keep], BOOTSTRAP_RESAMPLES)) if patients is not None else None
+    everything = np.ones(len(labels), bool)
+    n_abnormal = {c: int((labels_arr == c).sum()) for c in classes}
     out: dict[str, dict[str, Any]] = {}
     for name, s in scores.items():
         m: dict[str, Any] = {
             "image_auroc": M.image_auroc(y, s),
+            "image_auroc_ci": interval(everything, s),
             "image_auprc": M.image_auprc(y, s),
             f"sensitivity_at_{int(SPECIFICITY * 100)}_specificity": M.sensitivity_at_specificity(y, s, SPECIFICITY),
             "image_auroc_per_class": {},
+            "image_auroc_per_class_ci": {},
+            "n_abnormal_per_class": n_abnormal,
+            "unreliable_classes": [c for c in classes if n_abnormal[c] < MIN_RELIABLE_ABNORMAL],  # fewer than 10 abnormal scans
         }
         for c in classes:
-            keep = np.array([lab in (c, normal_class) for lab in labels])
+            keep = np.isin(labels_arr, (c, normal_class))
             m["image_auroc_per_class"][c] = M.image_auroc(y[keep], s[keep])
+            m["image_auroc_per_class_ci"][c] = interval(keep, s)
         if operating_points and name in operating_points:
             m["operating_point"] = operating_point_metrics(y, s, operating_points[name])
         if widths is not None:
             m["image_auroc_by_width"] = M.grouped_auroc(y, s, widths)
+            if patients is not None:
+                m["image_auroc_by_width_ci"] = {w: interval(np.asarray(widths).astype(str) == w, s) for w in m["image_auroc_by_width"]}
         if masks is not None and maps is not None and name in maps and masks.any():
             mp = maps[name]
             m["pixel_auroc"] = M.pixel_auroc(masks, mp, valid=valid)
@@ -123,6 +142,17 @@ def compute_metrics(
             m["pointing_game"] = M.pointing_game(masks, mp, valid=valid, tolerance=pointing_tolerance)
         out[name] = m
     return out
+
+
+def ood_summary(distance: np.ndarray, threshold: float, labels: list[str]) -> dict[str, Any]:
+    """How many scans the out-of-distribution guard flags, overall and per class."""
+    flagged = distance > threshold
+    return {
+        "threshold": threshold,
+        "flagged": int(flagged.sum()),
+        "share_flagged": float(flagged.mean()) if flagged.size else 0.0,
+        "flagged_per_class": {(c or "unlabelled"): int(flagged[[lab == c for lab in labels]].sum()) for c in sorted(set(labels))},
+    }
 
 
 def operating_point_metrics(y: np.ndarray, scores: np.ndarray, point: OperatingPoint) -> dict[str, Any]:
@@ -168,16 +198,20 @@ def _gallery_indices(labels: list[str], scores: np.ndarray, per_class: int) -> l
     return chosen
 
 
-def write_scores_csv(path: Path, samples: list[Sample], dataset: ScanDataset, scores: dict[str, np.ndarray]) -> None:
+def write_scores_csv(path: Path, samples: list[Sample], dataset: ScanDataset, scores: dict[str, np.ndarray], ood: tuple[np.ndarray, float] | None = None) -> None:
+    """One row per scan: its class, patient, original size and every score; with ``ood`` (distances and the
+    guard's threshold) also ``in_distribution`` (1/0) and ``ood_distance``."""
     buffer = io.StringIO()
     writer = csv.writer(buffer)
     names = list(scores)
     frames = any(s.frame is not None for s in samples)  # slices of NIfTI volumes
-    writer.writerow(["path", *(["frame"] if frames else []), "class", "patient", "width", "height", *names])
+    guard = ["in_distribution", "ood_distance"] if ood is not None else []
+    writer.writerow(["path", *(["frame"] if frames else []), "class", "patient", "width", "height", *names, *guard])
     for i, s in enumerate(samples):
         g = dataset.geometry[i]
         frame = ["" if s.frame is None else s.frame] if frames else []
-        writer.writerow([str(s.path), *frame, s.label, s.patient_id, g.width, g.height, *(f"{scores[n][i]:.6g}" for n in names)])
+        verdict = [int(ood[0][i] <= ood[1]), f"{ood[0][i]:.6g}"] if ood is not None else []
+        writer.writerow([str(s.path), *frame, s.label, s.patient_id, g.width, g.height, *(f"{scores[n][i]:.6g}" for n in names), *verdict])
     atomic_write_text(path, buffer.getvalue())
 
 
@@ -203,6 +237,20 @@ def volume_metrics(
             for name, m in per_map.items()
         },
     }
+
+
+def write_scan_maps(path: Path, dataset: ScanDataset, pred: Prediction) -> None:
+    """Every scan's calibrated maps (float16, model grid, rows of scores.csv), valid pixels, lesion mask and
+    reconstruction where they exist, and the box of the scan each came from (top, bottom, left, right in
+    original pixels): what `medvq view` shows without running the model again."""
+    arrays = {f"map_{k}": v[:, 0].numpy().astype(np.float16) for k, v in pred.maps.items()}
+    arrays["valid"] = dataset.valid[:, 0].numpy()
+    arrays["box"] = np.array([(g.top, g.bottom, g.left, g.right) for g in dataset.geometry], dtype=np.int32).reshape(-1, 4)
+    if dataset.masks is not None:
+        arrays["mask"] = dataset.masks[:, 0].numpy()
+    if pred.reconstruction is not None:
+        arrays["reconstruction"] = pred.reconstruction[:, 0].clamp(0, 1).numpy().astype(np.float16)
+    atomic_save_npz(path, **arrays)
 
 
 def write_reconstruction_csv(path: Path, samples: list[Sample], per_image: dict[str, np.ndarray]) -> None:
@@ -264,11 +312,16 @@ def evaluate_run(
     for note in detector.notes:
         console.print(f"[yellow]note[/]: {note}")
     points = {k: operating_point(detector.calibration, k, config.score.operating_point) for k in pred.scores if k in detector.calibration.stats}
+    patients = np.array([s.patient_id for s in samples])
     # Pixel metrics over scans whose mask is known: read from a file, or empty for a NORMAL scan without one;
     # an abnormal scan without a mask file has unknown lesions and is left out of them.
     pixel_rows = (dataset.mask_known.numpy() | np.array([lab == normal for lab in labels])) if masks is not None else None
     pixel = dict(masks=masks[pixel_rows], maps={k: v[pixel_rows] for k, v in maps_np.items()}, valid=valid[pixel_rows]) if masks is not None else {}
-    per_map = compute_metrics(labels, pred.scores, normal, dataset.original_widths(), pointing_tolerance=tolerance, operating_points=points, **pixel) if anomaly else {}
+    per_map = (
+        compute_metrics(labels, pred.scores, normal, dataset.original_widths(), pointing_tolerance=tolerance, operating_points=points, patients=patients, **pixel)
+        if anomaly
+        else {}
+    )
     images = dataset.images.float()
     recon = reconstruction_metrics(pred.reconstruction, images) if pred.reconstruction is not None else None
 
@@ -290,6 +343,7 @@ def evaluate_run(
         "fov": config.data.fov,
         "reducer": f"{config.score.reducer}" + (f" ({config.score.topk_fraction:g})" if config.score.reducer == "topk" else ""),
         "calibration_images": detector.calibration.n_images,
+        **({"out_of_distribution": ood_summary(pred.ood_distance, detector.calibration.guard.threshold, labels)} if pred.ood_distance is not None else {}),
         "primary_map": detector.primary_map,
         "primary_reason": detector.calibration.primary_reason or "the method's default (the run recorded no choice)",
         "operating_point": config.score.operating_point,
@@ -302,7 +356,9 @@ def evaluate_run(
     if recon is not None:
         result["reconstruction"] = summarize(recon, None if unlabelled else labels)
         write_reconstruction_csv(out / "reconstruction.csv", samples, recon)
-    write_scores_csv(out / "scores.csv", samples, dataset, pred.scores)
+    ood = (pred.ood_distance, detector.calibration.guard.threshold) if pred.ood_distance is not None else None
+    write_scores_csv(out / "scores.csv", samples, dataset, pred.scores, ood)
+    write_scan_maps(out / "maps.npz", dataset, pred)
 
     if not detector.method.normal_only:
         result["classification"] = classify(detector, pred, samples, dataset)

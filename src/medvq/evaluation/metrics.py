@@ -43,6 +43,7 @@ __all__ = [
     "reduce_map",
     "grouped_auroc",
     "pointing_game",
+    "bootstrap_auroc_interval",
 ]
 
 
@@ -270,6 +271,48 @@ def grouped_auroc(labels: Any, scores: Any, groups: Any, min_per_class: int = 2)
             continue
         out[str(value)] = float(roc_auc_score(yk, s[sel]))
     return out
+
+
+def _weighted_aurocs(y: np.ndarray, s: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """AUROC under each row of image weights (B, N) at once (Mann-Whitney, ties 1/2); NaN where a row
+    leaves no normal or no abnormal weight."""
+    order = np.argsort(s, kind="stable")
+    s_sorted, y_sorted, w = s[order], y[order], weights[:, order].astype(np.float64)
+    starts = np.flatnonzero(np.r_[True, s_sorted[1:] != s_sorted[:-1]])  # groups of tied scores
+    pos = np.add.reduceat(w * y_sorted, starts, axis=1)  # (B, G) abnormal weight per tie group
+    neg = np.add.reduceat(w * (1 - y_sorted), starts, axis=1)
+    below = np.cumsum(neg, axis=1) - neg  # normal weight strictly below each group
+    wins = (pos * (below + 0.5 * neg)).sum(axis=1)
+    total = pos.sum(axis=1) * neg.sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(total > 0, wins / np.where(total > 0, total, 1.0), np.nan)
+
+
+def bootstrap_auroc_interval(
+    labels: Any, scores: Any, groups: Any, n_resamples: int = 1000, confidence: float = 0.95, seed: int = 0
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of the image AUROC, resampling whole groups (patients) with replacement.
+
+    Scans of one patient are not independent, so resampling images would give intervals that are too
+    narrow; a patient drawn k times counts each of their scans k times. Resamples without both classes are
+    dropped. Pass one group per image (e.g. ``np.arange(n)``) to resample images instead.
+    """
+    y, s = _image_inputs(labels, scores)
+    g = _to_numpy(groups, "groups")
+    if g.shape != (y.size,):
+        raise ValueError(f"groups must be 1-D with one entry per image ({y.size}), got shape {g.shape}")
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence must lie strictly between 0 and 1, got {confidence}")
+    _, patient = np.unique(g.astype(str), return_inverse=True)
+    n_groups = int(patient.max()) + 1
+    counts = np.random.default_rng(seed).multinomial(n_groups, np.full(n_groups, 1.0 / n_groups), size=int(n_resamples))  # (B, P)
+    aurocs = _weighted_aurocs(y, s, counts[:, patient])
+    aurocs = aurocs[np.isfinite(aurocs)]
+    if aurocs.size == 0:
+        return float("nan"), float("nan")
+    tail = 100 * (1 - confidence) / 2
+    lo, hi = np.percentile(aurocs, [tail, 100 - tail])
+    return float(lo), float(hi)
 
 
 # --------------------------------------------------------------------------- pixel level

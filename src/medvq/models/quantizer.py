@@ -54,6 +54,23 @@ class VectorQuantizer(nn.Module):
             straight_through=False,
         )
 
+    def synchronise_across_processes(self) -> bool:
+        """Sum the codebook statistics (k-means, EMA counts and sums, dead-code samples) over every process.
+
+        The library decides this when the quantizer is built, which under Lightning is before the process
+        group exists; call this once it does (a LightningModule's ``setup``). Returns whether it synchronises.
+        """
+        import torch.distributed as dist
+        from vector_quantize_pytorch.vector_quantize_pytorch import sample_vectors_distributed
+
+        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return False
+        codebook = self.vq._codebook
+        codebook.use_ddp = True
+        codebook.sample_fn = codebook.replace_sample_fn = sample_vectors_distributed
+        codebook.kmeans_all_reduce_fn = codebook.all_reduce_fn = dist.all_reduce
+        return True
+
     @property
     def codebook(self) -> torch.Tensor:  # (K, D)
         return self.vq.codebook

@@ -7,12 +7,13 @@ evaluation all look it up by the `method:` field of a run's config.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
-import torch
-from torch import nn
+if TYPE_CHECKING:  # the registry itself stays light: `medvq --help` lists methods without loading torch
+    import torch
+    from torch import nn
 
-from medvq.maps import MapOutput
+    from medvq.maps import MapOutput
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,8 @@ class Method:
     # Model fields added after runs were saved, with the value a saved config.yaml without them means (every run's
     # config.yaml holds every field of its time, so a missing one marks an older run, not a wish for today's default):
     stored_model_defaults: dict[str, Any] = field(default_factory=dict)
+    # Methods whose scoring path traces into one ONNX graph (`medvq export`): prepares the loaded model for tracing.
+    onnx_export: Callable[[nn.Module], None] | None = None
 
     def maps(self, model_config) -> tuple[str, ...]:
         """The maps a model built from ``model_config`` computes by default."""
@@ -58,6 +61,7 @@ def _vqvae() -> Method:
         compute_maps=vqvae_maps,
         training_module=VQVAEModule.from_run_config,
         primary_map="residual",
+        onnx_export=lambda model: None,
     )
 
 
@@ -75,6 +79,7 @@ def _vqvae2() -> Method:
         training_module=VQVAE2Module.from_run_config,
         primary_map="residual",
         stored_model_defaults={"upsampling": "transpose"},
+        onnx_export=lambda model: None,
     )
 
 
@@ -102,7 +107,7 @@ def _classifier() -> Method:
 def _patchcore() -> Method:
     from medvq.models.patchcore.anomaly_map import MAP_NAMES, patchcore_maps
     from medvq.models.patchcore.fit import fit_patchcore
-    from medvq.models.patchcore.model import PatchCore
+    from medvq.models.patchcore.model import PatchCore, prepare_for_export
 
     return Method(
         name="patchcore",
@@ -113,6 +118,7 @@ def _patchcore() -> Method:
         training_module=None,
         fit=fit_patchcore,
         primary_map="patch_distance",
+        onnx_export=prepare_for_export,
     )
 
 
@@ -135,7 +141,30 @@ def _prior() -> Method:
     )
 
 
-_FACTORIES: dict[str, Callable[[], Method]] = {"vqvae": _vqvae, "vqvae2": _vqvae2, "classifier": _classifier, "patchcore": _patchcore, "prior": _prior}
+def _featvq() -> Method:
+    from medvq.models.featvq.anomaly_map import COMBINATIONS, MAP_NAMES, featvq_maps
+    from medvq.models.featvq.lightning import FeatVQModule
+    from medvq.models.featvq.model import FeatVQ
+
+    return Method(
+        name="featvq",
+        summary=SUMMARIES["featvq"],
+        map_names=MAP_NAMES,
+        build_model=FeatVQ,
+        compute_maps=featvq_maps,
+        training_module=FeatVQModule.from_run_config,
+        combinations=COMBINATIONS,
+    )
+
+
+_FACTORIES: dict[str, Callable[[], Method]] = {
+    "vqvae": _vqvae,
+    "vqvae2": _vqvae2,
+    "classifier": _classifier,
+    "patchcore": _patchcore,
+    "prior": _prior,
+    "featvq": _featvq,
+}
 
 # One line per method for help texts, without importing the method's code.
 SUMMARIES: dict[str, str] = {
@@ -144,6 +173,7 @@ SUMMARIES: dict[str, str] = {
     "vqvae2": "VQ-VAE-2 (top and bottom codes) for MRI and OCT reconstruction; SSIM/PSNR, residual and per-level ALM.",
     "prior": "Latent prior over a trained VQ-VAE's codes (--vqvae RUNDIR): fusion (frozen encoder features -> conv net) or autoregressive transformer; NLL map, sampling.",
     "patchcore": "PatchCore memory bank of ImageNet EfficientNet-Lite0 patch features of normal scans (no gradient training); nearest-neighbour distance map.",
+    "featvq": "Feature-space VQ: a codebook of ImageNet EfficientNet-Lite0 patch features of normal scans and a bidirectional prior over its codes; quantisation-distance and NLL maps.",
 }
 
 

@@ -110,3 +110,67 @@ def roc_figure(curves: dict[str, tuple[np.ndarray, np.ndarray, float]], path: st
     ax.legend(fontsize=7, loc="lower right")
     ax.grid(alpha=0.3)
     _save(fig, path)
+
+
+def _wrap(line: str, font, width: int) -> list[str]:
+    """Break a caption line at spaces so that each piece fits ``width`` pixels."""
+    out, current = [], ""
+    for word in line.split(" "):
+        trial = f"{current} {word}".strip()
+        if current and font.getlength(trial) > width:
+            out.append(current)
+            current = word
+        else:
+            current = trial
+    return out + [current]
+
+
+def annotated_overlay(
+    image: np.ndarray,
+    map_: np.ndarray,
+    vmin: float,
+    vmax: float,
+    caption: Sequence[str],
+    *,
+    threshold: float | None = None,
+    contour: bool = False,
+    cmap: str = "jet",
+) -> np.ndarray:
+    """An overlay a reader can interpret: the map blended over the scan, a colour bar in calibrated units
+    with the threshold marked, optionally the outline where the map crosses ``threshold``, and a caption
+    strip below (one line per entry of ``caption``). (H, W) in -> (H + caption, W + bar, 3) uint8 out."""
+    from PIL import Image, ImageDraw, ImageFont
+    from scipy import ndimage
+
+    height, width = map_.shape
+    body = overlay(image, map_, vmin, vmax, cmap=cmap)
+    if contour and threshold is not None:
+        inside = map_ >= threshold
+        edge = inside & ~ndimage.binary_erosion(inside)
+        edge = ndimage.binary_dilation(edge, iterations=max(1, round(max(height, width) / 400)))  # ~1 px per 400 px of scan
+        body[edge] = (255, 255, 255)
+    text = max(11, round(height / 32))
+    font = ImageFont.load_default(size=text)
+    bar_w, label_w = max(12, width // 40), 5 * text
+    line_h = round(text * 1.3)
+    total_w = width + bar_w + label_w + 8
+    lines = [part for line in caption for part in _wrap(line, font, total_w - 8)]
+    canvas = Image.new("RGB", (total_w, height + line_h * len(lines) + 8), "white")
+    canvas.paste(Image.fromarray(body), (0, 0))
+    # colour bar: vmax at the top, vmin at the bottom, one row per pixel of the scan's height
+    levels = np.linspace(vmax, vmin, height)[:, None].repeat(bar_w, axis=1)
+    canvas.paste(Image.fromarray(colorize(levels, vmin, vmax, cmap)), (width + 4, 0))
+    draw = ImageDraw.Draw(canvas)
+    x_text = width + bar_w + 7
+    row_of = lambda v: int(round((vmax - v) / max(vmax - vmin, 1e-12) * (height - 1)))
+    labels = [(0, f"{vmax:.3g}"), (height - text - 2, f"{vmin:.3g}")]
+    if threshold is not None and vmin <= threshold <= vmax:
+        y = row_of(threshold)
+        draw.line([(width + 2, y), (width + bar_w + 5, y)], fill="black", width=2)
+        y_label = min(max(y - text // 2, 0), height - text - 2)
+        labels = [(yy, t) for yy, t in labels if abs(yy - y_label) > text] + [(y_label, f"{threshold:.3g}")]
+    for y, label in labels:
+        draw.text((x_text, y), label, fill="black", font=font)
+    for i, line in enumerate(lines):
+        draw.text((4, height + 4 + i * line_h), line, fill="black", font=font)
+    return np.asarray(canvas)

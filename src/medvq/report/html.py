@@ -34,6 +34,7 @@ h1{font-size:1.5rem;margin-bottom:.2rem} h2{font-size:1.15rem;margin-top:2rem;bo
 table{border-collapse:collapse;font-size:.85rem;margin:.5rem 0} th,td{border:1px solid #ddd;padding:.3rem .5rem;text-align:right}
 th{background:#f4f4f4} td.l,th.l{text-align:left} .muted{color:#666;font-size:.85rem}
 .best{font-weight:bold;background:#eef7ee} .gal td{padding:2px;border:none;text-align:center;font-size:.72rem;vertical-align:top}
+.ci{color:#666;font-size:.75rem} .warn{color:#b35900;font-size:.72rem}
 .gal img{width:132px;height:132px;image-rendering:pixelated;display:block} figure{display:inline-block;margin:.3rem}
 """
 
@@ -69,9 +70,22 @@ def _fmt(v) -> str:
 def read_scores(path: Path) -> tuple[list[dict], list[str]]:
     with open(path, newline="") as f:
         rows = list(csv.DictReader(f))
-    fixed = {"path", "frame", "class", "patient", "width", "height"}
+    fixed = {"path", "frame", "class", "patient", "width", "height", "in_distribution", "ood_distance"}
     names = [k for k in (rows[0].keys() if rows else []) if k not in fixed]
     return rows, names
+
+
+def _interval_note(m: dict, key) -> str:
+    """An AUROC cell's 95 % bootstrap interval by patient, and a flag when too few abnormal scans stand behind it."""
+    if key == "image_auroc":
+        ci, flag = m.get("image_auroc_ci"), ""
+    elif isinstance(key, tuple) and key[0] == "per_class":
+        ci = m.get("image_auroc_per_class_ci", {}).get(key[1])
+        n = m.get("n_abnormal_per_class", {}).get(key[1])
+        flag = f"<br><span class='warn'>only {n} abnormal: unreliable</span>" if key[1] in m.get("unreliable_classes", []) else ""
+    else:
+        return ""
+    return (f"<br><span class='ci'>{ci[0]:.2f}–{ci[1]:.2f}</span>" if ci else "") + flag
 
 
 def _metrics_table(metrics: dict) -> str:
@@ -96,10 +110,13 @@ def _metrics_table(metrics: dict) -> str:
     rows = []
     for name, m in maps.items():
         cells = "".join(
-            f"<td class='{'best' if value(m, key) is not None and value(m, key) == best[label] else ''}'>{_fmt(value(m, key))}</td>" for label, key in cols
+            f"<td class='{'best' if value(m, key) is not None and value(m, key) == best[label] else ''}'>{_fmt(value(m, key))}{_interval_note(m, key)}</td>"
+            for label, key in cols
         )
         rows.append(f"<tr><td class='l'>{html.escape(name)}</td>{cells}</tr>")
     table = f"<table><tr><th class='l'>map</th>{head}</tr>{''.join(rows)}</table>"
+    if any("image_auroc_ci" in m for m in maps.values()):
+        table += "<p class='muted'>Under each AUROC: its 95 % bootstrap interval, resampling patients (1,000 resamples).</p>"
 
     widths = sorted({w for m in maps.values() for w in m.get("image_auroc_by_width", {})}, key=lambda w: int(w) if w.isdigit() else w)
     if widths:

@@ -26,6 +26,7 @@ import torch
 from medvq.errors import CheckpointError
 from medvq.evaluation.metrics import reduce_map
 from medvq.io import atomic_write_text
+from medvq.scoring.ood import DistributionGuard
 
 COMBINED = "combined"
 # Operating points stored at calibration: name -> specificity on the calibration normals.
@@ -111,6 +112,7 @@ class NormalCalibration:
     primary_map: str | None = None
     primary_reason: str = ""
     validation_auroc: dict[str, float] = field(default_factory=dict)
+    guard: DistributionGuard | None = None  # out-of-distribution guard (medvq.scoring.ood); None for older runs
 
     def standardize(self, maps: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Raw maps -> standardised maps (plus 'combined' when all its parts are present)."""
@@ -209,6 +211,7 @@ class NormalCalibration:
             "primary_map": self.primary_map,
             "primary_reason": self.primary_reason,
             "validation_auroc": self.validation_auroc,
+            "ood_guard": self.guard.to_dict() if self.guard is not None else None,
             "stats": {k: v.to_dict() for k, v in self.stats.items()},
         }
 
@@ -224,6 +227,7 @@ class NormalCalibration:
             primary_map=d.get("primary_map"),
             primary_reason=d.get("primary_reason", ""),
             validation_auroc=dict(d.get("validation_auroc", {})),
+            guard=DistributionGuard.from_dict(d["ood_guard"]) if d.get("ood_guard") else None,
             stats={k: MapStatistics.from_dict(v) for k, v in d["stats"].items()},
         )
 

@@ -95,3 +95,5 @@ class Decision:
     normal_percentile: float
     threshold: OperatingPoint
     abnormal: bool
+    in_distribution: bool | None = None  # False: the scan looks unlike the calibration normals; None: the run has no guard
+    ood_distance: float | None = None  # its distance from them (medvq.scoring.ood), against the guard's threshold

@@ -15,9 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# Input normalisation the public ImageNet weights were trained with (RGB means and standard deviations).
-IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
-HALF_MEAN, HALF_STD = [0.5, 0.5, 0.5], [0.5, 0.5, 0.5]  # EfficientNet-Lite (TF: (x*255 - 127) / 128) and timm ViTs
+from medvq.models.backbones.config import LITE0_STAGES
+
 
 
 def same_padding(x: torch.Tensor, kernel: int, stride: int) -> torch.Tensor:
@@ -53,9 +52,6 @@ class InputConv(nn.Conv2d):
         return y - F.conv2d(ones, self.offset.to(y.dtype), None, self.stride, self.padding, self.dilation, self.groups)
 
 
-# (repeats, kernel, stride, expansion, in, out) per stage
-LITE0_STAGES = [(1, 3, 1, 1, 32, 16), (2, 3, 2, 6, 16, 24), (2, 5, 2, 6, 24, 40), (3, 3, 2, 6, 40, 80),
-                (3, 5, 1, 6, 80, 112), (4, 5, 2, 6, 112, 192), (1, 3, 1, 6, 192, 320)]  # fmt: skip
 BN = dict(eps=1e-3, momentum=0.01)  # the TensorFlow BatchNorm settings the weights were trained with
 
 
@@ -82,9 +78,6 @@ class MBConv(nn.Module):
         return x + y if self.skip else y
 
 
-# Output stride and channels of each stage (1-based), from LITE0_STAGES.
-STAGE_STRIDES = [2, 4, 8, 16, 16, 32, 32]
-STAGE_CHANNELS = [s[5] for s in LITE0_STAGES]
 
 
 class LiteFeatures(nn.Module):

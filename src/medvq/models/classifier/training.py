@@ -11,7 +11,7 @@ from collections import Counter
 from typing import Sequence
 
 from medvq.errors import DatasetError
-from medvq.models.classifier.model import ABNORMAL, ClassifierConfig
+from medvq.models.classifier.config import ABNORMAL, ClassifierConfig
 
 
 def classes_from_labels(task: str, labels: Sequence[str], normal_class: str) -> list[str]:

@@ -17,28 +17,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 import torch
-from pydantic import Field
 from torch import nn
 
-from medvq.models.backbones.patch_features import PatchFeatureConfig, PatchFeatures
-
-class PatchCoreConfig(PatchFeatureConfig):
-    """Backbone features, local aggregation (``PatchFeatureConfig``) and memory-bank settings; stored with every run."""
-
-    coreset_ratio: float = Field(0.1, gt=0, le=1, description="Share of the training patches kept in the memory bank (greedy k-center coreset).")
-    coreset_projection_dim: int = Field(
-        128, ge=0, description="Coreset selection runs on a seeded Gaussian random projection to this many dimensions (0: on the features themselves)."
-    )
-    coreset_chunk_patches: int = Field(
-        16384,
-        ge=256,
-        description="Patches per coreset chunk: training patches are streamed in chunks of this size and each chunk is subsampled on its own, "
-        "so memory and time grow linearly with the number of training images.",
-    )
-    reweight_neighbours: int = Field(
-        9, ge=1, description="Image score: bank neighbours of the nearest entry used to re-weight the largest patch distance (1: plain maximum)."
-    )
-
+from medvq.models.backbones.patch_features import PatchFeatures
+from medvq.models.patchcore.config import PatchCoreConfig
 
 @dataclass
 class PatchCoreOutput:
@@ -110,12 +92,12 @@ class PatchCore(nn.Module):
         rows = max(1, self.distance_block_elements // bank.shape[0])
         for start in range(0, queries.shape[0], rows):
             q = queries[start : start + rows].float()
-            # ||b||^2 - 2 q.b in one fused matmul (fp32); ||q||^2 does not change the ranking, so it is added
-            # to the k winners only: one pass over the (n, N_bank) block instead of four
+            # ||b||^2 - 2 q.b in one fused matmul (fp32) ranks the entries; ||q||^2 does not change the ranking
             d2 = torch.addmm(bank_sq, q, bank.T, alpha=-2.0)
-            value, idx = d2.min(dim=1, keepdim=True) if k == 1 else torch.topk(d2, k, dim=1, largest=False)
-            value = value + (q * q).sum(1, keepdim=True)
-            dists.append(value.clamp_min(0).sqrt())
+            idx = d2.argmin(dim=1, keepdim=True) if k == 1 else torch.topk(d2, k, dim=1, largest=False).indices
+            # the winners' distances directly: the expanded form cancels near zero (a patch close to a bank entry),
+            # where its fp32 rounding differed between runtimes by 1e-2 after the square root
+            dists.append(torch.linalg.vector_norm(q[:, None, :] - bank[idx], dim=-1))
             index.append(idx)
         return torch.cat(dists), torch.cat(index)
 
@@ -147,3 +129,8 @@ class PatchCore(nn.Module):
         dist, idx = dist[:, 0].reshape(bsz, h * w), idx[:, 0].reshape(bsz, h * w)
         score = self.image_scores(patches, dist, idx)
         return PatchCoreOutput(distances=dist.reshape(bsz, h, w), nearest=idx.reshape(bsz, h, w), score=score)
+
+
+def prepare_for_export(model: PatchCore) -> None:
+    """One distance block for any batch: a traced graph keeps the block loop of the batch it was traced with."""
+    model.distance_block_elements = 2**62

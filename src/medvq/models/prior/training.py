@@ -14,7 +14,8 @@ from medvq.config import RunConfig, build_config
 from medvq.data.samples import Sample
 from medvq.engine.run_dir import RunDir
 from medvq.errors import CheckpointError, DatasetError, MedvqError
-from medvq.models.prior.model import LITE0, VIT_RUN, LatentPrior, PriorConfig
+from medvq.models.prior.config import LITE0, VIT_RUN, PriorConfig
+from medvq.models.prior.model import LatentPrior
 
 
 def _run(path: str | Path, what: str, fix: str) -> tuple[RunDir, RunConfig]:
@@ -94,7 +95,7 @@ def load_frozen_weights(model: LatentPrior) -> None:
     if model.encoder is None:
         return
     if c.encoder == LITE0:
-        from medvq.models.backbones.efficientnet_lite0 import IMAGENET_MEAN, IMAGENET_STD
+        from medvq.models.backbones.config import IMAGENET_MEAN, IMAGENET_STD
         from medvq.models.backbones.weights import load_lite0_weights
 
         load_lite0_weights(model.encoder.features, "imagenet", IMAGENET_MEAN, IMAGENET_STD, 1)

@@ -1,0 +1,36 @@
+"""Settings of feature-space VQ, without torch (read by ``medvq.config`` and the CLI)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from medvq.models.backbones.config import PatchFeatureConfig
+
+
+class FeatVQConfig(PatchFeatureConfig):
+    """Backbone features (``PatchFeatureConfig``, as PatchCore's), codebook and code-prior settings; stored with every run."""
+
+    codebook_size: int = Field(2048, ge=2, description="Codes K in the feature codebook (a memory bank of fixed size).")
+    ema_decay: float = Field(0.99, gt=0, lt=1, description="Decay of the codebook's EMA updates.")
+    kmeans_init: bool = Field(True, description="Initialise the codebook by k-means on the first training batch's patch features.")
+    kmeans_iters: int = Field(10, ge=1, description="k-means iterations of that initialisation.")
+    dead_code_threshold: float = Field(
+        1.0, ge=0, description="A code whose EMA usage falls below this is restarted on a random patch feature of the batch (0: never)."
+    )
+    codebook_epochs: int = Field(
+        2, ge=1, description="Epochs in which the codebook learns (EMA, restarts); afterwards it is frozen and only the prior trains on fixed codes."
+    )
+    prior_context: Literal["bidirectional", "causal"] = Field(
+        "bidirectional",
+        description="What the code prior predicts each position from: every other position (bidirectional) or the positions before it "
+        "in raster order (causal, as the VQ-VAE's autoregressive prior).",
+    )
+    prior_layers: int = Field(2, ge=1, description="Attention layers of the code prior.")
+    prior_dim: int = Field(64, ge=8, description="Width of the code prior's tokens.")
+    prior_heads: int = Field(4, ge=1, description="Attention heads per layer of the code prior.")
+    prior_mask_ratio: float = Field(
+        0.15, ge=0, lt=1, description="Masked-code training: share of the context codes hidden at random from every prediction in a training step."
+    )
+    prior_dropout: float = Field(0.0, ge=0, lt=1, description="Dropout in the code prior while training.")

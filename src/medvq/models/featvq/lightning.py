@@ -1,0 +1,121 @@
+"""Thin Lightning wrapper of feature-space VQ: codebook EMA on streamed patch features, code-prior training.
+
+Each step: frozen patch features of the batch -> the quantizer (EMA step of the codebook while
+``codebook_epochs`` last, then frozen) -> the code prior's cross-entropy on every position, with a random
+share of the context hidden. Nothing is kept across batches but running sums, so memory does not depend on
+the number of training scans. Under DDP the codebook statistics are summed over processes
+(``VectorQuantizer.synchronise_across_processes``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+
+from medvq.engine.optim import configure_adamw
+from medvq.models.featvq.model import FeatVQ, FeatVQConfig, code_nll
+from medvq.models.quantizer import code_usage
+
+# loss * n, quantisation distance per patch * n, correct code predictions, positions, n
+_SUMS = 5
+
+
+class FeatVQModule(L.LightningModule):
+    def __init__(self, model_config: dict, learning_rate: float = 1e-3, weight_decay: float = 0.0, lr_schedule: str = "constant"):
+        super().__init__()
+        self.save_hyperparameters()  # plain dicts and numbers only: checkpoints load with weights_only=True
+        self.model = FeatVQ(FeatVQConfig(**model_config))
+        k = self.model.config.codebook_size
+        self.register_buffer("code_counts", torch.zeros(k, dtype=torch.float64), persistent=False)
+        self.register_buffer("train_sums", torch.zeros(_SUMS, dtype=torch.float64), persistent=False)
+        self.register_buffer("val_sums", torch.zeros(_SUMS, dtype=torch.float64), persistent=False)
+
+    @classmethod
+    def from_run_config(cls, config) -> "FeatVQModule":
+        t = config.train
+        module = cls(config.model.model_dump(mode="json"), learning_rate=t.learning_rate, weight_decay=t.weight_decay, lr_schedule=t.lr_schedule)
+        module.model.features.load_imagenet()
+        return module
+
+    def setup(self, stage: str) -> None:
+        self.model.quantizer.synchronise_across_processes()  # the process group exists from here on
+
+    @property
+    def codebook_learning(self) -> bool:
+        return self.current_epoch < self.model.config.codebook_epochs
+
+    def _step(self, batch: dict, sums: torch.Tensor, training: bool) -> torch.Tensor:
+        x = batch["image"]
+        features = self.model.encode(x)
+        self.model.quantizer.train(training and self.codebook_learning)
+        with torch.no_grad():
+            out = self.model.quantize(features)
+        codes = out.codes
+        hidden = None
+        ratio = self.model.config.prior_mask_ratio
+        if training and ratio > 0:
+            hidden = torch.rand(codes.shape, device=codes.device) < ratio
+        logits = self.model.prior_logits(codes, hidden)
+        loss = F.cross_entropy(logits, codes)
+        with torch.no_grad():
+            n = x.shape[0]
+            one = lambda v: torch.tensor(float(v), device=sums.device, dtype=torch.float64)
+            correct = (logits.argmax(dim=1) == codes).sum()
+            sums += torch.stack([loss.detach().double() * n, out.distances.mean().double() * n, correct.double(), one(codes.numel()), one(n)])
+            if training:
+                self.code_counts += torch.bincount(codes.flatten(), minlength=self.code_counts.numel()).to(self.code_counts)
+        return loss
+
+    def on_train_epoch_start(self) -> None:
+        self.code_counts.zero_()
+        self.train_sums.zero_()
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss = self._step(batch, self.train_sums, training=True)
+        self.log("train/loss", loss.detach(), prog_bar=True, on_step=True, on_epoch=False, batch_size=batch["image"].shape[0])
+        return loss
+
+    def on_validation_epoch_start(self) -> None:
+        self.val_sums.zero_()
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        loss = self._step(batch, self.val_sums, training=False)  # the prior's NLL of the held-out normal codes, nothing hidden
+        self.log("val/loss", loss, prog_bar=True, on_epoch=True, sync_dist=True, batch_size=batch["image"].shape[0])
+
+    def epoch_summary(self) -> dict[str, float]:
+        """Mean prior NLL (nats per position), quantisation distance, code accuracy and codebook usage, reduced over processes."""
+        reduce = lambda t: self.trainer.strategy.reduce(t.clone(), reduce_op="sum") if self.trainer.world_size > 1 else t
+        perplexity, used = code_usage(reduce(self.code_counts))
+        summary: dict[str, float] = {"perplexity": perplexity, "codes_used": used}
+        for prefix, sums in (("train", reduce(self.train_sums)), ("val", reduce(self.val_sums))):
+            n = float(sums[4])
+            if n > 0:
+                summary.update(
+                    {f"{prefix}_loss": float(sums[0]) / n, f"{prefix}_distance": float(sums[1]) / n, f"{prefix}_code_accuracy": float(sums[2]) / float(sums[3])}
+                )
+        return summary
+
+    @torch.no_grad()
+    def sample_rows(self, x: torch.Tensor) -> list[tuple[str, object, str, float]]:
+        """Per-epoch samples: input, quantisation distance and NLL (nats) on the patch grid."""
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            out = self.model(x.float())
+            nll = code_nll(self.model.prior_logits(out.codes), out.codes)
+        finally:
+            self.model.train(was_training)
+        up = lambda m: F.interpolate(m[:, None], size=tuple(x.shape[-2:]), mode="nearest")[:, 0].cpu().numpy()
+        distance = out.distances
+        return [
+            ("input", x[:, 0].float().cpu().numpy(), "gray", 1.0),
+            ("quantisation distance", up(distance), "inferno", float(distance.quantile(0.99)) or 1.0),
+            ("NLL (nats)", up(nll), "inferno", math.log(self.model.config.codebook_size)),
+        ]
+
+    def configure_optimizers(self):
+        h = self.hparams
+        return configure_adamw(self, self.model.prior.parameters(), h.learning_rate, h.weight_decay, h.get("lr_schedule", "constant"))

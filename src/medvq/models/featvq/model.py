@@ -1,0 +1,175 @@
+"""Feature-space VQ: frozen ImageNet patch features quantised by a codebook, and a prior over the code grid.
+
+Frozen EfficientNet-Lite0 -> PatchCore's patch features (``PatchFeatureConfig``: stages 2 + 3, one 64-dim
+vector per 4 x 4 pixels) -> the project's vector quantizer with K codes (k-means initialisation, EMA
+updates, dead-code restarts, fp32 distances). The codebook plays the memory bank of PatchCore at a fixed
+size: ||f - e_k*||^2, the squared distance of a patch to its nearest code, is the ``quantization_distance``
+map, at a cost that does not grow with the training set.
+
+The prior predicts each position's code from the codes around it (``CodePrior``). Its keys and values are
+built from each code and its position alone, never mixed across positions, and every query attends to all
+positions but its own (bidirectional) or to the positions before it in raster order (causal). So position
+i's prediction never sees code i, and one forward pass gives -log p(k*_i | context) at every position at
+once: the ``nll`` map. Training hides a random share of the context codes as well (masked-code training),
+so that a prediction does not lean on any single neighbour.
+
+Knows nothing of files, CLIs or Lightning.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from medvq.models.backbones.patch_features import PatchFeatures
+from medvq.models.featvq.config import FeatVQConfig
+from medvq.models.quantizer import VectorQuantizer
+
+
+@dataclass
+class FeatVQOutput:
+    features: torch.Tensor  # (B, D, h, w) fp32 patch features
+    codes: torch.Tensor  # (B, h, w) int64 nearest code of each patch
+    distances: torch.Tensor  # (B, h, w) fp32 ||f - e_k*||^2
+
+
+class PriorLayer(nn.Module):
+    """Queries attend to the (never mixed) code tokens; then an MLP on the queries. Pre-norm, residual."""
+
+    def __init__(self, dim: int, heads: int, dropout: float):
+        super().__init__()
+        self.heads, self.dropout = heads, dropout
+        self.norm_q, self.norm_kv, self.norm_mlp = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.q, self.kv, self.proj = nn.Linear(dim, dim), nn.Linear(dim, 2 * dim), nn.Linear(dim, dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim), nn.Dropout(dropout))
+
+    def forward(self, query: torch.Tensor, tokens: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+        """query (B, N, C), tokens (B, 1 + N, C), allowed (B or 1, 1, N, 1 + N) bool -> query (B, N, C)."""
+        b, n, c = query.shape
+        split = lambda t: t.view(b, -1, self.heads, c // self.heads).transpose(1, 2)  # (B, heads, L, C/heads)
+        q = split(self.q(self.norm_q(query)))
+        k, v = self.kv(self.norm_kv(tokens)).chunk(2, dim=-1)
+        out = F.scaled_dot_product_attention(q, split(k), split(v), attn_mask=allowed, dropout_p=self.dropout if self.training else 0.0)
+        query = query + self.proj(out.transpose(1, 2).reshape(b, n, c))
+        return query + self.mlp(self.norm_mlp(query))
+
+
+class CodePrior(nn.Module):
+    """Code grid (B, h, w) -> logits (B, K, h, w) of each position's code given the others (see module docstring).
+
+    Token j = embedding(code_j) + a learned view of j's fixed 2D sine-cosine position code (so any grid size
+    works); an extra always-visible token (no code) lets a query with no visible context (the first position of
+    the causal order) still attend. Query i starts from another learned view of its position and never sees token i.
+    """
+
+    def __init__(self, codebook_size: int, dim: int, layers: int, heads: int, context: str, dropout: float = 0.0):
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"prior_dim {dim} is not divisible by prior_heads {heads}")
+        self.context = context
+        self.code_embedding = nn.Embedding(codebook_size, dim)
+        self.token_position = nn.Linear(dim, dim)  # learned views of the fixed sine-cosine position code
+        self.query_position = nn.Sequential(nn.Linear(dim, dim), nn.GELU(), nn.Linear(dim, dim))
+        self.empty_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.layers = nn.ModuleList(PriorLayer(dim, heads, dropout) for _ in range(layers))
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, codebook_size)
+
+    def context_mask(self, n: int, device: torch.device) -> torch.Tensor:
+        """(N, 1 + N) bool: query i may see the empty token and token j (j != i, or j < i when causal)."""
+        i = torch.arange(n, device=device)
+        own = (i[None, :] < i[:, None]) if self.context == "causal" else (i[None, :] != i[:, None])
+        return torch.cat([torch.ones(n, 1, dtype=torch.bool, device=device), own], dim=1)
+
+    def forward(self, codes: torch.Tensor, hidden: torch.Tensor | None = None) -> torch.Tensor:
+        """codes (B, h, w); hidden (B, h, w) bool marks codes no query may see (masked-code training) -> logits (B, K, h, w) fp32."""
+        with torch.autocast("cpu", enabled=False):  # bf16 autocast ran this small transformer 2-3x slower on the CPU
+            return self._forward(codes, hidden)
+
+    def _forward(self, codes: torch.Tensor, hidden: torch.Tensor | None) -> torch.Tensor:
+        b, h, w = codes.shape
+        position = sincos_positions(h, w, self.code_embedding.embedding_dim, codes.device)  # (1, N, C)
+        tokens = self.code_embedding(codes.reshape(b, h * w)) + self.token_position(position)  # (B, N, C): each token its own code and place only
+        tokens = torch.cat([self.empty_token.expand(b, -1, -1), tokens], dim=1)  # (B, 1 + N, C)
+        allowed = self.context_mask(h * w, codes.device)[None, None]  # (1, 1, N, 1 + N)
+        if hidden is not None:
+            visible = torch.cat([hidden.new_ones(b, 1), ~hidden.reshape(b, h * w)], dim=1)  # (B, 1 + N)
+            allowed = allowed & visible[:, None, None, :]
+        query = self.query_position(position).expand(b, -1, -1)
+        for layer in self.layers:
+            query = layer(query, tokens, allowed)
+        logits = self.head(self.norm(query)).float()  # (B, N, K)
+        return logits.transpose(1, 2).reshape(b, -1, h, w)
+
+
+def sincos_positions(h: int, w: int, dim: int, device: torch.device) -> torch.Tensor:
+    """(1, h * w, dim) fixed 2D sine-cosine position code (half the channels for rows, half for columns), raster order."""
+    quarter = dim // 4
+    freq = 1.0 / (100.0 ** (torch.arange(quarter, device=device, dtype=torch.float32) / max(1, quarter)))
+    rows = torch.arange(h, device=device, dtype=torch.float32)[:, None] * freq  # (h, dim/4)
+    cols = torch.arange(w, device=device, dtype=torch.float32)[:, None] * freq  # (w, dim/4)
+    code = torch.cat(
+        [rows.sin()[:, None].expand(h, w, quarter), rows.cos()[:, None].expand(h, w, quarter), cols.sin()[None].expand(h, w, quarter), cols.cos()[None].expand(h, w, quarter)],
+        dim=-1,
+    )  # (h, w, 4 * quarter)
+    code = F.pad(code, (0, dim - 4 * quarter))
+    return code.reshape(1, h * w, dim)
+
+
+def code_nll(logits: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    """-log p(true code) at every position: logits (B, K, h, w), codes (B, h, w) -> (B, h, w) nats, fp32."""
+    return -torch.log_softmax(logits.float(), dim=1).gather(1, codes.long()[:, None]).squeeze(1)
+
+
+class FeatVQ(nn.Module):
+    def __init__(self, config: FeatVQConfig):
+        super().__init__()
+        self.config = config
+        self.features = PatchFeatures(config)
+        self.quantizer = VectorQuantizer(
+            dim=config.feature_dim,
+            codebook_size=config.codebook_size,
+            beta=0.0,  # the features are frozen: nothing to commit
+            ema_decay=config.ema_decay,
+            kmeans_init=config.kmeans_init,
+            kmeans_iters=config.kmeans_iters,
+            dead_code_threshold=config.dead_code_threshold,
+        )
+        self.prior = CodePrior(
+            config.codebook_size, config.prior_dim, config.prior_layers, config.prior_heads, config.prior_context, config.prior_dropout
+        )
+
+    @property
+    def stride(self) -> int:
+        return self.config.stride
+
+    def check_input(self, x: torch.Tensor) -> None:
+        if x.ndim != 4 or x.shape[1] != self.config.in_channels:
+            raise ValueError(f"expected images of shape (B, {self.config.in_channels}, H, W), got {tuple(x.shape)}")
+        if x.shape[-1] % self.stride or x.shape[-2] % self.stride:
+            raise ValueError(
+                f"image size {tuple(x.shape[-2:])} is not a multiple of the model stride {self.stride}; resize the input (data.image_size) to a multiple of it"
+            )
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Images (B, C, S, S) in [0, 1] -> patch features (B, D, S/4, S/4), fp32 whatever the caller's autocast."""
+        self.check_input(images)
+        with torch.autocast(images.device.type, enabled=False):
+            return self.features.embed(images.float())
+
+    def quantize(self, features: torch.Tensor) -> FeatVQOutput:
+        """Nearest codes and squared distances (fp32); in training mode the codebook also takes its EMA step."""
+        q = self.quantizer(features)
+        with torch.autocast(features.device.type, enabled=False):
+            distances = (features.float() - q.quantized.detach().float()).pow(2).sum(dim=1)  # (B, h, w)
+        return FeatVQOutput(features=features, codes=q.indices, distances=distances)
+
+    def forward(self, images: torch.Tensor) -> FeatVQOutput:
+        return self.quantize(self.encode(images))
+
+    def prior_logits(self, codes: torch.Tensor, hidden: torch.Tensor | None = None) -> torch.Tensor:
+        return self.prior(codes, hidden)

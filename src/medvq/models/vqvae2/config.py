@@ -1,0 +1,42 @@
+"""Settings of a VQ-VAE-2, without torch (read by ``medvq.config`` and the CLI)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+class VQVAE2Config(BaseModel):
+    """Architecture of a VQ-VAE-2; stored with every checkpoint and used to rebuild it."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    in_channels: int = Field(1, ge=1, description="Image channels.")
+    hidden_channels: int = Field(128, ge=8, description="Width of the encoders and decoders.", json_schema_extra={"aliases": ["n-hiddens"]})
+    residual_channels: int = Field(64, ge=4, description="Width inside residual blocks.", json_schema_extra={"aliases": ["n-residual-hiddens"]})
+    residual_layers: int = Field(2, ge=0, description="Residual blocks in every encoder and decoder.", json_schema_extra={"aliases": ["n-residual-layers"]})
+    bottom_downsample_layers: int = Field(2, ge=1, le=4, description="Stride-2 stages to the bottom code grid (image_size / 2**this).")
+    top_downsample_layers: int = Field(1, ge=1, le=3, description="Further stride-2 stages from the bottom to the top code grid.")
+    embedding_dim: int = Field(64, ge=1, description="Dimension of the codebook vectors of both levels.")
+    codebook_size_top: int = Field(512, ge=2, description="Number of top-level codebook vectors.")
+    codebook_size_bottom: int = Field(512, ge=2, description="Number of bottom-level codebook vectors.")
+    beta: float = Field(0.25, ge=0, description="Commitment weight on ||z_e - sg[e]||^2 (each level).")
+    ema_decay: float = Field(0.9, gt=0, lt=1, description="EMA decay of codebook updates (0.9 keeps the codebooks in use in short CPU runs).")
+    kmeans_init: bool = Field(True, description="Initialise each codebook by k-means on the first batch.")
+    dead_code_threshold: float = Field(1.0, ge=0, description="Restart codes whose EMA usage falls below this (0 = never).")
+    rotation_trick: bool = Field(False, description="Rotation-trick gradients through the quantizers instead of straight-through.")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout inside residual blocks (training only).")
+    upsampling: Literal["resize", "transpose"] = Field(
+        "resize",
+        description="Decoder upsampling: nearest-neighbour resizing followed by a 3x3 convolution (flat regions such as the background "
+        "of MRI slices stay flat), or 4x4 stride-2 transposed convolutions (checkerboard patterns; what runs whose config.yaml predates this option use).",
+    )
+
+    @property
+    def bottom_stride(self) -> int:
+        return 2**self.bottom_downsample_layers
+
+    @property
+    def stride(self) -> int:
+        """Input sides must be multiples of this (the top grid's stride)."""
+        return 2 ** (self.bottom_downsample_layers + self.top_downsample_layers)

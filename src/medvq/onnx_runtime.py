@@ -1,0 +1,160 @@
+"""Score scans with an exported graph (``medvq export``) using onnxruntime, numpy, Pillow and scipy: no torch.
+
+    python -m medvq.onnx_runtime model.onnx scan1.jpeg scan2.png > scores.csv
+
+    from medvq.onnx_runtime import OnnxScorer
+    scorer = OnnxScorer("model.onnx")
+    result = scorer.score_files(["scan.jpeg"])[0]
+    result.scores["combined"]      # {'score', 'z', 'normal_percentile'}, as Detector.predict_files gives them
+    result.abnormal                # the run's primary map above its stored threshold, as `medvq infer` decides
+    result.maps["combined"]        # (S, S) calibrated map on the model grid; result.geometry places it on the scan
+
+Preprocessing is medvq's own (``Preprocessor.crop``: white padding found and filled, field of view), followed by
+the resizing of ``Preprocessor`` written as numpy matrices: anti-aliased bilinear for the image (the weights
+torch and Pillow use) and area coverage >= 1/2 for the valid mask. The settings travel in the graph's metadata.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from medvq.data.preprocess import Geometry, Preprocessor
+from medvq.data.readers import read_image
+from medvq.errors import CheckpointError, MedvqError
+
+METADATA_KEY = "medvq"
+
+
+@lru_cache(maxsize=64)
+def bilinear_weights(n_in: int, n_out: int) -> np.ndarray:
+    """(n_out, n_in) anti-aliased bilinear resampling (align_corners=False), as torch's ``antialias=True``."""
+    scale = n_in / n_out
+    support = scale if scale >= 1.0 else 1.0  # the triangle widens with the scale when shrinking
+    inv = 1.0 / scale if scale >= 1.0 else 1.0
+    w = np.zeros((n_out, n_in), dtype=np.float64)
+    for i in range(n_out):
+        center = scale * (i + 0.5)
+        lo = max(int(center - support + 0.5), 0)
+        hi = min(int(center + support + 0.5), n_in)
+        j = np.arange(lo, hi)
+        t = np.clip(1.0 - np.abs((j - center + 0.5) * inv), 0.0, None)
+        w[i, lo:hi] = t / t.sum()
+    return w
+
+
+@lru_cache(maxsize=64)
+def area_weights(n_in: int, n_out: int) -> np.ndarray:
+    """(n_out, n_in) area averaging, as torch's ``mode='area'`` (adaptive average pooling)."""
+    w = np.zeros((n_out, n_in), dtype=np.float64)
+    for i in range(n_out):
+        lo, hi = (i * n_in) // n_out, -((-(i + 1) * n_in) // n_out)
+        w[i, lo:hi] = 1.0 / (hi - lo)
+    return w
+
+
+def resize_image(image: np.ndarray, size: int) -> np.ndarray:
+    h, w = image.shape
+    out = bilinear_weights(h, size) @ image.astype(np.float64) @ bilinear_weights(w, size).T
+    return np.clip(out, 0.0, 1.0).astype(np.float32)
+
+
+def resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
+    h, w = mask.shape
+    return area_weights(h, size) @ mask.astype(np.float64) @ area_weights(w, size).T >= 0.5
+
+
+@dataclass
+class OnnxResult:
+    path: Path
+    scores: dict[str, dict[str, float]]  # name -> {score, z, normal_percentile}
+    abnormal: bool  # the run's decision map above its stored threshold (meta['decision_map'], meta['threshold'])
+    maps: dict[str, np.ndarray]  # calibrated maps (S, S) on the model grid
+    geometry: Geometry  # where the model grid sits in the scan
+
+
+class OnnxScorer:
+    def __init__(self, path: str | Path, threads: int | None = None):
+        import onnxruntime as ort
+
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise CheckpointError("no such ONNX file", path=self.path, fix="write one with `medvq export RUN --format onnx --out FILE.onnx`")
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        try:
+            self.session = ort.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
+        except Exception as err:  # onnxruntime raises its own exception types for unreadable files
+            raise CheckpointError(f"not a readable ONNX model ({str(err).splitlines()[0][:120]})", path=self.path, fix="export it again") from None
+        meta = self.session.get_modelmeta().custom_metadata_map
+        if METADATA_KEY not in meta:
+            raise CheckpointError("this ONNX model was not exported by medvq (no preprocessing settings in its metadata)", path=self.path, fix="export it with `medvq export`")
+        self.meta = json.loads(meta[METADATA_KEY])
+        self.image_size = int(self.meta["image_size"])
+        self.preprocessor = Preprocessor(image_size=self.image_size, fov=self.meta["fov"], remove_padding=self.meta["remove_padding"])
+        self.output_names = [o.name for o in self.session.get_outputs()]
+
+    def prepare(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray, Geometry]:
+        """(H, W) scan in [0, 1] -> model input (1, S, S), valid (1, S, S) float32, geometry."""
+        cropped, padding, geometry = self.preprocessor.crop(image)
+        s = self.image_size
+        x = resize_image(cropped, s)[None]
+        valid = (~resize_mask(padding, s) if padding.any() else np.ones((s, s), bool))[None].astype(np.float32)
+        return x, valid, geometry
+
+    def run(self, images: np.ndarray, valid: np.ndarray) -> dict[str, np.ndarray]:
+        """Preprocessed batch (B, 1, S, S) -> every graph output by name."""
+        outs = self.session.run(None, {"image": images.astype(np.float32), "valid": valid.astype(np.float32)})
+        return dict(zip(self.output_names, outs))
+
+    def score_files(self, paths: Sequence[str | Path], batch_size: int = 8) -> list[OnnxResult]:
+        results = []
+        paths = [Path(p) for p in paths]
+        for start in range(0, len(paths), batch_size):
+            chunk = paths[start : start + batch_size]
+            prepared = [self.prepare(read_image(p)) for p in chunk]
+            outs = self.run(np.stack([p[0] for p in prepared]), np.stack([p[1] for p in prepared]))
+            names = [k[len("score_") :] for k in outs if k.startswith("score_")]
+            for i, p in enumerate(chunk):
+                scores = {
+                    _name(n): {"score": float(outs[f"score_{n}"][i]), "z": float(outs[f"z_{n}"][i]), "normal_percentile": float(outs[f"percentile_{n}"][i])}
+                    for n in names
+                }
+                maps = {_name(k[len("map_") :]): outs[k][i, 0] for k in outs if k.startswith("map_")}
+                results.append(OnnxResult(p, scores, bool(outs["abnormal"][i] > 0.5), maps, prepared[i][2]))
+        return results
+
+
+def _name(output: str) -> str:
+    return output.replace("__", "+")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m medvq.onnx_runtime MODEL.onnx SCAN...``: one CSV row per scan on stdout."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if len(args) < 2 or args[0] in ("-h", "--help"):
+        print(__doc__.split("\n\n")[1], file=sys.stderr)
+        return 2
+    try:
+        results = OnnxScorer(args[0]).score_files(args[1:])
+    except MedvqError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    writer = csv.writer(sys.stdout)
+    names = list(results[0].scores)
+    writer.writerow(["path", *(f"{n}{suffix}" for n in names for suffix in ("", "_z", "_normal_percentile")), "abnormal"])
+    for r in results:
+        writer.writerow([str(r.path), *(f"{r.scores[n][k]:.6g}" for n in names for k in ("score", "z", "normal_percentile")), int(r.abnormal)])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

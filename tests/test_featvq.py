@@ -1,0 +1,223 @@
+"""Feature-space VQ: codebook learning, exact maps, the code prior's NLL by hand, DDP statistics, end to end."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from typer.testing import CliRunner
+
+from medvq.cli import app
+from medvq.config import build_config
+from medvq.models.featvq.anomaly_map import featvq_maps
+from medvq.models.featvq.model import CodePrior, FeatVQ, FeatVQConfig, code_nll, sincos_positions
+from medvq.models.quantizer import VectorQuantizer
+
+runner = CliRunner()
+CENTRES = torch.tensor([[4.0, 0, 0, 0], [0, 4.0, 0, 0], [0, 0, 4.0, 0], [0, 0, 0, 4.0]])
+
+
+def _clustered(n_per: int, centres: torch.Tensor, noise: float, seed: int) -> torch.Tensor:
+    """(1, D, n_per * k, 1) points around each centre: a feature map the quantizer takes as it takes patch features."""
+    g = torch.Generator().manual_seed(seed)
+    points = centres.repeat_interleave(n_per, 0) + noise * torch.randn(n_per * len(centres), centres.shape[1], generator=g)
+    return points.T[None, :, :, None].contiguous()
+
+
+def _match(codebook: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
+    """Distance from each centre to its nearest code."""
+    return torch.cdist(centres, codebook.float()).min(dim=1).values
+
+
+# --- the codebook -------------------------------------------------------------------------------------
+def test_kmeans_init_finds_the_clusters_and_ema_follows_them():
+    torch.manual_seed(0)
+    vq = VectorQuantizer(dim=4, codebook_size=4, kmeans_init=True, kmeans_iters=20, dead_code_threshold=0.0, ema_decay=0.8)
+    vq.train()
+    vq(_clustered(64, CENTRES, 0.1, seed=1))  # the first batch initialises the codebook by k-means
+    assert _match(vq.codebook[0] if vq.codebook.ndim == 3 else vq.codebook, CENTRES).max() < 0.1
+    moved = CENTRES + torch.tensor([0.5, -0.5, 0.5, -0.5])
+    for step in range(40):  # the clusters move: EMA updates carry every code along
+        vq(_clustered(64, moved, 0.1, seed=10 + step))
+    codebook = vq.codebook
+    assert _match(codebook, moved).max() < 0.05
+    assert _match(codebook, CENTRES).min() > 0.9
+    vq.eval()
+    before = codebook.clone()
+    out = vq(_clustered(8, CENTRES, 0.1, seed=99))
+    assert torch.equal(vq.codebook, before), "no EMA step in evaluation"
+    assert out.indices.unique().numel() == 4
+
+
+def _planted_model(codebook: torch.Tensor) -> FeatVQ:
+    model = FeatVQ(FeatVQConfig(codebook_size=codebook.shape[0], feature_stages=[2], prior_layers=1, prior_dim=16, prior_heads=2))
+    cb = model.quantizer.vq._codebook
+    cb.embed.data.copy_(codebook[None])
+    cb.initted.data.fill_(True)
+    return model.eval()
+
+
+def test_distance_map_is_exact_for_a_planted_off_codebook_feature(monkeypatch):
+    torch.manual_seed(0)
+    codebook = torch.randn(8, 24) * 2
+    model = _planted_model(codebook)
+    features = codebook[torch.randint(0, 8, (2, 16, 16))].permute(0, 3, 1, 2).contiguous()  # (2, 24, 16, 16), every patch on a code
+    offset = torch.zeros(24)
+    offset[5] = 0.7
+    offset[11] = -0.4
+    features[1, :, 3, 9] = codebook[2] + offset  # nearest code is still 2, at squared distance 0.65
+    monkeypatch.setattr(model, "encode", lambda images: features)
+    out = model.quantize(features)
+    expected = torch.zeros(2, 16, 16)
+    expected[1, 3, 9] = 0.65
+    torch.testing.assert_close(out.distances, expected, atol=1e-5, rtol=0)
+    assert out.codes[1, 3, 9] == 2
+    maps = featvq_maps(model, torch.rand(2, 1, 64, 64), ["quantization_distance"]).maps["quantization_distance"]
+    assert maps.shape == (2, 1, 64, 64) and maps[0].abs().max() < 1e-5
+    peak = maps[1, 0].flatten().argmax()
+    assert (int(peak) // 64) // 4 == 3 and (int(peak) % 64) // 4 == 9, "the map peaks on the planted patch"
+
+
+# --- the code prior -------------------------------------------------------------------------------------
+def _by_hand(prior: CodePrior, codes: torch.Tensor, context: str) -> torch.Tensor:
+    """-log p(k_i | context) per position, computed query by query with explicit softmax attention (one layer)."""
+    (layer,) = prior.layers
+    h, w = codes.shape
+    n, dim, heads = h * w, prior.code_embedding.embedding_dim, layer.heads
+    pos = sincos_positions(h, w, dim, codes.device)[0]
+    tokens = torch.cat([prior.empty_token[0], prior.code_embedding(codes.flatten()) + prior.token_position(pos)])  # (1 + N, C)
+    keys, values = layer.kv(layer.norm_kv(tokens)).chunk(2, dim=-1)
+    out = torch.empty(h, w)
+    for i in range(n):
+        visible = [0] + [1 + j for j in range(n) if (j < i if context == "causal" else j != i)]
+        query = prior.query_position(pos[i])
+        q = layer.q(layer.norm_q(query))
+        attended = []
+        for head in range(heads):
+            sl = slice(head * dim // heads, (head + 1) * dim // heads)
+            weights = torch.softmax(torch.stack([q[sl] @ keys[j, sl] for j in visible]) / math.sqrt(dim // heads), dim=0)
+            attended.append(sum(wt * values[j, sl] for wt, j in zip(weights, visible)))
+        query = query + layer.proj(torch.cat(attended))
+        query = query + layer.mlp(layer.norm_mlp(query))
+        logp = torch.log_softmax(prior.head(prior.norm(query)), dim=0)
+        out[i // w, i % w] = -logp[codes[i // w, i % w]]
+    return out
+
+
+@pytest.mark.parametrize("context", ["bidirectional", "causal"])
+def test_nll_map_equals_minus_log_p_of_the_true_code_given_its_context(context):
+    torch.manual_seed(0)
+    prior = CodePrior(codebook_size=5, dim=8, layers=1, heads=2, context=context).eval()
+    for p in prior.parameters():  # move every weight off its initial value so no term vanishes
+        p.data.add_(0.3 * torch.randn_like(p))
+    codes = torch.randint(0, 5, (2, 3, 4))
+    with torch.no_grad():
+        nll = code_nll(prior(codes), codes)
+        for b in range(2):
+            torch.testing.assert_close(nll[b], _by_hand(prior, codes[b], context), atol=1e-5, rtol=1e-5)
+        # a position's prediction never sees its own code (bidirectional) or any later one (causal)
+        logits = prior(codes)
+        changed = codes.clone()
+        changed[0, 1, 2] = (codes[0, 1, 2] + 1) % 5
+        other = prior(changed)
+        torch.testing.assert_close(other[0, :, 1, 2], logits[0, :, 1, 2])
+        if context == "causal":
+            torch.testing.assert_close(other[0, :, :1], logits[0, :, :1])  # earlier rows unchanged
+            torch.testing.assert_close(other[0, :, 1, :2], logits[0, :, 1, :2])
+        else:
+            assert not torch.allclose(other[0, :, 0, 0], logits[0, :, 0, 0]), "every other position sees the change"
+
+
+def test_hidden_codes_are_invisible_to_every_prediction():
+    torch.manual_seed(0)
+    prior = CodePrior(codebook_size=6, dim=16, layers=2, heads=4, context="bidirectional").eval()
+    codes = torch.randint(0, 6, (1, 4, 4))
+    hidden = torch.zeros(1, 4, 4, dtype=torch.bool)
+    hidden[0, 2, 1] = True
+    changed = codes.clone()
+    changed[0, 2, 1] = (codes[0, 2, 1] + 3) % 6
+    with torch.no_grad():
+        torch.testing.assert_close(prior(codes, hidden), prior(changed, hidden))
+        assert not torch.allclose(prior(codes), prior(changed))
+
+
+# --- DDP: codebook statistics summed over processes -------------------------------------------------------
+def _ddp_worker(rank: int, world: int, init_file: str, data: torch.Tensor, codebook: torch.Tensor, out_dir: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        vq = _stats_quantizer(codebook)
+        assert vq.synchronise_across_processes()
+        for step in range(data.shape[0]):
+            vq(data[step, rank::world].permute(1, 0)[None, :, :, None].contiguous())  # this process's half of the batch
+        cb = vq.vq._codebook
+        torch.save({"cluster_size": cb.cluster_size.clone(), "embed_avg": cb.embed_avg.clone(), "embed": cb.embed.clone()}, f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def _stats_quantizer(codebook: torch.Tensor) -> VectorQuantizer:
+    vq = VectorQuantizer(dim=codebook.shape[1], codebook_size=codebook.shape[0], kmeans_init=False, dead_code_threshold=0.0, ema_decay=0.9)
+    vq.vq._codebook.embed.data.copy_(codebook[None])
+    vq.vq._codebook.embed_avg.data.copy_(codebook[None])
+    return vq.train()
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_give_the_codebook_statistics_of_one(tmp_path):
+    torch.manual_seed(0)
+    codebook = torch.randn(6, 5)
+    data = torch.randn(4, 64, 5) * 1.5  # 4 steps of 64 features
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_ddp_worker, args=(r, 2, str(tmp_path / "init"), data, codebook, str(tmp_path))) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
+    single = _stats_quantizer(codebook)
+    assert not single.synchronise_across_processes(), "one process: nothing to synchronise"
+    for step in range(data.shape[0]):
+        single(data[step].permute(1, 0)[None, :, :, None].contiguous())
+    cb = single.vq._codebook
+    for rank in range(2):
+        got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        torch.testing.assert_close(got["cluster_size"], cb.cluster_size, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(got["embed_avg"], cb.embed_avg, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(got["embed"], cb.embed, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(cb.embed[0], codebook), "the codebook moved"
+
+
+# --- configuration and end to end ----------------------------------------------------------------------
+def test_config_shares_patchcore_features_and_checks_the_prior():
+    c = build_config({"method": "featvq", "data": {"image_size": 128}})
+    assert c.model.feature_stages == [2, 3] and c.model.feature_dim == 64 and c.model.grid_stride == 4
+    with pytest.raises(Exception, match="prior_dim"):
+        FeatVQ(FeatVQConfig(prior_dim=10, prior_heads=4))
+
+
+@pytest.mark.slow
+def test_train_evaluate_infer_on_the_phantom(tiny_phantom, tmp_path):
+    run, out = tmp_path / "run", tmp_path / "eval"
+    flags = ["--image-size", "64", "--codebook-size", "256", "--epochs", "2", "--codebook-epochs", "1", "--min-images-per-epoch", "0",
+             "--val-fraction", "0.2", "--test-fraction", "0.3", "--device", "cpu", "--samples-per-epoch", "2", "--lr", "3e-3"]  # fmt: skip
+    result = runner.invoke(app, ["train", "featvq", "--data", str(tiny_phantom), "--out", str(run), *flags])
+    assert result.exit_code == 0, result.output
+    assert (run / "model" / "best.safetensors").is_file() and (run / "latents" / "train_codes.npz").is_file()
+    result = runner.invoke(app, ["evaluate", str(run), "--data", str(tiny_phantom), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    m = json.loads((out / "metrics.json").read_text())
+    assert {"quantization_distance", "nll", "combined", "quantization_distance+nll"} <= set(m["maps"])
+    assert m["maps"]["quantization_distance"]["pixel_auroc"] > 0.85, "planted lesions light up the distance map"
+    assert m["maps"]["quantization_distance"]["image_auroc"] > 0.6
+    scans = sorted((tiny_phantom / "test" / "CNV").glob("*.jpeg"))[:2]
+    result = runner.invoke(app, ["infer", str(run), *map(str, scans), "--out", str(tmp_path / "infer")])
+    assert result.exit_code == 0, result.output
+    assert len(list((tmp_path / "infer" / "overlays").glob("*.png"))) == 2
