@@ -324,6 +324,8 @@ def build_report(out_dir: str | Path) -> Path:
     npz = _read_saved(out / "evaluation.npz", _load_npz)
     try:
         page = _evaluation_page(metrics, rows, names, npz)
+    except MedvqError:
+        raise
     except (KeyError, TypeError, ValueError, IndexError, AttributeError) as err:  # a hand-edited or mismatched file
         raise MedvqError(
             f"evaluation files do not fit together ({err.__class__.__name__}: {err})", path=out, fix="run `medvq evaluate` again to rewrite them"
