@@ -8,6 +8,7 @@ import json
 import shutil
 import struct
 import zlib
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -29,10 +30,21 @@ TINY = [
 ]
 
 
+OUTCOMES: Counter[str] = Counter()  # every command run here, by how it ended
+
+
+@pytest.fixture(scope="module", autouse=True)
+def outcome_summary():
+    yield
+    print(f"\nfuzz commands: {sum(OUTCOMES.values())} ({', '.join(f'{k} {v}' for k, v in sorted(OUTCOMES.items()))})")
+    assert OUTCOMES["traceback"] == 0
+
+
 def cli(*args) -> tuple[int, str]:
     """Exit code and stderr+stdout of one command; a traceback anywhere fails the test."""
     result = runner.invoke(app, [str(a) for a in args])
     text = result.output
+    OUTCOMES[{0: "correct result", 2: "clear error", 130: "interrupted, one line"}.get(result.exit_code, "traceback")] += 1
     assert "Traceback" not in text and not isinstance(result.exception, (AssertionError, NameError, TypeError, AttributeError)), text
     if result.exception is not None and not isinstance(result.exception, SystemExit):
         raise AssertionError(f"uncaught {result.exception!r}: {text}")
@@ -292,7 +304,7 @@ def test_out_that_is_a_file_or_below_one(run, data, scans, tmp_path):
     "flags,expect",
     [
         (["--devices", "99"], "--devices 99"),
-        (["--device", "gpu"], "no CUDA GPU"),
+        (["--device", "gpu", "--devices", "99"], "--device"),
         (["--device", "tpu"], "unknown --device"),
         (["--strategy", "x"], "unknown --strategy"),
         (["--precision", "bf16-true"], "bf16-true"),
@@ -308,6 +320,13 @@ def test_bad_training_flags_write_nothing(flags, expect, data, tmp_path):
     assert code == 2 and expect in text, text
     assert not out.exists()
     assert digest(data) == before
+
+
+@pytest.mark.parametrize("device", ["cuda:99", "tpu", "gpu:x"])
+def test_scoring_on_a_missing_device_is_refused(device, run, scans, tmp_path):
+    code, text = cli("infer", run, scans, "--out", tmp_path / "out", "--device", device)
+    assert code == 2 and "--device" in text, text
+    assert not (tmp_path / "out").exists()
 
 
 def test_classifier_refuses_colour_input(data, tmp_path):

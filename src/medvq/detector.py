@@ -57,6 +57,21 @@ class FileResult:
     decision: Decision | None = None  # abnormal or not, on the deciding map at the operating point
 
 
+def usable_device(device: str | torch.device) -> torch.device:
+    """``device`` as a torch device this machine has, or a clear error (before anything is read or written)."""
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise MedvqError(f"--device {device!r} is not a device name", fix="use cpu, cuda, cuda:1 or mps") from None
+    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+        raise MedvqError(f"--device {device}: no such CUDA GPU is visible to PyTorch", fix="use --device cpu")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise MedvqError("--device mps: Apple's Metal backend is not available here", fix="use --device cpu")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise MedvqError(f"--device {device} is not supported", fix="use cpu, cuda, cuda:1 or mps")
+    return device
+
+
 def scoring_settings(config: RunConfig) -> dict:
     """What a calibration depends on: the method and its data, model and score settings."""
     d = config.model_dump(mode="json")
@@ -92,6 +107,7 @@ class Detector:
 
     @classmethod
     def load(cls, run_dir: str | Path, *, checkpoint: str = "best", device: str | torch.device = "cpu") -> "Detector":
+        device = usable_device(device)
         run = RunDir(run_dir)
         config = run.read_config()
         model = run.load_weights(get_method(config.method).build_model(config.model), checkpoint)

@@ -14,6 +14,7 @@ is computed from it.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Sequence
 
@@ -77,6 +78,9 @@ def explain(
             raise MedvqError(f"--layer: {err}", path=run_dir, fix="name a module of the network") from None
     detector.model.config = model_config
     detector.config = config.model_copy(update={"model": model_config, "score": config.score.model_copy(update={"maps": [name], "combine": []})})
+    if detector.calibration is not None and detector.calibration.guard is not None:
+        # explanations carry no in-distribution verdict, and the guard's features come from the run's own maps
+        detector.calibration = dataclasses.replace(detector.calibration, guard=None)
     calibrated = not overrides and detector.calibration is not None and name in detector.calibration.stats
     if calibrated:
         normal_scores = detector.calibration.stats[name].normal_scores

@@ -32,7 +32,7 @@ from medvq.data.preprocess import Preprocessor
 from medvq.data.samples import Sample, dataset_splits, patient_summary
 from medvq.engine.callbacks import EpochArtifacts, StopOnNonFiniteLoss
 from medvq.engine.run_dir import RunDir, prepare_run_dir, swap_in
-from medvq.errors import CheckpointError, DatasetError, MedvqError, TrainingInterrupted
+from medvq.errors import CheckpointError, DatasetError, MedvqError, TrainingDiverged, TrainingInterrupted
 from medvq.io import atomic_save_npz, atomic_write_text
 from medvq.models.registry import get_method
 
@@ -362,6 +362,13 @@ def finish_run(run: RunDir, config: RunConfig, train_set: ScanDataset, val_set: 
     if len(normals) < 2:
         raise DatasetError(f"only {len(normals)} held-out {normal} validation image(s): score calibration needs at least 2", fix="raise --val-fraction")
     calibration = detector.calibrate(normals, batch_size=config.train.batch_size, abnormals=abnormals)
+    broken = [name for name, st in calibration.stats.items() if not np.all(np.isfinite([st.pixel_mean, st.pixel_std, *st.normal_scores]))]
+    if broken:  # weights that diverged without a non-finite training loss: no calibration.json is better than a wrong one
+        raise TrainingDiverged(
+            f"the trained model gives non-finite {', '.join(broken)} values on the validation normals; no calibration was written",
+            path=run.root,
+            fix="lower --learning-rate (or use --precision 32) and start a new run",
+        )
     calibration.save(run.calibration)
     if len(normals) < MIN_CALIBRATION_NORMALS:
         console.print(
