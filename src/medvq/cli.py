@@ -13,11 +13,12 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 import typer
+from pydantic import ValidationError
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from medvq.config import RunConfig, build_config, dump_config, load_yaml, sections
+from medvq.config import InferenceConfig, RunConfig, build_config, dump_config, load_yaml, sections
 from medvq.errors import MedvqError, TrainingInterrupted
 
 console = Console(stderr=True, width=120)
@@ -119,6 +120,23 @@ def friendly_errors(fn: Callable) -> Callable:
             raise typer.Exit(1) from None
 
     return wrapper
+
+
+_SPEED = InferenceConfig.model_fields  # scoring speed flags of evaluate and infer; defaults from InferenceConfig
+
+
+def _speed_option(name: str, *decls: str, **kw):
+    f = _SPEED[name]
+    return typer.Option(None, *decls, help=f"{f.description} [default: {f.default}]", rich_help_panel="speed options", show_default=False, **kw)
+
+
+def _inference(batch_size: int | None, workers: int | None, precision: str | None) -> InferenceConfig:
+    given = {"batch_size": batch_size, "workers": workers, "precision": precision}
+    try:
+        return InferenceConfig(**{k: v for k, v in given.items() if v is not None})
+    except ValidationError as err:
+        e = err.errors()[0]
+        raise MedvqError(f"--{'-'.join(map(str, e['loc'])).replace('_', '-')}: {e['msg']}", fix="see --help") from None
 
 
 # --- config fields -> CLI options -------------------------------------------------------------
@@ -267,14 +285,16 @@ def evaluate_cmd(
     data: Path = typer.Option(..., "--data", "--manifest", help="Dataset root or manifest CSV (its test split is scored): labelled scan folders, or NIfTI slices/volumes (reconstruction only)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: RUN/eval-<data name>)."),
     split: str = typer.Option("test", "--split", help="'test': the held-out patients; 'val': every image of the validation patients (to compare settings; their normals calibrated the run); 'all': every image the run did not train on."),
-    batch_size: int = typer.Option(32, "--batch-size", min=1),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1, mps."),
+    batch_size: Optional[int] = _speed_option("batch_size", "--batch-size", min=1),
+    workers: Optional[int] = _speed_option("workers", "--workers", min=0),
+    precision: Optional[str] = _speed_option("precision", "--precision"),
 ) -> None:
     """Score a test set: metrics.json, scores.csv and report.html (anomaly metrics for labelled scans; SSIM/PSNR/MSE for reconstruction models)."""
     from medvq.evaluation.evaluate import evaluate_run
 
     out = out or run / f"eval-{data.resolve().name}"
-    result = evaluate_run(run, data, out, split=split, batch_size=batch_size, device=device, console=console)
+    result = evaluate_run(run, data, out, split=split, inference=_inference(batch_size, workers, precision), device=device, console=console)
     print_metrics(result)
     console.print(f"report: {out / 'report.html'}")
 
@@ -339,16 +359,24 @@ def infer_cmd(
     out: Path = typer.Option(..., "--out", help="Output folder for maps, overlays, scores.csv, and per volume volumes.csv and en-face maps."),
     device: str = typer.Option("cpu", "--device"),
     save_npy: bool = typer.Option(True, "--npy/--no-npy", help="Also save each map as .npy (original scan grid, standardised)."),
+    save_overlays: bool = typer.Option(True, "--overlays/--no-overlays", help="Write an overlay PNG per scan (without: scores, decisions and .npy maps only)."),
     decide_on: Optional[str] = typer.Option(None, "--map", help="Map or score that decides and is drawn (default: the run's primary map, chosen at training)."),
     threshold: Optional[str] = typer.Option(
         None, "--threshold", help="spec95 or spec99 (95 %/99 % specificity on the calibration normals, stored with the run) or a score value (default: the run's score.operating_point, spec95)."
     ),
     contour: bool = typer.Option(False, "--contour", help="Outline in the overlays where the map crosses the threshold."),
+    batch_size: Optional[int] = _speed_option("batch_size", "--batch-size", min=1),
+    workers: Optional[int] = _speed_option("workers", "--workers", min=0),
+    precision: Optional[str] = _speed_option("precision", "--precision"),
 ) -> None:
     """Anomaly maps (overlay PNG + .npy), calibrated scores and an abnormal/normal decision per scan (scores.csv); per volume a score (top-k mean of its B-scans), decision, most abnormal B-scans and an en-face map."""
     from medvq.inference import infer
 
-    rows = infer(run, inputs, out, device=device, save_npy=save_npy, decide_on=decide_on, threshold=threshold, contour=contour, console=console)
+    speed = _inference(batch_size, workers, precision)
+    rows = infer(
+        run, inputs, out, device=device, save_npy=save_npy, save_overlays=save_overlays, decide_on=decide_on, threshold=threshold,
+        contour=contour, inference=speed, console=console,
+    )  # fmt: skip
     called = sum(r["abnormal"] for r in rows)
     decided = f": {called} called abnormal on '{rows[0]['decision_map']}' above {rows[0]['threshold']:.4g} ({rows[0]['operating_point']})" if rows else ""
     console.print(f"{len(rows)} scans scored{decided} -> {out / 'scores.csv'}")

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,9 +18,10 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from medvq.config import RunConfig
+from medvq.config import InferenceConfig, RunConfig
 from medvq.data.dataset import ScanDataset
-from medvq.data.preprocess import Preprocessor
+from medvq.data.loader import prepared_batches
+from medvq.data.preprocess import Geometry, Preprocessor
 from medvq.data.samples import Sample
 from medvq.engine.run_dir import RunDir
 from medvq.errors import BlankScanError, CheckpointError, MedvqError
@@ -29,6 +31,11 @@ from medvq.progress import progress_bar
 from medvq.scoring.calibration import COMBINED, NormalCalibration
 from medvq.scoring.decision import Decision, choose_primary, is_abnormal, operating_point
 from medvq.scoring.ood import DistributionGuard, scan_features
+
+
+# Methods whose networks are convolutional end to end: NHWC memory makes them faster on the CPU (results
+# agree to float rounding). The priors and classifiers reshape activations and keep the default layout.
+CHANNELS_LAST = {"vqvae", "vqvae2", "patchcore"}
 
 
 @dataclass
@@ -45,11 +52,31 @@ class Prediction:
     ood_distance: np.ndarray | None = None  # (B,) distance from the calibration normals (medvq.scoring.ood); None without a guard
 
 
+class ScanMaps(Mapping):
+    """Standardised maps of one scan on its own (H, W) grid, upsampled from the model's grid when first read
+    (scoring needs only the model's grid; writing or showing a map asks for the scan's)."""
+
+    def __init__(self, model_grid: dict[str, np.ndarray], geometry: Geometry, preprocessor: Preprocessor):
+        self.model_grid = model_grid  # name -> (S, S)
+        self.geometry, self._preprocessor, self._cache = geometry, preprocessor, {}
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        if name not in self._cache:
+            self._cache[name] = self._preprocessor.to_original(self.model_grid[name], self.geometry)
+        return self._cache[name]
+
+    def __iter__(self):
+        return iter(self.model_grid)
+
+    def __len__(self) -> int:
+        return len(self.model_grid)
+
+
 @dataclass
 class FileResult:
     path: Path
     image: np.ndarray  # (H, W) original scan in [0, 1]
-    maps: dict[str, np.ndarray]  # standardised maps on the original grid (H, W)
+    maps: Mapping[str, np.ndarray]  # standardised maps on the original grid (H, W), computed when read (ScanMaps)
     scores: dict[str, dict[str, float]]  # name -> {score, z, normal_percentile}
     model_input: np.ndarray  # (S, S)
     reconstruction: np.ndarray | None  # (S, S)
@@ -97,16 +124,27 @@ def check_calibrated_settings(config: RunConfig, calibration: NormalCalibration,
 
 
 class Detector:
-    def __init__(self, model: torch.nn.Module, config: RunConfig, calibration: NormalCalibration | None = None, device: str | torch.device = "cpu"):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        config: RunConfig,
+        calibration: NormalCalibration | None = None,
+        device: str | torch.device = "cpu",
+        inference: InferenceConfig | None = None,
+    ):
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
+        self.channels_last = config.train.channels_last and config.method in CHANNELS_LAST
+        if self.channels_last:
+            self.model.to(memory_format=torch.channels_last)
         self.config = config
+        self.inference = inference or InferenceConfig()
         self.method: Method = get_method(config.method)
         self.calibration = calibration
         self.preprocessor = Preprocessor.from_config(config.data, getattr(config.model, "stride", 1))
 
     @classmethod
-    def load(cls, run_dir: str | Path, *, checkpoint: str = "best", device: str | torch.device = "cpu") -> "Detector":
+    def load(cls, run_dir: str | Path, *, checkpoint: str = "best", device: str | torch.device = "cpu", inference: InferenceConfig | None = None) -> "Detector":
         device = usable_device(device)
         run = RunDir(run_dir)
         config = run.read_config()
@@ -114,7 +152,7 @@ class Detector:
         calibration = NormalCalibration.load(run.calibration) if run.calibration.is_file() else None
         if calibration is not None:
             check_calibrated_settings(config, calibration, run.calibration)
-        return cls(model, config, calibration, device)
+        return cls(model, config, calibration, device, inference)
 
     @property
     def map_names(self) -> list[str]:
@@ -178,10 +216,14 @@ class Detector:
             )
 
     @torch.no_grad()
-    def predict(self, images: torch.Tensor, valid: torch.Tensor | None = None, *, bf16: bool = False) -> Prediction:
-        """Maps and (if calibrated) scores for preprocessed images (B, 1, S, S) in [0, 1]."""
+    def predict(self, images: torch.Tensor, valid: torch.Tensor | None = None, *, bf16: bool | None = None) -> Prediction:
+        """Maps and (if calibrated) scores for preprocessed images (B, 1, S, S) in [0, 1]; ``bf16``
+        autocast (default: the detector's ``inference.precision``)."""
         self._check(images)
+        bf16 = self.inference.precision == "bf16" if bf16 is None else bf16
         images = images.to(self.device, torch.float32)
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
         autocast = torch.autocast(self.device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
         with autocast:
             out = self.method.compute_maps(self.model, images, self.map_names)
@@ -237,45 +279,83 @@ class Detector:
         self.calibration.validation_auroc = choice.validation_auroc or {}
         return self.calibration
 
-    def predict_files(self, paths: Sequence[str | Path | Sample], *, decide_on: str | None = None, threshold: str | None = None) -> list[FileResult]:
+    def predict_files(
+        self,
+        paths: Sequence[str | Path | Sample],
+        *,
+        decide_on: str | None = None,
+        threshold: str | None = None,
+        batch_size: int | None = None,
+        workers: int | None = None,
+    ) -> list[FileResult]:
         """Read, preprocess and score scans (paths, or samples such as the slices of a NIfTI volume that
         ``collect_images`` lists); maps are returned on each scan's own pixel grid. Each result carries a
         decision on ``decide_on`` (default: the run's primary map) at ``threshold`` ('spec95', 'spec99'
-        or a number; default: the run's score.operating_point)."""
+        or a number; default: the run's score.operating_point). ``iter_files`` yields the same results one
+        at a time, holding only a few batches in memory."""
+        return list(self.iter_files(paths, decide_on=decide_on, threshold=threshold, batch_size=batch_size, workers=workers))
+
+    def iter_files(
+        self,
+        paths: Sequence[str | Path | Sample],
+        *,
+        decide_on: str | None = None,
+        threshold: str | None = None,
+        batch_size: int | None = None,
+        workers: int | None = None,
+        on_blank: Callable[[Sample], None] | None = None,
+    ) -> Iterator[FileResult]:
+        """``predict_files`` as a stream, in input order: the model scores ``batch_size`` scans at a time
+        (default: ``inference.batch_size``) while ``workers`` processes read and prepare the next ones.
+        A scan without a valid pixel (saturated or blank) raises BlankScanError, or with ``on_blank`` is
+        passed to it and left out of the results."""
         if self.calibration is None:
             raise CheckpointError("this run has no calibration.json", fix="finish training (calibration runs after the last epoch)")
-        if isinstance(paths, (str, Path, Sample)):  # one scan, not a sequence of characters
-            paths = [paths]
         decide_on = decide_on or self.primary_map
         if decide_on not in self.calibration.stats:
             raise MedvqError(f"this run has no map or score '{decide_on}'", fix=f"choose one of {', '.join(self.calibration.stats)}")
         point = operating_point(self.calibration, decide_on, threshold or self.config.score.operating_point)
-        results = []
-        for item in paths:
-            sample = item if isinstance(item, Sample) else Sample(path=Path(item))
-            image, prepared = self.preprocessor.load(sample)
-            if not bool(prepared.valid.any()):
-                raise BlankScanError("no valid pixel: the scan is saturated white or blank (all of it looks like registration padding)", path=sample.path, fix="nothing in it can be scored; leave it out")
-            pred = self.predict(prepared.image[None], prepared.valid[None])
+        if isinstance(paths, (str, Path, Sample)):  # one scan, not a sequence of characters
+            paths = [paths]
+        samples = [item if isinstance(item, Sample) else Sample(path=Path(item)) for item in paths]
+        batches = prepared_batches(
+            samples,
+            self.preprocessor,
+            batch_size=batch_size or self.inference.batch_size,
+            workers=self.inference.workers if workers is None else workers,
+            keep_originals=True,
+        )
+        for batch in batches:
+            blank = ~batch.valid.flatten(1).any(dim=1)
+            if bool(blank.any()):
+                for j in torch.nonzero(blank).flatten().tolist():
+                    if on_blank is None:
+                        raise BlankScanError("no valid pixel: the scan is saturated white or blank (all of it looks like registration padding)", path=batch.samples[j].path, fix="nothing in it can be scored; leave it out")
+                    on_blank(batch.samples[j])
+                batch = batch.subset(torch.nonzero(~blank).flatten().tolist())
+                if not batch.samples:
+                    continue
+            pred = self.predict(batch.images, batch.valid)
             table = self.calibration.score_table(pred.scores)
-            results.append(
-                FileResult(
+            maps = {k: m[:, 0].cpu().numpy() for k, m in pred.maps.items()}
+            recon = pred.reconstruction[:, 0].cpu().numpy() if pred.reconstruction is not None else None
+            for j, sample in enumerate(batch.samples):
+                score = table[decide_on]["score"][j]
+                yield FileResult(
                     path=sample.path,
-                    image=image,
-                    maps={k: self.preprocessor.to_original(m[0, 0].cpu().numpy(), prepared.geometry) for k, m in pred.maps.items()},
-                    scores={k: {kk: float(vv[0]) for kk, vv in t.items()} for k, t in table.items()},
-                    model_input=prepared.image[0].numpy(),
-                    reconstruction=pred.reconstruction[0, 0].cpu().numpy() if pred.reconstruction is not None else None,
+                    image=batch.originals[j],
+                    maps=ScanMaps({k: m[j] for k, m in maps.items()}, batch.geometry[j], self.preprocessor),
+                    scores={k: {kk: float(vv[j]) for kk, vv in t.items()} for k, t in table.items()},
+                    model_input=batch.images[j, 0].numpy(),
+                    reconstruction=recon[j] if recon is not None else None,
                     frame=sample.frame,
                     decision=Decision(
                         decide_on,
-                        float(table[decide_on]["score"][0]),
-                        float(table[decide_on]["normal_percentile"][0]),
+                        float(score),
+                        float(table[decide_on]["normal_percentile"][j]),
                         point,
-                        bool(is_abnormal(table[decide_on]["score"][0], point)),
-                        None if pred.ood_distance is None else bool(pred.ood_distance[0] <= self.calibration.guard.threshold),
-                        None if pred.ood_distance is None else float(pred.ood_distance[0]),
+                        bool(is_abnormal(score, point)),
+                        None if pred.ood_distance is None else bool(pred.ood_distance[j] <= self.calibration.guard.threshold),
+                        None if pred.ood_distance is None else float(pred.ood_distance[j]),
                     ),
                 )
-            )
-        return results

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Sequence
 
@@ -9,15 +10,17 @@ import numpy as np
 from PIL import Image
 from rich.console import Console
 
+from medvq.config import InferenceConfig
 from medvq.data.nifti import is_nifti, nifti_stem
 from medvq.data.samples import Sample, collect_images
 from medvq.detector import Detector, FileResult
-from medvq.errors import BlankScanError, CheckpointError, MedvqError
-from medvq.io import atomic_path, atomic_write_csv, mark_output
-from medvq.progress import progress_bar
-from medvq.report.figures import annotated_overlay
+from medvq.errors import CheckpointError, MedvqError
 from medvq.scoring.calibration import normals_needed
 from medvq.scoring.decision import operating_point
+from medvq.scoring.volume import volume_key
+from medvq.io import OutputWriter, atomic_path, atomic_write_csv, mark_output
+from medvq.progress import progress_bar
+from medvq.report.figures import annotated_overlay
 from medvq.volume_outputs import write_volume_verdicts
 
 
@@ -47,6 +50,18 @@ def decision_figure(result: FileResult, key: str, vmax: float, contour_at: float
     return annotated_overlay(result.image, result.maps[key], 0.0, vmax, caption, threshold=contour_at, contour=contour_at is not None)
 
 
+def _write_scan_outputs(out: Path, name: str, result: FileResult, key: str, vmax: float, contour_at: float | None, save_npy: bool, save_overlays: bool) -> None:
+    """One scan's overlay PNG and its maps as .npy on the scan's grid, as asked."""
+    if save_overlays:  # compress_level 1: a third of the default's encoding time for 5 % larger files
+        with atomic_path(out / "overlays" / f"{name}.png") as tmp:
+            Image.fromarray(decision_figure(result, key, vmax, contour_at)).save(tmp, format="PNG", compress_level=1)
+    if save_npy:
+        (out / "maps").mkdir(exist_ok=True)
+        for map_name, m in result.maps.items():
+            with atomic_path(out / "maps" / f"{name}_{map_name}.npy") as tmp:
+                np.save(tmp, m.astype(np.float32))
+
+
 def infer(
     run_dir: str | Path,
     inputs: Sequence[str | Path],
@@ -54,9 +69,11 @@ def infer(
     *,
     device: str = "cpu",
     save_npy: bool = True,
+    save_overlays: bool = True,
     decide_on: str | None = None,
     threshold: str | None = None,
     contour: bool = False,
+    inference: InferenceConfig | None = None,
     console: Console | None = None,
 ) -> list[dict]:
     """Write OUT/overlays/<name>.png, OUT/maps/<name>_<map>.npy and OUT/scores.csv; return the rows.
@@ -71,9 +88,10 @@ def infer(
     decision, and with ``contour`` the outline where the map crosses the threshold.
     Volumes among the inputs (OCT volume files, NIfTI volumes, a manifest's eye-and-visit groups) also get
     a verdict each, on the same score and threshold: OUT/volumes.csv, volumes.json and en-face maps of the
-    overlay's map (``medvq.volume_outputs``)."""
+    overlay's map (``medvq.volume_outputs``). ``inference`` sets the batch size, reading workers and
+    precision; overlays and maps are written on background threads while the model scores the next scans."""
     console = console or Console(stderr=True)
-    detector = Detector.load(run_dir, device=device)
+    detector = Detector.load(run_dir, device=device, inference=inference)
     if detector.calibration is None:
         raise CheckpointError("this run has no calibration.json", path=run_dir, fix="finish training (calibration runs after the last epoch; `medvq train --resume` completes it)")
     for note in detector.notes:
@@ -86,7 +104,7 @@ def infer(
     if decide_on not in detector.calibration.stats:
         raise MedvqError(f"this run has no map or score '{decide_on}'", path=run_dir, fix=f"use --map with one of {', '.join(detector.calibration.stats)}")
     point = operating_point(detector.calibration, decide_on, threshold or detector.config.score.operating_point)
-    mark_output(out, out / "overlays", *([out / "maps"] if save_npy else []))
+    mark_output(out, *([out / "overlays"] if save_overlays else []), *([out / "maps"] if save_npy else []))
     if not point.reliable:
         console.print(
             f"[yellow]warning[/]: the {point.name} threshold of '{decide_on}' rests on {point.n_normals} calibration normals "
@@ -99,23 +117,23 @@ def infer(
     # one colour scale for every scan of the run: from the normal mean to 1.5x the highest calibration normal's score
     normal_scores = detector.calibration.stats[key].normal_scores
     vmax = max(3.0, 1.5 * max(normal_scores), 1.2 * contour_at) if normal_scores else max(3.0, 1.2 * contour_at)
-    rows, used, blank, scored = [], set(), [], []  # scored: the samples of rows
+    rows, used, scored, blank = [], set(), [], set()  # scored: the samples of rows; blank: ids of scans without a valid pixel
     column_maxima = []  # per scan, the calibrated map's maximum over depth per A-scan column (en-face rows)
-    with progress_bar(samples, "scoring") as tracked:
-        for sample in tracked:
-            try:
-                result = detector.predict_files([sample], decide_on=decide_on, threshold=threshold)[0]
-            except BlankScanError as err:  # nothing to score in it; the others go on
-                console.print(f"skipped: {err}", highlight=False, markup=False)
-                blank.append(sample.name)
-                continue
+
+    def skip(sample: Sample) -> None:  # nothing to score in it; the others go on
+        console.print(f"skipped {sample.name}: no valid pixel (saturated white or blank)", highlight=False, markup=False)
+        blank.add(id(sample))
+
+    results = detector.iter_files(samples, decide_on=decide_on, threshold=threshold, on_blank=skip)
+    pending = iter(samples)  # results come in input order, without the blank scans
+    saved = time.monotonic()
+    with OutputWriter() as writer, progress_bar(results, "scoring") as tracked:
+        for result in tracked:
+            sample = next(s for s in pending if id(s) not in blank)
+            scored.append(sample)
             name = output_stem(sample, used)
-            with atomic_path(out / "overlays" / f"{name}.png") as tmp:
-                Image.fromarray(decision_figure(result, key, vmax, contour_at if contour else None)).save(tmp, format="PNG")
-            if save_npy:
-                for map_name, m in result.maps.items():
-                    with atomic_path(out / "maps" / f"{name}_{map_name}.npy") as tmp:
-                        np.save(tmp, m.astype(np.float32))
+            if save_overlays or save_npy:
+                writer.submit(_write_scan_outputs, out, name, result, key, vmax, contour_at if contour else None, save_npy, save_overlays)
             row = {"path": str(sample.path), "name": name}
             if has_frames:
                 row["frame"] = "" if sample.frame is None else sample.frame
@@ -127,10 +145,10 @@ def infer(
             row |= {"decision_map": d.map, "operating_point": d.threshold.name, "threshold": d.threshold.value, "abnormal": int(d.abnormal)}
             row |= {"in_distribution": "" if d.in_distribution is None else int(d.in_distribution), "ood_distance": "" if d.ood_distance is None else d.ood_distance}
             rows.append(row)
-            scored.append(sample)
-            column_maxima.append(result.maps[key].max(axis=0))
-            if len(rows) % 25 == 0:  # a crash keeps what was scored
+            column_maxima.append(result.maps[key].max(axis=0) if volume_key(sample) is not None else None)  # B-scans of volumes only
+            if len(rows) % 25 == 0 and time.monotonic() - saved > 2.0:  # a crash keeps what was scored (rewritten at most every 2 s)
                 atomic_write_csv(out / "scores.csv", rows)
+                saved = time.monotonic()
     if rows:
         atomic_write_csv(out / "scores.csv", rows)
         foreign = sum(r["in_distribution"] == 0 for r in rows)
@@ -142,9 +160,9 @@ def infer(
             )
         write_volume_verdicts(
             out, scored, [r[decide_on] for r in rows], column_maxima, detector.calibration.stats[decide_on].normal_scores,
-            score_name=decide_on, map_name=key, vmax=vmax, threshold=point.value, operating_point=point.name,
+            score_name=decide_on, map_name=key, fraction=detector.config.score.volume_topk_fraction, vmax=vmax, threshold=point.value, operating_point=point.name,
             normal_class=detector.config.data.normal_class, console=console,
         )  # fmt: skip
     if blank:
-        console.print(f"{len(blank)} scan(s) without any valid pixel skipped (saturated or blank): {', '.join(blank[:5])}{' ...' if len(blank) > 5 else ''}")
+        console.print(f"{len(blank)} scan(s) without any valid pixel skipped (saturated or blank)")
     return rows

@@ -78,3 +78,35 @@ def atomic_save_npz(path: str | Path, **arrays: np.ndarray) -> None:
 def atomic_save_figure(fig, path: str | Path, **kwargs) -> None:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format=Path(path).suffix.lstrip(".") or "png", **kwargs)
+
+
+class OutputWriter:
+    """Writes results on background threads while the caller computes the next ones.
+
+    At most ``max_pending`` writes wait at any time (``submit`` blocks beyond that, so memory stays
+    bounded); the first error of a write is raised in the caller, at the next ``submit`` or on leaving the
+    ``with`` block, which waits for every write.
+    """
+
+    def __init__(self, threads: int = 2, max_pending: int = 16):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="medvq-writer")
+        self._pending: list = []
+        self._max_pending = max_pending
+
+    def submit(self, fn, *args) -> None:
+        self._pending.append(self._pool.submit(fn, *args))
+        while len(self._pending) > self._max_pending or (self._pending and self._pending[0].done()):
+            self._pending.pop(0).result()
+
+    def __enter__(self) -> "OutputWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            if exc_type is None:
+                for future in self._pending:
+                    future.result()
+        finally:
+            self._pool.shutdown(wait=True, cancel_futures=exc_type is not None)

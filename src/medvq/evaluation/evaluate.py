@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from rich.console import Console
 
+from medvq.config import InferenceConfig
 from medvq.data.dataset import ScanDataset
 from medvq.data.nifti import VolumeOptions
 from medvq.data.samples import Sample, dataset_splits, scan_dataset
@@ -44,7 +45,8 @@ from medvq.evaluation import metrics as M
 from medvq.evaluation.reconstruction import reconstruction_metrics, spread_indices, summarize
 from medvq.io import atomic_save_npz, atomic_write_text, mark_output
 from medvq.scoring.decision import OperatingPoint, is_abnormal, operating_point
-from medvq.scoring.volume import DEFAULT_TOPK_FRACTION, volume_level_scores
+from medvq.scoring.volume import describe as describe_volume_score
+from medvq.scoring.volume import volume_level_scores
 
 SPECIFICITY = 0.95
 BOOTSTRAP_RESAMPLES = 1000  # patient-level bootstrap resamples behind every AUROC interval
@@ -216,12 +218,12 @@ def write_scores_csv(path: Path, samples: list[Sample], dataset: ScanDataset, sc
 
 
 def volume_metrics(
-    samples: list[Sample], scores: dict[str, np.ndarray], normal_class: str, operating_points: dict[str, OperatingPoint] | None = None
+    samples: list[Sample], scores: dict[str, np.ndarray], normal_class: str, fraction: float, operating_points: dict[str, OperatingPoint] | None = None
 ) -> dict[str, Any] | None:
     """AUROC and AUPRC per score over volumes (``medvq.scoring.volume``: a volume is abnormal when any of
     its B-scans is; its score is the top-k mean of its B-scan scores), and sensitivity / specificity with
     the stored B-scan threshold applied to volume scores; None without normal and abnormal volumes."""
-    found = volume_level_scores(samples, scores, normal_class)
+    found = volume_level_scores(samples, scores, normal_class, fraction)
     if found is None:
         return None
     labels, volume_scores = found
@@ -231,7 +233,7 @@ def volume_metrics(
     return {
         "n_volumes": len(labels),
         "counts": {c: labels.count(c) for c in sorted(set(labels))},
-        "aggregation": f"mean of the ceil({DEFAULT_TOPK_FRACTION:g} x n) highest B-scan scores of a volume (at least 1)",
+        "aggregation": describe_volume_score(fraction),
         "maps": {
             name: {"auroc": m["image_auroc"], "auprc": m["image_auprc"], "auroc_per_class": m["image_auroc_per_class"], **({"operating_point": m["operating_point"]} if "operating_point" in m else {})}
             for name, m in per_map.items()
@@ -269,7 +271,8 @@ def evaluate_run(
     out: str | Path,
     *,
     split: str = "test",
-    batch_size: int = 32,
+    batch_size: int | None = None,
+    inference: InferenceConfig | None = None,
     gallery_per_class: int = 4,
     reconstruction_gallery: int = 8,
     device: str = "cpu",
@@ -278,7 +281,10 @@ def evaluate_run(
 ) -> dict[str, Any]:
     console = console or Console(stderr=True)
     run = RunDir(run_dir)
-    detector = Detector.load(run.root, device=device)
+    inference = inference or InferenceConfig()
+    if batch_size is not None:
+        inference = inference.model_copy(update={"batch_size": batch_size})
+    detector = Detector.load(run.root, device=device, inference=inference)
     if detector.calibration is None:
         raise DatasetError("run has no calibration.json", path=run.root, fix="finish training first")
     config = detector.config
@@ -292,13 +298,13 @@ def evaluate_run(
         found = ", ".join(f"{c}: {labels.count(c)}" for c in sorted(set(labels))) or "none"
         raise DatasetError(f"evaluation needs {normal} and abnormal test images; found {found}", path=data_root, fix="check the test split (or use --split all)")
 
-    dataset = ScanDataset(samples, detector.preprocessor, load_masks=True, progress="reading test scans" if progress else None)
+    dataset = ScanDataset(samples, detector.preprocessor, load_masks=True, progress="reading test scans" if progress else None, workers=inference.workers)
     blank = dataset.blank_indices()  # saturated or blank scans: no valid pixel to score
     if blank:
         dataset = dataset.subset([i for i in range(len(dataset)) if i not in set(blank)])
         samples, labels = dataset.samples, [s.label for s in dataset.samples]
         console.print(f"left out {len(blank)} test scan(s) without any valid pixel (saturated or blank)")
-    pred: Prediction = detector.predict_dataset(dataset, batch_size, progress="scoring" if progress else None)
+    pred: Prediction = detector.predict_dataset(dataset, inference.batch_size, progress="scoring" if progress else None)
     maps_np = {k: v[:, 0].numpy() for k, v in pred.maps.items()}
     masks = dataset.masks[:, 0].numpy() if dataset.masks is not None else None
     valid = dataset.valid[:, 0].numpy()
@@ -350,7 +356,7 @@ def evaluate_run(
         "maps": per_map,
         **({"pointing_tolerance_px": tolerance} if masks is not None else {}),
     }
-    volume_level = volume_metrics(samples, pred.scores, normal, points) if anomaly else None
+    volume_level = volume_metrics(samples, pred.scores, normal, config.score.volume_topk_fraction, points) if anomaly else None
     if volume_level is not None:
         result["volume_level"] = volume_level
     if recon is not None:

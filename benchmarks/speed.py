@@ -1,0 +1,159 @@
+"""Scans per second as a user sees them, next to what the model alone allows, per run and image size.
+
+    python benchmarks/speed.py runs/vqvae runs/patchcore --data ../shared/data/kermany-dev --sizes 128,256 --json speed.json
+    python benchmarks/speed.py runs/vqvae --sizes 128 --memory-scans 1000,10000     # peak memory of medvq infer
+
+For every run and size, in one process and one run (so that the ratios compare like with like):
+
+- ``preprocess 1 proc``: read + preprocess (``Preprocessor.load``) scan after scan in this process;
+- ``preprocess W workers``: the same through the reading workers that scoring uses;
+- ``model``: ``Detector.predict`` (maps, smoothing, calibration, scores) on preprocessed batches held in
+  memory, fp32 and bf16 autocast;
+- ``predict_files``: files in, scores and maps on the model's grid out (maps reach the scan's grid only
+  when asked for);
+- ``infer``: ``medvq.inference.infer`` (what ``medvq infer`` runs, without interpreter start-up), with
+  overlay PNGs and without (``--no-overlays``), neither with ``.npy`` maps.
+
+A run is scored at another size than it was trained at by a copy of the run folder whose config says
+that size: the weights are the same (the networks are convolutional), so the timing is that of a model
+trained at that size; its scores mean nothing. ``--memory-scans`` runs ``infer --no-overlays --no-npy``
+on that many scans (the data's scans repeated) in a fresh process each and reports its peak resident
+memory and that of its reading workers. The 1-minute load average is printed next to every figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+from medvq.config import InferenceConfig
+from medvq.data.dataset import ScanDataset
+from medvq.data.loader import prepared_batches
+from medvq.data.samples import Sample, collect_images
+from medvq.detector import Detector
+from medvq.inference import infer
+
+
+def load() -> float:
+    return os.getloadavg()[0]
+
+
+def rate(n: int, fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return n / (time.perf_counter() - start)
+
+
+def sized_run(run: Path, size: int, tmp: Path) -> Path:
+    """The run itself at its own size, else a copy whose config asks for ``size``."""
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    if config["data"]["image_size"] == size:
+        return run
+    copy = tmp / f"{run.name}-{size}"
+    shutil.copytree(run, copy, ignore=shutil.ignore_patterns("checkpoints", "samples", "latents", "plots", "eval*"), dirs_exist_ok=True)
+    config["data"]["image_size"] = size
+    (copy / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    return copy
+
+
+def measure(run: Path, paths: list[Path], speed: InferenceConfig, tmp: Path) -> dict:
+    samples = [Sample(path=p) for p in paths]
+    n = len(samples)
+    det = Detector.load(run, inference=speed)
+    pre = det.preprocessor
+    out: dict = {"run": str(run), "method": det.config.method, "image_size": det.config.data.image_size, "scans": n}
+    out["preprocess_1proc"] = rate(n, lambda: [pre.load(s) for s in samples])
+    out["load_preprocess_1proc"] = load()
+    out[f"preprocess_{speed.workers}workers"] = rate(n, lambda: list(prepared_batches(samples, pre, batch_size=speed.batch_size, workers=speed.workers, keep_originals=True)))
+    data = ScanDataset(samples, pre, load_masks=False, workers=speed.workers)
+    for precision in ("32", "bf16"):
+        det.inference = speed.model_copy(update={"precision": precision})
+        det.predict_dataset(data.subset(range(min(n, speed.batch_size))), speed.batch_size)  # warm-up
+        out[f"model_{precision}"] = rate(n, lambda: det.predict_dataset(data, speed.batch_size))
+    out["load_model"] = load()
+    det.inference = speed
+    out["predict_files"] = rate(n, lambda: [r.scores for r in det.iter_files(paths)])
+    out["load_predict_files"] = load()
+    quiet = __import__("rich.console", fromlist=["Console"]).Console(stderr=True, quiet=True)
+    for overlays in (True, False):
+        dest = tmp / f"infer-{overlays}"
+        out[f"infer_{'overlays' if overlays else 'no_overlays'}"] = rate(
+            n, lambda: infer(run, paths, dest, save_npy=False, save_overlays=overlays, inference=speed, console=quiet)
+        )
+        shutil.rmtree(dest, ignore_errors=True)
+    out["load_infer"] = load()
+    return out
+
+
+MEMORY_CHILD = """
+import resource, sys, json
+from pathlib import Path
+from rich.console import Console
+from medvq.config import InferenceConfig
+from medvq.inference import infer
+run, out, n, listing, speed = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4], json.loads(sys.argv[5])
+paths = [Path(p) for p in Path(listing).read_text().split(chr(10)) if p]
+paths = (paths * (n // len(paths) + 1))[:n]
+infer(run, paths, out, save_npy=False, save_overlays=False, inference=InferenceConfig(**speed), console=Console(stderr=True, quiet=True))
+print(json.dumps({"self_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "workers_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}))
+"""
+
+
+def peak_memory(run: Path, paths: list[Path], n: int, speed: InferenceConfig, tmp: Path) -> dict:
+    listing = tmp / "paths.txt"
+    listing.write_text("\n".join(map(str, paths)))
+    start = time.perf_counter()
+    done = subprocess.run(
+        [sys.executable, "-c", MEMORY_CHILD, str(run), str(tmp / f"mem-{n}"), str(n), str(listing), speed.model_dump_json()],
+        check=True, capture_output=True, text=True,
+    )  # fmt: skip
+    seconds = time.perf_counter() - start
+    shutil.rmtree(tmp / f"mem-{n}", ignore_errors=True)
+    return {"scans": n, **json.loads(done.stdout.strip().splitlines()[-1]), "scans_per_s": n / seconds, "load": load()}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("runs", nargs="+", type=Path)
+    p.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[1].parent / "shared" / "data" / "kermany-dev")
+    p.add_argument("--sizes", default="128,256")
+    p.add_argument("--max-scans", type=int, default=None, help="Use at most this many of the data's scans.")
+    p.add_argument("--batch-size", type=int, default=InferenceConfig().batch_size)
+    p.add_argument("--workers", type=int, default=InferenceConfig().workers)
+    p.add_argument("--memory-scans", default="", help="Comma-separated scan counts for the peak-memory runs (e.g. 1000,10000).")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    p.add_argument("--json", type=Path, default=None)
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    paths = [s.path for s in collect_images([args.data])][: args.max_scans]
+    speed = InferenceConfig(batch_size=args.batch_size, workers=args.workers)
+    print(f"{len(paths)} scans from {args.data}; torch threads {torch.get_num_threads()}, {os.cpu_count()} CPUs; batch {speed.batch_size}, {speed.workers} workers")
+    results = {"cpus": os.cpu_count(), "threads": torch.get_num_threads(), "speed": speed.model_dump(), "timings": [], "memory": []}
+    with tempfile.TemporaryDirectory(prefix="medvq-speed-") as tmp:
+        tmp = Path(tmp)
+        for run in args.runs:
+            for size in [int(s) for s in args.sizes.split(",") if s]:
+                r = measure(sized_run(run, size, tmp), paths, speed, tmp)
+                results["timings"].append(r)
+                print(json.dumps({k: round(v, 2) if isinstance(v, float) else v for k, v in r.items()}), flush=True)
+            for n in [int(s) for s in args.memory_scans.split(",") if s]:
+                m = {"run": str(run), **peak_memory(run, paths, n, speed, tmp)}
+                results["memory"].append(m)
+                print(json.dumps({k: round(v, 2) if isinstance(v, float) else v for k, v in m.items()}), flush=True)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()

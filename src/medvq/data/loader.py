@@ -1,0 +1,119 @@
+"""Reading and preprocessing scans in worker processes, in batches, while the caller runs the model.
+
+    for batch in prepared_batches(samples, preprocessor, batch_size=32, workers=2):
+        model(batch.images)            # the workers read and prepare the next batches meanwhile
+
+A torch DataLoader does the work: each worker prepares whole batches, in order, and hands back the
+tensors through shared memory. Workers start only when there is more than one batch to prepare (a single
+batch gains nothing from them and would pay their start-up). A file that cannot be read raises its
+``MedvqError`` in the calling process, naming the file, as reading it there would.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from medvq.data.preprocess import Geometry, Preprocessor
+from medvq.data.samples import Sample
+from medvq.errors import MedvqError
+
+
+@dataclass
+class PreparedBatch:
+    """Model inputs for consecutive samples, and what is needed to map results back onto each scan."""
+
+    start: int  # position of the first sample in the sequence given
+    samples: list[Sample]
+    images: torch.Tensor  # (B, 1, S, S) float32 in [0, 1]
+    valid: torch.Tensor  # (B, 1, S, S) bool
+    masks: torch.Tensor | None  # (B, 1, S, S) bool, when asked for and every sample has a mask
+    geometry: list[Geometry]
+    originals: list[np.ndarray] | None  # the scans as read, (H, W) each, when asked for
+
+    def subset(self, rows: list[int]) -> "PreparedBatch":
+        """The chosen rows only (``start`` stays that of the whole batch)."""
+        idx = torch.as_tensor(rows, dtype=torch.long)
+        return PreparedBatch(
+            start=self.start,
+            samples=[self.samples[i] for i in rows],
+            images=self.images[idx],
+            valid=self.valid[idx],
+            masks=self.masks[idx] if self.masks is not None else None,
+            geometry=[self.geometry[i] for i in rows],
+            originals=[self.originals[i] for i in rows] if self.originals is not None else None,
+        )
+
+
+class _Prepare(Dataset):
+    def __init__(self, samples: Sequence[Sample], preprocessor: Preprocessor, keep_originals: bool, with_masks: bool):
+        self.samples, self.preprocessor = list(samples), preprocessor
+        self.keep_originals, self.with_masks = keep_originals, with_masks
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int):
+        try:
+            original, prepared = self.preprocessor.load(self.samples[i], with_mask=self.with_masks)
+        except MedvqError as err:  # returned, not raised: the caller raises it as it is, not wrapped by the worker
+            return err
+        return i, torch.from_numpy(original) if self.keep_originals else None, prepared
+
+
+def _collate(items: list) -> dict | MedvqError:
+    """Runs in the worker: one stacked tensor per field crosses to the caller, not one per scan."""
+    for item in items:
+        if isinstance(item, MedvqError):
+            return item
+    prepared = [p for _, _, p in items]
+    return {
+        "indices": [i for i, _, _ in items],
+        "images": torch.stack([p.image for p in prepared]),
+        "valid": torch.stack([p.valid for p in prepared]),
+        "masks": torch.stack([p.mask if p.mask is not None else torch.zeros_like(p.valid) for p in prepared]) if any(p.mask is not None for p in prepared) else None,
+        "geometry": [p.geometry for p in prepared],
+        "originals": [o for _, o, _ in items] if items[0][1] is not None else None,
+    }
+
+
+def prepared_batches(
+    samples: Sequence[Sample],
+    preprocessor: Preprocessor,
+    *,
+    batch_size: int,
+    workers: int = 0,
+    keep_originals: bool = False,
+    with_masks: bool = False,
+) -> Iterator[PreparedBatch]:
+    """Batches of prepared scans in the order of ``samples``; ``workers`` processes read ahead (0: none)."""
+    if batch_size < 1 or workers < 0:
+        raise ValueError(f"batch_size must be >= 1 and workers >= 0, got {batch_size} and {workers}")
+    samples = list(samples)
+    with_masks = with_masks and any(s.mask_path is not None for s in samples)  # lesion scans may be the only ones with masks
+    n_batches = -(-len(samples) // batch_size)
+    workers = min(workers, n_batches) if n_batches > 1 else 0
+    loader = DataLoader(
+        _Prepare(samples, preprocessor, keep_originals, with_masks),
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=workers,
+        collate_fn=_collate,
+        prefetch_factor=2 if workers else None,
+    )
+    for batch in loader:
+        if isinstance(batch, MedvqError):
+            raise batch
+        yield PreparedBatch(
+            start=batch["indices"][0],
+            samples=[samples[i] for i in batch["indices"]],
+            images=batch["images"],
+            valid=batch["valid"],
+            masks=batch["masks"],
+            geometry=batch["geometry"],
+            originals=[o.numpy() for o in batch["originals"]] if batch["originals"] is not None else None,
+        )
