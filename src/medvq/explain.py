@@ -15,6 +15,7 @@ is computed from it.
 from __future__ import annotations
 
 import dataclasses
+
 from pathlib import Path
 from typing import Sequence
 
@@ -79,7 +80,7 @@ def explain(
     detector.model.config = model_config
     detector.config = config.model_copy(update={"model": model_config, "score": config.score.model_copy(update={"maps": [name], "combine": []})})
     if detector.calibration is not None and detector.calibration.guard is not None:
-        # explanations carry no in-distribution verdict, and the guard's features come from the run's own maps
+        # the out-of-distribution guard describes a scan by every calibrated map; an explanation computes one (infer applies the guard)
         detector.calibration = dataclasses.replace(detector.calibration, guard=None)
     calibrated = not overrides and detector.calibration is not None and name in detector.calibration.stats
     if calibrated:
