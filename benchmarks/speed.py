@@ -8,7 +8,7 @@ For every run and size, in one process and one run (so that the ratios compare l
 - ``preprocess 1 proc``: read + preprocess (``Preprocessor.load``) scan after scan in this process;
 - ``preprocess W workers``: the same through the reading workers that scoring uses;
 - ``model``: ``Detector.predict`` (maps, smoothing, calibration, scores) on preprocessed batches held in
-  memory, fp32 and bf16 autocast;
+  memory, fp32 and (where the CPU computes bf16 natively, or with ``--bf16 yes``) bf16 autocast;
 - ``predict_files``: files in, scores and maps on the model's grid out (maps reach the scan's grid only
   when asked for);
 - ``infer``: ``medvq.inference.infer`` (what ``medvq infer`` runs, without interpreter start-up), with
@@ -66,7 +66,7 @@ def sized_run(run: Path, size: int, tmp: Path) -> Path:
     return copy
 
 
-def measure(run: Path, paths: list[Path], speed: InferenceConfig, tmp: Path) -> dict:
+def measure(run: Path, paths: list[Path], speed: InferenceConfig, tmp: Path, bf16: bool) -> dict:
     samples = [Sample(path=p) for p in paths]
     n = len(samples)
     det = Detector.load(run, inference=speed)
@@ -76,7 +76,7 @@ def measure(run: Path, paths: list[Path], speed: InferenceConfig, tmp: Path) -> 
     out["load_preprocess_1proc"] = load()
     out[f"preprocess_{speed.workers}workers"] = rate(n, lambda: list(prepared_batches(samples, pre, batch_size=speed.batch_size, workers=speed.workers, keep_originals=True)))
     data = ScanDataset(samples, pre, load_masks=False, workers=speed.workers)
-    for precision in ("32", "bf16"):
+    for precision in ("32", "bf16") if bf16 else ("32",):
         det.inference = speed.model_copy(update={"precision": precision})
         det.predict_dataset(data.subset(range(min(n, speed.batch_size))), speed.batch_size)  # warm-up
         out[f"model_{precision}"] = rate(n, lambda: det.predict_dataset(data, speed.batch_size))
@@ -133,7 +133,9 @@ def main() -> None:
     p.add_argument("--memory-scans", default="", help="Comma-separated scan counts for the peak-memory runs (e.g. 1000,10000).")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--bf16", choices=["auto", "yes", "no"], default="auto", help="Also time the model under bf16 autocast (auto: where the CPU computes bf16 natively).")
     args = p.parse_args()
+    bf16 = args.bf16 == "yes" or (args.bf16 == "auto" and (torch.cuda.is_available() or torch.ops.mkldnn._is_mkldnn_bf16_supported()))
     if args.threads:
         torch.set_num_threads(args.threads)
     paths = [s.path for s in collect_images([args.data])][: args.max_scans]
@@ -144,7 +146,7 @@ def main() -> None:
         tmp = Path(tmp)
         for run in args.runs:
             for size in [int(s) for s in args.sizes.split(",") if s]:
-                r = measure(sized_run(run, size, tmp), paths, speed, tmp)
+                r = measure(sized_run(run, size, tmp), paths, speed, tmp, bf16)
                 results["timings"].append(r)
                 print(json.dumps({k: round(v, 2) if isinstance(v, float) else v for k, v in r.items()}), flush=True)
             for n in [int(s) for s in args.memory_scans.split(",") if s]:
