@@ -149,6 +149,17 @@ def test_hidden_codes_are_invisible_to_every_prediction():
         assert not torch.allclose(prior(codes), prior(changed))
 
 
+def test_predicting_chosen_positions_gives_their_rows_of_the_full_pass():
+    torch.manual_seed(0)
+    prior = CodePrior(codebook_size=6, dim=16, layers=2, heads=4, context="bidirectional").eval()
+    codes = torch.randint(0, 6, (2, 4, 4))
+    queries = torch.tensor([[5, 0, 15], [3, 3, 9]])
+    with torch.no_grad():
+        full = prior(codes).flatten(2)  # (B, K, 16)
+        part = prior(codes, queries=queries)  # (B, K, 3)
+    torch.testing.assert_close(part, full.gather(2, queries[:, None].expand(-1, 6, -1)), atol=1e-5, rtol=1e-5)
+
+
 # --- DDP: codebook statistics summed over processes -------------------------------------------------------
 def _ddp_worker(rank: int, world: int, init_file: str, data: torch.Tensor, codebook: torch.Tensor, out_dir: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)

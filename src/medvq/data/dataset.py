@@ -90,10 +90,15 @@ class ScanDataset(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
+    def _scan(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Scan i: image (1, S, S) fp32, valid (1, S, S) and mask (1, S, S) or None."""
+        return self.images[i].float(), self.valid[i], self.masks[i] if self.masks is not None else None
+
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        item = {"image": self.images[i].float(), "valid": self.valid[i], "index": torch.tensor(i)}
-        if self.masks is not None:
-            item["mask"] = self.masks[i]
+        image, valid, mask = self._scan(i)
+        item = {"image": image, "valid": valid, "index": torch.tensor(i)}
+        if mask is not None:
+            item["mask"] = mask
         if self.targets is not None:
             item["target"] = self.targets[i]
         if self.hflip and torch.rand(()) < 0.5:
@@ -141,3 +146,66 @@ class ScanDataset(Dataset):
 
     def original_widths(self) -> np.ndarray:
         return np.array([g.width for g in self.geometry])
+
+
+class StreamingScanDataset(ScanDataset):
+    """The same items as ``ScanDataset``, read and preprocessed from disk each time one is asked for.
+
+    Memory does not grow with the number of scans (for one-pass or streaming methods over large training
+    sets); the price is reading every scan again in each epoch. Images are rounded through float16 exactly
+    as ``ScanDataset`` stores them, so both give the same inputs. Construction only checks that every file
+    exists; a scan that cannot be read stops training with an error that names it.
+    """
+
+    def __init__(
+        self,
+        samples: Sequence[Sample],
+        preprocessor: Preprocessor,
+        *,
+        hflip: bool = False,
+        zoom: float = 0.0,
+        shift: float = 0.0,
+        load_masks: bool = True,
+        targets: Sequence[int] | None = None,
+        progress: str | None = None,
+    ):
+        from medvq.errors import DatasetError
+
+        self.samples = list(samples)
+        if targets is not None and len(targets) != len(self.samples):
+            raise ValueError(f"{len(targets)} targets for {len(self.samples)} samples")
+        missing = next((s.path for s in self.samples if not s.path.is_file()), None)
+        if missing is not None:
+            raise DatasetError("scan not found", path=missing, fix="restore the file or remove it from the dataset")
+        self.targets = torch.as_tensor(list(targets), dtype=torch.long) if targets is not None else None
+        self.preprocessor = preprocessor
+        self.hflip, self.zoom, self.shift = hflip, zoom, shift
+        self.has_masks = load_masks and len(self.samples) > 0 and all(x.mask_path is not None for x in self.samples)
+        self.images = self.valid = self.masks = None
+        self.geometry = []
+
+    def _scan(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        _, prepared = self.preprocessor.load(self.samples[i], with_mask=self.has_masks)
+        return prepared.image.half().float(), prepared.valid, prepared.mask if self.has_masks else None
+
+    def batch(self, indices: Sequence[int]) -> Batch:
+        idx = torch.as_tensor(list(indices), dtype=torch.long)
+        scans = [self._scan(i) for i in idx.tolist()]
+        return Batch(
+            image=torch.stack([s[0] for s in scans]),
+            valid=torch.stack([s[1] for s in scans]),
+            mask=torch.stack([s[2] for s in scans]) if self.has_masks else None,
+            index=idx,
+            samples=[self.samples[i] for i in idx.tolist()],
+            target=self.targets[idx] if self.targets is not None else None,
+        )
+
+    def subset(self, indices: Sequence[int]) -> "StreamingScanDataset":
+        idx = torch.as_tensor(list(indices), dtype=torch.long)
+        out = copy.copy(self)
+        out.samples = [self.samples[i] for i in idx.tolist()]
+        out.targets = self.targets[idx] if self.targets is not None else None
+        return out
+
+    def original_widths(self) -> np.ndarray:
+        raise NotImplementedError("a streaming dataset keeps no scan geometry; use ScanDataset for evaluation")

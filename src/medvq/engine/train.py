@@ -24,7 +24,7 @@ from rich.console import Console
 from torch.utils.data import DataLoader, RandomSampler
 
 from medvq.config import RunConfig
-from medvq.data.dataset import ScanDataset
+from medvq.data.dataset import ScanDataset, StreamingScanDataset
 from medvq.data.nifti import VolumeOptions
 from medvq.data.preprocess import Preprocessor
 from medvq.data.samples import Sample, dataset_splits, patient_summary
@@ -184,8 +184,9 @@ def train_run(
             f"({len({s.patient_id for s in parts['train']})} patients), validating on {len(parts['val'])} -> {run.root}"
         )
         console.print(patient_summary(parts), highlight=False)
-    # Every scan is read before the run directory is written: a bad file stops here and leaves nothing behind.
-    train_set = ScanDataset(
+    # Every scan is read before the run directory is written: a bad file stops here and leaves nothing behind
+    # (streaming methods read training scans batch by batch: only that each exists is checked here).
+    train_set = (StreamingScanDataset if method.streams_training else ScanDataset)(
         parts["train"], preprocessor, hflip=config.data.hflip, zoom=config.data.zoom, shift=config.data.shift, load_masks=False, targets=targets(parts["train"]), progress="reading training scans" if progress else None
     )
     val_set = ScanDataset(parts["val"], preprocessor, load_masks=False, targets=targets(parts["val"]), progress="reading validation scans" if progress else None)

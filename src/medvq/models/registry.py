@@ -36,6 +36,7 @@ class Method:
     # The map (or model score) that decides when the validation patients hold no abnormal scans to choose on:
     # the method's best on kermany-dev and the phantom (README, Results); None: 'combined', else the first map.
     primary_map: str | None = None
+    streams_training: bool = False  # reads training scans from disk batch by batch (memory independent of their number) instead of holding them
     combinations: tuple[str, ...] = ()  # named combinations 'a+b' calibrated next to 'combined' (the mean of the standardised maps a and b)
     # Model fields added after runs were saved, with the value a saved config.yaml without them means (every run's
     # config.yaml holds every field of its time, so a missing one marks an older run, not a wish for today's default):
@@ -117,6 +118,7 @@ def _patchcore() -> Method:
         compute_maps=patchcore_maps,
         training_module=None,
         fit=fit_patchcore,
+        streams_training=True,
         primary_map="patch_distance",
         onnx_export=prepare_for_export,
     )
@@ -153,7 +155,9 @@ def _featvq() -> Method:
         build_model=FeatVQ,
         compute_maps=featvq_maps,
         training_module=FeatVQModule.from_run_config,
+        streams_training=True,
         combinations=COMBINATIONS,
+        onnx_export=lambda model: None,
     )
 
 

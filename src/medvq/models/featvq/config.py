@@ -33,4 +33,10 @@ class FeatVQConfig(PatchFeatureConfig):
     prior_mask_ratio: float = Field(
         0.15, ge=0, lt=1, description="Masked-code training: share of the context codes hidden at random from every prediction in a training step."
     )
+    prior_train_queries: int = Field(
+        256,
+        ge=0,
+        description="Positions per image whose codes the prior learns to predict in a training step, drawn at random (0: all); "
+        "every position still serves as context. Fewer queries make a step several times cheaper with the same model.",
+    )
     prior_dropout: float = Field(0.0, ge=0, lt=1, description="Dropout in the code prior while training.")

@@ -58,13 +58,18 @@ class FeatVQModule(L.LightningModule):
         ratio = self.model.config.prior_mask_ratio
         if training and ratio > 0:
             hidden = torch.rand(codes.shape, device=codes.device) < ratio
-        logits = self.model.prior_logits(codes, hidden)
-        loss = F.cross_entropy(logits, codes)
+        targets, queries = codes, None
+        m = self.model.config.prior_train_queries
+        if training and 0 < m < codes[0].numel():  # a random subset of positions to predict; all stay context
+            queries = torch.rand(codes.shape[0], codes[0].numel(), device=codes.device).argsort(dim=1)[:, :m]  # (B, M)
+            targets = codes.flatten(1).gather(1, queries)
+        logits = self.model.prior_logits(codes, hidden, queries)
+        loss = F.cross_entropy(logits, targets)
         with torch.no_grad():
             n = x.shape[0]
             one = lambda v: torch.tensor(float(v), device=sums.device, dtype=torch.float64)
-            correct = (logits.argmax(dim=1) == codes).sum()
-            sums += torch.stack([loss.detach().double() * n, out.distances.mean().double() * n, correct.double(), one(codes.numel()), one(n)])
+            correct = (logits.argmax(dim=1) == targets).sum()
+            sums += torch.stack([loss.detach().double() * n, out.distances.mean().double() * n, correct.double(), one(targets.numel()), one(n)])
             if training:
                 self.code_counts += torch.bincount(codes.flatten(), minlength=self.code_counts.numel()).to(self.code_counts)
         return loss

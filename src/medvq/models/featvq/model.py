@@ -84,25 +84,31 @@ class CodePrior(nn.Module):
         own = (i[None, :] < i[:, None]) if self.context == "causal" else (i[None, :] != i[:, None])
         return torch.cat([torch.ones(n, 1, dtype=torch.bool, device=device), own], dim=1)
 
-    def forward(self, codes: torch.Tensor, hidden: torch.Tensor | None = None) -> torch.Tensor:
-        """codes (B, h, w); hidden (B, h, w) bool marks codes no query may see (masked-code training) -> logits (B, K, h, w) fp32."""
-        with torch.autocast("cpu", enabled=False):  # bf16 autocast ran this small transformer 2-3x slower on the CPU
-            return self._forward(codes, hidden)
+    def forward(self, codes: torch.Tensor, hidden: torch.Tensor | None = None, queries: torch.Tensor | None = None) -> torch.Tensor:
+        """codes (B, h, w); hidden (B, h, w) bool marks codes no query may see (masked-code training) -> logits (B, K, h, w) fp32.
 
-    def _forward(self, codes: torch.Tensor, hidden: torch.Tensor | None) -> torch.Tensor:
+        ``queries`` (B, M) raster indices: predict only those positions (training), -> logits (B, K, M).
+        """
+        with torch.autocast("cpu", enabled=False):  # bf16 autocast ran this small transformer 2-3x slower on the CPU
+            return self._forward(codes, hidden, queries)
+
+    def _forward(self, codes: torch.Tensor, hidden: torch.Tensor | None, queries: torch.Tensor | None) -> torch.Tensor:
         b, h, w = codes.shape
         position = sincos_positions(h, w, self.code_embedding.embedding_dim, codes.device)  # (1, N, C)
         tokens = self.code_embedding(codes.reshape(b, h * w)) + self.token_position(position)  # (B, N, C): each token its own code and place only
         tokens = torch.cat([self.empty_token.expand(b, -1, -1), tokens], dim=1)  # (B, 1 + N, C)
         allowed = self.context_mask(h * w, codes.device)[None, None]  # (1, 1, N, 1 + N)
+        query = self.query_position(position).expand(b, -1, -1)  # (B, N, C)
+        if queries is not None:  # (B, M): only these rows of the queries and of the mask
+            query = query.gather(1, queries[..., None].expand(-1, -1, query.shape[-1]))  # (B, M, C)
+            allowed = allowed[0, 0][queries][:, None]  # (B, 1, M, 1 + N)
         if hidden is not None:
             visible = torch.cat([hidden.new_ones(b, 1), ~hidden.reshape(b, h * w)], dim=1)  # (B, 1 + N)
             allowed = allowed & visible[:, None, None, :]
-        query = self.query_position(position).expand(b, -1, -1)
         for layer in self.layers:
             query = layer(query, tokens, allowed)
-        logits = self.head(self.norm(query)).float()  # (B, N, K)
-        return logits.transpose(1, 2).reshape(b, -1, h, w)
+        logits = self.head(self.norm(query)).float().transpose(1, 2)  # (B, K, N or M)
+        return logits if queries is not None else logits.reshape(b, -1, h, w)
 
 
 def sincos_positions(h: int, w: int, dim: int, device: torch.device) -> torch.Tensor:
@@ -171,5 +177,5 @@ class FeatVQ(nn.Module):
     def forward(self, images: torch.Tensor) -> FeatVQOutput:
         return self.quantize(self.encode(images))
 
-    def prior_logits(self, codes: torch.Tensor, hidden: torch.Tensor | None = None) -> torch.Tensor:
-        return self.prior(codes, hidden)
+    def prior_logits(self, codes: torch.Tensor, hidden: torch.Tensor | None = None, queries: torch.Tensor | None = None) -> torch.Tensor:
+        return self.prior(codes, hidden, queries)
