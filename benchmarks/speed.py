@@ -19,8 +19,8 @@ process and its reading workers (``_cpu_ms``): next to other jobs the first foll
 the second much less.
 
 A run is scored at another size than it was trained at by a copy of the run folder whose config says
-that size: the weights are the same (the networks are convolutional), so the timing is that of a model
-trained at that size; its scores mean nothing. ``--memory-scans`` runs ``infer --no-overlays --no-npy``
+that size (and whose calibration record says so): the weights are the same (the networks are
+convolutional), so the timing is that of a model trained at that size; its scores mean nothing. ``--memory-scans`` runs ``infer --no-overlays --no-npy``
 on that many scans (the data's scans repeated) in a fresh process each and reports its peak resident
 memory and that of its reading workers. The 1-minute load average is printed next to every figure.
 """
@@ -77,6 +77,10 @@ def sized_run(run: Path, size: int, tmp: Path) -> Path:
     shutil.copytree(run, copy, ignore=shutil.ignore_patterns("checkpoints", "samples", "latents", "plots", "eval*"), dirs_exist_ok=True)
     config["data"]["image_size"] = size
     (copy / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    calibration = json.loads((copy / "calibration.json").read_text())
+    if isinstance(calibration.get("settings", {}).get("data"), dict):  # loading checks the config against these
+        calibration["settings"]["data"]["image_size"] = size
+        (copy / "calibration.json").write_text(json.dumps(calibration))
     return copy
 
 
