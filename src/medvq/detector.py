@@ -279,21 +279,13 @@ class Detector:
         self.calibration.validation_auroc = choice.validation_auroc or {}
         return self.calibration
 
-    def predict_files(
-        self,
-        paths: Sequence[str | Path | Sample],
-        *,
-        decide_on: str | None = None,
-        threshold: str | None = None,
-        batch_size: int | None = None,
-        workers: int | None = None,
-    ) -> list[FileResult]:
+    def predict_files(self, paths: Sequence[str | Path | Sample], **options) -> list[FileResult]:
         """Read, preprocess and score scans (paths, or samples such as the slices of a NIfTI volume that
         ``collect_images`` lists); maps are returned on each scan's own pixel grid. Each result carries a
         decision on ``decide_on`` (default: the run's primary map) at ``threshold`` ('spec95', 'spec99'
-        or a number; default: the run's score.operating_point). ``iter_files`` yields the same results one
-        at a time, holding only a few batches in memory."""
-        return list(self.iter_files(paths, decide_on=decide_on, threshold=threshold, batch_size=batch_size, workers=workers))
+        or a number; default: the run's score.operating_point). Options as for ``iter_files``, which
+        yields the same results one at a time, holding only a few batches in memory."""
+        return list(self.iter_files(paths, **options))
 
     def iter_files(
         self,

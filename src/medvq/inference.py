@@ -18,7 +18,7 @@ from medvq.errors import CheckpointError, MedvqError
 from medvq.scoring.calibration import normals_needed
 from medvq.scoring.decision import operating_point
 from medvq.scoring.volume import volume_key
-from medvq.io import OutputWriter, atomic_path, atomic_write_csv, mark_output
+from medvq.io import OutputWriter, atomic_path, atomic_write_csv, mark_output, unique_stem
 from medvq.progress import progress_bar
 from medvq.report.figures import annotated_overlay
 from medvq.volume_outputs import write_volume_verdicts
@@ -29,12 +29,7 @@ def output_stem(sample: Sample, used: set[str]) -> str:
     stem = nifti_stem(sample.path) if is_nifti(sample.path) else sample.path.stem
     if sample.frame is not None:
         stem = f"{stem}_frame{sample.frame:03d}"
-    candidate, k = stem, 1
-    while candidate in used:
-        k += 1
-        candidate = f"{stem}_{k}"
-    used.add(candidate)
-    return candidate
+    return unique_stem(stem, used)
 
 
 def decision_figure(result: FileResult, key: str, vmax: float, contour_at: float | None) -> np.ndarray:

@@ -110,3 +110,13 @@ class OutputWriter:
                     future.result()
         finally:
             self._pool.shutdown(wait=True, cancel_futures=exc_type is not None)
+
+
+def unique_stem(stem: str, used: set[str]) -> str:
+    """``stem``, or ``stem_2``, ``stem_3``, ... if taken: output names that never overwrite each other (added to ``used``)."""
+    candidate, k = stem, 1
+    while candidate in used:
+        k += 1
+        candidate = f"{stem}_{k}"
+    used.add(candidate)
+    return candidate
