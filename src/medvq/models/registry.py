@@ -157,6 +157,7 @@ def _featvq() -> Method:
         training_module=FeatVQModule.from_run_config,
         streams_training=True,
         combinations=COMBINATIONS,
+        onnx_export=lambda model: None,
     )
 
 

@@ -12,6 +12,7 @@ import csv
 import html
 import io
 import json
+import zipfile
 from pathlib import Path
 
 import matplotlib
@@ -182,6 +183,27 @@ def _operating_point_section(metrics: dict) -> str:
     )
 
 
+def _volume_section(metrics: dict) -> str:
+    """Volume-level figures next to the B-scan ones, where the test data holds volumes."""
+    volumes = metrics.get("volume_level")
+    if not volumes:
+        return ""
+    counts = ", ".join(f"{html.escape(c)} {n}" for c, n in volumes["counts"].items())
+    rows = "".join(
+        f"<tr><td class='l'>{html.escape(n)}</td><td>{_fmt(metrics['maps'][n]['image_auroc'])}</td><td>{_fmt(v['auroc'])}</td><td>{_fmt(v['auprc'])}</td>"
+        + (f"<td>{_fmt(v['operating_point']['sensitivity'])}</td><td>{_fmt(v['operating_point']['specificity'])}</td>" if "operating_point" in v else "<td>–</td><td>–</td>")
+        + "</tr>"
+        for n, v in volumes["maps"].items()
+        if n in metrics["maps"]
+    )
+    return (
+        f"<h2>Volumes</h2><p class='muted'>{volumes['n_volumes']} volumes ({counts}); a volume is abnormal when any of its B-scans is; "
+        f"its score: {html.escape(volumes['aggregation'])}; called abnormal above the B-scan threshold.</p>"
+        "<table><tr><th class='l'>map</th><th>B-scan AUROC</th><th>volume AUROC</th><th>volume AUPRC</th><th>volume sensitivity</th><th>volume specificity</th></tr>"
+        f"{rows}</table>"
+    )
+
+
 def _roc_section(rows: list[dict], names: list[str], normal: str, points: dict[str, float] | None = None) -> str:
     labels = np.array([r["class"] != normal for r in rows], dtype=int)
     classes = sorted({r["class"] for r in rows} - {normal})
@@ -318,10 +340,45 @@ def build_report(out_dir: str | Path) -> Path:
     for needed in ("metrics.json", "scores.csv", "evaluation.npz"):
         if not (out / needed).is_file():
             raise MedvqError(f"missing {needed}", path=out, fix="run `medvq evaluate` to create the evaluation folder")
-    metrics = json.loads((out / "metrics.json").read_text())
-    rows, names = read_scores(out / "scores.csv")
-    with np.load(out / "evaluation.npz", allow_pickle=False) as f:
-        npz = {k: f[k] for k in f.files}
+    metrics = _read_saved(out / "metrics.json", lambda p: json.loads(p.read_text()))
+    rows, names = _read_saved(out / "scores.csv", read_scores)
+    npz = _read_saved(out / "evaluation.npz", _load_npz)
+    try:
+        page = _evaluation_page(metrics, rows, names, npz)
+    except MedvqError:
+        raise
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as err:  # a hand-edited or mismatched file
+        raise MedvqError(
+            f"evaluation files do not fit together ({err.__class__.__name__}: {err})", path=out, fix="run `medvq evaluate` again to rewrite them"
+        ) from None
+    path = out / "report.html"
+    atomic_write_text(path, page)
+    return path
+
+
+def _pixel_note(metrics: dict) -> str:
+    if "pixel_metric_images" not in metrics:
+        return ""
+    left_out = metrics["pixel_metric_left_out"]
+    return f"\nPixel metrics over {metrics['pixel_metric_images']} images with a lesion mask (NORMAL images without one count as lesion-free)" + (
+        f"; {left_out} abnormal images without a mask were left out of them." if left_out else "."
+    )
+
+
+def _load_npz(path: Path) -> dict[str, np.ndarray]:
+    with np.load(path, allow_pickle=False) as f:
+        return {k: f[k] for k in f.files}
+
+
+def _read_saved(path: Path, reader):
+    """Read one saved evaluation file; a truncated or edited one is named in a clear error."""
+    try:
+        return reader(path)
+    except (ValueError, KeyError, TypeError, EOFError, IndexError, zipfile.BadZipFile) as err:
+        raise MedvqError(f"damaged file ({err.__class__.__name__}: {str(err)[:200]})", path=path, fix="run `medvq evaluate` again to rewrite it") from None
+
+
+def _evaluation_page(metrics: dict, rows: list, names: list, npz: dict) -> str:
     normal = "NORMAL" if any(r["class"] == "NORMAL" for r in rows) else sorted({r["class"] for r in rows})[0]
     counts = ", ".join(f"{html.escape(c)} {n}" for c, n in metrics["counts"].items())
     classification = f"<h2>Classification</h2>{_classification_section(metrics['classification'])}" if "classification" in metrics else ""
@@ -329,6 +386,7 @@ def build_report(out_dir: str | Path) -> Path:
         f"""<h2>Metrics</h2>{_metrics_table(metrics)}
 <p class='muted'>Best Dice uses the best threshold found on these test images, so it is an upper bound. AUPRO is normalised to 1 for a perfect map.</p>
 {_operating_point_section(metrics)}
+{_volume_section(metrics)}
 <h2>ROC curves</h2>{_roc_section(rows, names, normal, {n: m["operating_point"]["threshold"] for n, m in metrics["maps"].items() if "operating_point" in m})}
 <h2>Gallery</h2>{_gallery(npz, normal)}"""
         if metrics["maps"]
@@ -341,11 +399,11 @@ def build_report(out_dir: str | Path) -> Path:
 <p>{metrics['n_images']} test images from {metrics['n_patients']} patients ({counts}).
 {metrics['excluded_seen_in_training']} images of patients or files used in training or calibration were excluded.
 Model input {metrics['image_size']}×{metrics['image_size']} px (field of view: {html.escape(metrics['fov'])}); image score = {html.escape(metrics['reducer'])} of each standardised map;
-normal statistics from {metrics['calibration_images']} held-out normal images.</p>
+normal statistics from {metrics['calibration_images']} held-out normal images.{_pixel_note(metrics)}</p>
 {classification}{anomaly}
 {reconstruction}
 <p class='muted'>Generated by medvq from metrics.json, scores.csv and evaluation.npz in this folder.</p>
 </body></html>"""
-    path = out / "report.html"
-    atomic_write_text(path, page)
-    return path
+    return page
+
+
