@@ -4,7 +4,8 @@
 
 Both paths score the same preprocessed batch (real kermany-dev scans when --data is given, else random
 images) from model input to calibrated maps and image scores; preprocessing and file reading are not
-timed. torch runs fp32 (as the graph) with the same number of threads as onnxruntime. Also reports the
+timed. torch runs fp32 (as the graph) with the same number of threads as onnxruntime; the two are called
+in turn, round after round, so that load from other processes affects both alike. Also reports the
 size of each exported file and the largest difference between the two paths' scores.
 """
 
@@ -20,15 +21,19 @@ import numpy as np
 import torch
 
 
-def images_per_second(fn, n_images: int, min_seconds: float) -> float:
-    fn()  # warm-up
-    done, start = 0, time.perf_counter()
-    while True:
-        fn()
-        done += n_images
-        elapsed = time.perf_counter() - start
-        if elapsed >= min_seconds:
-            return done / elapsed
+def interleaved_images_per_second(fns: list, n_images: int, min_seconds: float) -> list[float]:
+    """Call each function in turn, round after round, so that a change of machine load hits all alike."""
+    for fn in fns:
+        fn()  # warm-up
+    spent = [0.0] * len(fns)
+    rounds = 0
+    while sum(spent) < min_seconds * len(fns) or rounds < 3:
+        for k, fn in enumerate(fns):
+            start = time.perf_counter()
+            fn()
+            spent[k] += time.perf_counter() - start
+        rounds += 1
+    return [rounds * n_images / s for s in spent]
 
 
 def batch(detector, data: Path | None, n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -67,8 +72,9 @@ def main() -> None:
             scorer = OnnxScorer(path, threads=args.threads)
             x, valid = batch(detector, args.data, args.batch_size)
             xv, vv = x.numpy(), valid.float().numpy()
-            torch_ips = images_per_second(lambda: detector.predict(x, valid, bf16=False), len(x), args.seconds)
-            onnx_ips = images_per_second(lambda: scorer.run(xv, vv), len(x), args.seconds)
+            torch_ips, onnx_ips = interleaved_images_per_second(
+                [lambda: detector.predict(x, valid, bf16=False), lambda: scorer.run(xv, vv)], len(x), args.seconds
+            )
             pred, outs = detector.predict(x, valid, bf16=False), scorer.run(xv, vv)
             diff = max(float(np.abs(outs[f"score_{k.replace('+', '__')}"] - v).max()) for k, v in pred.scores.items())
             row = {
