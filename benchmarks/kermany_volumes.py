@@ -41,7 +41,7 @@ def assemble(run: Path, data: Path, out: Path) -> tuple[Path, list[int]]:
     lines = ["path,label,patient,split"]
     for k, ((patient, label, shape), items) in enumerate(sorted(groups.items())):
         frames = np.stack([p for _, p in sorted(items, key=lambda x: x[0])])
-        path = write_dicom_opt(folder / f"{label}-{patient}-{shape[1]}x{shape[0]}.dcm", frames, patient=patient, laterality="")
+        path = write_dicom_opt(folder / f"{label}-{patient}-{shape[1]}x{shape[0]}.dcm", frames, patient=patient, laterality="", study_date="")
         lines.append(f"{path.name},{label},{patient},test")
     manifest = folder / "volumes.csv"
     manifest.write_text("\n".join(lines) + "\n")

@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from volume_files import write_dicom_opt, write_heidelberg_vol, write_zeiss_img  # noqa: E402
+from volume_files import write_dicom_opt, write_heidelberg_vol, write_topcon_fda, write_zeiss_img  # noqa: E402
 
 from medvq.data import volumes  # noqa: E402
 from medvq.data.readers import read_sample  # noqa: E402
@@ -40,6 +40,7 @@ def _write_all(folder: Path, n: int, h: int, w: int, seed: int) -> dict[str, lis
         "DICOM OPT multi-frame (16 bit)": [write_dicom_opt(folder / "volume16.dcm", (bscans * 65535).astype(np.uint16))],
         "Heidelberg .vol (eyepy)": [write_heidelberg_vol(folder / "volume.vol", bscans**4)],
         "Zeiss .img (oct-converter)": [write_zeiss_img(folder, as_uint8)],
+        "Topcon .fda, JPEG B-scans (oct-converter)": [write_topcon_fda(folder / "volume.fda", as_uint8)],
         "JPEG B-scans (one file each)": [jpegs],
     }
 

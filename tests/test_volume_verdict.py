@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 from volume_files import write_dicom_opt
 
 from medvq.cli import app
+from medvq.config import ScoreConfig
 from medvq.data.samples import Sample, scan_dataset
 from medvq.scoring.volume import en_face, group_volumes, topk_count, verdict, volume_level_scores, volume_score
 
@@ -25,16 +26,17 @@ def _bscans(path: str, n: int, label: str = "NORMAL", patient: str = "P1") -> li
 
 
 def test_volume_score_is_the_mean_of_the_highest_tenth_of_bscan_scores():
-    assert topk_count(1) == 1 and topk_count(10) == 1 and topk_count(11) == 2 and topk_count(128) == 13
+    assert [topk_count(n, 0.1) for n in (1, 10, 11, 128)] == [1, 1, 2, 13]
+    assert ScoreConfig().volume_topk_fraction == 0.1
     scores = np.zeros(20)
     scores[[4, 5]] = [3.0, 5.0]
-    assert volume_score(scores) == pytest.approx(4.0)  # the two highest of 20
-    assert volume_score([7.0]) == 7.0
-    v = verdict("vol", _bscans("v.dcm", 20, "CNV"), scores, normal_scores=np.linspace(-2, 2, 101), threshold=3.5)
+    assert volume_score(scores, 0.1) == pytest.approx(4.0)  # the two highest of 20
+    assert volume_score([7.0], 0.1) == 7.0 and volume_score(scores, 1.0) == pytest.approx(0.4)
+    v = verdict("vol", _bscans("v.dcm", 20, "CNV"), scores, normal_scores=np.linspace(-2, 2, 101), threshold=3.5, fraction=0.1)
     assert v.most_abnormal == [5, 4] and v.decision == "abnormal" and v.label == "CNV"
     assert v.normal_percentile == 100.0 and v.z == pytest.approx(4.0 / np.linspace(-2, 2, 101).std(), rel=1e-6)
-    assert verdict("vol", _bscans("v.dcm", 20), scores - 2, normal_scores=[0.0, 1.0], threshold=3.5).decision == "normal"
-    assert verdict("vol", _bscans("v.dcm", 20), scores, normal_scores=[0.0, 1.0]).decision == ""  # no stored threshold: no call
+    assert verdict("vol", _bscans("v.dcm", 20), scores - 2, normal_scores=[0.0, 1.0], threshold=3.5, fraction=0.1).decision == "normal"
+    assert verdict("vol", _bscans("v.dcm", 20), scores, normal_scores=[0.0, 1.0], fraction=0.1).decision == ""  # no stored threshold: no call
 
 
 def test_en_face_map_lights_up_where_a_lesion_was_planted():
@@ -59,7 +61,7 @@ def test_volumes_are_grouped_by_file_or_by_eye_and_visit():
     ]
     groups = group_volumes(samples)
     assert list(groups.values()) == [[0, 1, 2], [3, 4], [6, 7]]
-    labels, scores = volume_level_scores(samples, {"s": np.arange(8.0)}, "NORMAL")
+    labels, scores = volume_level_scores(samples, {"s": np.arange(8.0)}, "NORMAL", 0.1)
     assert labels == ["NORMAL", "CNV", "NORMAL"]  # a volume with an abnormal B-scan is abnormal
     np.testing.assert_allclose(scores["s"], [2.0, 4.0, 7.0])
 
@@ -102,6 +104,7 @@ def test_oct_volumes_train_evaluate_and_get_a_verdict_each(tiny_phantom, nibabel
     volume_level = metrics["volume_level"]
     assert volume_level["counts"]["NORMAL"] >= 2 and volume_level["n_volumes"] > volume_level["counts"]["NORMAL"]
     assert 0.0 <= volume_level["maps"]["residual"]["auroc"] <= 1.0 and "volume level" in result.output
+    assert "<h2>Volumes</h2>" in (tmp_path / "eval" / "report.html").read_text()
 
     test_volume = sorted((tmp_path / "volumes").glob("CNV-*.dcm"))[0]
     out = tmp_path / "infer"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from volume_files import VOL_MISSING, write_dicom_opt, write_heidelberg_vol, write_zeiss_img
+from volume_files import VOL_MISSING, write_dicom_opt, write_dicom_opt_jpeg, write_heidelberg_vol, write_topcon_fda, write_zeiss_img
 
 from medvq.data import volumes
 from medvq.data.readers import read_sample
@@ -34,6 +34,18 @@ def test_dicom_opt_multiframe_is_a_stack_of_bscans_with_patient_and_eye(tmp_path
     assert [s.frame for s in collect_images([tmp_path])] == [0, 1, 2, 3, 4, 0, None]
 
 
+def test_a_damaged_frame_of_a_compressed_dicom_volume_is_skipped_with_a_warning(tmp_path):
+    frames = _frames(4, 64, 48)
+    path = write_dicom_opt_jpeg(tmp_path / "jpeg.dcm", frames, damaged=(2,), patient="P7")
+    with pytest.warns(UserWarning, match=r"jpeg.dcm: B-scan 2 skipped: cannot be decoded"):
+        samples = volumes.scan_volume_file(path)
+    assert [s.frame for s in samples] == [0, 1, 3] and {s.patient_id for s in samples} == {"P7"}
+    assert np.abs(read_sample(samples[2]) - frames[3] / 255.0).mean() < 0.05  # JPEG: close to the frame written
+    broken = write_dicom_opt_jpeg(tmp_path / "broken.dcm", frames, damaged=(0, 1, 2, 3))
+    with pytest.raises(ImageReadError, match=r"broken.dcm: cannot read DICOM multi-frame volume: ValueError: none of its 4 frames can be decoded"):
+        volumes.scan_volume_file(broken)
+
+
 def test_heidelberg_vol_through_eyepy_with_a_missing_bscan_skipped(tmp_path):
     from eyepy.core.utils import from_vol_intensity
 
@@ -59,11 +71,30 @@ def test_zeiss_img_cube_through_oct_converter(tmp_path):
     np.testing.assert_allclose(read_sample(samples[2]), cube[2] / 255.0, atol=1e-6)
 
 
+def test_topcon_fda_through_oct_converter(tmp_path):
+    import io
+
+    from PIL import Image
+
+    before = np.fromstring
+    bscans = _frames(3, 64, 48)
+    path = write_topcon_fda(tmp_path / "macula.fda", bscans, patient="TP-19", eye="L", height_mm=6.0)
+    samples = volumes.scan_volume_file(path)
+    assert [s.frame for s in samples] == [0, 1, 2]
+    assert {(s.patient_id, s.eye, s.visit) for s in samples} == {("TP-19", "OS", "2022-11-03")}
+    assert samples[1].meta["position_mm"] == pytest.approx(2.0)  # 6 mm over 3 B-scans
+    buffer = io.BytesIO()
+    Image.fromarray(bscans[2]).save(buffer, format="JPEG", quality=95)  # the file holds JPEG B-scans
+    np.testing.assert_allclose(read_sample(samples[2]), np.asarray(Image.open(buffer)) / 255.0, atol=1e-6)
+    assert np.fromstring is before  # numpy is left as it was after the reader ran
+
+
 def test_truncated_and_foreign_volume_files_name_the_file(tmp_path):
     dicom = write_dicom_opt(tmp_path / "a.dcm", _frames(6, 64, 64))
     vol = write_heidelberg_vol(tmp_path / "b.vol", RNG.random((3, 40, 32)).astype(np.float32))
     zeiss = write_zeiss_img(tmp_path, _frames(3, 50, 40))
-    for path in (dicom, vol, zeiss):
+    fda = write_topcon_fda(tmp_path / "d.fda", _frames(3, 64, 48))
+    for path in (dicom, vol, zeiss, fda):
         data = path.read_bytes()
         path.write_bytes(data[: len(data) - 1000])
         with pytest.raises(ImageReadError) as info:

@@ -37,8 +37,9 @@ def write_dicom_opt(
     ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
     ds.Modality = "OPT"
     ds.PatientID, ds.PatientName = patient, "Test^Patient"
-    ds.StudyDate = ds.ContentDate = study_date
-    ds.AcquisitionDateTime = study_date + "101500"
+    if study_date:  # "" leaves the dates out
+        ds.StudyDate = ds.ContentDate = study_date
+        ds.AcquisitionDateTime = study_date + "101500"
     ds.ImageLaterality = laterality
     ds.NumberOfFrames = len(frames)
     ds.Rows, ds.Columns = frames.shape[1:]
@@ -87,4 +88,58 @@ def write_zeiss_img(folder: Path, cube: np.ndarray, *, patient: str = "P12345", 
     n, depth, ascans = cube.shape
     path = folder / f"{patient}_Macular Cube {ascans}x{n}_7-25-2016_14-35-22_{eye}_sn1234_cube_z.img"
     path.write_bytes(np.ascontiguousarray(cube.transpose(1, 2, 0)).tobytes(order="F"))
+    return path
+
+
+def _fda_chunk(name: bytes, data: bytes) -> bytes:
+    return struct.pack("<B", len(name)) + name + struct.pack("<I", len(data)) + data
+
+
+def write_topcon_fda(path: Path, bscans: np.ndarray, *, patient: str = "TP-19", eye: str = "L", width_mm: float = 6.0, height_mm: float = 6.0, quality: int = 95) -> Path:
+    """bscans: (N, H, W) uint8. Topcon .fda as the published chunk layout has it: a 15-byte header ("FOCT",
+    "FDA", two uint32 versions), then chunks of [name length u8][name][size u32][data] and a 0 byte; B-scans
+    are JPEGs in @IMG_JPEG after a 25-byte header; patient in @PATIENT_INFO_02, eye (0 R, 1 L) and capture
+    date in @CAPTURE_INFO_02, scan size in mm in @PARAM_SCAN_04."""
+    import io
+
+    from PIL import Image
+
+    n, h, w = bscans.shape
+    jpegs = b""
+    for b in bscans:
+        buffer = io.BytesIO()
+        Image.fromarray(b).save(buffer, format="JPEG", quality=quality)
+        jpegs += struct.pack("<i", buffer.tell()) + buffer.getvalue()
+    image = struct.pack("<B6I", 3, 0, 0, w, h, n, 0) + jpegs  # scan mode, 2 x unknown, width, height, B-scans, unknown
+    patient_info = patient.encode().ljust(32, b"\0") + b"Test".ljust(32, b"\0") + b"Patient".ljust(32, b"\0") + bytes(8) + b"\x02" + struct.pack("<3H", 1950, 5, 17)
+    patient_info = patient_info.ljust(615, b"\0")
+    capture = struct.pack("<BBI100s6H", {"R": 0, "L": 1}[eye], 3, 1, b"Macula 3D", 2022, 11, 3, 9, 30, 0)
+    scan = struct.pack("<3I5d2B", 0, 0, 0, width_mm, height_mm, 2.6, 0.0, 0.0, 0, 0)
+    body = b"".join(_fda_chunk(name, data) for name, data in ((b"@PATIENT_INFO_02", patient_info), (b"@CAPTURE_INFO_02", capture), (b"@PARAM_SCAN_04", scan), (b"@IMG_JPEG", image)))
+    path.write_bytes(b"FOCT" + b"FDA" + struct.pack("<II", 1, 3) + body + b"\0")
+    return path
+
+
+def write_dicom_opt_jpeg(path: Path, frames: np.ndarray, *, damaged: tuple[int, ...] = (), **kwargs) -> Path:
+    """A DICOM OPT multi-frame file whose frames are JPEG baseline (encapsulated pixel data, as many devices
+    export); the frames in ``damaged`` are cut short, as a failed transfer leaves them."""
+    import io
+
+    import pydicom
+    from PIL import Image
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import JPEGBaseline8Bit
+
+    write_dicom_opt(path, frames, **kwargs)
+    ds = pydicom.dcmread(path)
+    encoded = []
+    for i, frame in enumerate(frames):
+        buffer = io.BytesIO()
+        Image.fromarray(frame).save(buffer, format="JPEG", quality=95)
+        data = buffer.getvalue()
+        encoded.append(data[: len(data) // 3] if i in damaged else data)
+    ds.PixelData = encapsulate(encoded)
+    ds["PixelData"].VR = "OB"
+    ds.file_meta.TransferSyntaxUID = JPEGBaseline8Bit
+    ds.save_as(path, enforce_file_format=True)
     return path

@@ -42,7 +42,7 @@ class DataConfig(Section):
     patient_pattern: str | None = Field(
         None,
         description="Regular expression whose (?P<patient>...) group (or first group) is the patient id, searched in each file's path "
-        "relative to the data folder, e.g. '^(?P<patient>P\\d+)-' for P001-OD-012.png (default: the OCT2017 name CLASS-PATIENT-N).",
+        "relative to the data folder, e.g. '(?P<patient>P\\d+)-O[DS]-' for CLASS/P001-OD-012.png (default: the OCT2017 name CLASS-PATIENT-N).",
     )
     hflip: bool = Field(True, description="Random left-right flips while training (left and right eyes mirror each other).")
     zoom: float = Field(
@@ -110,6 +110,13 @@ class ScoreConfig(Section):
     combine: list[str] | None = Field(None, description="Maps averaged after standardisation into 'combined' (default: all computed maps).")
     reducer: Literal["topk", "mean", "max"] = Field("topk", description="How a map becomes an image score.")
     topk_fraction: float = Field(0.01, gt=0, le=1, description="Share of the highest pixels averaged by the topk reducer.")
+    volume_topk_fraction: float = Field(
+        0.1,
+        gt=0,
+        le=1,
+        description="Volumes: share of a volume's B-scans, the highest-scoring, whose scores are averaged into the volume score "
+        "(at least one B-scan): several abnormal B-scans lift a volume, one noisy B-scan of a large volume does not decide it.",
+    )
     smoothing_sigma: float = Field(2.0, ge=0, description="Gaussian smoothing of every map, in units of image_size/128 pixels.")
     operating_point: Literal["spec95", "spec99"] = Field(
         "spec95",

@@ -150,7 +150,7 @@ def infer(
             )
         write_volume_verdicts(
             out, samples, [r[decide_on] for r in rows], column_maxima, detector.calibration.stats[decide_on].normal_scores,
-            score_name=decide_on, map_name=key, vmax=vmax, threshold=point.value, operating_point=point.name,
+            score_name=decide_on, map_name=key, fraction=detector.config.score.volume_topk_fraction, vmax=vmax, threshold=point.value, operating_point=point.name,
             normal_class=detector.config.data.normal_class, console=console,
         )  # fmt: skip
     return rows

@@ -13,7 +13,7 @@ from rich.console import Console
 from medvq.data.samples import Sample
 from medvq.io import atomic_path, atomic_write_csv, atomic_write_text
 from medvq.report.figures import colorize
-from medvq.scoring.volume import DEFAULT_TOPK_FRACTION, VolumeVerdict, en_face, group_volumes, verdict
+from medvq.scoring.volume import VolumeVerdict, describe, en_face, group_volumes, verdict
 
 ENFACE_MIN_HEIGHT = 128  # en-face PNGs repeat each B-scan row up to about this height (the .npy keeps one row per B-scan)
 
@@ -27,6 +27,7 @@ def write_volume_verdicts(
     *,
     score_name: str,
     map_name: str,
+    fraction: float,
     vmax: float,
     threshold: float | None = None,
     operating_point: str = "",
@@ -46,7 +47,7 @@ def write_volume_verdicts(
     folder.mkdir(parents=True, exist_ok=True)
     verdicts, used = [], set()
     for key, idx in groups.items():
-        v = verdict(key, [samples[i] for i in idx], scores[idx], normal_scores, threshold=threshold, normal_class=normal_class)
+        v = verdict(key, [samples[i] for i in idx], scores[idx], normal_scores, threshold=threshold, normal_class=normal_class, fraction=fraction)
         verdicts.append(v)
         stem = (stems or {}).get(key) or _stem(samples[idx[0]], used)
         enface = en_face([column_maxima[i] for i in idx])
@@ -71,7 +72,7 @@ def write_volume_verdicts(
         "threshold": threshold,
         "decision": "abnormal when the volume score is above the B-scan threshold of the operating point" if threshold is not None else "no threshold",
         "en_face_map": map_name,
-        "aggregation": f"mean of the ceil({DEFAULT_TOPK_FRACTION:g} x n) highest calibrated B-scan scores (at least 1)",
+        "aggregation": describe(fraction),
         "en_face": "per B-scan and A-scan column, the maximum of the calibrated map over depth; rows = B-scans in file order",
         "volumes": [{**v.row(), "label": v.label, "frames": v.frames, "bscan_scores": v.bscan_scores} for v in verdicts],
     }

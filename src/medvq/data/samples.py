@@ -73,7 +73,7 @@ class PatientRule:
             except re.error as err:
                 raise DatasetError(f"--patient-pattern {self.pattern!r} is not a regular expression: {err}") from None
             if regex.groups == 0:
-                raise DatasetError(f"--patient-pattern {self.pattern!r} has no group", fix="mark the patient id with (?P<patient>...), e.g. '^(?P<patient>P\\d+)-'")
+                raise DatasetError(f"--patient-pattern {self.pattern!r} has no group", fix="mark the patient id with (?P<patient>...), e.g. '(?P<patient>P\\d+)-O[DS]-'")
 
     def describe(self) -> str:
         return f"--patient-pattern {self.pattern!r}" if self.pattern else "the OCT2017 name CLASS-PATIENT-N (first field = class folder)"

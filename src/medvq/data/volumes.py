@@ -9,21 +9,26 @@ Formats and the readers behind them
 - Heidelberg Spectralis ``.vol``: eyepy (``pip install medvq[oct-vendors]``). Patient, eye (scan
   position), visit date and B-scan distance from the file header; intensities shown through eyepy's
   HEYEX display mapping (``from_vol_intensity``, a logarithm of the stored reflectivity), missing values 0.
+- Topcon ``.fda``: oct-converter (same extra). Patient, eye and capture date from the file's
+  information chunks, B-scan spacing from its scan parameters; JPEG or raw 16-bit B-scans.
 - Zeiss Cirrus ``.img`` (raw cube): oct-converter (same extra). The file holds no header: the A-scan and
   B-scan counts come from the exported name (``..._Macular Cube 512x128_...``), patient (``P<digits>``),
   eye and date from the name as well, as oct-converter reads them.
 
 Every B-scan becomes a ``Sample`` with ``frame`` = its index in the file. Files that cannot be read (not
 the format, truncated, no B-scans) raise one :class:`~medvq.errors.ImageReadError` naming the file; a
-B-scan without image content (every pixel missing or equal, e.g. a frame the scanner left empty) is
-skipped with a warning that names the file and the frame, and the other B-scans are kept.
+B-scan that cannot be decoded (a damaged compressed DICOM frame) or holds no image content (every pixel
+missing or equal, e.g. a frame the scanner left empty) is skipped with a warning that names the file and
+the frame, and the other B-scans are kept.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import re
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import date, datetime
 from functools import lru_cache
 from pathlib import Path
@@ -47,6 +52,7 @@ class OCTVolume:
     scan_date: str = ""  # ISO date, "" when absent
     spacing_mm: float | None = None  # distance between neighbouring B-scans
     usable: tuple[bool, ...] = ()  # per B-scan: False where it holds no image
+    unreadable: dict[int, str] = field(default_factory=dict)  # B-scans a reader could not decode -> why
 
     @property
     def n_bscans(self) -> int:
@@ -95,8 +101,15 @@ def read_dicom_volume(path: Path) -> OCTVolume:
     import pydicom
 
     ds = pydicom.dcmread(path)
-    frames = ds.pixel_array  # (N, H, W[, samples]); one frame comes without the N axis
-    if int(getattr(ds, "NumberOfFrames", 1) or 1) == 1:
+    n = int(getattr(ds, "NumberOfFrames", 1) or 1)
+    unreadable: dict[int, str] = {}
+    try:
+        frames = ds.pixel_array  # (N, H, W[, samples]); one frame comes without the N axis
+    except Exception:
+        if n == 1:
+            raise
+        frames, unreadable = _dicom_frames_one_by_one(ds, n)  # compressed frames: keep those that decode
+    if n == 1:
         frames = frames[None]
     if int(getattr(ds, "SamplesPerPixel", 1) or 1) > 1:  # colour frames -> luminance
         frames = frames[..., :3].astype(np.float32) @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
@@ -119,7 +132,26 @@ def read_dicom_volume(path: Path) -> OCTVolume:
         eye=EYE_CODES.get(eye.upper(), ""),
         scan_date=_dicom_date(_first(ds, "AcquisitionDateTime", "ContentDate", "StudyDate")),
         spacing_mm=float(spacing) if spacing else None,
+        unreadable=unreadable,
     )
+
+
+def _dicom_frames_one_by_one(ds, n: int) -> tuple[np.ndarray, dict[int, str]]:
+    """Decode each frame on its own; frames that fail are zero-filled and reported (all failing: raise)."""
+    from pydicom.pixels import pixel_array
+
+    decoded: list[np.ndarray | None] = []
+    unreadable: dict[int, str] = {}
+    for i in range(n):
+        try:
+            decoded.append(pixel_array(ds, index=i))
+        except Exception as err:
+            decoded.append(None)
+            unreadable[i] = f"cannot be decoded ({str(err).splitlines()[-1].strip()})"
+    good = [d for d in decoded if d is not None]
+    if not good:
+        raise ValueError(f"none of its {n} frames can be decoded ({next(iter(unreadable.values()))})")
+    return np.stack([d if d is not None else np.zeros_like(good[0]) for d in decoded]), unreadable
 
 
 def _vendor_library(name: str):
@@ -187,6 +219,49 @@ def read_zeiss_img(path: Path) -> OCTVolume:
     )
 
 
+@contextlib.contextmanager
+def _binary_fromstring():
+    """oct-converter 0.7 reads binary fields with ``np.fromstring``, whose binary mode numpy 2.3 removed;
+    while its reader runs, that call reads the same bytes with ``np.frombuffer``."""
+    original = np.fromstring
+
+    def fromstring(string, dtype=float, count=-1, *, sep="", **kwargs):
+        if sep == "":
+            return np.frombuffer(string, dtype=dtype, count=count).copy()
+        return original(string, dtype=dtype, count=count, sep=sep, **kwargs)
+
+    np.fromstring = fromstring
+    try:
+        yield
+    finally:
+        np.fromstring = original
+
+
+def read_topcon_fda(path: Path) -> OCTVolume:
+    fda = _vendor_library("oct_converter.readers.fda")
+    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings(), _binary_fromstring():  # the reader prints and warns about chunks it skips
+        warnings.simplefilter("ignore")
+        volume = fda.FDA(path).read_oct_volume()
+    if not volume.volume:
+        raise ValueError("no OCT B-scans in the file (neither @IMG_JPEG nor @IMG_MOT_COMP_03)")
+    frames = np.stack([_gray(np.asarray(b)) for b in volume.volume])
+    if np.issubdtype(frames.dtype, np.integer):
+        frames = frames.astype(np.float32) / float(np.iinfo(frames.dtype).max)
+    acquired = volume.acquisition_date
+    spacing = volume.pixel_spacing[1] if volume.pixel_spacing else None  # [A-scan width, B-scan spacing, depth] in mm
+    return OCTVolume(
+        bscans=frames.astype(np.float32),
+        patient_id=(volume.patient_id or "").strip("\x00 "),
+        eye=EYE_CODES.get((volume.laterality or "").upper(), ""),
+        scan_date=acquired.date().isoformat() if isinstance(acquired, datetime) else "",
+        spacing_mm=float(spacing) if spacing else None,
+    )
+
+
+def _gray(b: np.ndarray) -> np.ndarray:
+    return b[..., 0] if b.ndim == 3 else b
+
+
 @dataclass(frozen=True)
 class VolumeFormat:
     name: str
@@ -199,6 +274,7 @@ FORMATS = (
     VolumeFormat("DICOM multi-frame", (".dcm", ".dicom"), read_dicom_volume, _dicom_is_volume),
     VolumeFormat("Heidelberg .vol", (".vol",), read_heidelberg_vol),
     VolumeFormat("Zeiss .img", (".img",), read_zeiss_img),
+    VolumeFormat("Topcon .fda", (".fda",), read_topcon_fda),
 )
 VOLUME_SUFFIXES = {s for f in FORMATS for s in f.suffixes}
 
@@ -223,14 +299,15 @@ def _check_bscans(volume: OCTVolume, path: Path) -> OCTVolume:
     usable = []
     for i, b in enumerate(volume.bscans):
         finite = np.isfinite(b)
-        ok = bool(finite.any()) and float(b[finite].max()) > float(b[finite].min())
+        ok = i not in volume.unreadable and bool(finite.any()) and float(b[finite].max()) > float(b[finite].min())
         if not ok:
-            warnings.warn(f"{path}: B-scan {i} skipped: it holds no image (every pixel missing or equal)", stacklevel=2)
+            why = volume.unreadable.get(i, "it holds no image (every pixel missing or equal)")
+            warnings.warn(f"{path}: B-scan {i} skipped: {why}", stacklevel=2)
         usable.append(ok)
     if not any(usable):
         raise ImageReadError("no B-scan holds an image", path=path, fix="the file is empty or damaged; export it again")
     bscans = np.where(np.isfinite(volume.bscans), volume.bscans, 0.0).astype(np.float32)
-    return OCTVolume(bscans, volume.patient_id, volume.eye, volume.scan_date, volume.spacing_mm, tuple(usable))
+    return OCTVolume(bscans, volume.patient_id, volume.eye, volume.scan_date, volume.spacing_mm, tuple(usable), volume.unreadable)
 
 
 @lru_cache(maxsize=2)

@@ -45,7 +45,8 @@ from medvq.evaluation import metrics as M
 from medvq.evaluation.reconstruction import reconstruction_metrics, spread_indices, summarize
 from medvq.io import atomic_save_npz, atomic_write_text
 from medvq.scoring.decision import OperatingPoint, is_abnormal, operating_point
-from medvq.scoring.volume import DEFAULT_TOPK_FRACTION, volume_level_scores
+from medvq.scoring.volume import describe as describe_volume_score
+from medvq.scoring.volume import volume_level_scores
 
 SPECIFICITY = 0.95
 BOOTSTRAP_RESAMPLES = 1000  # patient-level bootstrap resamples behind every AUROC interval
@@ -216,12 +217,12 @@ def write_scores_csv(path: Path, samples: list[Sample], dataset: ScanDataset, sc
 
 
 def volume_metrics(
-    samples: list[Sample], scores: dict[str, np.ndarray], normal_class: str, operating_points: dict[str, OperatingPoint] | None = None
+    samples: list[Sample], scores: dict[str, np.ndarray], normal_class: str, fraction: float, operating_points: dict[str, OperatingPoint] | None = None
 ) -> dict[str, Any] | None:
     """AUROC and AUPRC per score over volumes (``medvq.scoring.volume``: a volume is abnormal when any of
     its B-scans is; its score is the top-k mean of its B-scan scores), and sensitivity / specificity with
     the stored B-scan threshold applied to volume scores; None without normal and abnormal volumes."""
-    found = volume_level_scores(samples, scores, normal_class)
+    found = volume_level_scores(samples, scores, normal_class, fraction)
     if found is None:
         return None
     labels, volume_scores = found
@@ -231,7 +232,7 @@ def volume_metrics(
     return {
         "n_volumes": len(labels),
         "counts": {c: labels.count(c) for c in sorted(set(labels))},
-        "aggregation": f"mean of the ceil({DEFAULT_TOPK_FRACTION:g} x n) highest B-scan scores of a volume (at least 1)",
+        "aggregation": describe_volume_score(fraction),
         "maps": {
             name: {"auroc": m["image_auroc"], "auprc": m["image_auprc"], "auroc_per_class": m["image_auroc_per_class"], **({"operating_point": m["operating_point"]} if "operating_point" in m else {})}
             for name, m in per_map.items()
@@ -343,7 +344,7 @@ def evaluate_run(
         "maps": per_map,
         **({"pointing_tolerance_px": tolerance} if masks is not None else {}),
     }
-    volume_level = volume_metrics(samples, pred.scores, normal, points) if anomaly else None
+    volume_level = volume_metrics(samples, pred.scores, normal, config.score.volume_topk_fraction, points) if anomaly else None
     if volume_level is not None:
         result["volume_level"] = volume_level
     if recon is not None:

@@ -182,6 +182,27 @@ def _operating_point_section(metrics: dict) -> str:
     )
 
 
+def _volume_section(metrics: dict) -> str:
+    """Volume-level figures next to the B-scan ones, where the test data holds volumes."""
+    volumes = metrics.get("volume_level")
+    if not volumes:
+        return ""
+    counts = ", ".join(f"{html.escape(c)} {n}" for c, n in volumes["counts"].items())
+    rows = "".join(
+        f"<tr><td class='l'>{html.escape(n)}</td><td>{_fmt(metrics['maps'][n]['image_auroc'])}</td><td>{_fmt(v['auroc'])}</td><td>{_fmt(v['auprc'])}</td>"
+        + (f"<td>{_fmt(v['operating_point']['sensitivity'])}</td><td>{_fmt(v['operating_point']['specificity'])}</td>" if "operating_point" in v else "<td>–</td><td>–</td>")
+        + "</tr>"
+        for n, v in volumes["maps"].items()
+        if n in metrics["maps"]
+    )
+    return (
+        f"<h2>Volumes</h2><p class='muted'>{volumes['n_volumes']} volumes ({counts}); a volume is abnormal when any of its B-scans is; "
+        f"its score: {html.escape(volumes['aggregation'])}; called abnormal above the B-scan threshold.</p>"
+        "<table><tr><th class='l'>map</th><th>B-scan AUROC</th><th>volume AUROC</th><th>volume AUPRC</th><th>volume sensitivity</th><th>volume specificity</th></tr>"
+        f"{rows}</table>"
+    )
+
+
 def _roc_section(rows: list[dict], names: list[str], normal: str, points: dict[str, float] | None = None) -> str:
     labels = np.array([r["class"] != normal for r in rows], dtype=int)
     classes = sorted({r["class"] for r in rows} - {normal})
@@ -329,6 +350,7 @@ def build_report(out_dir: str | Path) -> Path:
         f"""<h2>Metrics</h2>{_metrics_table(metrics)}
 <p class='muted'>Best Dice uses the best threshold found on these test images, so it is an upper bound. AUPRO is normalised to 1 for a perfect map.</p>
 {_operating_point_section(metrics)}
+{_volume_section(metrics)}
 <h2>ROC curves</h2>{_roc_section(rows, names, normal, {n: m["operating_point"]["threshold"] for n, m in metrics["maps"].items() if "operating_point" in m})}
 <h2>Gallery</h2>{_gallery(npz, normal)}"""
         if metrics["maps"]

@@ -2,11 +2,11 @@
 
 - A **volume** is the B-scans (or slices) of one file (an OCT volume, a NIfTI volume; each volume of a
   4D series on its own), or the 2D scans a manifest gives the same patient, eye and visit.
-- **Volume score** = the mean of the ``k`` highest calibrated B-scan scores, ``k = ceil(topk_fraction x
-  n_bscans)`` (at least 1; default 10 %): a lesion seen on a few neighbouring B-scans lifts the volume
-  while one noisy B-scan alone does not decide it. It is in the units of the B-scan scores, so it is
-  located among the calibration normals' B-scan scores (z-score and normal percentile) and compared with
-  the stored B-scan threshold where the run has one.
+- **Volume score** = the mean of the ``k`` highest calibrated B-scan scores, ``k = ceil(fraction x
+  n_bscans)`` (at least 1; ``score.volume_topk_fraction``, 10 % by default): a lesion seen on a few
+  neighbouring B-scans lifts the volume while one noisy B-scan alone does not decide it. It is in the
+  units of the B-scan scores, so it is located among the calibration normals' B-scan scores (z-score and
+  normal percentile) and compared with the stored B-scan threshold where the run has one.
 - **En-face map**: for each B-scan and each A-scan column the maximum of the B-scan's calibrated map over
   depth, one row per B-scan in file order: an image of B-scans x width, as seen from the front of the eye.
 """
@@ -19,9 +19,6 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 import numpy as np
-
-DEFAULT_TOPK_FRACTION = 0.1
-
 
 def volume_key(sample) -> str | None:
     """What volume a sample belongs to, or None for a scan on its own."""
@@ -43,11 +40,15 @@ def group_volumes(samples: Sequence) -> dict[str, list[int]]:
     return {k: sorted(v, key=lambda i: (samples[i].frame if samples[i].frame is not None else -1, str(samples[i].path))) for k, v in groups.items()}
 
 
-def topk_count(n: int, fraction: float = DEFAULT_TOPK_FRACTION) -> int:
+def describe(fraction: float) -> str:
+    return f"mean of the ceil({fraction:g} x n) highest B-scan scores of a volume (at least 1)"
+
+
+def topk_count(n: int, fraction: float) -> int:
     return max(1, math.ceil(fraction * n - 1e-9))
 
 
-def volume_score(bscan_scores: Sequence[float], fraction: float = DEFAULT_TOPK_FRACTION) -> float:
+def volume_score(bscan_scores: Sequence[float], fraction: float) -> float:
     """Mean of the ``ceil(fraction * n)`` highest B-scan scores."""
     s = np.sort(np.asarray(bscan_scores, dtype=np.float64))[::-1]
     if s.size == 0:
@@ -103,7 +104,7 @@ def verdict(
     *,
     threshold: float | None = None,
     normal_class: str = "NORMAL",
-    fraction: float = DEFAULT_TOPK_FRACTION,
+    fraction: float,
 ) -> VolumeVerdict:
     """The verdict of one volume from its samples' calibrated scores (same order)."""
     scores = np.asarray(bscan_scores, dtype=np.float64)
@@ -131,7 +132,7 @@ def verdict(
     )
 
 
-def volume_level_scores(samples: Sequence, scores: dict[str, np.ndarray], normal_class: str, fraction: float = DEFAULT_TOPK_FRACTION) -> tuple[list[str], dict[str, np.ndarray]] | None:
+def volume_level_scores(samples: Sequence, scores: dict[str, np.ndarray], normal_class: str, fraction: float) -> tuple[list[str], dict[str, np.ndarray]] | None:
     """Volume labels and, per score name, volume scores for evaluation; None when the data has no volumes."""
     groups = group_volumes(samples)
     if not groups:

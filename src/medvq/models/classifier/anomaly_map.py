@@ -13,7 +13,7 @@ from contextlib import nullcontext
 
 import torch
 
-from medvq.maps import MapOutput
+from medvq.maps import MapOutput, check_map_names, evaluating
 from medvq.maps.gradcam import LayerCapture, layer_map
 from medvq.maps.rollout import rollout_map
 from medvq.models.classifier.model import Classifier, ClassifierConfig
@@ -39,16 +39,12 @@ def classifier_maps(model: Classifier, images: torch.Tensor, names: tuple[str, .
     c = model.config
     available = map_names_for(c)
     names = tuple(names) if names is not None else available
-    unknown = set(names) - set(available)
-    if unknown:
-        why = " (attention rollout needs --arch vit)" if unknown & {"rollout", "gradient_rollout"} else ""
-        raise ValueError(f"unknown map(s) {sorted(unknown)} for a {c.arch} classifier{why}; available: {', '.join(available)}")
+    why = " (attention rollout needs --arch vit)" if {"rollout", "gradient_rollout"} & (set(names) - set(available)) else ""
+    check_map_names(names, available, f"a {c.arch} classifier", why)
     need_attention = bool({"rollout", "gradient_rollout"} & set(names))
     need_grad = bool({"gradcam", "gradient_rollout"} & set(names))
     size = tuple(images.shape[-2:])
-    was_training = model.training
-    model.eval()
-    try:
+    with evaluating(model):
         capture = LayerCapture(model.net, c.default_gradcam_layer) if "gradcam" in names else nullcontext()
         with torch.enable_grad() if need_grad else torch.no_grad(), capture:
             x = images.detach().requires_grad_(need_grad)  # a graph even if the weights are frozen
@@ -60,8 +56,6 @@ def classifier_maps(model: Classifier, images: torch.Tensor, names: tuple[str, .
             if "gradient_rollout" in names:
                 wanted.extend(out.attentions)
             grads = list(torch.autograd.grad(explained_output(model, logits).sum(), wanted)) if wanted else []
-    finally:
-        model.train(was_training)
 
     maps: dict[str, torch.Tensor] = {}
     if "gradcam" in names:

@@ -22,6 +22,7 @@ from torch import nn
 
 from medvq.models.backbones.efficientnet_lite0 import BN, InputConv, LiteFeatures
 from medvq.models.classifier.config import ClassifierConfig
+from medvq.models.inputs import check_images
 
 @dataclass
 class ClassifierOutput:
@@ -280,13 +281,7 @@ class Classifier(nn.Module):
         return getattr(self.net, "prefix_tokens", 0)
 
     def check_input(self, x: torch.Tensor) -> None:
-        if x.ndim != 4 or x.shape[1] != self.config.in_channels:
-            raise ValueError(f"expected images of shape (B, {self.config.in_channels}, H, W), got {tuple(x.shape)}")
-        if x.shape[-1] % self.stride or x.shape[-2] % self.stride:
-            raise ValueError(
-                f"image size {tuple(x.shape[-2:])} is not a multiple of the model stride {self.stride}; "
-                "resize the input (data.image_size) to a multiple of it"
-            )
+        check_images(x, self.config.in_channels, self.stride)
 
     def forward(self, x: torch.Tensor, return_attention: bool = False) -> ClassifierOutput:
         """Logits (B, num_classes); with return_attention (ViT only) also every block's attention weights."""

@@ -21,6 +21,7 @@ from torch import nn
 
 from medvq.models.backbones.patch_features import PatchFeatures
 from medvq.models.patchcore.config import PatchCoreConfig
+from medvq.models.inputs import check_images
 
 @dataclass
 class PatchCoreOutput:
@@ -65,13 +66,7 @@ class PatchCore(nn.Module):
         self.memory_bank = bank.detach().to(self.memory_bank.device, torch.float32).contiguous()
 
     def check_input(self, x: torch.Tensor) -> None:
-        if x.ndim != 4 or x.shape[1] != self.config.in_channels:
-            raise ValueError(f"expected images of shape (B, {self.config.in_channels}, H, W), got {tuple(x.shape)}")
-        if x.shape[-1] % self.stride or x.shape[-2] % self.stride:
-            raise ValueError(
-                f"image size {tuple(x.shape[-2:])} is not a multiple of the model stride {self.stride}; "
-                "resize the input (data.image_size) to a multiple of it"
-            )
+        check_images(x, self.config.in_channels, self.stride)
 
     @torch.no_grad()
     def embed(self, images: torch.Tensor) -> torch.Tensor:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from medvq.maps import MapOutput
+from medvq.maps import MapOutput, check_map_names, evaluating
 from medvq.models.prior.model import LatentPrior, code_nll
 from medvq.models.vqvae.anomaly_map import vqvae_maps
 
@@ -25,16 +25,10 @@ def nll_map(logits: torch.Tensor, codes: torch.Tensor, size: tuple[int, int] | N
 @torch.no_grad()
 def prior_maps(model: LatentPrior, images: torch.Tensor, names: tuple[str, ...] | list[str] = MAP_NAMES) -> MapOutput:
     """(B, 1, S, S) images in [0, 1] -> nll, residual and alm maps; one teacher-forced pass of the prior."""
-    unknown = set(names) - set(MAP_NAMES)
-    if unknown:
-        raise ValueError(f"unknown map(s) {sorted(unknown)} for a prior; available: {', '.join(MAP_NAMES)}")
-    was_training = model.training
-    model.eval()
-    try:
+    check_map_names(names, MAP_NAMES, "a prior")
+    with evaluating(model):
         out = vqvae_maps(model.vqvae, images, [n for n in names if n != "nll"])  # also gives the code maps
         if "nll" in names:
             logits = model.logits(images, out.codes)
             out.maps = {"nll": nll_map(logits, out.codes, tuple(images.shape[-2:])), **out.maps}
-    finally:
-        model.train(was_training)
     return out

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from medvq.engine.optim import configure_adamw
+from medvq.maps import evaluating
 from medvq.models.prior.model import LatentPrior, PriorConfig, code_nll
 
 
@@ -68,15 +69,11 @@ class PriorModule(L.LightningModule):
     @torch.no_grad()
     def sample_rows(self, x: torch.Tensor) -> list[tuple[str, object, str, float]]:
         """Per-epoch samples: input, the frozen VQ-VAE's reconstruction, the NLL map (nats)."""
-        was_training = self.model.training
-        self.model.eval()
-        try:
+        with evaluating(self.model):
             q = self.model.codes(x.float())
             recon = self.model.vqvae.decode(q.quantized).float().clamp(0, 1)
             nll = code_nll(self.model.logits(x.float(), q.indices), q.indices)[:, None]
             nll = F.interpolate(nll, size=tuple(x.shape[-2:]), mode="nearest")
-        finally:
-            self.model.train(was_training)
         k = self.model.config.codebook_size
         return [
             ("input", x[:, 0].float().cpu().numpy(), "gray", 1.0),

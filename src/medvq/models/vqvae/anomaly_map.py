@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from medvq.maps import MapOutput
+from medvq.maps import MapOutput, check_map_names, evaluating
 from medvq.maps.alm import alignment_loss_map
 from medvq.maps.residual import residual_map
 from medvq.models.vqvae.model import VQVAE
@@ -15,16 +15,10 @@ MAP_NAMES = ("residual", "alm")
 @torch.no_grad()
 def vqvae_maps(model: VQVAE, images: torch.Tensor, names: tuple[str, ...] | list[str] = MAP_NAMES) -> MapOutput:
     """Run the model in eval mode on (B, C, H, W) images in [0, 1] and compute the requested maps."""
-    unknown = set(names) - set(MAP_NAMES)
-    if unknown:
-        raise ValueError(f"unknown map(s) {sorted(unknown)} for a VQ-VAE; available: {', '.join(MAP_NAMES)}")
-    was_training = model.training
-    model.eval()
-    try:
+    check_map_names(names, MAP_NAMES, "a VQ-VAE")
+    with evaluating(model):
         q = model.quantize(model.encode(images))
         reconstruction = model.decode(q.quantized).float()
-    finally:
-        model.train(was_training)
     maps: dict[str, torch.Tensor] = {}
     if "residual" in names:
         maps["residual"] = residual_map(images, reconstruction)

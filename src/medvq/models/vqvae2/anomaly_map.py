@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from medvq.maps import MapOutput
+from medvq.maps import MapOutput, check_map_names, evaluating
 from medvq.maps.alm import alignment_loss_map
 from medvq.maps.residual import residual_map
 from medvq.models.vqvae2.model import VQVAE2
@@ -18,16 +18,10 @@ def vqvae2_maps(model: VQVAE2, images: torch.Tensor, names: tuple[str, ...] | li
 
     ``codes`` are the bottom code maps; ``extras['top_codes']`` the top ones.
     """
-    unknown = set(names) - set(MAP_NAMES)
-    if unknown:
-        raise ValueError(f"unknown map(s) {sorted(unknown)} for a VQ-VAE-2; available: {', '.join(MAP_NAMES)}")
-    was_training = model.training
-    model.eval()
-    try:
+    check_map_names(names, MAP_NAMES, "a VQ-VAE-2")
+    with evaluating(model):
         top, bottom = model.quantize(*model.encode(images))
         reconstruction = model.decode(top.quantized, bottom.quantized).float()
-    finally:
-        model.train(was_training)
     size = tuple(images.shape[-2:])
     maps: dict[str, torch.Tensor] = {}
     if "residual" in names:

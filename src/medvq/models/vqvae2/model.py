@@ -24,6 +24,7 @@ from medvq.models.quantizer import QuantizerOutput, VectorQuantizer
 from medvq.models.vqvae.config import VQVAEConfig
 from medvq.models.vqvae.model import residual_stack
 from medvq.models.vqvae2.config import VQVAE2Config
+from medvq.models.inputs import check_images
 
 
 @dataclass
@@ -97,13 +98,7 @@ class VQVAE2(nn.Module):
         return self.config.stride
 
     def check_input(self, x: torch.Tensor) -> None:
-        if x.ndim != 4 or x.shape[1] != self.config.in_channels:
-            raise ValueError(f"expected images of shape (B, {self.config.in_channels}, H, W), got {tuple(x.shape)}")
-        if x.shape[-1] % self.stride or x.shape[-2] % self.stride:
-            raise ValueError(
-                f"image size {tuple(x.shape[-2:])} is not a multiple of the model stride {self.stride}; "
-                "resize the input (data.image_size) to a multiple of it"
-            )
+        check_images(x, self.config.in_channels, self.stride)
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Images (B, C, H, W) -> bottom features (B, hidden, H/sb, W/sb) and top latents (B, D, H/s, W/s)."""
