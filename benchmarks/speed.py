@@ -8,15 +8,19 @@ For every run and size, in one process and one run (so that the ratios compare l
 - ``preprocess 1 proc``: read + preprocess (``Preprocessor.load``) scan after scan in this process;
 - ``preprocess W workers``: the same through the reading workers that scoring uses;
 - ``model``: ``Detector.predict`` (maps, smoothing, calibration, scores) on preprocessed batches held in
-  memory, fp32 and bf16 autocast;
+  memory, fp32 and (where the CPU computes bf16 natively, or with ``--bf16 yes``) bf16 autocast;
 - ``predict_files``: files in, scores and maps on the model's grid out (maps reach the scan's grid only
   when asked for);
 - ``infer``: ``medvq.inference.infer`` (what ``medvq infer`` runs, without interpreter start-up), with
   overlay PNGs and without (``--no-overlays``), neither with ``.npy`` maps.
 
+Each is reported as scans per second of wall time and as CPU milliseconds per scan summed over the
+process and its reading workers (``_cpu_ms``): next to other jobs the first follows the machine's load,
+the second much less.
+
 A run is scored at another size than it was trained at by a copy of the run folder whose config says
-that size: the weights are the same (the networks are convolutional), so the timing is that of a model
-trained at that size; its scores mean nothing. ``--memory-scans`` runs ``infer --no-overlays --no-npy``
+that size (and whose calibration record says so): the weights are the same (the networks are
+convolutional), so the timing is that of a model trained at that size; its scores mean nothing. ``--memory-scans`` runs ``infer --no-overlays --no-npy``
 on that many scans (the data's scans repeated) in a fresh process each and reports its peak resident
 memory and that of its reading workers. The 1-minute load average is printed next to every figure.
 """
@@ -26,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -48,10 +53,19 @@ def load() -> float:
     return os.getloadavg()[0]
 
 
-def rate(n: int, fn) -> float:
-    start = time.perf_counter()
+def cpu_seconds() -> float:
+    """CPU time of this process and of its finished children (reading workers), user + system."""
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def rate(n: int, fn, into: dict, name: str) -> None:
+    """Scans per second of wall time, and CPU milliseconds per scan (all processes): on a shared machine
+    the wall-time rate follows the load, the CPU time much less."""
+    cpu, start = cpu_seconds(), time.perf_counter()
     fn()
-    return n / (time.perf_counter() - start)
+    into[name] = n / (time.perf_counter() - start)
+    into[f"{name}_cpu_ms"] = (cpu_seconds() - cpu) / n * 1e3
 
 
 def sized_run(run: Path, size: int, tmp: Path) -> Path:
@@ -63,33 +77,35 @@ def sized_run(run: Path, size: int, tmp: Path) -> Path:
     shutil.copytree(run, copy, ignore=shutil.ignore_patterns("checkpoints", "samples", "latents", "plots", "eval*"), dirs_exist_ok=True)
     config["data"]["image_size"] = size
     (copy / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    calibration = json.loads((copy / "calibration.json").read_text())
+    if isinstance(calibration.get("settings", {}).get("data"), dict):  # loading checks the config against these
+        calibration["settings"]["data"]["image_size"] = size
+        (copy / "calibration.json").write_text(json.dumps(calibration))
     return copy
 
 
-def measure(run: Path, paths: list[Path], speed: InferenceConfig, tmp: Path) -> dict:
+def measure(run: Path, paths: list[Path], speed: InferenceConfig, tmp: Path, bf16: bool) -> dict:
     samples = [Sample(path=p) for p in paths]
     n = len(samples)
     det = Detector.load(run, inference=speed)
     pre = det.preprocessor
     out: dict = {"run": str(run), "method": det.config.method, "image_size": det.config.data.image_size, "scans": n}
-    out["preprocess_1proc"] = rate(n, lambda: [pre.load(s) for s in samples])
+    rate(n, lambda: [pre.load(s) for s in samples], out, "preprocess_1proc")
     out["load_preprocess_1proc"] = load()
-    out[f"preprocess_{speed.workers}workers"] = rate(n, lambda: list(prepared_batches(samples, pre, batch_size=speed.batch_size, workers=speed.workers, keep_originals=True)))
+    rate(n, lambda: list(prepared_batches(samples, pre, batch_size=speed.batch_size, workers=speed.workers, keep_originals=True)), out, f"preprocess_{speed.workers}workers")
     data = ScanDataset(samples, pre, load_masks=False, workers=speed.workers)
-    for precision in ("32", "bf16"):
+    for precision in ("32", "bf16") if bf16 else ("32",):
         det.inference = speed.model_copy(update={"precision": precision})
         det.predict_dataset(data.subset(range(min(n, speed.batch_size))), speed.batch_size)  # warm-up
-        out[f"model_{precision}"] = rate(n, lambda: det.predict_dataset(data, speed.batch_size))
+        rate(n, lambda: det.predict_dataset(data, speed.batch_size), out, f"model_{precision}")
     out["load_model"] = load()
     det.inference = speed
-    out["predict_files"] = rate(n, lambda: [r.scores for r in det.iter_files(paths)])
+    rate(n, lambda: [r.scores for r in det.iter_files(paths)], out, "predict_files")
     out["load_predict_files"] = load()
     quiet = __import__("rich.console", fromlist=["Console"]).Console(stderr=True, quiet=True)
     for overlays in (True, False):
         dest = tmp / f"infer-{overlays}"
-        out[f"infer_{'overlays' if overlays else 'no_overlays'}"] = rate(
-            n, lambda: infer(run, paths, dest, save_npy=False, save_overlays=overlays, inference=speed, console=quiet)
-        )
+        rate(n, lambda: infer(run, paths, dest, save_npy=False, save_overlays=overlays, inference=speed, console=quiet), out, f"infer_{'overlays' if overlays else 'no_overlays'}")
         shutil.rmtree(dest, ignore_errors=True)
     out["load_infer"] = load()
     return out
@@ -133,7 +149,9 @@ def main() -> None:
     p.add_argument("--memory-scans", default="", help="Comma-separated scan counts for the peak-memory runs (e.g. 1000,10000).")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--bf16", choices=["auto", "yes", "no"], default="auto", help="Also time the model under bf16 autocast (auto: where the CPU computes bf16 natively).")
     args = p.parse_args()
+    bf16 = args.bf16 == "yes" or (args.bf16 == "auto" and (torch.cuda.is_available() or torch.ops.mkldnn._is_mkldnn_bf16_supported()))
     if args.threads:
         torch.set_num_threads(args.threads)
     paths = [s.path for s in collect_images([args.data])][: args.max_scans]
@@ -144,7 +162,7 @@ def main() -> None:
         tmp = Path(tmp)
         for run in args.runs:
             for size in [int(s) for s in args.sizes.split(",") if s]:
-                r = measure(sized_run(run, size, tmp), paths, speed, tmp)
+                r = measure(sized_run(run, size, tmp), paths, speed, tmp, bf16)
                 results["timings"].append(r)
                 print(json.dumps({k: round(v, 2) if isinstance(v, float) else v for k, v in r.items()}), flush=True)
             for n in [int(s) for s in args.memory_scans.split(",") if s]:

@@ -116,6 +116,24 @@ def test_explain_writes_maps_overlays_and_predictions(vit_run, tiny_phantom, tmp
         assert (out / "overlays" / f"{r['name']}_{name}.png").is_file()
 
 
+def test_explain_and_infer_an_oct_volume_bscan_by_bscan(vit_run, tiny_phantom, tmp_path):
+    from PIL import Image
+    from volume_files import write_dicom_opt
+
+    scans = sorted((tiny_phantom / "test" / "DRUSEN").glob("*.jpeg"))[:3]
+    volume = write_dicom_opt(tmp_path / "drusen.dcm", np.stack([np.asarray(Image.open(p).convert("L")) for p in scans]), patient="P9")
+    code, text = _cli("explain", vit_run, volume, "--method", "rollout", "--out", tmp_path / "explain")
+    assert code == 0, text
+    rows = list(csv.DictReader(open(tmp_path / "explain" / "explanations.csv")))
+    assert [r["name"] for r in rows] == [f"drusen_frame00{i}" for i in range(len(scans))]
+    assert np.load(tmp_path / "explain" / "maps" / "drusen_frame001_rollout.npy").shape == (128, 128)
+    code, text = _cli("infer", vit_run, volume, "--out", tmp_path / "infer")
+    assert code == 0, text
+    verdicts = list(csv.DictReader(open(tmp_path / "infer" / "volumes.csv")))
+    assert len(verdicts) == 1 and verdicts[0]["patient"] == "P9" and int(verdicts[0]["n_bscans"]) == len(scans)
+    assert verdicts[0]["decision"] in ("abnormal", "normal")
+
+
 def test_infer_reports_p_abnormal_next_to_the_maps(vit_run, tiny_phantom, tmp_path):
     out = tmp_path / "infer"
     code, text = _cli("infer", vit_run, tiny_phantom / "test" / "CNV", "--out", out)

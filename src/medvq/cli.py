@@ -19,7 +19,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from medvq.config import InferenceConfig, RunConfig, build_config, dump_config, load_yaml, sections
-from medvq.errors import MedvqError
+from medvq.errors import MedvqError, TrainingInterrupted
 
 console = Console(stderr=True, width=120)
 app = typer.Typer(
@@ -55,20 +55,69 @@ def _quiet_libraries() -> None:
     warnings.filterwarnings("ignore", message=".*litlogger.*")
 
 
+CRASH_LOG = "medvq-error.log"
+
+
+def _output_folder(kwargs: dict) -> Path | None:
+    """Where a command writes: its --out (or the folder it rebuilds), for the crash log."""
+    for key in ("out", "folder"):
+        if isinstance(kwargs.get(key), Path):
+            return kwargs[key]
+    return None
+
+
+def _write_crash_log(folder: Path | None) -> Path:
+    """The traceback of an unexpected error, in the output folder (or the temp folder when that cannot be written)."""
+    import tempfile
+    import traceback
+
+    text = f"medvq {' '.join(sys.argv[1:])}\n\n{traceback.format_exc()}"
+    for candidate in ([folder] if folder is not None else []) + [Path(tempfile.gettempdir())]:
+        try:
+            candidate.mkdir(parents=True, exist_ok=True)
+            path = candidate / CRASH_LOG
+            path.write_text(text)
+            return path
+        except OSError:
+            continue
+    return Path(CRASH_LOG)
+
+
+def _one_line(message: str) -> None:
+    console.print(message, highlight=False, soft_wrap=True, markup=False)
+
+
 def friendly_errors(fn: Callable) -> Callable:
-    """Input problems become one line on stderr and exit status 2; Ctrl-C says what was kept."""
+    """Input problems (MedvqError, OSError) become one line on stderr and exit status 2; any other error one
+    line asking for a report, with the traceback in OUT/medvq-error.log; Ctrl-C says what was kept (130)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         _quiet_libraries()
         try:
             return fn(*args, **kwargs)
+        except (typer.Exit, typer.Abort, typer.TyperException):
+            raise
         except MedvqError as err:
-            console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+            _one_line(f"error: {err}")
             raise typer.Exit(2) from None
-        except KeyboardInterrupt:
-            console.print("[yellow]interrupted[/]: finished epochs and written files are kept; continue training with --resume")
+        except OSError as err:
+            where = f"{err.filename}: " if err.filename else ""
+            _one_line(f"error: {where}{err.strerror or err} (check the path, free space and permissions, or choose another folder)")
+            raise typer.Exit(2) from None
+        except TrainingInterrupted as stop:
+            if stop.resumable:
+                _one_line(f"interrupted after epoch {stop.epochs}; --resume continues ({stop.run})")
+            else:
+                _one_line(f"interrupted before the first epoch finished; run the same command again to start over ({stop.run})")
             raise typer.Exit(130) from None
+        except KeyboardInterrupt:
+            _one_line("interrupted; files already written are kept")
+            raise typer.Exit(130) from None
+        except Exception as err:  # a defect in medvq, not in the input: one line, the traceback in a file
+            log = _write_crash_log(_output_folder(kwargs))
+            _one_line(f"error: unexpected {err.__class__.__name__}: {str(err).splitlines()[0][:200] if str(err) else ''} - please report it with {log}")
+            raise typer.Exit(1) from None
 
     return wrapper
 
@@ -171,23 +220,22 @@ def resolve_config(config_path: Path | None, overrides: dict[str, dict[str, Any]
 
 
 # --- commands -----------------------------------------------------------------------------------
-RESUMABLE = {"train": {"epochs", "device", "devices", "num_nodes", "strategy", "num_workers", "patience", "min_delta", "samples_per_epoch"}}
 
 
 def _train(method: str, data: Path, out: Path | None, config: Path | None, resume: bool, overwrite: bool, overrides: dict) -> None:
-    from medvq.engine.run_dir import RunDir, timestamped
-    from medvq.engine.train import train_run
+    from medvq.engine.run_dir import RunDir, resumed_dir, timestamped
+    from medvq.engine.train import RESUMABLE_TRAIN_FIELDS, train_run
 
     if resume:
         if out is None:
             raise MedvqError("--resume needs --out RUNDIR")
-        stored = RunDir(out).read_config()
-        locked = {f"{s}.{k}" for s, kv in overrides.items() for k in kv if k not in RESUMABLE.get(s, set())}
+        stored = resumed_dir(RunDir(out)).read_config()
+        locked = {f"{s}.{k}" for s, kv in overrides.items() for k in kv if not (s == "train" and k in RESUMABLE_TRAIN_FIELDS)}
         if locked or config is not None:
             raise MedvqError(
                 f"cannot change {', '.join(sorted(locked)) or '--config'} when resuming",
                 path=out,
-                fix=f"only {', '.join(sorted(RESUMABLE['train']))} may change; start a new run for other settings",
+                fix=f"only {', '.join(sorted(RESUMABLE_TRAIN_FIELDS))} may change; start a new run for other settings",
             )
         cfg = build_config(stored.model_dump(mode="json"), overrides, source="resumed run")
     else:

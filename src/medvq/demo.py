@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from pathlib import Path
 
@@ -11,7 +10,9 @@ from rich.console import Console
 
 from medvq.config import build_config
 from medvq.data.phantom import PhantomConfig, write_phantom
+from medvq.engine.run_dir import is_run_dir
 from medvq.engine.train import train_run
+from medvq.errors import DatasetError
 from medvq.evaluation.evaluate import evaluate_run
 from medvq.io import atomic_write_text
 
@@ -32,15 +33,18 @@ def run_demo(out: str | Path, *, n: int | None = None, epochs: int | None = None
     data, run = out / "data", out / "run"
     n = n or DEMO_SCANS
     console.print(f"[bold]1/3[/] writing {n} synthetic OCT scans with lesion masks -> {data}")
-    if data.exists():
-        shutil.rmtree(data)
-    write_phantom(data, n, seed=seed, config=DEMO_PHANTOM)
+    try:  # the same phantom is rewritten byte for byte; anything else in DATA is never touched
+        write_phantom(data, n, seed=seed, config=DEMO_PHANTOM)
+    except FileExistsError as err:
+        raise DatasetError(f"holds other data than this demo's phantom ({err})", path=data, fix="use another --out (or the same -n and --seed)") from None
 
     layers = dict(DEMO_CONFIG)
     layers["train"] = {**DEMO_CONFIG["train"], "seed": seed, **({"epochs": epochs} if epochs else {})}
     config = build_config(layers, source="demo preset")
     console.print("[bold]2/3[/] training a VQ-VAE on the NORMAL scans of the training patients")
-    train_run(config, data, run, overwrite=True, console=console)
+    if run.exists() and any(run.iterdir()) and not is_run_dir(run):
+        raise DatasetError("is not a medvq run folder; the demo replaces only its own run", path=run, fix="use another --out")
+    train_run(config, data, run, overwrite=True, console=console)  # an earlier demo run is replaced only once the new one is complete
 
     console.print("[bold]3/3[/] scoring held-out patients (NORMAL, CNV, DME, DRUSEN) and writing the report")
     result = evaluate_run(run, data, out, console=console)

@@ -9,7 +9,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,9 +24,10 @@ from medvq.data.loader import prepared_batches
 from medvq.data.preprocess import Geometry, Preprocessor
 from medvq.data.samples import Sample
 from medvq.engine.run_dir import RunDir
-from medvq.errors import CheckpointError, MedvqError
+from medvq.errors import BlankScanError, CheckpointError, MedvqError
 from medvq.maps.smoothing import gaussian_smooth
 from medvq.models.registry import Method, get_method
+from medvq.progress import progress_bar
 from medvq.scoring.calibration import COMBINED, NormalCalibration
 from medvq.scoring.decision import Decision, choose_primary, is_abnormal, operating_point
 from medvq.scoring.ood import DistributionGuard, scan_features
@@ -83,6 +84,45 @@ class FileResult:
     decision: Decision | None = None  # abnormal or not, on the deciding map at the operating point
 
 
+def usable_device(device: str | torch.device) -> torch.device:
+    """``device`` as a torch device this machine has, or a clear error (before anything is read or written)."""
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise MedvqError(f"--device {device!r} is not a device name", fix="use cpu, cuda, cuda:1 or mps") from None
+    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+        raise MedvqError(f"--device {device}: no such CUDA GPU is visible to PyTorch", fix="use --device cpu")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise MedvqError("--device mps: Apple's Metal backend is not available here", fix="use --device cpu")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise MedvqError(f"--device {device} is not supported", fix="use cpu, cuda, cuda:1 or mps")
+    return device
+
+
+def scoring_settings(config: RunConfig) -> dict:
+    """What a calibration depends on: the method and its data, model and score settings."""
+    d = config.model_dump(mode="json")
+    return {"method": d["method"], "data": d["data"], "model": d["model"], "score": d["score"]}
+
+
+def check_calibrated_settings(config: RunConfig, calibration: NormalCalibration, path: Path) -> None:
+    """config.yaml must say what the calibration was fitted under (settings added since are not compared)."""
+    now = scoring_settings(config)
+    changed = []
+    for section, recorded in calibration.settings.items():
+        current = now.get(section)
+        if isinstance(recorded, dict) and isinstance(current, dict):
+            changed += [f"{section}.{k}" for k, v in recorded.items() if k in current and current[k] != v]
+        elif current is not None and current != recorded:
+            changed.append(section)
+    if changed:
+        raise CheckpointError(
+            f"config.yaml differs from the settings the run was calibrated under ({', '.join(changed[:5])})",
+            path=path,
+            fix="restore config.yaml as training wrote it; train a new run for other settings",
+        )
+
+
 class Detector:
     def __init__(
         self,
@@ -105,10 +145,13 @@ class Detector:
 
     @classmethod
     def load(cls, run_dir: str | Path, *, checkpoint: str = "best", device: str | torch.device = "cpu", inference: InferenceConfig | None = None) -> "Detector":
+        device = usable_device(device)
         run = RunDir(run_dir)
         config = run.read_config()
         model = run.load_weights(get_method(config.method).build_model(config.model), checkpoint)
         calibration = NormalCalibration.load(run.calibration) if run.calibration.is_file() else None
+        if calibration is not None:
+            check_calibrated_settings(config, calibration, run.calibration)
         return cls(model, config, calibration, device, inference)
 
     @property
@@ -163,6 +206,14 @@ class Detector:
                 f"expected preprocessed images of shape (B, 1, {size}, {size}), got {tuple(images.shape)}",
                 fix="pass scans through detector.preprocessor (or use predict_files) first",
             )
+        if not images.is_floating_point():
+            raise MedvqError(f"expected float images in [0, 1], got dtype {images.dtype}", fix="pass scans through detector.preprocessor (or use predict_files) first")
+        low, high = float(images.min()), float(images.max())
+        if not (np.isfinite(low) and np.isfinite(high)) or low < -1e-3 or high > 1 + 1e-3:  # models were trained on [0, 1]
+            raise MedvqError(
+                f"expected images in [0, 1], got values from {low:.4g} to {high:.4g}",
+                fix="divide 8-bit pixels by 255 (or pass scans through detector.preprocessor / use predict_files)",
+            )
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor, valid: torch.Tensor | None = None, *, bf16: bool | None = None) -> Prediction:
@@ -192,14 +243,10 @@ class Detector:
         """Predict every image of a dataset; maps and scores concatenated in dataset order."""
         parts: list[Prediction] = []
         batches = list(range(0, len(dataset), batch_size))
-        iterator = batches
-        if progress:
-            from rich.progress import track
-
-            iterator = track(batches, description=progress, transient=True)
-        for start in iterator:
-            b = dataset.batch(range(start, min(start + batch_size, len(dataset))))
-            parts.append(self.predict(b.image, b.valid))
+        with progress_bar(batches, progress) as iterator:
+            for start in iterator:
+                b = dataset.batch(range(start, min(start + batch_size, len(dataset))))
+                parts.append(self.predict(b.image, b.valid))
         cat = lambda ts: torch.cat(ts).cpu() if ts and ts[0] is not None else None
         return Prediction(
             reconstruction=cat([p.reconstruction for p in parts]),
@@ -218,9 +265,9 @@ class Detector:
         pred = self.predict_dataset(normals, batch_size)
         s = self.config.score
         combinations = [c for c in self.method.combinations if set(c.split("+")) <= set(self.map_names)]
-        self.calibration = NormalCalibration(reducer=s.reducer, topk_fraction=s.topk_fraction, combine=self.combine, combinations=combinations).fit(
-            pred.raw_maps, normals.valid
-        )
+        self.calibration = NormalCalibration(
+            reducer=s.reducer, topk_fraction=s.topk_fraction, combine=self.combine, combinations=combinations, settings=scoring_settings(self.config)
+        ).fit(pred.raw_maps, normals.valid)
         self.calibration.fit_scores(pred.model_scores)
         standardized = self.calibration.standardize(pred.raw_maps)
         if len(normals) >= 3:  # below that no spread of normal scans can be measured
@@ -232,21 +279,13 @@ class Detector:
         self.calibration.validation_auroc = choice.validation_auroc or {}
         return self.calibration
 
-    def predict_files(
-        self,
-        paths: Sequence[str | Path | Sample],
-        *,
-        decide_on: str | None = None,
-        threshold: str | None = None,
-        batch_size: int | None = None,
-        workers: int | None = None,
-    ) -> list[FileResult]:
+    def predict_files(self, paths: Sequence[str | Path | Sample], **options) -> list[FileResult]:
         """Read, preprocess and score scans (paths, or samples such as the slices of a NIfTI volume that
         ``collect_images`` lists); maps are returned on each scan's own pixel grid. Each result carries a
         decision on ``decide_on`` (default: the run's primary map) at ``threshold`` ('spec95', 'spec99'
-        or a number; default: the run's score.operating_point). ``iter_files`` yields the same results one
-        at a time, holding only a few batches in memory."""
-        return list(self.iter_files(paths, decide_on=decide_on, threshold=threshold, batch_size=batch_size, workers=workers))
+        or a number; default: the run's score.operating_point). Options as for ``iter_files``, which
+        yields the same results one at a time, holding only a few batches in memory."""
+        return list(self.iter_files(paths, **options))
 
     def iter_files(
         self,
@@ -256,15 +295,20 @@ class Detector:
         threshold: str | None = None,
         batch_size: int | None = None,
         workers: int | None = None,
+        on_blank: Callable[[Sample], None] | None = None,
     ) -> Iterator[FileResult]:
         """``predict_files`` as a stream, in input order: the model scores ``batch_size`` scans at a time
-        (default: ``inference.batch_size``) while ``workers`` processes read and prepare the next ones."""
+        (default: ``inference.batch_size``) while ``workers`` processes read and prepare the next ones.
+        A scan without a valid pixel (saturated or blank) raises BlankScanError, or with ``on_blank`` is
+        passed to it and left out of the results."""
         if self.calibration is None:
             raise CheckpointError("this run has no calibration.json", fix="finish training (calibration runs after the last epoch)")
         decide_on = decide_on or self.primary_map
         if decide_on not in self.calibration.stats:
             raise MedvqError(f"this run has no map or score '{decide_on}'", fix=f"choose one of {', '.join(self.calibration.stats)}")
         point = operating_point(self.calibration, decide_on, threshold or self.config.score.operating_point)
+        if isinstance(paths, (str, Path, Sample)):  # one scan, not a sequence of characters
+            paths = [paths]
         samples = [item if isinstance(item, Sample) else Sample(path=Path(item)) for item in paths]
         batches = prepared_batches(
             samples,
@@ -274,6 +318,15 @@ class Detector:
             keep_originals=True,
         )
         for batch in batches:
+            blank = ~batch.valid.flatten(1).any(dim=1)
+            if bool(blank.any()):
+                for j in torch.nonzero(blank).flatten().tolist():
+                    if on_blank is None:
+                        raise BlankScanError("no valid pixel: the scan is saturated white or blank (all of it looks like registration padding)", path=batch.samples[j].path, fix="nothing in it can be scored; leave it out")
+                    on_blank(batch.samples[j])
+                batch = batch.subset(torch.nonzero(~blank).flatten().tolist())
+                if not batch.samples:
+                    continue
             pred = self.predict(batch.images, batch.valid)
             table = self.calibration.score_table(pred.scores)
             maps = {k: m[:, 0].cpu().numpy() for k, m in pred.maps.items()}

@@ -22,9 +22,25 @@ class ImageReadError(MedvqError):
     """An image file that cannot be read or holds no pixels."""
 
 
+class BlankScanError(ImageReadError):
+    """A scan without a single valid pixel (saturated white or blank): nothing to score; skipped and counted."""
+
+
 class DatasetError(MedvqError):
     """A data folder that does not hold what the command needs."""
 
 
 class CheckpointError(MedvqError):
     """A run directory or checkpoint that does not match what loading expects."""
+
+
+class TrainingDiverged(MedvqError):
+    """A non-finite training loss: training stops at once, the last finished epoch's files are kept."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during training, after ``epochs`` finished epochs of the run in ``run``."""
+
+    def __init__(self, epochs: int, run: str | Path, resumable: bool = True):
+        self.epochs, self.run, self.resumable = epochs, Path(run), resumable
+        super().__init__(f"interrupted after epoch {epochs}")

@@ -14,17 +14,20 @@ is computed from it.
 
 from __future__ import annotations
 
+import dataclasses
+
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 from PIL import Image
+from pydantic import ValidationError
 from rich.console import Console
 
 from medvq.data.samples import collect_images
 from medvq.detector import Detector
 from medvq.errors import MedvqError
-from medvq.io import atomic_path, atomic_write_csv
+from medvq.io import atomic_path, atomic_write_csv, mark_output
 from medvq.inference import output_stem
 from medvq.report.figures import overlay
 
@@ -64,23 +67,39 @@ def explain(
     overrides = _settings(head_fusion, discard_ratio, layer, target)
     try:
         model_config = type(config.model).model_validate({**config.model.model_dump(), **overrides})
-    except ValueError as err:
-        raise MedvqError(f"invalid explanation setting: {str(err).splitlines()[-1].strip()}") from None
+    except ValidationError as err:
+        problems = "; ".join(f"--{'-'.join(str(p) for p in e['loc']).replace('_', '-')}: {e['msg']}" for e in err.errors())
+        raise MedvqError(f"invalid explanation setting: {problems}".replace("--rollout-", "--").replace("--gradcam-", "--").replace("--explain-", "--")) from None
+    if layer is not None:
+        from medvq.maps.gradcam import LayerCapture
+
+        try:
+            LayerCapture(detector.model.net, layer)
+        except ValueError as err:
+            raise MedvqError(f"--layer: {err}", path=run_dir, fix="name a module of the network") from None
     detector.model.config = model_config
     detector.config = config.model_copy(update={"model": model_config, "score": config.score.model_copy(update={"maps": [name], "combine": []})})
+    if detector.calibration is not None and detector.calibration.guard is not None:
+        # the out-of-distribution guard describes a scan by every calibrated map; an explanation computes one (infer applies the guard)
+        detector.calibration = dataclasses.replace(detector.calibration, guard=None)
     calibrated = not overrides and detector.calibration is not None and name in detector.calibration.stats
     if calibrated:
         normal_scores = detector.calibration.stats[name].normal_scores
         vmax = max(3.0, float(np.quantile(normal_scores, 0.99)) if normal_scores else 3.0)
 
     out = Path(out)
-    (out / "overlays").mkdir(parents=True, exist_ok=True)
-    (out / "maps").mkdir(parents=True, exist_ok=True)
+    samples = collect_images(inputs, exclude=[out])  # earlier results (this --out among them) are not scans
+    mark_output(out, out / "overlays", out / "maps")
     classes = model_config.classes or [str(k) for k in range(model_config.num_classes)]
     rows: list[dict] = []
     used: set[str] = set()
-    for sample in collect_images(inputs):
+    blank: list[str] = []
+    for sample in samples:
         image, prepared = detector.preprocessor.load(sample)
+        if not bool(prepared.valid.any()):
+            console.print(f"skipped {sample.name}: no valid pixel (saturated white or blank)", highlight=False, markup=False)
+            blank.append(sample.name)
+            continue
         pred = detector.predict(prepared.image[None], prepared.valid[None])
         raw = detector.preprocessor.to_original(pred.raw_maps[name][0, 0].cpu().numpy(), prepared.geometry)
         stem = output_stem(sample, used)
@@ -113,5 +132,6 @@ def explain(
             atomic_write_csv(out / "explanations.csv", rows)
     if rows:
         atomic_write_csv(out / "explanations.csv", rows)
-    console.print(f"{len(rows)} scans explained with {name} -> {out}")
+    skipped = f" ({len(blank)} without any valid pixel skipped)" if blank else ""
+    console.print(f"{len(rows)} scans explained with {name}{skipped} -> {out}")
     return rows

@@ -14,11 +14,12 @@ from medvq.config import InferenceConfig
 from medvq.data.nifti import is_nifti, nifti_stem
 from medvq.data.samples import Sample, collect_images
 from medvq.detector import Detector, FileResult
-from medvq.errors import MedvqError
+from medvq.errors import CheckpointError, MedvqError
 from medvq.scoring.calibration import normals_needed
 from medvq.scoring.decision import operating_point
 from medvq.scoring.volume import volume_key
-from medvq.io import OutputWriter, atomic_path, atomic_write_csv
+from medvq.io import OutputWriter, atomic_path, atomic_write_csv, mark_output, unique_stem
+from medvq.progress import progress_bar
 from medvq.report.figures import annotated_overlay
 from medvq.volume_outputs import write_volume_verdicts
 
@@ -28,12 +29,7 @@ def output_stem(sample: Sample, used: set[str]) -> str:
     stem = nifti_stem(sample.path) if is_nifti(sample.path) else sample.path.stem
     if sample.frame is not None:
         stem = f"{stem}_frame{sample.frame:03d}"
-    candidate, k = stem, 1
-    while candidate in used:
-        k += 1
-        candidate = f"{stem}_{k}"
-    used.add(candidate)
-    return candidate
+    return unique_stem(stem, used)
 
 
 def decision_figure(result: FileResult, key: str, vmax: float, contour_at: float | None) -> np.ndarray:
@@ -91,16 +87,19 @@ def infer(
     precision; overlays and maps are written on background threads while the model scores the next scans."""
     console = console or Console(stderr=True)
     detector = Detector.load(run_dir, device=device, inference=inference)
+    if detector.calibration is None:
+        raise CheckpointError("this run has no calibration.json", path=run_dir, fix="finish training (calibration runs after the last epoch; `medvq train --resume` completes it)")
     for note in detector.notes:
         console.print(f"[yellow]note[/]: {note}")
-    samples = collect_images(inputs, detector.preprocessor.volume)  # NIfTI volumes: their slices, as in training
-    has_frames = any(s.frame is not None for s in samples)
     out = Path(out)
-    (out / "overlays" if save_overlays else out).mkdir(parents=True, exist_ok=True)
+    # NIfTI volumes: their slices, as in training; earlier results (this --out among them) are not scans
+    samples = collect_images(inputs, detector.preprocessor.volume, exclude=[out])
+    has_frames = any(s.frame is not None for s in samples)
     decide_on = decide_on or detector.primary_map
     if decide_on not in detector.calibration.stats:
         raise MedvqError(f"this run has no map or score '{decide_on}'", path=run_dir, fix=f"use --map with one of {', '.join(detector.calibration.stats)}")
     point = operating_point(detector.calibration, decide_on, threshold or detector.config.score.operating_point)
+    mark_output(out, *([out / "overlays"] if save_overlays else []), *([out / "maps"] if save_npy else []))
     if not point.reliable:
         console.print(
             f"[yellow]warning[/]: the {point.name} threshold of '{decide_on}' rests on {point.n_normals} calibration normals "
@@ -113,14 +112,20 @@ def infer(
     # one colour scale for every scan of the run: from the normal mean to 1.5x the highest calibration normal's score
     normal_scores = detector.calibration.stats[key].normal_scores
     vmax = max(3.0, 1.5 * max(normal_scores), 1.2 * contour_at) if normal_scores else max(3.0, 1.2 * contour_at)
-    rows, used = [], set()
+    rows, used, scored, blank = [], set(), [], set()  # scored: the samples of rows; blank: ids of scans without a valid pixel
     column_maxima = []  # per scan, the calibrated map's maximum over depth per A-scan column (en-face rows)
-    from rich.progress import track
 
-    results = detector.iter_files(samples, decide_on=decide_on, threshold=threshold)
+    def skip(sample: Sample) -> None:  # nothing to score in it; the others go on
+        console.print(f"skipped {sample.name}: no valid pixel (saturated white or blank)", highlight=False, markup=False)
+        blank.add(id(sample))
+
+    results = detector.iter_files(samples, decide_on=decide_on, threshold=threshold, on_blank=skip)
+    pending = iter(samples)  # results come in input order, without the blank scans
     saved = time.monotonic()
-    with OutputWriter() as writer:
-        for sample, result in track(zip(samples, results), total=len(samples), description="scoring", console=console, transient=True, disable=not console.is_terminal):
+    with OutputWriter() as writer, progress_bar(results, "scoring") as tracked:
+        for result in tracked:
+            sample = next(s for s in pending if id(s) not in blank)
+            scored.append(sample)
             name = output_stem(sample, used)
             if save_overlays or save_npy:
                 writer.submit(_write_scan_outputs, out, name, result, key, vmax, contour_at if contour else None, save_npy, save_overlays)
@@ -149,8 +154,10 @@ def infer(
                 "their scores and decisions are not to be trusted"
             )
         write_volume_verdicts(
-            out, samples, [r[decide_on] for r in rows], column_maxima, detector.calibration.stats[decide_on].normal_scores,
+            out, scored, [r[decide_on] for r in rows], column_maxima, detector.calibration.stats[decide_on].normal_scores,
             score_name=decide_on, map_name=key, fraction=detector.config.score.volume_topk_fraction, vmax=vmax, threshold=point.value, operating_point=point.name,
             normal_class=detector.config.data.normal_class, console=console,
         )  # fmt: skip
+    if blank:
+        console.print(f"{len(blank)} scan(s) without any valid pixel skipped (saturated or blank)")
     return rows

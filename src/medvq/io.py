@@ -16,6 +16,23 @@ _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
+OUTPUT_MARKER = ".medvq-output"  # in every folder medvq writes results to: never read back as input scans
+
+
+def mark_output(*folders: str | Path) -> None:
+    """Create ``folders`` and mark them as medvq's output, so that scan searches skip them."""
+    for folder in folders:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        marker = folder / OUTPUT_MARKER
+        if not marker.exists():
+            marker.write_text("written by medvq; scan folders under here are results, not inputs\n")
+
+
+def is_output_folder(folder: str | Path) -> bool:
+    return (Path(folder) / OUTPUT_MARKER).is_file()
+
+
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; on success it replaces ``path`` in one step."""
@@ -93,3 +110,13 @@ class OutputWriter:
                     future.result()
         finally:
             self._pool.shutdown(wait=True, cancel_futures=exc_type is not None)
+
+
+def unique_stem(stem: str, used: set[str]) -> str:
+    """``stem``, or ``stem_2``, ``stem_3``, ... if taken: output names that never overwrite each other (added to ``used``)."""
+    candidate, k = stem, 1
+    while candidate in used:
+        k += 1
+        candidate = f"{stem}_{k}"
+    used.add(candidate)
+    return candidate

@@ -11,7 +11,7 @@ from PIL import Image
 from rich.console import Console
 
 from medvq.data.samples import Sample
-from medvq.io import atomic_path, atomic_write_csv, atomic_write_text
+from medvq.io import atomic_path, atomic_write_csv, atomic_write_text, unique_stem
 from medvq.report.figures import colorize
 from medvq.scoring.volume import VolumeVerdict, describe, en_face, group_volumes, verdict
 
@@ -85,10 +85,4 @@ def _stem(sample: Sample, used: set[str]) -> str:
 
     stem = nifti_stem(sample.path) if is_nifti(sample.path) else (sample.path.stem if sample.frame is not None else f"{sample.patient_id}_{sample.eye}_{sample.visit}")
     series = sample.meta.get("volume", 0) if sample.meta else 0
-    stem += f"_volume{series}" if series else ""
-    candidate, k = stem, 1
-    while candidate in used:
-        k += 1
-        candidate = f"{stem}_{k}"
-    used.add(candidate)
-    return candidate
+    return unique_stem(stem + (f"_volume{series}" if series else ""), used)

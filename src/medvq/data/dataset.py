@@ -14,6 +14,7 @@ from torch.utils.data import Dataset
 from medvq.data.loader import prepared_batches
 from medvq.data.preprocess import Geometry, Preprocessor
 from medvq.data.samples import Sample
+from medvq.progress import progress_bar
 
 
 @dataclass
@@ -71,21 +72,21 @@ class ScanDataset(Dataset):
         n, s = len(self.samples), preprocessor.image_size
         self.images = torch.empty(n, 1, s, s, dtype=torch.float16)
         self.valid = torch.ones(n, 1, s, s, dtype=torch.bool)
-        self.has_masks = load_masks and n > 0 and all(x.mask_path is not None for x in self.samples)
+        # Datasets ship masks for lesion scans only: a scan without a mask file gets an empty mask, and
+        # ``mask_known`` says which masks were read (evaluation decides what an unknown mask means).
+        self.has_masks = load_masks and n > 0 and any(x.mask_path is not None for x in self.samples)
         self.masks = torch.zeros(n, 1, s, s, dtype=torch.bool) if self.has_masks else None
+        self.mask_known = torch.tensor([self.has_masks and x.mask_path is not None for x in self.samples], dtype=torch.bool)
         self.geometry: list[Geometry] = []
         batches = prepared_batches(self.samples, preprocessor, batch_size=READ_BATCH, workers=workers, with_masks=self.has_masks)
-        if progress:
-            from rich.progress import track
-
-            batches = track(batches, total=-(-n // READ_BATCH), description=progress, transient=True)
-        for b in batches:
-            rows = slice(b.start, b.start + len(b.samples))
-            self.images[rows] = b.images.half()
-            self.valid[rows] = b.valid
-            if self.masks is not None:
-                self.masks[rows] = b.masks
-            self.geometry.extend(b.geometry)
+        with progress_bar(batches, progress) as tracked:
+            for b in tracked:
+                rows = slice(b.start, b.start + len(b.samples))
+                self.images[rows] = b.images.half()
+                self.valid[rows] = b.valid
+                if self.masks is not None and b.masks is not None:
+                    self.masks[rows] = b.masks
+                self.geometry.extend(b.geometry)
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -136,9 +137,14 @@ class ScanDataset(Dataset):
         out.samples = [self.samples[i] for i in idx.tolist()]
         out.images, out.valid = self.images[idx], self.valid[idx]
         out.masks = self.masks[idx] if self.masks is not None else None
+        out.mask_known = self.mask_known[idx]
         out.targets = self.targets[idx] if self.targets is not None else None
         out.geometry = [self.geometry[i] for i in idx.tolist()]
         return out
+
+    def blank_indices(self) -> list[int]:
+        """Scans without a single valid pixel (e.g. saturated white, all taken for registration padding)."""
+        return torch.nonzero(~self.valid.flatten(1).any(dim=1)).flatten().tolist()
 
     def batches(self, batch_size: int):
         for start in range(0, len(self), batch_size):

@@ -35,6 +35,19 @@ class PreparedBatch:
     geometry: list[Geometry]
     originals: list[np.ndarray] | None  # the scans as read, (H, W) each, when asked for
 
+    def subset(self, rows: list[int]) -> "PreparedBatch":
+        """The chosen rows only (``start`` stays that of the whole batch)."""
+        idx = torch.as_tensor(rows, dtype=torch.long)
+        return PreparedBatch(
+            start=self.start,
+            samples=[self.samples[i] for i in rows],
+            images=self.images[idx],
+            valid=self.valid[idx],
+            masks=self.masks[idx] if self.masks is not None else None,
+            geometry=[self.geometry[i] for i in rows],
+            originals=[self.originals[i] for i in rows] if self.originals is not None else None,
+        )
+
 
 class _Prepare(Dataset):
     def __init__(self, samples: Sequence[Sample], preprocessor: Preprocessor, keep_originals: bool, with_masks: bool):
@@ -62,7 +75,7 @@ def _collate(items: list) -> dict | MedvqError:
         "indices": [i for i, _, _ in items],
         "images": torch.stack([p.image for p in prepared]),
         "valid": torch.stack([p.valid for p in prepared]),
-        "masks": torch.stack([p.mask for p in prepared]) if prepared[0].mask is not None else None,
+        "masks": torch.stack([p.mask if p.mask is not None else torch.zeros_like(p.valid) for p in prepared]) if any(p.mask is not None for p in prepared) else None,
         "geometry": [p.geometry for p in prepared],
         "originals": [o for _, o, _ in items] if items[0][1] is not None else None,
     }
@@ -81,7 +94,7 @@ def prepared_batches(
     if batch_size < 1 or workers < 0:
         raise ValueError(f"batch_size must be >= 1 and workers >= 0, got {batch_size} and {workers}")
     samples = list(samples)
-    with_masks = with_masks and bool(samples) and all(s.mask_path is not None for s in samples)
+    with_masks = with_masks and any(s.mask_path is not None for s in samples)  # lesion scans may be the only ones with masks
     n_batches = -(-len(samples) // batch_size)
     workers = min(workers, n_batches) if n_batches > 1 else 0
     loader = DataLoader(

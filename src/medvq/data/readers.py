@@ -1,10 +1,14 @@
 """Image readers, chosen by file suffix. Every reader returns a float32 (H, W) array in [0, 1].
 
-- PNG / JPEG / BMP (Pillow): 8-bit scaled by 255, 16-bit by 65535, colour converted to luminance.
-- TIFF (tifffile): integer types scaled by their maximum, floats min-max scaled to [0, 1]; the first page
-  and first channel of multi-page / multi-channel files.
+- PNG / JPEG / BMP (Pillow): 8-bit scaled by 255, colour converted to luminance.
+- 16-bit PNG and integer TIFF: scaled by the bit depth the file states (a PNG's sBIT chunk, a TIFF's
+  MaxSampleValue tag); without one, by the smallest of 8, 10, 12, 14 and 16 bits that holds the data
+  (12-bit scanner data stored in 16-bit files is common, and dividing it by 65535 would darken it 16-fold).
+  Which depth was used is said once per depth (a warning). TIFF floats are min-max scaled to [0, 1]; the
+  first page and first channel of multi-page / multi-channel files are read.
 - DICOM (pydicom): rescale slope/intercept applied, MONOCHROME1 inverted, scaled by the stored bit depth.
 - NIfTI slices (nibabel, ``medvq.data.nifti``): percentile-clipped per volume or per slice.
+- Images above MAX_PIXELS (64 megapixels; OCT B-scans have under 1) are refused before decoding.
 - B-scans of OCT volumes (DICOM multi-frame, Heidelberg .vol, Zeiss .img: ``medvq.data.volumes``).
 
 ``read_sample`` is the one entry point of training, evaluation and inference: a ``Sample`` (file, and the
@@ -28,6 +32,50 @@ PIL_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp"}
 TIFF_SUFFIXES = {".tif", ".tiff"}
 DICOM_SUFFIXES = {".dcm", ".dicom"}
 IMAGE_SUFFIXES = PIL_SUFFIXES | TIFF_SUFFIXES | DICOM_SUFFIXES
+
+
+MAX_PIXELS = 64_000_000  # refused before decoding: a small file can declare a huge image (and its maps would take GBs)
+BIT_DEPTHS = (8, 10, 12, 14, 16)
+
+
+def _check_size(path: Path, width: int, height: int) -> None:
+    if width * height > MAX_PIXELS:
+        raise ImageReadError(
+            f"image is {width}x{height} ({width * height / 1e6:.0f} megapixels), above medvq's limit of {MAX_PIXELS / 1e6:.0f}",
+            path=path,
+            fix="downsample or crop it first",
+        )
+
+
+def _bits_from_data(array: np.ndarray, stated: int | None, path: Path, container: int) -> int:
+    """The bit depth to scale integer pixels by: the file's statement, else the smallest that holds the data."""
+    import warnings
+
+    if stated and array.max(initial=0) <= 2**stated - 1:
+        return stated
+    top = float(array.max(initial=0))
+    bits = next(b for b in BIT_DEPTHS if top <= 2**b - 1) if top <= 2**16 - 1 else int(np.ceil(np.log2(top + 1)))
+    if bits != container:
+        warnings.warn(f"{container}-bit images without a stated bit depth (e.g. {path.name}) are scaled as {bits}-bit data (maximum {2**bits - 1})", stacklevel=3)
+    return bits
+
+
+def _png_significant_bits(path: Path) -> int | None:
+    """The sBIT chunk of a grayscale PNG (bits that carry data), read from the chunks before the image data."""
+    with open(path, "rb") as f:
+        if f.read(8) != b"\x89PNG\r\n\x1a\n":
+            return None
+        while True:
+            head = f.read(8)
+            if len(head) < 8:
+                return None
+            length, kind = int.from_bytes(head[:4], "big"), head[4:]
+            if kind in (b"IDAT", b"IEND"):
+                return None
+            body = f.read(length)
+            f.read(4)  # CRC
+            if kind == b"sBIT" and body:
+                return int(body[0]) or None
 
 
 def _scale_integer(array: np.ndarray, bits: int | None = None) -> np.ndarray:
@@ -60,11 +108,15 @@ def read_pil(path: Path) -> np.ndarray:
     from PIL import Image
 
     with Image.open(path) as im:
+        _check_size(path, *im.size)
         im.load()
         if im.mode in ("I;16", "I;16B", "I;16L", "I"):
-            array = np.asarray(im, dtype=np.float32)
-            top = 65535.0 if im.mode.startswith("I;16") or array.max() > 255 else 255.0
-            return np.clip(array / top, 0.0, 1.0)
+            array = np.asarray(im)
+            if array.min(initial=0) < 0:
+                return _scale_float(array)
+            stated = _png_significant_bits(path) if im.format == "PNG" else None
+            bits = _bits_from_data(array.astype(np.uint32), stated, path, container=16 if im.mode.startswith("I;16") else 32)
+            return np.clip(array.astype(np.float32) / float(2**bits - 1), 0.0, 1.0)
         if im.mode == "F":
             return _scale_float(np.asarray(im))
         return np.asarray(im.convert("L"), dtype=np.float32) / 255.0
@@ -73,9 +125,16 @@ def read_pil(path: Path) -> np.ndarray:
 def read_tiff(path: Path) -> np.ndarray:
     import tifffile
 
-    array = tifffile.imread(path)
+    with tifffile.TiffFile(path) as tif:
+        page = tif.pages[0]
+        _check_size(path, int(page.imagewidth), int(page.imagelength))
+        array = page.asarray()
+        tag = page.tags.get(281)  # MaxSampleValue
+        stated = int(np.max(tag.value)).bit_length() if tag is not None and np.max(tag.value) > 0 else None
     while array.ndim > 2:
         array = _to_gray(array)
+    if np.issubdtype(array.dtype, np.unsignedinteger) and array.dtype.itemsize >= 2:
+        return array.astype(np.float32) / float(2 ** _bits_from_data(array, stated, path, container=array.dtype.itemsize * 8) - 1)
     return _scale_integer(array)
 
 
@@ -83,6 +142,7 @@ def read_dicom(path: Path) -> np.ndarray:
     import pydicom
 
     ds = pydicom.dcmread(path)
+    _check_size(path, int(getattr(ds, "Columns", 0) or 0), int(getattr(ds, "Rows", 0) or 0))
     array = ds.pixel_array
     while array.ndim > 2:
         array = _to_gray(array)

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Iterable, Sequence
 
 from medvq.data.readers import is_image_file
 from medvq.errors import DatasetError
+from medvq.io import OUTPUT_MARKER, is_output_folder
 
 if TYPE_CHECKING:
     from medvq.data.nifti import VolumeOptions
@@ -115,7 +116,13 @@ def _images_in(folder: Path) -> list[Path]:
 
 
 def _class_dirs(folder: Path) -> list[Path]:
-    return sorted(d for d in folder.iterdir() if d.is_dir() and not d.name.startswith(".") and d.name != MASK_DIR)
+    return sorted(d for d in folder.iterdir() if d.is_dir() and not d.name.startswith(".") and d.name != MASK_DIR and not is_output_folder(d))
+
+
+def _outputs_below(folder: Path, exclude: Sequence[Path]) -> set[Path]:
+    """Folders under ``folder`` that hold medvq's results (marked, or about to be written): never inputs."""
+    marked = {m.parent.resolve() for m in folder.rglob(OUTPUT_MARKER)} - {folder.resolve()}
+    return marked | {Path(e).resolve() for e in exclude if Path(e).resolve() != folder.resolve()}
 
 
 def _mask_for(root: Path, split: str | None, label: str, image: Path) -> Path | None:
@@ -264,10 +271,11 @@ def volume_samples(path: Path, volume: "VolumeOptions | None" = None, *, label: 
     return nifti.scan_nifti_file(path, volume or nifti.VolumeOptions(), label=label, split=split)
 
 
-def collect_images(inputs: Iterable[str | Path], volume: "VolumeOptions | None" = None) -> list[Sample]:
+def collect_images(inputs: Iterable[str | Path], volume: "VolumeOptions | None" = None, *, exclude: Sequence[str | Path] = ()) -> list[Sample]:
     """Unlabelled scans from files and folders (recursively), for inference; NIfTI volumes become their
     non-empty slices (listed with ``volume``, default VolumeOptions()); a manifest CSV its scans. Patient ids
-    come from the OCT2017 name where it fits and are left empty otherwise."""
+    come from the OCT2017 name where it fits and are left empty otherwise. Inside folders, medvq's own result
+    folders (and those in ``exclude``, e.g. the output folder of this command) are skipped."""
     from medvq.data import manifest
 
     usable = lambda p: is_image_file(p) or (p.is_file() and is_volume_file(p))
@@ -278,7 +286,11 @@ def collect_images(inputs: Iterable[str | Path], volume: "VolumeOptions | None" 
             samples.extend(manifest_samples(item, volume))
             continue
         if item.is_dir():
-            files = sorted(p for p in item.rglob("*") if usable(p) and MASK_DIR not in p.relative_to(item).parts)
+            skipped = _outputs_below(item, exclude)
+            files = sorted(
+                p for p in item.rglob("*")
+                if usable(p) and MASK_DIR not in p.relative_to(item).parts and not skipped.intersection(p.resolve().parents)
+            )
             if not files:
                 raise DatasetError("no images in folder", path=item, fix="supported: PNG, JPEG, BMP, TIFF, DICOM, NIfTI")
         elif item.exists():

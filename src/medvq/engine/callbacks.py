@@ -12,6 +12,7 @@ import torch
 from rich.console import Console
 
 from medvq.engine.run_dir import RunDir
+from medvq.errors import TrainingDiverged
 from medvq.io import atomic_write_text
 from medvq.maps.residual import residual_map
 from medvq.report.figures import plot_history, save_image_grid
@@ -105,3 +106,21 @@ class EpochArtifacts(L.Callback):
             cmap=["gray", "gray", "inferno"],
             vmax=[1, 1, 0.3],
         )
+
+
+class StopOnNonFiniteLoss(L.Callback):
+    """A non-finite training loss stops training at once; the files of the last finished epoch stay as they were."""
+
+    def __init__(self, run: RunDir):
+        self.run = run
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        if isinstance(loss, torch.Tensor) and not bool(torch.isfinite(loss.detach()).all()):
+            lr = trainer.optimizers[0].param_groups[0]["lr"] if trainer.optimizers else float("nan")
+            kept = f"epoch {trainer.current_epoch}'s weights are kept in model/" if trainer.current_epoch else "no epoch had finished"
+            raise TrainingDiverged(
+                f"training loss became {float(loss.detach().float().mean())} in epoch {trainer.current_epoch + 1}, step {trainer.global_step}, at learning rate {lr:.3g}; {kept}",
+                path=self.run.root,
+                fix="lower --learning-rate (or use --precision 32) and start a new run",
+            )

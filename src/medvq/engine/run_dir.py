@@ -21,13 +21,14 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
+from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 from torch import nn
 
 from medvq.config import RunConfig, build_config, dump_config, load_yaml
 from medvq.data.samples import Sample
 from medvq.errors import CheckpointError, MedvqError
-from medvq.io import atomic_path, atomic_write_text
+from medvq.io import atomic_path, atomic_write_text, mark_output
 from medvq.models.registry import get_method, method_names
 
 
@@ -60,6 +61,7 @@ class RunDir:
     def create(self) -> None:
         for d in (self.root, self.plots, self.samples, self.latents, self.checkpoints, self.root / "model"):
             d.mkdir(parents=True, exist_ok=True)
+        mark_output(self.root, self.samples, self.plots)  # its images are results, never training or input scans
 
     def write_config(self, config: RunConfig) -> None:
         atomic_write_text(self.config, dump_config(config))
@@ -99,7 +101,14 @@ class RunDir:
     def read_split(self) -> dict:
         if not self.split.is_file():
             return {"data_root": None, "splits": {}}
-        return json.loads(self.split.read_text())
+        try:
+            record = json.loads(self.split.read_text())
+            for items in record["splits"].values():
+                for item in items:
+                    item["path"], item["patient_id"]  # every entry names its file and patient
+        except (ValueError, KeyError, TypeError, AttributeError) as err:
+            raise CheckpointError(f"damaged split record ({err.__class__.__name__}: {err})", path=self.split, fix="restore split.json as training wrote it") from None
+        return record
 
     def load_weights(self, model: nn.Module, which: str = "best") -> nn.Module:
         path = self.weights(which)
@@ -111,6 +120,12 @@ class RunDir:
                 raise CheckpointError(f"no {which} weights", path=path, fix="has training finished at least one epoch?")
         try:
             missing, unexpected = load_model(model, str(path), strict=False)
+        except (SafetensorError, OSError, ValueError) as err:  # truncated, garbage or not a safetensors file at all
+            raise CheckpointError(
+                f"damaged or not a safetensors file ({str(err).splitlines()[0][:200]})",
+                path=path,
+                fix="copy the run again from where it was trained, or train it again",
+            ) from None
         except Exception as err:  # shape mismatches surface as RuntimeError from load_state_dict
             raise CheckpointError(
                 f"weights do not fit the model built from config.yaml ({str(err).splitlines()[0][:300]})",
@@ -126,13 +141,76 @@ class RunDir:
         return model
 
 
-def require_new_or_resumable(run: RunDir, resume: bool, overwrite: bool = False) -> None:
-    """Never clobber a finished run by accident."""
+def is_run_dir(path: str | Path) -> bool:
+    """A folder medvq wrote with ``medvq train`` (it holds config.yaml)."""
+    return (Path(path) / "config.yaml").is_file()
+
+
+def has_training(run: RunDir) -> bool:
+    """Whether any epoch (or fit) finished: weights or a training state exist."""
+    return run.last_ckpt.is_file() or run.weights("best").is_file() or run.weights("last").is_file()
+
+
+def staging_dir(run: RunDir) -> RunDir:
+    """Where ``--overwrite`` builds the replacement of a run, beside it; swapped in when training finishes."""
+    return RunDir(run.root.parent / f".{run.root.name}.partial")
+
+
+def resumed_dir(run: RunDir) -> RunDir:
+    """The folder ``--resume`` continues: an interrupted replacement of ``run`` if there is one, else ``run``."""
+    staged = staging_dir(run)
+    return staged if staged.last_ckpt.is_file() and is_run_dir(staged.root) else run
+
+
+def prepare_run_dir(run: RunDir, resume: bool, overwrite: bool = False, *, clean: bool = True) -> tuple[RunDir, bool]:
+    """Never clobber a run by accident. Returns the folder to train in and whether it replaces ``run`` at the end.
+
+    - A new or empty folder, or a run stopped before its first epoch finished (only its config and split
+      were written), is trained in place.
+    - ``--overwrite`` of a run builds the new run aside (``.NAME.partial``) and swaps it in only when it is
+      complete: an interrupted replacement leaves the old run as it was. A folder that is not a medvq run
+      is never overwritten.
+    - ``--resume`` continues ``checkpoints/last.ckpt``, or an interrupted replacement.
+    ``clean``: whether a stale replacement may be removed (the first process only; under DDP the others
+    start once it has begun the new one).
+    """
+    staged = staging_dir(run)
     if resume:
-        if not run.last_ckpt.is_file():
-            raise MedvqError("nothing to resume: no checkpoints/last.ckpt", path=run.root, fix="start without --resume")
-        return
-    if run.root.exists() and any(run.root.iterdir()) and not overwrite:
-        raise MedvqError(
-            "run directory is not empty", path=run.root, fix="use --resume to continue it, --overwrite to replace it, or another --out"
-        )
+        if resumed_dir(run) == staged:
+            return staged, True
+        if run.last_ckpt.is_file():
+            return run, False
+        if is_run_dir(run.root) and not has_training(run):
+            raise MedvqError("nothing to resume: the run stopped before its first epoch finished", path=run.root, fix="start it again without --resume; the folder is reused")
+        raise MedvqError("nothing to resume: no checkpoints/last.ckpt", path=run.root, fix="start a new run with another --out (or --overwrite to replace this one)")
+    if not run.root.exists():
+        return run, False
+    if not run.root.is_dir():
+        raise MedvqError("--out is an existing file, not a folder", path=run.root, fix="choose a folder for the run")
+    if not any(run.root.iterdir()):
+        return run, False
+    if is_run_dir(run.root) and not has_training(run) and not run.calibration.exists():
+        return run, False  # stopped before the first epoch: nothing of value to keep
+    if not overwrite:
+        raise MedvqError("run directory is not empty", path=run.root, fix="use --resume to continue it, --overwrite to replace it, or another --out")
+    if not is_run_dir(run.root):
+        raise MedvqError("not a medvq run folder (no config.yaml): --overwrite replaces only runs", path=run.root, fix="choose another --out")
+    if staged.root.exists() and clean:
+        import shutil
+
+        shutil.rmtree(staged.root)  # an earlier replacement that never finished; medvq wrote it
+    return staged, True
+
+
+def swap_in(staged: RunDir, run: RunDir) -> None:
+    """Replace ``run`` by the finished ``staged`` run: two renames, then the old run is deleted."""
+    import shutil
+
+    old = run.root.parent / f".{run.root.name}.replaced"
+    if old.exists():
+        shutil.rmtree(old)
+    if run.root.exists():
+        run.root.rename(old)
+    staged.root.rename(run.root)
+    if old.exists():
+        shutil.rmtree(old)

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
+import signal
 import sys
 import time
 import warnings
@@ -28,9 +30,9 @@ from medvq.data.dataset import ScanDataset, StreamingScanDataset
 from medvq.data.nifti import VolumeOptions
 from medvq.data.preprocess import Preprocessor
 from medvq.data.samples import Sample, dataset_splits, patient_summary
-from medvq.engine.callbacks import EpochArtifacts
-from medvq.engine.run_dir import RunDir, require_new_or_resumable
-from medvq.errors import DatasetError, MedvqError
+from medvq.engine.callbacks import EpochArtifacts, StopOnNonFiniteLoss
+from medvq.engine.run_dir import RunDir, prepare_run_dir, swap_in
+from medvq.errors import CheckpointError, DatasetError, MedvqError, TrainingDiverged, TrainingInterrupted
 from medvq.io import atomic_save_npz, atomic_write_text
 from medvq.models.registry import get_method
 
@@ -92,6 +94,48 @@ def _accelerator(config: RunConfig) -> str:
     return device
 
 
+ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
+RESUMABLE_TRAIN_FIELDS = frozenset({"epochs", "device", "devices", "num_nodes", "strategy", "num_workers", "patience", "min_delta", "samples_per_epoch"})
+
+
+def _device_count(devices: str) -> int | list[int] | str:
+    if devices == "auto":
+        return devices
+    try:
+        return [int(x) for x in devices.split(",") if x.strip()] if "," in devices else int(devices)
+    except ValueError:
+        raise MedvqError(f"--devices {devices!r} is not a count, a list like 0,1 or auto") from None
+
+
+def check_training_setup(config: RunConfig) -> None:
+    """Refuse, before anything is read or written, settings this machine or method cannot run."""
+    t = config.train
+    if t.device not in ACCELERATORS:
+        raise MedvqError(f"unknown --device {t.device!r}", fix=f"use one of {', '.join(ACCELERATORS)}")
+    accelerator = _accelerator(config)
+    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise MedvqError(f"--device {t.device}: no CUDA GPU is visible to PyTorch", fix="use --device cpu (or auto)")
+    if accelerator == "mps" and not torch.backends.mps.is_available():
+        raise MedvqError("--device mps: Apple's Metal backend is not available here", fix="use --device cpu (or auto)")
+    devices = _device_count(t.devices)
+    available = torch.cuda.device_count() if accelerator in ("gpu", "cuda") else (1 if accelerator == "mps" else os.cpu_count() or 1)
+    wanted = max(devices) + 1 if isinstance(devices, list) and devices else devices
+    if isinstance(wanted, int) and (wanted < 1 or wanted > available):
+        raise MedvqError(f"--devices {t.devices}: this machine has {available} {accelerator} device(s)", fix=f"use a count from 1 to {available}")
+    from lightning.pytorch.strategies import StrategyRegistry
+
+    if t.strategy != "auto" and t.strategy not in StrategyRegistry.available_strategies():
+        raise MedvqError(f"unknown --strategy {t.strategy!r}", fix="use auto, ddp, ddp_spawn, fsdp or deepspeed")
+    if accelerator == "cpu" and t.precision in ("16-mixed", "bf16-true"):
+        raise MedvqError(f"--precision {t.precision} is not available for training on the CPU", fix="use auto, bf16-mixed or 32")
+    method = get_method(config.method)
+    available_maps = set(method.maps(config.model)) | set(method.map_names)
+    for option, names in (("--maps", config.score.maps), ("--combine", config.score.combine)):
+        unknown = sorted(set(names or []) - available_maps)
+        if unknown:
+            raise MedvqError(f"{option}: unknown map(s) {', '.join(unknown)} for {config.method}", fix=f"choose from {', '.join(method.maps(config.model))}")
+
+
 def resolve_precision(precision: str, accelerator: str) -> str:
     """'auto' -> bf16-mixed where the hardware has native bf16, else 32."""
     if precision != "auto":
@@ -119,11 +163,7 @@ def build_trainer(config: RunConfig, run: RunDir, callbacks: list[L.Callback], p
     t = config.train
     accelerator = _accelerator(config)
     precision = resolve_precision(t.precision, accelerator)
-    if accelerator == "cpu" and precision == "16-mixed":
-        raise MedvqError("fp16 mixed precision is not available on the CPU", fix="use --precision bf16-mixed or 32")
-    devices: int | str | list[int] = t.devices
-    if isinstance(devices, str) and devices != "auto":
-        devices = [int(x) for x in devices.split(",") if x.strip()] if "," in devices else int(devices)
+    devices = _device_count(t.devices)  # checked by check_training_setup
     if accelerator == "cpu" and devices == "auto":
         devices = 1  # "auto" would start one process per core
     ckpt = ModelCheckpoint(dirpath=run.checkpoints, filename="last", save_top_k=1, monitor=None, save_on_train_epoch_end=True, enable_version_counter=False)
@@ -164,9 +204,10 @@ def train_run(
     protocols of their own (e.g. slabs of one volume, ``medvq.data.nifti.split_by_position``).
     """
     console = console or Console(stderr=True)
-    run = RunDir(out)
-    if is_rank_zero():  # further DDP processes start after the first has created the run directory
-        require_new_or_resumable(run, resume, overwrite)
+    check_training_setup(config)
+    target = RunDir(out)
+    # A replaced run is built aside and swapped in at the end; an interruption leaves the old one whole.
+    run, replaces = prepare_run_dir(target, resume, overwrite, clean=is_rank_zero())
     started = time.perf_counter()
     L.seed_everything(config.train.seed, workers=True, verbose=False)
 
@@ -176,12 +217,14 @@ def train_run(
     parts = splits if splits is not None else training_splits(config, data_root)
     if method.resolve_config is not None:  # e.g. a classifier's class names and weights, recorded in config.yaml
         config = method.resolve_config(config, [s.label for s in parts["train"]])
+    if resume:  # nothing changes in the run until data, settings and training state agree with it
+        check_resumable(run, config, data_root, parts)
     targets = (lambda items: method.targets(config, [s.label for s in items])) if method.targets is not None else (lambda items: None)
     preprocessor = Preprocessor.from_config(config.data, getattr(config.model, "stride", 1))
     if is_rank_zero():
         console.print(
             f"[bold]medvq[/] training {config.method} on {len(parts['train'])} {'/'.join(sorted({s.label for s in parts['train']} - {''})) or 'unlabelled'} images "
-            f"({len({s.patient_id for s in parts['train']})} patients), validating on {len(parts['val'])} -> {run.root}"
+            f"({len({s.patient_id for s in parts['train']})} patients), validating on {len(parts['val'])} -> {target.root}"
         )
         console.print(patient_summary(parts), highlight=False)
     # Every scan is read before the run directory is written: a bad file stops here and leaves nothing behind
@@ -190,14 +233,21 @@ def train_run(
         parts["train"], preprocessor, hflip=config.data.hflip, zoom=config.data.zoom, shift=config.data.shift, load_masks=False, targets=targets(parts["train"]), progress="reading training scans" if progress else None
     )
     val_set = ScanDataset(parts["val"], preprocessor, load_masks=False, targets=targets(parts["val"]), progress="reading validation scans" if progress else None)
+    train_set, val_set = _without_blank(train_set, "training", console), _without_blank(val_set, "validation", console)
     val_other = [s for s in parts.get("val_abnormal", []) if s.label]
     val_abnormal = ScanDataset(val_other, preprocessor, load_masks=False, progress="reading validation scans" if progress else None) if val_other else None
+    if val_abnormal is not None:
+        val_abnormal = _without_blank(val_abnormal, "abnormal validation", console)
     run.create()
     if is_rank_zero():
-        run.write_config(config)
-        run.write_split(data_root, parts)
+        run.write_config(config)  # a resumed run records what changed (e.g. more epochs)
+        if not resume:
+            run.write_split(data_root, parts)
     if method.fit is not None:  # no gradient training (a memory bank): one pass instead of the Lightning trainer
-        return fit_run(method, config, run, train_set, val_set, started, console, progress, val_abnormal)
+        result = fit_run(method, config, run, train_set, val_set, started, console, progress, val_abnormal)
+        if replaces and is_rank_zero():
+            swap_in(run, target)
+        return TrainResult(run=target, epochs=result.epochs, seconds=result.seconds, best_val_loss=result.best_val_loss)
 
     t = config.train
     loader_kw = dict(num_workers=t.num_workers, persistent_workers=t.num_workers > 0)
@@ -213,16 +263,67 @@ def train_run(
     module = method.training_module(config)
     n_samples = min(t.samples_per_epoch, len(val_set))
     artifacts = EpochArtifacts(run, val_set.images[:n_samples].float() if n_samples else None, min_delta=t.min_delta, console=console)
-    trainer = build_trainer(config, run, [artifacts], progress)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-        warnings.filterwarnings("ignore", message=".*the number of training batches.*")
-        warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")  # frozen parts of a prior stay in eval mode on purpose
-        trainer.fit(module, train_loader, val_loader, ckpt_path=str(run.last_ckpt) if resume else None, weights_only=True)
+    trainer = build_trainer(config, run, [artifacts, StopOnNonFiniteLoss(run)], progress)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+            warnings.filterwarnings("ignore", message=".*the number of training batches.*")
+            warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")  # frozen parts of a prior stay in eval mode on purpose
+            trainer.fit(module, train_loader, val_loader, ckpt_path=str(run.last_ckpt) if resume else None, weights_only=True)
+        if trainer.is_global_zero:
+            finish_run(run, config, train_set, val_set, console, val_abnormal)
+    except (KeyboardInterrupt, SystemExit) as stop:
+        if isinstance(stop, SystemExit) and not trainer.interrupted:  # Lightning turns Ctrl-C into exit(1)
+            raise
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # Lightning ignores further Ctrl-C while it shuts down
+        raise TrainingInterrupted(len(artifacts.history), target.root, resumable=run.last_ckpt.is_file()) from None
+    if replaces and trainer.is_global_zero:
+        swap_in(run, target)
+    return TrainResult(run=target, epochs=trainer.current_epoch, seconds=time.perf_counter() - started, best_val_loss=artifacts.best_loss)
 
-    if trainer.is_global_zero:
-        finish_run(run, config, train_set, val_set, console, val_abnormal)
-    return TrainResult(run=run, epochs=trainer.current_epoch, seconds=time.perf_counter() - started, best_val_loss=artifacts.best_loss)
+
+def _without_blank(dataset: ScanDataset, role: str, console: Console) -> ScanDataset:
+    """Scans without a single valid pixel (saturated or blank) carry nothing to learn or calibrate: left out, counted."""
+    if isinstance(dataset, StreamingScanDataset):  # reads each scan when it is used: nothing to look at here
+        return dataset
+    blank = dataset.blank_indices()
+    if not blank:
+        return dataset
+    names = ", ".join(dataset.samples[i].name for i in blank[:3]) + (" ..." if len(blank) > 3 else "")
+    console.print(f"[yellow]skipped[/] {len(blank)} {role} scan(s) without any valid pixel (saturated or blank): {names}")
+    return dataset.subset([i for i in range(len(dataset)) if i not in set(blank)])
+
+
+def check_resumable(run: RunDir, config: RunConfig, data_root: str | Path, parts: dict[str, list[Sample]]) -> None:
+    """Resuming continues the same run: same settings (but those in RESUMABLE_TRAIN_FIELDS), same training and
+    validation images, a readable training state. Checked before anything in the run is written."""
+    stored = run.read_config().model_dump(mode="json")
+    wanted = config.model_dump(mode="json")
+    for section in (stored, wanted):
+        for key in RESUMABLE_TRAIN_FIELDS:
+            section["train"].pop(key, None)
+    changed = sorted(f"{s}.{k}" for s in wanted if isinstance(wanted[s], dict) for k in wanted[s] if stored.get(s, {}).get(k) != wanted[s][k])
+    changed += [s for s in wanted if not isinstance(wanted[s], dict) and stored.get(s) != wanted[s]]
+    if changed:
+        raise MedvqError(f"cannot change {', '.join(changed)} when resuming", path=run.root, fix=f"only {', '.join(sorted(RESUMABLE_TRAIN_FIELDS))} may change; start a new run for other settings")
+    record = run.read_split()
+    for name in ("train", "val"):
+        before = {(item["path"], item.get("frame")) for item in record.get("splits", {}).get(name, [])}
+        now = {(str(s.path.resolve()), s.frame) for s in parts[name]}
+        if record.get("splits") and before != now:
+            raise DatasetError(
+                f"gives {len(now - before)} {name} image(s) the run did not have and lacks {len(before - now)} it had",
+                path=data_root,
+                fix=f"resume with the data the run was trained on ({record.get('data_root')}), or start a new run",
+            )
+    try:
+        torch.load(run.last_ckpt, map_location="cpu", weights_only=True)
+    except Exception as err:  # truncated or garbage: whatever torch raises, the file is unusable
+        raise CheckpointError(
+            f"training state cannot be read ({err.__class__.__name__})",
+            path=run.last_ckpt,
+            fix="the finished epochs' weights are in model/; start a new run (--overwrite or another --out) to train again",
+        ) from None
 
 
 def torch_device(config: RunConfig) -> torch.device:
@@ -264,6 +365,13 @@ def finish_run(run: RunDir, config: RunConfig, train_set: ScanDataset, val_set: 
     if len(normals) < 2:
         raise DatasetError(f"only {len(normals)} held-out {normal} validation image(s): score calibration needs at least 2", fix="raise --val-fraction")
     calibration = detector.calibrate(normals, batch_size=config.train.batch_size, abnormals=abnormals)
+    broken = [name for name, st in calibration.stats.items() if not np.all(np.isfinite([st.pixel_mean, st.pixel_std, *st.normal_scores]))]
+    if broken:  # weights that diverged without a non-finite training loss: no calibration.json is better than a wrong one
+        raise TrainingDiverged(
+            f"the trained model gives non-finite {', '.join(broken)} values on the validation normals; no calibration was written",
+            path=run.root,
+            fix="lower --learning-rate (or use --precision 32) and start a new run",
+        )
     calibration.save(run.calibration)
     if len(normals) < MIN_CALIBRATION_NORMALS:
         console.print(

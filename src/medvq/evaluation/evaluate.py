@@ -43,7 +43,7 @@ from medvq.engine.run_dir import RunDir
 from medvq.errors import DatasetError
 from medvq.evaluation import metrics as M
 from medvq.evaluation.reconstruction import reconstruction_metrics, spread_indices, summarize
-from medvq.io import atomic_save_npz, atomic_write_text
+from medvq.io import atomic_save_npz, atomic_write_text, mark_output
 from medvq.scoring.decision import OperatingPoint, is_abnormal, operating_point
 from medvq.scoring.volume import describe as describe_volume_score
 from medvq.scoring.volume import volume_level_scores
@@ -103,7 +103,8 @@ def compute_metrics(
     operating_points: dict[str, OperatingPoint] | None = None,
     patients: np.ndarray | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """Metrics per map. labels: class names; scores: name -> (N,); masks/maps/valid: (N, H, W);
+    """Metrics per map. labels: class names; scores: name -> (N,); masks/maps/valid: (M, H, W) over the images
+    whose lesion mask is known (any M; pixel metrics need at least one lesion pixel);
     operating_points: name -> the stored threshold at which sensitivity and specificity are reported;
     patients: (N,) patient ids, for 95 % bootstrap intervals by patient on every image AUROC (``*_ci``)."""
     y = np.array([lab != normal_class for lab in labels], dtype=int)
@@ -298,6 +299,11 @@ def evaluate_run(
         raise DatasetError(f"evaluation needs {normal} and abnormal test images; found {found}", path=data_root, fix="check the test split (or use --split all)")
 
     dataset = ScanDataset(samples, detector.preprocessor, load_masks=True, progress="reading test scans" if progress else None, workers=inference.workers)
+    blank = dataset.blank_indices()  # saturated or blank scans: no valid pixel to score
+    if blank:
+        dataset = dataset.subset([i for i in range(len(dataset)) if i not in set(blank)])
+        samples, labels = dataset.samples, [s.label for s in dataset.samples]
+        console.print(f"left out {len(blank)} test scan(s) without any valid pixel (saturated or blank)")
     pred: Prediction = detector.predict_dataset(dataset, inference.batch_size, progress="scoring" if progress else None)
     maps_np = {k: v[:, 0].numpy() for k, v in pred.maps.items()}
     masks = dataset.masks[:, 0].numpy() if dataset.masks is not None else None
@@ -313,8 +319,12 @@ def evaluate_run(
         console.print(f"[yellow]note[/]: {note}")
     points = {k: operating_point(detector.calibration, k, config.score.operating_point) for k in pred.scores if k in detector.calibration.stats}
     patients = np.array([s.patient_id for s in samples])
+    # Pixel metrics over scans whose mask is known: read from a file, or empty for a NORMAL scan without one;
+    # an abnormal scan without a mask file has unknown lesions and is left out of them.
+    pixel_rows = (dataset.mask_known.numpy() | np.array([lab == normal for lab in labels])) if masks is not None else None
+    pixel = dict(masks=masks[pixel_rows], maps={k: v[pixel_rows] for k, v in maps_np.items()}, valid=valid[pixel_rows]) if masks is not None else {}
     per_map = (
-        compute_metrics(labels, pred.scores, normal, dataset.original_widths(), masks, maps_np, valid, tolerance, operating_points=points, patients=patients)
+        compute_metrics(labels, pred.scores, normal, dataset.original_widths(), pointing_tolerance=tolerance, operating_points=points, patients=patients, **pixel)
         if anomaly
         else {}
     )
@@ -322,7 +332,7 @@ def evaluate_run(
     recon = reconstruction_metrics(pred.reconstruction, images) if pred.reconstruction is not None else None
 
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    mark_output(out)
     counts = {(c or "unlabelled"): labels.count(c) for c in sorted(set(labels))}
     result = {
         "run": str(run.root.resolve()),
@@ -332,7 +342,9 @@ def evaluate_run(
         "n_patients": len({s.patient_id for s in samples}),
         "counts": counts,
         "excluded_seen_in_training": chosen.excluded,
+        "excluded_without_valid_pixels": len(blank),
         "has_masks": masks is not None,
+        **({"pixel_metric_images": int(pixel_rows.sum()), "pixel_metric_left_out": int((~pixel_rows).sum())} if masks is not None else {}),
         "image_size": config.data.image_size,
         "fov": config.data.fov,
         "reducer": f"{config.score.reducer}" + (f" ({config.score.topk_fraction:g})" if config.score.reducer == "topk" else ""),

@@ -24,6 +24,7 @@ import base64
 import csv
 import io
 import json
+import zipfile
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -311,7 +312,17 @@ def _script_json(value: Any) -> str:
 
 def build_viewer(folder: str | Path, *, embed: bool = True) -> Path:
     """Write FOLDER/viewer.html (and FOLDER/viewer_files/ when not embedding); return the page's path."""
-    folder = Path(folder)
+    try:
+        return _build_viewer(Path(folder), embed)
+    except MedvqError:
+        raise
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError, EOFError, zipfile.BadZipFile) as err:  # truncated or hand-edited outputs
+        raise MedvqError(
+            f"damaged or mismatched files ({err.__class__.__name__}: {str(err)[:200]})", path=folder, fix="run `medvq evaluate` or `medvq infer` again to rewrite them"
+        ) from None
+
+
+def _build_viewer(folder: Path, embed: bool) -> Path:
     data = collect(folder)
     maps_npz = None
     if data.kind == "evaluate":

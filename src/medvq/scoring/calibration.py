@@ -23,6 +23,7 @@ import math
 import numpy as np
 import torch
 
+from medvq.errors import CheckpointError
 from medvq.evaluation.metrics import reduce_map
 from medvq.io import atomic_write_text
 from medvq.scoring.ood import DistributionGuard
@@ -105,6 +106,7 @@ class NormalCalibration:
     combinations: list[str] = field(default_factory=list)  # further named combinations 'a+b': the mean of the standardised maps a and b
     stats: dict[str, MapStatistics] = field(default_factory=dict)
     n_images: int = 0
+    settings: dict = field(default_factory=dict)  # the run's method, data, model and score settings it was fitted under
     # The run's primary map (used by infer, overlays and the API unless another is asked for) and why
     # (medvq.scoring.decision.choose_primary); None for runs calibrated before it was recorded.
     primary_map: str | None = None
@@ -205,6 +207,7 @@ class NormalCalibration:
             "combine": self.combine,
             "combinations": self.combinations,
             "n_images": self.n_images,
+            "settings": self.settings,
             "primary_map": self.primary_map,
             "primary_reason": self.primary_reason,
             "validation_auroc": self.validation_auroc,
@@ -220,6 +223,7 @@ class NormalCalibration:
             combine=list(d["combine"]),
             combinations=list(d.get("combinations", [])),
             n_images=d.get("n_images", 0),
+            settings=dict(d.get("settings", {})),
             primary_map=d.get("primary_map"),
             primary_reason=d.get("primary_reason", ""),
             validation_auroc=dict(d.get("validation_auroc", {})),
@@ -232,4 +236,13 @@ class NormalCalibration:
 
     @classmethod
     def load(cls, path: str | Path) -> "NormalCalibration":
-        return cls.from_dict(json.loads(Path(path).read_text()))
+        """Read calibration.json; a damaged or hand-edited file is refused, naming what is wrong."""
+        try:
+            calibration = cls.from_dict(json.loads(Path(path).read_text()))
+        except (ValueError, KeyError, TypeError, AttributeError) as err:
+            raise CheckpointError(f"damaged calibration ({err.__class__.__name__}: {err})", path=path, fix="calibrate again with `medvq train --resume` on the run") from None
+        empty = [name for name, s in calibration.stats.items() if not s.normal_scores or not np.all(np.isfinite(s.normal_scores))]
+        if not calibration.stats or empty:
+            what = f"no normal scores for {', '.join(empty)}" if empty else "no maps"
+            raise CheckpointError(f"incomplete calibration: {what}", path=path, fix="calibrate again with `medvq train --resume` on the run")
+        return calibration

@@ -17,6 +17,7 @@ from rich.console import Console
 from medvq.data.dataset import ScanDataset
 from medvq.models.patchcore.coreset import StreamingCoreset
 from medvq.models.patchcore.model import PatchCore, PatchCoreConfig
+from medvq.progress import progress_bar
 
 def fit_patchcore(
     config,
@@ -40,22 +41,18 @@ def fit_patchcore(
     )
     feature_s = coreset_s = 0.0
     batch_size = config.train.batch_size
-    starts = range(0, len(train_set), batch_size)
-    if progress:
-        from rich.progress import track
-
-        starts = track(starts, description="memory bank", transient=True)
     grid = None
-    for start in starts:
-        batch = train_set.batch(range(start, min(start + batch_size, len(train_set))))
-        t0 = time.perf_counter()
-        feats = model.embed(batch.image.to(device))  # (B, D, h, w)
-        grid = tuple(feats.shape[-2:])
-        patches = feats.permute(0, 2, 3, 1).reshape(-1, feats.shape[1])  # (B*h*w, D)
-        t1 = time.perf_counter()
-        sampler.add(patches)
-        t2 = time.perf_counter()
-        feature_s, coreset_s = feature_s + t1 - t0, coreset_s + t2 - t1
+    with progress_bar(range(0, len(train_set), batch_size), "memory bank" if progress else None) as starts:
+        for start in starts:
+            batch = train_set.batch(range(start, min(start + batch_size, len(train_set))))
+            t0 = time.perf_counter()
+            feats = model.embed(batch.image.to(device))  # (B, D, h, w)
+            grid = tuple(feats.shape[-2:])
+            patches = feats.permute(0, 2, 3, 1).reshape(-1, feats.shape[1])  # (B*h*w, D)
+            t1 = time.perf_counter()
+            sampler.add(patches)
+            t2 = time.perf_counter()
+            feature_s, coreset_s = feature_s + t1 - t0, coreset_s + t2 - t1
     t0 = time.perf_counter()
     bank = sampler.finish()
     coreset_s += time.perf_counter() - t0
