@@ -110,6 +110,13 @@ def test_evaluate_reports_the_stored_operating_point(evaluated, trained):
         for c, (lo, hi) in m["image_auroc_per_class_ci"].items():
             assert lo <= m["image_auroc_per_class"][c] <= hi
             assert (c in m["unreliable_classes"]) == (m["n_abnormal_per_class"][c] < 10)
+    page = (evaluated / "report.html").read_text()
+    for text in ("Highest-scoring NORMAL scans", "Lowest-scoring abnormal scans", "medvq version", "Training curves", "Primary map", "stored operating point"):
+        assert text in page
+    assert metrics["provenance"]["method"] == "vqvae" and len(metrics["provenance"]["training_history"]) == 4  # one row per epoch
+    for name in ("roc", "training"):
+        assert (evaluated / "figures" / f"{name}.png").stat().st_size > 1000
+        assert (evaluated / "figures" / f"{name}.svg").read_text().lstrip().startswith("<?xml")
 
 
 def test_evaluate_writes_metrics_scores_and_report(evaluated, tiny_phantom):

@@ -329,9 +329,10 @@ def test_scoring_on_a_missing_device_is_refused(device, run, scans, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_classifier_refuses_colour_input(data, tmp_path):
-    code, text = cli("train", "classifier", "--data", data, "--out", tmp_path / "c", "--in-channels", "3")
-    assert code == 2 and "in_channels" in text, text
+@pytest.mark.parametrize("method", ["classifier", "vqvae", "vqvae2"])
+def test_colour_input_is_refused(method, data, tmp_path):
+    code, text = cli("train", method, "--data", data, "--out", tmp_path / "c", "--in-channels", "3")
+    assert code == 2 and "--in-channels 3" in text, text
     assert not (tmp_path / "c").exists()
 
 

@@ -128,6 +128,9 @@ def check_training_setup(config: RunConfig) -> None:
         raise MedvqError(f"unknown --strategy {t.strategy!r}", fix="use auto, ddp, ddp_spawn, fsdp or deepspeed")
     if accelerator == "cpu" and t.precision in ("16-mixed", "bf16-true"):
         raise MedvqError(f"--precision {t.precision} is not available for training on the CPU", fix="use auto, bf16-mixed or 32")
+    channels = getattr(config.model, "in_channels", 1)
+    if channels != 1 and config.method != "patchcore":  # scans are read as one gray channel (PatchCore repeats it as RGB itself)
+        raise MedvqError(f"--in-channels {channels}: medvq reads every scan as one gray channel", fix="use --in-channels 1")
     method = get_method(config.method)
     available_maps = set(method.maps(config.model)) | set(method.map_names)
     for option, names in (("--maps", config.score.maps), ("--combine", config.score.combine)):

@@ -146,6 +146,27 @@ def compute_metrics(
     return out
 
 
+def provenance(run: RunDir, config) -> dict[str, Any]:
+    """What a reader of the report needs to reproduce it: method, seed, medvq version, date, the resolved
+    config, and the run's training curve (metrics.csv, one row per epoch)."""
+    from datetime import datetime, timezone
+
+    from medvq import __version__
+
+    history = []
+    if run.metrics.is_file():
+        with open(run.metrics, newline="") as f:
+            history = [{k: float(v) for k, v in row.items() if v not in ("", None)} for row in csv.DictReader(f)]
+    return {
+        "method": config.method,
+        "seed": config.train.seed,
+        "medvq_version": __version__,
+        "evaluated": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "config": config.model_dump(mode="json"),
+        "training_history": history,
+    }
+
+
 def ood_summary(distance: np.ndarray, threshold: float, labels: list[str]) -> dict[str, Any]:
     """How many scans the out-of-distribution guard flags, overall and per class."""
     flagged = distance > threshold
@@ -350,6 +371,7 @@ def evaluate_run(
         "reducer": f"{config.score.reducer}" + (f" ({config.score.topk_fraction:g})" if config.score.reducer == "topk" else ""),
         "calibration_images": detector.calibration.n_images,
         **({"out_of_distribution": ood_summary(pred.ood_distance, detector.calibration.guard.threshold, labels)} if pred.ood_distance is not None else {}),
+        "provenance": provenance(run, config),
         "primary_map": detector.primary_map,
         "primary_reason": detector.calibration.primary_reason or "the method's default (the run recorded no choice)",
         "operating_point": config.score.operating_point,
@@ -389,10 +411,20 @@ def evaluate_run(
         console.print(f"evaluated the reconstruction of {len(samples)} unlabelled images -> {out}")
         return result
 
-    key = next((k for k in (*pred.model_scores, "combined") if k in pred.scores), next(iter(pred.scores)))
+    key = detector.primary_map if detector.primary_map in pred.scores else next(iter(pred.scores))
     idx = _gallery_indices(labels, pred.scores[key], gallery_per_class)
+    class_rows = len(idx)
+    # the primary map's hardest cases: the highest-scoring normal and the lowest-scoring abnormal scans
+    order = np.argsort(-pred.scores[key], kind="stable")
+    hard_normal = [int(i) for i in order if labels[i] == normal][:gallery_per_class]
+    hard_abnormal = [int(i) for i in order[::-1] if labels[i] != normal][:gallery_per_class]
+    idx = idx + hard_normal + hard_abnormal
     sel = torch.as_tensor(idx, dtype=torch.long)
     gallery |= {
+        "primary_map": np.array(key),
+        "class_rows": np.arange(class_rows),
+        "hard_normal_rows": np.arange(class_rows, class_rows + len(hard_normal)),
+        "hard_abnormal_rows": np.arange(class_rows + len(hard_normal), len(idx)),
         "index": np.array(idx),
         "labels": np.array([labels[i] for i in idx]),
         "paths": np.array([str(samples[i].path) for i in idx]),

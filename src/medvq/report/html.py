@@ -29,13 +29,15 @@ from medvq.io import atomic_write_text  # noqa: E402
 from medvq.report.figures import colorize, overlay  # noqa: E402
 
 CSS = """
-body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2rem auto;max-width:1180px;color:#222;padding:0 1rem}
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:1.5rem auto;max-width:1180px;color:#222;padding:0 1rem}
 h1{font-size:1.5rem;margin-bottom:.2rem} h2{font-size:1.15rem;margin-top:2rem;border-bottom:1px solid #ddd;padding-bottom:.2rem}
-table{border-collapse:collapse;font-size:.85rem;margin:.5rem 0} th,td{border:1px solid #ddd;padding:.3rem .5rem;text-align:right}
+table{border-collapse:collapse;font-size:.8rem;margin:.5rem 0;max-width:100%} th,td{border:1px solid #ddd;padding:.25rem .4rem;text-align:right}
 th{background:#f4f4f4} td.l,th.l{text-align:left} .muted{color:#666;font-size:.85rem}
-.best{font-weight:bold;background:#eef7ee} .gal td{padding:2px;border:none;text-align:center;font-size:.72rem;vertical-align:top}
-.ci{color:#666;font-size:.75rem} .warn{color:#b35900;font-size:.72rem}
-.gal img{width:132px;height:132px;image-rendering:pixelated;display:block} figure{display:inline-block;margin:.3rem}
+.best{font-weight:bold;background:#eef7ee} .ci{color:#666;font-size:.72rem;white-space:nowrap} .warn{color:#b35900;font-size:.72rem}
+.gal{width:100%;table-layout:fixed} .gal td{padding:2px;border:none;text-align:center;font-size:.72rem;vertical-align:top;overflow-wrap:anywhere}
+.gal img{width:100%;max-width:132px;height:auto;image-rendering:pixelated;display:block;margin:auto} figure{display:inline-block;margin:.3rem}
+.bar{width:100%;max-width:132px;height:8px;display:block;margin:2px auto 0} .bar+span{display:flex;justify-content:space-between;max-width:132px;margin:auto;font-weight:normal}
+img.fig{max-width:100%;height:auto} pre{font-size:.72rem;background:#f7f7f7;padding:.5rem;overflow-x:auto;max-width:100%}
 """
 
 
@@ -50,6 +52,24 @@ def _fig_png(fig) -> str:
     fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
     plt.close(fig)
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def _figure(fig, out: Path, name: str) -> str:
+    """Save a figure as OUT/figures/NAME.svg and .png (for papers) and return the PNG for the page."""
+    from medvq.io import atomic_path
+
+    folder = out / "figures"
+    folder.mkdir(exist_ok=True)
+    for ext in ("svg", "png"):
+        with atomic_path(folder / f"{name}.{ext}") as tmp:
+            fig.savefig(tmp, format=ext, dpi=150, bbox_inches="tight")
+    return _fig_png(fig)
+
+
+def _colour_bar(vmax: float, cmap: str = "inferno") -> str:
+    """A horizontal colour bar from 0 to vmax, for a gallery column header."""
+    strip = colorize(np.linspace(0, vmax, 128)[None].repeat(6, axis=0), 0.0, vmax, cmap)
+    return f"<img class='bar' src='{_png(strip)}' alt='colour scale'><span><span>0</span><span>{vmax:.2g}</span></span>"
 
 
 def _gray(a: np.ndarray) -> np.ndarray:
@@ -204,70 +224,153 @@ def _volume_section(metrics: dict) -> str:
     )
 
 
-def _roc_section(rows: list[dict], names: list[str], normal: str, points: dict[str, float] | None = None) -> str:
+def _roc_section(rows: list[dict], names: list[str], normal: str, metrics: dict, out: Path) -> str:
     labels = np.array([r["class"] != normal for r in rows], dtype=int)
     classes = sorted({r["class"] for r in rows} - {normal})
-    fig, axes = plt.subplots(1, 1 + len(classes), figsize=(3.6 * (1 + len(classes)), 3.4), squeeze=False)
-    panels = [("all abnormal vs " + normal, np.ones(len(rows), bool))] + [
-        (f"{c} vs {normal}", np.array([r["class"] in (c, normal) for r in rows])) for c in classes
+    points = {n: m["operating_point"]["threshold"] for n, m in metrics["maps"].items() if "operating_point" in m}
+    panels = [("all abnormal vs " + normal, np.ones(len(rows), bool), None)] + [
+        (f"{c} vs {normal}", np.array([r["class"] in (c, normal) for r in rows]), c) for c in classes
     ]
-    for ax, (title, keep) in zip(axes[0], panels):
+    columns = min(2, len(panels))
+    n_rows = -(-len(panels) // columns)
+    fig, axes = plt.subplots(n_rows, columns, figsize=(4.3 * columns, 4.1 * n_rows), squeeze=False)
+    for ax in axes.flat[len(panels) :]:
+        ax.axis("off")
+    for ax, (title, keep, cls) in zip(axes.flat, panels):
         y = labels[keep]
         for n in names:
             s = np.array([float(r[n]) for r in rows])[keep]
             if y.min() == y.max():
                 continue
+            m = metrics["maps"].get(n, {})
+            auc = m.get("image_auroc") if cls is None else m.get("image_auroc_per_class", {}).get(cls)
+            ci = m.get("image_auroc_ci") if cls is None else m.get("image_auroc_per_class_ci", {}).get(cls)
+            label = n + (f"  {auc:.3f}" if auc is not None else "") + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "")
             fpr, tpr = roc_points(y, s)
-            (line,) = ax.plot(fpr, tpr, label=n)
-            if points and n in points:  # the stored operating point on these scans
+            (line,) = ax.plot(fpr, tpr, label=label, lw=1.5)
+            if n in points:  # the stored operating point on these scans
                 called = s > points[n]
-                ax.plot([called[y == 0].mean()], [called[y == 1].mean()], "o", color=line.get_color(), ms=5)
+                ax.plot([called[y == 0].mean()], [called[y == 1].mean()], "o", color=line.get_color(), ms=6, mec="black", mew=0.6)
         ax.plot([0, 1], [0, 1], ls="--", lw=0.8, color="gray")
-        ax.set_title(title, fontsize=9)
-        ax.set_xlabel("false positive rate", fontsize=8)
-        ax.set_ylabel("true positive rate", fontsize=8)
+        n_abnormal = int(y.sum())
+        ax.set_title(f"{title} ({n_abnormal} abnormal, {int((1 - y).sum())} normal)", fontsize=10)
+        ax.set_xlabel("false positive rate (1 - specificity)", fontsize=10)
+        ax.set_ylabel("true positive rate (sensitivity)", fontsize=10)
+        ax.tick_params(labelsize=9)
         ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=7, loc="lower right")
+        ax.legend(fontsize=8, loc="lower right", title="AUROC [95 % CI, by patient]", title_fontsize=8)
     fig.tight_layout()
-    return f"<img src='{_fig_png(fig)}' style='max-width:100%'>"
+    note = (
+        "<p class='muted'>Legends: AUROC with its 95 % bootstrap interval by patient. ● the stored operating point "
+        f"({html.escape(str(metrics.get('operating_point', '')))}, threshold fixed at calibration) on these scans. "
+        "Also saved as figures/roc.svg and figures/roc.png.</p>"
+        if points
+        else ""
+    )
+    return f"<img class='fig' src='{_figure(fig, out, 'roc')}' alt='ROC curves'>{note}"
+
+
+def _gallery_rows(npz: dict, rows_to_show, names: list[str], key: str, vmax: dict[str, float], show_class: bool = False) -> str:
+    """One table row per gallery entry: input, reconstruction, every map, the overlay of ``key``, the mask."""
+    has_mask, has_recon = "mask" in npz, "reconstruction" in npz
+    extra_scores = [k.removeprefix("score_") for k in npz if k.startswith("score_") and k.removeprefix("score_") not in (*names, key)]
+    out = []
+    for i in rows_to_show:
+        image = npz["image"][i]
+        cells = [_png(_gray(image)), *([_png(_gray(npz["reconstruction"][i]))] if has_recon else [])]
+        cells += [_png(colorize(npz[f"map_{n}"][i], 0.0, max(vmax[n], 1e-6))) for n in names]
+        if key in names:
+            cells.append(_png(overlay(image, npz[f"map_{key}"][i], 0.0, max(vmax[key], 1e-6))))
+        if has_mask:
+            cells.append(_png(_outline(image, npz["mask"][i].astype(bool))))
+        name = Path(str(npz["paths"][i])).name
+        label = f"<b>{html.escape(str(npz['labels'][i]))}</b><br>" if show_class else ""
+        out.append(
+            "<tr>" + "".join(f"<td><img src='{src}'></td>" for src in cells)
+            + f"<td class='l'>{label}{html.escape(name)}<br>{html.escape(key)} {float(npz[f'score_{key}'][i]):.2f}"
+            + "".join(f"<br>{html.escape(k)} {float(npz[f'score_{k}'][i]):.3f}" for k in extra_scores)
+            + "</td></tr>"
+        )
+    return "".join(out)
+
+
+def _gallery_header(npz: dict, names: list[str], key: str, vmax: dict[str, float]) -> str:
+    cells = ["<b>input</b>", *(["<b>reconstruction</b>"] if "reconstruction" in npz else [])]
+    cells += [f"<b>{html.escape(n)}</b>{_colour_bar(vmax[n])}" for n in names]
+    if key in names:
+        cells.append(f"<b>overlay ({html.escape(key)})</b>{_colour_bar(vmax[key], 'jet')}")
+    if "mask" in npz:
+        cells.append("<b>lesion mask</b>")
+    return "<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "<td></td></tr>"
 
 
 def _gallery(npz: dict, normal: str) -> str:
     names = [str(n) for n in npz["map_names"]]
     vmax = dict(zip(names, npz["map_vmax"].astype(float)))
-    has_mask = "mask" in npz
-    key = "combined" if "combined" in names else names[0]
-    has_recon = "reconstruction" in npz
-    extra_scores = [k.removeprefix("score_") for k in npz if k.startswith("score_") and k.removeprefix("score_") not in names and k != "score_combined"]
-    header = ["input", *(["reconstruction"] if has_recon else []), *names, f"overlay ({key})"] + (["lesion mask"] if has_mask else [])
-    parts = []
+    key = str(npz["primary_map"]) if "primary_map" in npz else ("combined" if "combined" in names else names[0])
+    overlay_key = key if key in names else names[0]
     labels = [str(x) for x in npz["labels"]]
-    for c in sorted(set(labels), key=lambda c: (c != normal, c)):
-        rows = []
-        for i, lab in enumerate(labels):
-            if lab != c:
-                continue
-            image = npz["image"][i]
-            cells = [_png(_gray(image)), *([_png(_gray(npz["reconstruction"][i]))] if has_recon else [])]
-            cells += [_png(colorize(npz[f"map_{n}"][i], 0.0, max(vmax[n], 1e-6))) for n in names]
-            cells.append(_png(overlay(image, npz[f"map_{key}"][i], 0.0, max(vmax[key], 1e-6))))
-            if has_mask:
-                cells.append(_png(_outline(image, npz["mask"][i].astype(bool))))
-            score = float(npz[f"score_{key}"][i])
-            name = Path(str(npz["paths"][i])).name
-            rows.append(
-                "<tr>" + "".join(f"<td><img src='{src}'></td>" for src in cells) + f"<td class='l'>{html.escape(name)}<br>{key} score {score:.2f}"
-                + "".join(f"<br>{html.escape(k)} {float(npz[f'score_{k}'][i]):.3f}" for k in extra_scores)
-                + "</td></tr>"
-            )
-        head = "".join(f"<td><b>{html.escape(h)}</b></td>" for h in header)
-        parts.append(f"<h3>{html.escape(c)}</h3><table class='gal'><tr>{head}<td></td></tr>{''.join(rows)}</table>")
+    class_rows = npz["class_rows"].tolist() if "class_rows" in npz else list(range(len(labels)))
+    header = _gallery_header(npz, names, overlay_key, vmax)
+    parts = []
+    for c in sorted({labels[i] for i in class_rows}, key=lambda c: (c != normal, c)):
+        rows = _gallery_rows(npz, [i for i in class_rows if labels[i] == c], names, key if f"score_{key}" in npz else overlay_key, vmax)
+        parts.append(f"<h3>{html.escape(c)}</h3><table class='gal'>{header}{rows}</table>")
     note = (
-        "<p class='muted'>Maps are standardised with statistics of held-out normal scans (0 = the normal mean; colour scale from 0 to the "
-        "99.5th percentile of each map over the test set, the same for every image). Images are shown per class from the highest to the "
-        f"lowest {key} score.</p>"
+        "<p class='muted'>Maps are standardised with statistics of held-out normal scans (0 = the normal mean, units: standard deviations of "
+        "normal pixels; colour scale from 0 to the 99.5th percentile of each map over the test set, the same for every image, shown under "
+        f"each column's name). Images are shown per class from the highest to the lowest {html.escape(key)} score (the run's primary map).</p>"
     )
-    return note + "".join(parts)
+    hard = ""
+    for rows_key, title, text in (
+        ("hard_normal_rows", f"Highest-scoring {normal} scans", "the normal test scans the primary map finds most abnormal: false alarms at a strict threshold"),
+        ("hard_abnormal_rows", "Lowest-scoring abnormal scans", "the abnormal test scans the primary map finds most normal: the lesions it misses first"),
+    ):
+        if rows_key in npz and len(npz[rows_key]):
+            rows = _gallery_rows(npz, npz[rows_key].tolist(), names, key, vmax, show_class=True)
+            hard += f"<h2>{html.escape(title)}</h2><p class='muted'>By {html.escape(key)} score: {text}.</p><table class='gal'>{header}{rows}</table>"
+    return note + "".join(parts) + hard
+
+
+def _decision_summary(metrics: dict) -> str:
+    """The primary map and why, and what the out-of-distribution guard said about these scans."""
+    parts = []
+    if metrics.get("primary_map"):
+        parts.append(f"Primary map: <b>{html.escape(metrics['primary_map'])}</b> ({html.escape(metrics.get('primary_reason', ''))}).")
+    ood = metrics.get("out_of_distribution")
+    if ood:
+        per_class = ", ".join(f"{html.escape(c)} {n}" for c, n in ood["flagged_per_class"].items())
+        parts.append(f"Out-of-distribution guard: {ood['flagged']} of {metrics['n_images']} scans flagged as unlike the calibration normals ({per_class}).")
+    return f"<p>{' '.join(parts)}</p>" if parts else ""
+
+
+def _provenance_section(metrics: dict, out: Path) -> str:
+    """Method, seed, medvq version, date, the training curves and the resolved config of the run."""
+    prov = metrics.get("provenance")
+    if not prov:
+        return ""
+    facts = [("method", prov["method"]), ("seed", prov["seed"]), ("medvq version", prov["medvq_version"]), ("evaluated", prov["evaluated"])]
+    table = "<table>" + "".join(f"<tr><th class='l'>{html.escape(k)}</th><td class='l'>{html.escape(str(v))}</td></tr>" for k, v in facts) + "</table>"
+    curves = ""
+    history = prov.get("training_history") or []
+    if history:
+        epochs = [r["epoch"] for r in history]
+        fig, ax = plt.subplots(figsize=(5.5, 3.2))
+        for k, label in (("train_loss", "training"), ("val_loss", "validation")):
+            if any(k in r for r in history):
+                ax.plot(epochs, [r.get(k, np.nan) for r in history], marker="o", ms=3, label=label)
+        ax.set_xlabel("epoch", fontsize=10)
+        ax.set_ylabel("loss", fontsize=10)
+        ax.set_yscale("log")
+        ax.tick_params(labelsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=9)
+        fig.tight_layout()
+        curves = f"<h3>Training curves</h3><img class='fig' src='{_figure(fig, out, 'training')}' alt='training curves'><p class='muted'>Also figures/training.svg and .png.</p>"
+    import yaml
+
+    config = f"<details><summary>Resolved config (config.yaml of the run)</summary><pre>{html.escape(yaml.safe_dump(prov['config'], sort_keys=False))}</pre></details>"
+    return f"<h2>Run</h2>{table}{curves}{config}"
 
 
 def _reconstruction_section(rec: dict, npz: dict) -> str:
@@ -344,7 +447,7 @@ def build_report(out_dir: str | Path) -> Path:
     rows, names = _read_saved(out / "scores.csv", read_scores)
     npz = _read_saved(out / "evaluation.npz", _load_npz)
     try:
-        page = _evaluation_page(metrics, rows, names, npz)
+        page = _evaluation_page(metrics, rows, names, npz, out)
     except MedvqError:
         raise
     except (KeyError, TypeError, ValueError, IndexError, AttributeError) as err:  # a hand-edited or mismatched file
@@ -378,7 +481,7 @@ def _read_saved(path: Path, reader):
         raise MedvqError(f"damaged file ({err.__class__.__name__}: {str(err)[:200]})", path=path, fix="run `medvq evaluate` again to rewrite it") from None
 
 
-def _evaluation_page(metrics: dict, rows: list, names: list, npz: dict) -> str:
+def _evaluation_page(metrics: dict, rows: list, names: list, npz: dict, out: Path) -> str:
     normal = "NORMAL" if any(r["class"] == "NORMAL" for r in rows) else sorted({r["class"] for r in rows})[0]
     counts = ", ".join(f"{html.escape(c)} {n}" for c, n in metrics["counts"].items())
     classification = f"<h2>Classification</h2>{_classification_section(metrics['classification'])}" if "classification" in metrics else ""
@@ -387,7 +490,7 @@ def _evaluation_page(metrics: dict, rows: list, names: list, npz: dict) -> str:
 <p class='muted'>Best Dice uses the best threshold found on these test images, so it is an upper bound. AUPRO is normalised to 1 for a perfect map.</p>
 {_operating_point_section(metrics)}
 {_volume_section(metrics)}
-<h2>ROC curves</h2>{_roc_section(rows, names, normal, {n: m["operating_point"]["threshold"] for n, m in metrics["maps"].items() if "operating_point" in m})}
+<h2>ROC curves</h2>{_roc_section(rows, names, normal, metrics, out)}
 <h2>Gallery</h2>{_gallery(npz, normal)}"""
         if metrics["maps"]
         else ""
@@ -400,8 +503,10 @@ def _evaluation_page(metrics: dict, rows: list, names: list, npz: dict) -> str:
 {metrics['excluded_seen_in_training']} images of patients or files used in training or calibration were excluded.
 Model input {metrics['image_size']}×{metrics['image_size']} px (field of view: {html.escape(metrics['fov'])}); image score = {html.escape(metrics['reducer'])} of each standardised map;
 normal statistics from {metrics['calibration_images']} held-out normal images.{_pixel_note(metrics)}</p>
+{_decision_summary(metrics)}
 {classification}{anomaly}
 {reconstruction}
+{_provenance_section(metrics, out)}
 <p class='muted'>Generated by medvq from metrics.json, scores.csv and evaluation.npz in this folder.</p>
 </body></html>"""
     return page

@@ -39,7 +39,7 @@ class ClassifierConfig(BaseModel):
     pretrained_std: list[float] | None = Field(
         None, description="RGB standard deviation the pretrained weights expect (default like pretrained_mean)."
     )
-    in_channels: int = Field(1, ge=1, le=1, description="Image channels of the model input (medvq reads every scan as one gray channel).")
+    in_channels: int = Field(1, ge=1, description="Image channels of the model input.")
     vit_input_size: int | None = Field(
         None, ge=16, description="Input side the ViT's position embedding is laid out for (default: data.image_size; other sizes are interpolated)."
     )
