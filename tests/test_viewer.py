@@ -166,3 +166,14 @@ def test_viewer_of_an_inference_with_a_volume(tiny_phantom, nibabel_data, browse
 def test_view_refuses_a_folder_without_scores(tmp_path):
     result = runner.invoke(app, ["view", str(tmp_path)])
     assert result.exit_code == 2 and "no scores.csv" in result.output and "Traceback" not in result.output
+
+
+def test_scan_paths_relative_to_where_evaluate_ran_are_found_under_the_data_root(tmp_path):
+    from medvq.report.viewer import locate
+
+    scan = tmp_path / "data" / "test" / "CNV" / "CNV-1-1.jpeg"
+    scan.parent.mkdir(parents=True)
+    scan.write_bytes(b"")
+    assert locate(Path("data/test/CNV/CNV-1-1.jpeg"), tmp_path / "data") == scan
+    assert locate(Path("../elsewhere/data/test/CNV/CNV-1-1.jpeg"), tmp_path / "data") == scan
+    assert locate(Path("test/CNV/missing.jpeg"), tmp_path / "data") == Path("test/CNV/missing.jpeg")

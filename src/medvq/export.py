@@ -115,7 +115,8 @@ def _safe(name: str) -> str:
 
 def export_onnx(run_dir: str | Path, out: str | Path, *, checkpoint: str = "best", batch_size: int = 1) -> dict:
     """Write ``out`` (an .onnx file) for the run; returns its metadata. ``batch_size`` only sets the example
-    used for tracing: the batch dimension of the graph is dynamic."""
+    used for tracing: the batch dimension of the graph is dynamic, or 1 where the method says its graph
+    cannot take any batch (``medvq.onnx_runtime`` then runs such a graph scan by scan)."""
     import onnx
 
     out = Path(out)
@@ -125,7 +126,8 @@ def export_onnx(run_dir: str | Path, out: str | Path, *, checkpoint: str = "best
     if detector.method.onnx_export is None:
         raise MedvqError(f"method '{detector.config.method}' cannot be exported to ONNX", path=run_dir, fix=f"export a run of {', '.join(exportable_methods())}")
     graph = ScoringGraph(detector).eval()
-    detector.method.onnx_export(detector.model)
+    any_batch = detector.method.onnx_export(detector.model)
+    batch_size = batch_size if any_batch else 1
     size = detector.config.data.image_size
     example = (torch.rand(batch_size, 1, size, size), torch.ones(batch_size, 1, size, size))
     with torch.no_grad():
@@ -144,6 +146,7 @@ def export_onnx(run_dir: str | Path, out: str | Path, *, checkpoint: str = "best
         "reducer": graph.reducer,
         "topk_fraction": graph.topk_fraction,
         "smoothing_sigma_px": graph.sigma,
+        "batch": "any" if any_batch else 1,
         "run": str(Path(run_dir).resolve()),
         "checkpoint": checkpoint,
     }
@@ -157,7 +160,7 @@ def export_onnx(run_dir: str | Path, out: str | Path, *, checkpoint: str = "best
                 str(tmp),
                 input_names=["image", "valid"],
                 output_names=names,
-                dynamic_axes={"image": {0: "batch"}, "valid": {0: "batch"}, **{n: {0: "batch"} for n in names}},
+                dynamic_axes={"image": {0: "batch"}, "valid": {0: "batch"}, **{n: {0: "batch"} for n in names}} if any_batch else None,
                 opset_version=OPSET,
                 dynamo=False,
             )

@@ -111,9 +111,14 @@ class OnnxScorer:
         return x, valid, geometry
 
     def run(self, images: np.ndarray, valid: np.ndarray) -> dict[str, np.ndarray]:
-        """Preprocessed batch (B, 1, S, S) -> every graph output by name."""
-        outs = self.session.run(None, {"image": images.astype(np.float32), "valid": valid.astype(np.float32)})
-        return dict(zip(self.output_names, outs))
+        """Preprocessed batch (B, 1, S, S) -> every graph output by name (scan by scan for a fixed-batch graph)."""
+        fixed = self.session.get_inputs()[0].shape[0]
+        step = fixed if isinstance(fixed, int) else len(images)
+        parts = [
+            self.session.run(None, {"image": images[k : k + step].astype(np.float32), "valid": valid[k : k + step].astype(np.float32)})
+            for k in range(0, len(images), step)
+        ]
+        return {name: np.concatenate([p[j] for p in parts]) for j, name in enumerate(self.output_names)}
 
     def score_files(self, paths: Sequence[str | Path], batch_size: int = 8) -> list[OnnxResult]:
         results = []

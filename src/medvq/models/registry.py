@@ -41,8 +41,9 @@ class Method:
     # Model fields added after runs were saved, with the value a saved config.yaml without them means (every run's
     # config.yaml holds every field of its time, so a missing one marks an older run, not a wish for today's default):
     stored_model_defaults: dict[str, Any] = field(default_factory=dict)
-    # Methods whose scoring path traces into one ONNX graph (`medvq export`): prepares the loaded model for tracing.
-    onnx_export: Callable[[nn.Module], None] | None = None
+    # Methods whose scoring path traces into one ONNX graph (`medvq export`): prepares the loaded model for
+    # tracing and says whether the graph takes any batch size (else it is exported for one scan at a time).
+    onnx_export: Callable[[nn.Module], bool] | None = None
 
     def maps(self, model_config) -> tuple[str, ...]:
         """The maps a model built from ``model_config`` computes by default."""
@@ -62,7 +63,7 @@ def _vqvae() -> Method:
         compute_maps=vqvae_maps,
         training_module=VQVAEModule.from_run_config,
         primary_map="residual",
-        onnx_export=lambda model: None,
+        onnx_export=lambda model: True,
     )
 
 
@@ -80,7 +81,7 @@ def _vqvae2() -> Method:
         training_module=VQVAE2Module.from_run_config,
         primary_map="residual",
         stored_model_defaults={"upsampling": "transpose"},
-        onnx_export=lambda model: None,
+        onnx_export=lambda model: True,
     )
 
 
@@ -157,7 +158,7 @@ def _featvq() -> Method:
         training_module=FeatVQModule.from_run_config,
         streams_training=True,
         combinations=COMBINATIONS,
-        onnx_export=lambda model: None,
+        onnx_export=lambda model: False,  # the library quantizer's traced reshape keeps the batch size it saw
     )
 
 

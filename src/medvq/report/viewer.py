@@ -109,8 +109,21 @@ def _scan_sample(row: dict[str, str]) -> Sample:
     return Sample(path=Path(row["path"]), frame=int(frame) if frame not in ("", None) else None)
 
 
-def _read_scan(row: dict[str, str], folder: Path) -> np.ndarray:
-    sample = _scan_sample(row)
+def locate(path: Path, data_root: Path | None) -> Path:
+    """A scan path as scores.csv holds it (relative to where the command ran, perhaps): as given, or the
+    shortest tail of it that exists under the evaluation's data root."""
+    if path.exists() or data_root is None or path.is_absolute():
+        return path
+    for k in range(len(path.parts)):
+        candidate = data_root.joinpath(*path.parts[k:])
+        if candidate.exists():
+            return candidate
+    return path
+
+
+def _read_scan(row: dict[str, str], folder: Path, data_root: Path | None) -> np.ndarray:
+    found = _scan_sample(row)
+    sample = Sample(path=locate(found.path, data_root), frame=found.frame)
     if not sample.path.exists():
         raise MedvqError(
             f"scan {sample.path} named in scores.csv is missing", path=folder / "scores.csv", fix="run `medvq view` where the scored scans are"
@@ -146,6 +159,7 @@ def collect(folder: str | Path) -> ViewerData:
                 thresholds[name] = {"value": op["threshold"], "name": op.get("name", metrics.get("operating_point", ""))}
         settings["decision_map"] = metrics.get("primary_map") or names[0]
         settings["run"] = metrics.get("run")
+        settings["data_root"] = Path(metrics["data"]) if metrics.get("data") else None
     else:
         first = rows[0]
         if first.get("decision_map"):
@@ -239,7 +253,7 @@ def scan_assets(folder: Path, data: ViewerData, maps_npz: dict[str, np.ndarray] 
     out = []
     for i, row in enumerate(rows):
         a = ScanAssets()
-        image = _read_scan(row, folder)
+        image = _read_scan(row, folder, data.settings.get("data_root"))
         h, w = image.shape
         gray = _gray8(image)
         a.files["image"] = _encode(gray, "JPEG", quality=90)
@@ -339,7 +353,8 @@ def _build_viewer(folder: Path, embed: bool) -> Path:
         if found is not None:
             v["enface"] = _data_uri("image/png", found.read_bytes()) if embed else str(found.relative_to(folder))
     template = resources.files("medvq.report").joinpath("viewer.html").read_text()
-    page = template.replace("/*SETTINGS*/null", _script_json(data.settings)).replace("/*RECORDS*/null", _script_json(data.records))
+    settings = {k: v for k, v in data.settings.items() if k != "data_root"}
+    page = template.replace("/*SETTINGS*/null", _script_json(settings)).replace("/*RECORDS*/null", _script_json(data.records))
     page = page.replace("<!--SCAN-BLOCKS-->", "\n".join(blocks))
     out = folder / "viewer.html"
     atomic_write_text(out, page)
