@@ -116,3 +116,9 @@ def code_usage(counts: torch.Tensor) -> tuple[float, float]:
     probs = counts.float() / total
     entropy = -(probs[probs > 0] * probs[probs > 0].log()).sum()
     return float(entropy.exp()), float((counts > 0).float().mean())
+
+
+def synchronise_quantizers(model: torch.nn.Module) -> int:
+    """Call ``synchronise_across_processes`` on every quantizer inside ``model``; returns how many now synchronise.
+    For a LightningModule's ``setup``, where the process group exists."""
+    return sum(q.synchronise_across_processes() for q in model.modules() if isinstance(q, VectorQuantizer))

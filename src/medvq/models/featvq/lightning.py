@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from medvq.engine.optim import configure_adamw
 from medvq.models.featvq.model import FeatVQ, FeatVQConfig, code_nll
-from medvq.models.quantizer import code_usage
+from medvq.models.quantizer import code_usage, synchronise_quantizers
 
 # loss * n, quantisation distance per patch * n, correct code predictions, positions, n
 _SUMS = 5
@@ -41,7 +41,7 @@ class FeatVQModule(L.LightningModule):
         return module
 
     def setup(self, stage: str) -> None:
-        self.model.quantizer.synchronise_across_processes()  # the process group exists from here on
+        synchronise_quantizers(self.model)  # the process group exists from here on
 
     @property
     def codebook_learning(self) -> bool:

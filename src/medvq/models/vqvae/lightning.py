@@ -5,7 +5,7 @@ from __future__ import annotations
 import lightning as L
 import torch
 
-from medvq.models.quantizer import code_usage
+from medvq.models.quantizer import code_usage, synchronise_quantizers
 from medvq.engine.optim import configure_adamw
 from medvq.models.vqvae.model import VQVAE, VQVAEConfig
 
@@ -32,6 +32,9 @@ class VQVAEModule(L.LightningModule):
     def from_run_config(cls, config) -> "VQVAEModule":
         t = config.train
         return cls(config.model.model_dump(), learning_rate=t.learning_rate, weight_decay=t.weight_decay, lr_schedule=t.lr_schedule, channels_last=t.channels_last, compile=t.compile)
+
+    def setup(self, stage: str) -> None:
+        synchronise_quantizers(self.model)  # codebook statistics summed over every process under DDP (the group exists from here on)
 
     def _images(self, batch: dict) -> torch.Tensor:
         x = batch["image"]

@@ -6,7 +6,7 @@ import lightning as L
 import torch
 
 from medvq.evaluation.reconstruction import ssim_per_image
-from medvq.models.quantizer import code_usage
+from medvq.models.quantizer import code_usage, synchronise_quantizers
 from medvq.engine.optim import configure_adamw
 from medvq.models.vqvae2.model import VQVAE2, VQVAE2Config
 
@@ -35,6 +35,9 @@ class VQVAE2Module(L.LightningModule):
     def from_run_config(cls, config) -> "VQVAE2Module":
         t = config.train
         return cls(config.model.model_dump(), learning_rate=t.learning_rate, weight_decay=t.weight_decay, lr_schedule=t.lr_schedule, channels_last=t.channels_last, compile=t.compile)
+
+    def setup(self, stage: str) -> None:
+        synchronise_quantizers(self.model)  # codebook statistics summed over every process under DDP (the group exists from here on)
 
     def _step(self, batch: dict, sums: torch.Tensor):
         x = batch["image"]
