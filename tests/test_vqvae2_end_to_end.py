@@ -181,10 +181,11 @@ def test_bad_nifti_inputs_are_named_and_nothing_written_is_lost(hipmri, trained,
     zero = bad / "test" / "case_302_week_0_slice_1.nii.gz"
     nib.save(nib.Nifti1Image(np.zeros((256, 128), np.float32), np.eye(4)), zero)
     shutil.copy(sorted((hipmri / "train").glob("*.nii.gz"))[0], victim)
-    before = {p.name: p.read_bytes() for p in evaluated.iterdir()}
+    before = {str(p.relative_to(evaluated)): p.read_bytes() for p in evaluated.rglob("*") if p.is_file()}
     code, out = _invoke("evaluate", trained, "--data", bad, "--out", evaluated)
     assert code == 2 and zero.name in out and "zero-filled" in out
-    assert {p.name: p.read_bytes() for p in evaluated.iterdir()} == before, "the earlier evaluation is untouched"
+    after = {str(p.relative_to(evaluated)): p.read_bytes() for p in evaluated.rglob("*") if p.is_file()}
+    assert after == before, "the earlier evaluation is untouched"
 
     four_d = bad / "test" / "case_303_week_0_slice_2.nii.gz"
     zero.unlink()
