@@ -62,13 +62,7 @@ class ScanDataset(Dataset):
         progress: str | None = None,
         workers: int = 0,
     ):
-        self.samples = list(samples)
-        if targets is not None and len(targets) != len(self.samples):
-            raise ValueError(f"{len(targets)} targets for {len(self.samples)} samples")
-        self.targets = torch.as_tensor(list(targets), dtype=torch.long) if targets is not None else None
-        self.preprocessor = preprocessor
-        self.hflip = hflip
-        self.zoom, self.shift = zoom, shift
+        self._set_samples(samples, preprocessor, targets, hflip=hflip, zoom=zoom, shift=shift)
         n, s = len(self.samples), preprocessor.image_size
         self.images = torch.empty(n, 1, s, s, dtype=torch.float16)
         self.valid = torch.ones(n, 1, s, s, dtype=torch.bool)
@@ -87,6 +81,15 @@ class ScanDataset(Dataset):
                 if self.masks is not None and b.masks is not None:
                     self.masks[rows] = b.masks
                 self.geometry.extend(b.geometry)
+
+    def _set_samples(self, samples: Sequence[Sample], preprocessor: Preprocessor, targets: Sequence[int] | None, *, hflip: bool, zoom: float, shift: float) -> None:
+        """What every scan dataset holds besides the pixels: samples, targets, preprocessing and augmentation."""
+        self.samples = list(samples)
+        if targets is not None and len(targets) != len(self.samples):
+            raise ValueError(f"{len(targets)} targets for {len(self.samples)} samples")
+        self.targets = torch.as_tensor(list(targets), dtype=torch.long) if targets is not None else None
+        self.preprocessor = preprocessor
+        self.hflip, self.zoom, self.shift = hflip, zoom, shift
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -177,15 +180,10 @@ class StreamingScanDataset(ScanDataset):
     ):
         from medvq.errors import DatasetError
 
-        self.samples = list(samples)
-        if targets is not None and len(targets) != len(self.samples):
-            raise ValueError(f"{len(targets)} targets for {len(self.samples)} samples")
+        self._set_samples(samples, preprocessor, targets, hflip=hflip, zoom=zoom, shift=shift)
         missing = next((s.path for s in self.samples if not s.path.is_file()), None)
         if missing is not None:
             raise DatasetError("scan not found", path=missing, fix="restore the file or remove it from the dataset")
-        self.targets = torch.as_tensor(list(targets), dtype=torch.long) if targets is not None else None
-        self.preprocessor = preprocessor
-        self.hflip, self.zoom, self.shift = hflip, zoom, shift
         self.has_masks = load_masks and len(self.samples) > 0 and all(x.mask_path is not None for x in self.samples)
         self.images = self.valid = self.masks = None
         self.geometry = []
