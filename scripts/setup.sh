@@ -15,22 +15,21 @@ fi
 .venv/bin/python -m pip install --quiet --upgrade pip
 .venv/bin/python -m pip install --quiet -c constraints-cpu.txt -e ".${extras}"
 .venv/bin/python -c "import medvq, torch; print(f'medvq {medvq.__version__} with torch {torch.__version__} ready in .venv')"
-# Real MRI for the tests: Colin27 T1 (181x217x181, 1 mm) from Debian's mricron-data, installed once where apt-get can run.
+# Debian packages the tests need, installed where apt-get can run (as root, or with password-less sudo).
+apt_install() {
+  local sudo=""
+  [[ $(id -u) -ne 0 ]] && command -v sudo >/dev/null && sudo -n true 2>/dev/null && sudo="sudo -n"
+  command -v apt-get >/dev/null && { [[ $(id -u) -eq 0 ]] || [[ -n "$sudo" ]]; } || return 0
+  $sudo apt-get install -y -q "$@" >/dev/null || { $sudo apt-get update -q >/dev/null && $sudo apt-get install -y -q "$@" >/dev/null; } || true
+}
+# Real MRI for the tests: Colin27 T1 (181x217x181, 1 mm) from Debian's mricron-data.
 COLIN27=/usr/share/mricron/templates/ch2.nii.gz
 if [[ -n "$extras" && ! -f "$COLIN27" ]]; then
-  sudo=""
-  [[ $(id -u) -ne 0 ]] && command -v sudo >/dev/null && sudo -n true 2>/dev/null && sudo="sudo -n"
-  if command -v apt-get >/dev/null && { [[ $(id -u) -eq 0 ]] || [[ -n "$sudo" ]]; }; then
-    $sudo apt-get install -y -q mricron-data >/dev/null || { $sudo apt-get update -q >/dev/null && $sudo apt-get install -y -q mricron-data >/dev/null; }
-  fi
+  apt_install mricron-data
   [[ -f "$COLIN27" ]] && echo "Colin27 MRI installed: $COLIN27" || echo "warning: $COLIN27 is missing (mricron-data could not be installed here); the MRI tests need it (or MEDVQ_COLIN27=<path to ch2.nii.gz>)" >&2
 fi
 # The viewer tests drive Debian's chromium through Playwright (Playwright's own browser download is not needed).
 if [[ -n "$extras" ]] && ! command -v chromium >/dev/null; then
-  sudo=""
-  [[ $(id -u) -ne 0 ]] && command -v sudo >/dev/null && sudo -n true 2>/dev/null && sudo="sudo -n"
-  if command -v apt-get >/dev/null && { [[ $(id -u) -eq 0 ]] || [[ -n "$sudo" ]]; }; then
-    $sudo apt-get install -y -q chromium >/dev/null || { $sudo apt-get update -q >/dev/null && $sudo apt-get install -y -q chromium >/dev/null; }
-  fi
+  apt_install chromium
   command -v chromium >/dev/null && echo "chromium installed: $(command -v chromium)" || echo "warning: chromium is missing (apt-get install chromium); the viewer tests need it (or MEDVQ_CHROMIUM=<path>)" >&2
 fi
