@@ -32,7 +32,7 @@ class Method:
     # Methods without gradient training (a memory bank) fit in one pass instead of the Lightning trainer:
     fit: Callable[..., tuple[nn.Module, dict]] | None = None  # (RunConfig, train ScanDataset, device=, console=, progress=) -> (model, summary)
     # Methods built on another run (a prior on a VQ-VAE) complete their config and take that run's patient split:
-    prepare: Callable[..., tuple["object", dict]] | None = None  # (RunConfig, data root) -> (RunConfig, {'train', 'val', 'test'} -> samples)
+    prepare: Callable[..., tuple["object", dict]] | None = None  # (RunConfig, data root, RunDir) -> (RunConfig, {'train', 'val', 'test'} -> samples)
     # The map (or model score) that decides when the validation patients hold no abnormal scans to choose on:
     # the method's best on kermany-dev and the phantom (README, Results); None: 'combined', else the first map.
     primary_map: str | None = None
