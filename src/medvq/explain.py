@@ -29,6 +29,7 @@ from medvq.detector import Detector
 from medvq.errors import MedvqError
 from medvq.io import atomic_path, atomic_write_csv, mark_output
 from medvq.inference import output_stem
+from medvq.models.registry import methods
 from medvq.report.figures import overlay
 
 METHODS = {"rollout": "rollout", "gradcam": "gradcam", "grad-cam": "gradcam", "gradient-rollout": "gradient_rollout", "gradient_rollout": "gradient_rollout"}
@@ -55,28 +56,29 @@ def explain(
     console = console or Console(stderr=True)
     detector = Detector.load(run_dir, device=device)
     config = detector.config
-    if config.method != "classifier":
-        raise MedvqError(f"explain needs a classifier run, this is a {config.method} run", path=run_dir, fix="use `medvq infer` for its anomaly maps")
+    if not detector.method.explains:
+        able = ", ".join(m.name for m in methods() if m.explains)
+        raise MedvqError(f"explain needs a run of a method that explains its predictions ({able}), this is a {config.method} run", path=run_dir, fix="use `medvq infer` for its anomaly maps")
     if method.lower() not in METHODS:
-        raise MedvqError(f"unknown explanation method '{method}'", fix="use rollout, gradcam or gradient-rollout")
+        raise MedvqError(f"unknown explanation map '{method}'", fix="use --map rollout, gradcam or gradient-rollout")
     name = METHODS[method.lower()]
     available = detector.method.maps(config.model)
     if name not in available:
-        raise MedvqError(f"{method} needs attention weights; a {config.model.arch} has only {', '.join(available)}", path=run_dir, fix="use --method gradcam")
+        raise MedvqError(f"{method} needs attention weights; a {config.model.arch} has only {', '.join(available)}", path=run_dir, fix="use --map gradcam")
 
     overrides = _settings(head_fusion, discard_ratio, layer, target)
     try:
         model_config = type(config.model).model_validate({**config.model.model_dump(), **overrides})
     except ValidationError as err:
         problems = "; ".join(f"--{'-'.join(str(p) for p in e['loc']).replace('_', '-')}: {e['msg']}" for e in err.errors())
-        raise MedvqError(f"invalid explanation setting: {problems}".replace("--rollout-", "--").replace("--gradcam-", "--").replace("--explain-", "--")) from None
+        raise MedvqError(f"invalid explanation setting: {problems}") from None
     if layer is not None:
         from medvq.maps.gradcam import LayerCapture
 
         try:
             LayerCapture(detector.model.net, layer)
         except ValueError as err:
-            raise MedvqError(f"--layer: {err}", path=run_dir, fix="name a module of the network") from None
+            raise MedvqError(f"--gradcam-layer: {err}", path=run_dir, fix="name a module of the network") from None
     detector.model.config = model_config
     detector.config = config.model_copy(update={"model": model_config, "score": config.score.model_copy(update={"maps": [name], "combine": []})})
     if detector.calibration is not None and detector.calibration.guard is not None:

@@ -44,6 +44,7 @@ from medvq.errors import DatasetError
 from medvq.evaluation import metrics as M
 from medvq.evaluation.reconstruction import reconstruction_metrics, spread_indices, summarize
 from medvq.io import atomic_save_npz, atomic_write_text, mark_output
+from medvq.models.registry import methods
 from medvq.scoring.decision import OperatingPoint, is_abnormal, operating_point
 from medvq.scoring.volume import describe as describe_volume_score
 from medvq.scoring.volume import volume_level_scores
@@ -333,7 +334,7 @@ def evaluate_run(
         raise DatasetError(
             f"the test images are unlabelled, so only reconstruction metrics apply, and method '{config.method}' does not reconstruct",
             path=data_root,
-            fix="evaluate a reconstruction model (vqvae, vqvae2), or give the data class folders",
+            fix=f"evaluate a reconstruction model ({', '.join(m.name for m in methods() if m.reconstructs)}), or give the data class folders",
         )
     tolerance = POINTING_TOLERANCE * config.data.image_size
     for note in detector.notes:
@@ -388,7 +389,7 @@ def evaluate_run(
     write_scores_csv(out / "scores.csv", samples, dataset, pred.scores, ood)
     write_scan_maps(out / "maps.npz", dataset, pred)
 
-    if not detector.method.normal_only:
+    if "classification" in detector.method.metrics:
         result["classification"] = classify(detector, pred, samples, dataset)
     atomic_write_text(out / "metrics.json", json.dumps(result, indent=1))
 
