@@ -5,7 +5,7 @@
     results = det.predict_files(["scan.jpeg"])   # maps on the scan's own grid, calibrated scores
 """
 
-__version__ = "0.1.0"
+from medvq.version import __version__
 
 __all__ = ["Detector", "RunConfig", "build_config", "train_run", "evaluate_run", "write_phantom"]
 

@@ -38,7 +38,8 @@ from typing import Sequence
 
 import numpy as np
 
-from medvq.config import DataConfig
+from medvq.data.config import DataConfig
+from medvq.data.sample import SPLIT_ALIASES, Sample
 from medvq.errors import DatasetError, ImageReadError
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -272,8 +273,6 @@ def _volume(path: Path, options: VolumeOptions) -> _Volume:
 # --- listing ------------------------------------------------------------------------------------
 def scan_nifti_file(path: str | Path, options: VolumeOptions, *, label: str = "", split: str | None = None) -> list:
     """The samples of one NIfTI file: itself (a slice file) or its non-empty slices (a volume / series)."""
-    from medvq.data.samples import Sample
-
     path = Path(path)
     img = _open(path)
     kind, shape = _kind(img, path)
@@ -313,8 +312,6 @@ def nifti_files(folder: Path) -> list[Path]:
 
 def holds_nifti(root: str | Path) -> bool:
     """True for a NIfTI file, or a folder holding NIfTI files directly or in split folders."""
-    from medvq.data.samples import SPLIT_ALIASES
-
     root = Path(root)
     if root.is_file():
         return is_nifti(root)
@@ -331,8 +328,6 @@ def scan_nifti(root: str | Path, options: VolumeOptions, splits: Sequence[str] |
     Layouts: ``ROOT/{train,validate|val,test}/*.nii[.gz]`` (HipMRI), ``ROOT/*.nii[.gz]`` (a folder of
     subjects, split later by patient) or a single file.
     """
-    from medvq.data.samples import SPLIT_ALIASES
-
     root = Path(root)
     if root.is_file():
         return scan_nifti_file(root, options)

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from scipy import ndimage
 
-from medvq.config import DataConfig
+from medvq.data.config import DataConfig
 from medvq.data.nifti import VolumeOptions, is_nifti
 from medvq.data.readers import read_mask, read_sample
 from medvq.data.samples import Sample

@@ -18,15 +18,14 @@ slice for a volume) in, float32 (H, W) in [0, 1] out.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 import numpy as np
 
+from medvq.data import nifti, volumes
+from medvq.data.nifti import VolumeOptions
+from medvq.data.sample import Sample
 from medvq.errors import ImageReadError
-
-if TYPE_CHECKING:
-    from medvq.data.nifti import VolumeOptions
-    from medvq.data.samples import Sample
 
 PIL_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp"}
 TIFF_SUFFIXES = {".tif", ".tiff"}
@@ -196,10 +195,8 @@ def read_image(path: str | Path) -> np.ndarray:
     return np.ascontiguousarray(array, dtype=np.float32)
 
 
-def read_sample(sample: "Sample", volume: "VolumeOptions | None" = None) -> np.ndarray:
+def read_sample(sample: Sample, volume: VolumeOptions | None = None) -> np.ndarray:
     """Read what a sample points at: a B-scan of an OCT volume, a NIfTI slice (normalised with ``volume``) or an image file."""
-    from medvq.data import nifti, volumes
-
     if sample.frame is not None and not nifti.is_nifti(sample.path):
         return volumes.read_bscan(sample.path, sample.frame)
     if sample.frame is not None or nifti.is_nifti(sample.path):

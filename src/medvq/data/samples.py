@@ -22,38 +22,20 @@ from __future__ import annotations
 import random
 import re
 from collections import defaultdict
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Sequence
+from typing import Iterable, Sequence
 
+from medvq.data import manifest, nifti, volumes
+from medvq.data.manifest import read_manifest
+from medvq.data.nifti import VolumeOptions
 from medvq.data.readers import is_image_file
+from medvq.data.sample import SPLIT_ALIASES, SPLITS, Sample
+from medvq.data.volumes import VOLUME_SUFFIXES
 from medvq.errors import DatasetError
 from medvq.io import OUTPUT_MARKER, is_output_folder
 
-if TYPE_CHECKING:
-    from medvq.data.nifti import VolumeOptions
-
-SPLITS = ("train", "val", "test")
-SPLIT_ALIASES = {"train": "train", "val": "val", "validate": "val", "validation": "val", "test": "test"}
 MASK_DIR = "masks"
-
-
-@dataclass(frozen=True)
-class Sample:
-    path: Path
-    label: str = ""  # class name; "" when unlabelled
-    patient_id: str = ""
-    split: str | None = None  # split folder it came from, if any
-    mask_path: Path | None = None
-    frame: int | None = None  # slice of a NIfTI volume (medvq.data.nifti); None for a 2D image file
-    eye: str = ""  # OD | OS where known (a manifest, a volume's metadata)
-    visit: str = ""  # visit id or scan date where known
-    meta: dict = field(default_factory=dict, compare=False, hash=False)
-
-    @property
-    def name(self) -> str:
-        """File name, with the slice for a volume slice: ``ch2.nii.gz:90``."""
-        return self.path.name if self.frame is None else f"{self.path.name}:{self.frame}"
 
 
 OCT2017_NAME = re.compile(r"^(?P<cls>[^-]+)-(?P<patient>[^-]+)-\d+(__.*)?$")  # kermany-dev copies carry a __hash suffix
@@ -110,8 +92,6 @@ def _check_patients(samples: list[Sample], unknown: list[Path], rule: PatientRul
 
 def _images_in(folder: Path) -> list[Path]:
     """Image files and OCT volume files (``medvq.data.volumes``) of a folder."""
-    from medvq.data.volumes import VOLUME_SUFFIXES
-
     return sorted(p for p in folder.iterdir() if is_image_file(p) or (p.suffix.lower() in VOLUME_SUFFIXES and p.is_file() and not p.name.startswith(".")))
 
 
@@ -144,8 +124,6 @@ def scan_dataset(
     """All labelled scans under ``root`` (OCT2017 or flat layout) or listed by a manifest CSV, optionally
     filtered by class and split; or the unlabelled slices of a NIfTI dataset, listed with ``volume``
     (default: VolumeOptions()). ``patient_pattern`` replaces the file-name rule of patient ids."""
-    from medvq.data import manifest, nifti
-
     rule = PatientRule(patient_pattern)
     if manifest.is_manifest(root):
         return _filtered(manifest_samples(root, volume), classes, splits, Path(root))
@@ -239,8 +217,6 @@ def _filtered(samples: list[Sample], classes: Sequence[str] | None, splits: Sequ
 
 def manifest_samples(path: str | Path, volume: "VolumeOptions | None" = None) -> list[Sample]:
     """The samples of a manifest: one per image row, one per B-scan / slice of a volume row without a frame."""
-    from medvq.data.manifest import read_manifest
-
     samples: list[Sample] = []
     for row in read_manifest(path):
         if row.frame is not None and not is_volume_file(row.path):
@@ -257,15 +233,11 @@ def manifest_samples(path: str | Path, volume: "VolumeOptions | None" = None) ->
 
 def is_volume_file(path: Path) -> bool:
     """A file that holds a stack of 2D scans: an OCT volume (``medvq.data.volumes``) or NIfTI."""
-    from medvq.data import nifti, volumes
-
     return nifti.is_nifti(path) or volumes.is_oct_volume(path)
 
 
 def volume_samples(path: Path, volume: "VolumeOptions | None" = None, *, label: str = "", split: str | None = None) -> list[Sample]:
     """One sample per usable 2D scan of a volume file, with what its metadata says of patient and eye."""
-    from medvq.data import nifti, volumes
-
     if volumes.is_oct_volume(path):
         return volumes.scan_volume_file(path, label=label, split=split)
     return nifti.scan_nifti_file(path, volume or nifti.VolumeOptions(), label=label, split=split)
@@ -276,8 +248,6 @@ def collect_images(inputs: Iterable[str | Path], volume: "VolumeOptions | None" 
     non-empty slices (listed with ``volume``, default VolumeOptions()); a manifest CSV its scans. Patient ids
     come from the OCT2017 name where it fits and are left empty otherwise. Inside folders, medvq's own result
     folders (and those in ``exclude``, e.g. the output folder of this command) are skipped."""
-    from medvq.data import manifest
-
     usable = lambda p: is_image_file(p) or (p.is_file() and is_volume_file(p))
     samples: list[Sample] = []
     for item in inputs:

@@ -36,6 +36,7 @@ from typing import Callable
 
 import numpy as np
 
+from medvq.data.sample import Sample
 from medvq.errors import ImageReadError
 
 EYE_CODES = {"R": "OD", "OD": "OD", "L": "OS", "OS": "OS"}
@@ -352,8 +353,6 @@ def read_bscan(path: str | Path, frame: int) -> np.ndarray:
 
 def scan_volume_file(path: str | Path, *, label: str = "", split: str | None = None) -> list:
     """One sample per usable B-scan of a volume file, with patient, eye and scan date from its metadata."""
-    from medvq.data.samples import Sample
-
     path = Path(path)
     volume = load_volume(path)
     spacing = volume.spacing_mm or 0.0

@@ -21,14 +21,14 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from safetensors import SafetensorError
-from safetensors.torch import load_model, save_model
+from safetensors.torch import save_model
 from torch import nn
 
 from medvq.config import RunConfig, build_config, dump_config, load_yaml
 from medvq.data.samples import Sample
 from medvq.errors import CheckpointError, MedvqError
 from medvq.io import atomic_path, atomic_write_text, mark_output
+from medvq.models.checkpoint import load_run_weights, weights_path
 from medvq.models.registry import get_method, method_names
 
 
@@ -55,7 +55,7 @@ class RunDir:
     last_ckpt = property(lambda self: self.root / "checkpoints" / "last.ckpt")
 
     def weights(self, which: str = "best") -> Path:
-        return self.root / "model" / f"{which}.safetensors"
+        return weights_path(self.root, which)
 
     # --- writing ---------------------------------------------------------------------------
     def create(self) -> None:
@@ -111,34 +111,7 @@ class RunDir:
         return record
 
     def load_weights(self, model: nn.Module, which: str = "best") -> nn.Module:
-        path = self.weights(which)
-        if not path.is_file():
-            fallback = self.weights("last")
-            if which == "best" and fallback.is_file():
-                path = fallback
-            else:
-                raise CheckpointError(f"no {which} weights", path=path, fix="has training finished at least one epoch?")
-        try:
-            missing, unexpected = load_model(model, str(path), strict=False)
-        except (SafetensorError, OSError, ValueError) as err:  # truncated, garbage or not a safetensors file at all
-            raise CheckpointError(
-                f"damaged or not a safetensors file ({str(err).splitlines()[0][:200]})",
-                path=path,
-                fix="copy the run again from where it was trained, or train it again",
-            ) from None
-        except Exception as err:  # shape mismatches surface as RuntimeError from load_state_dict
-            raise CheckpointError(
-                f"weights do not fit the model built from config.yaml ({str(err).splitlines()[0][:300]})",
-                path=path,
-                fix="the checkpoint comes from a different configuration; use the config.yaml it was trained with",
-            ) from None
-        if missing or unexpected:
-            raise CheckpointError(
-                f"weights do not fit the model built from config.yaml (missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})",
-                path=path,
-                fix="the checkpoint comes from a different configuration; use the config.yaml it was trained with",
-            )
-        return model
+        return load_run_weights(model, self.root, which)
 
 
 def is_run_dir(path: str | Path) -> bool:

@@ -216,7 +216,7 @@ def train_run(
 
     method = get_method(config.method)
     if method.prepare is not None and splits is None:  # built on another run (a prior on a VQ-VAE): its config and patient split
-        config, splits = method.prepare(config, data_root)
+        config, splits = method.prepare(config, data_root, RunDir)
     parts = splits if splits is not None else training_splits(config, data_root)
     if method.resolve_config is not None:  # e.g. a classifier's class names and weights, recorded in config.yaml
         config = method.resolve_config(config, [s.label for s in parts["train"]])

@@ -25,9 +25,7 @@ and runs/<method>-seed<S>/ (a full run directory, its evaluation in eval/).
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import io
 import json
 import os
 import platform
@@ -44,15 +42,16 @@ import torch
 from rich.console import Console
 
 from medvq.config import build_config, load_yaml
+from medvq.data.dataset import ScanDataset
+from medvq.detector import Detector
+from medvq.engine.run_dir import RunDir
+from medvq.engine.train import torch_device, train_run
 from medvq.errors import MedvqError
+from medvq.evaluation.evaluate import evaluate_run, select_test_samples
 from medvq.io import atomic_write_text
 from medvq.models.registry import get_method, in_dependency_order, method_names
+from medvq.report.benchmark import IMAGE_COLUMNS, PIXEL_COLUMNS, benchmark_page, csv_table, describe, markdown_table
 
-SPEC_KEY = "sensitivity_at_95_specificity"
-# (column label, metrics.json key) of the image-level and pixel-level columns, in table order
-IMAGE_COLUMNS = [("image AUROC", "image_auroc"), ("AUPRC", "image_auprc"), ("sens. @95% spec.", SPEC_KEY)]
-PIXEL_COLUMNS = [("pixel AUROC", "pixel_auroc"), ("AUPRO", "aupro"), ("Dice", "dice")]
-COST_COLUMNS = [("train s", "train_seconds"), ("infer img/s", "inference_images_per_second"), ("train peak MB", "train_peak_mb"), ("infer peak MB", "inference_peak_mb")]
 
 
 # --- measuring a stage ------------------------------------------------------------------------------
@@ -166,12 +165,6 @@ def _test_fingerprint(samples) -> tuple[int, str]:
 
 
 def _run_one(method: str, config, data: Path, run_dir: Path, batch_size: int, console: Console) -> dict[str, Any]:
-    from medvq.detector import Detector
-    from medvq.data.dataset import ScanDataset
-    from medvq.engine.run_dir import RunDir
-    from medvq.engine.train import torch_device, train_run
-    from medvq.evaluation.evaluate import evaluate_run, select_test_samples
-
     with StageMeter() as train_m:
         train_run(config, data, run_dir, overwrite=True, progress=False, console=console)
     with StageMeter() as eval_m:
@@ -372,81 +365,7 @@ def aggregate(records: list[dict]) -> list[dict[str, Any]]:
     return rows
 
 
-def _fmt(stat: dict | None, digits: int = 3) -> str:
-    if not stat:
-        return "–"
-    text = f"{stat['mean']:.{digits}f}"
-    return text + (f" ± {stat['std']:.{digits}f}" if stat["n"] > 1 else "")
-
-
-def table_columns(rows: list[dict]) -> list[tuple[str, Any, int]]:
-    """(label, getter, digits) of every column the rows can fill."""
-    classes = sorted({c for r in rows for c in r["image_auroc_per_class"]})
-    widths = sorted({w for r in rows for w in r["image_auroc_by_width"]}, key=lambda w: (not w.isdigit(), int(w) if w.isdigit() else 0, w))
-    cols: list[tuple[str, Any, int]] = [("image AUROC", lambda r: r["image_auroc"], 3)]
-    cols += [(f"AUROC {c}", (lambda c: lambda r: r["image_auroc_per_class"].get(c))(c), 3) for c in classes]
-    cols += [(f"AUROC {w}px-wide", (lambda w: lambda r: r["image_auroc_by_width"].get(w))(w), 3) for w in widths]
-    cols += [(label, (lambda k: lambda r: r[k])(key), 3) for label, key in IMAGE_COLUMNS[1:]]
-    cols += [(label, (lambda k: lambda r: r[k])(key), 3) for label, key in PIXEL_COLUMNS if any(r[key] for r in rows)]
-    cols += [(label, (lambda k: lambda r: r[k])(key), 1) for label, key in COST_COLUMNS]
-    return cols
-
-
-def _training(row: dict) -> str:
-    return "supervised (labelled training patients)" if row["supervised"] else "normal scans only"
-
-
-def markdown_table(result: dict) -> str:
-    rows = result["rows"]
-    cols = table_columns(rows)
-    head = ["method", "score", "training", *[c[0] for c in cols]]
-    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * 3 + ["---:"] * len(cols)) + "|"]
-    for r in rows:
-        cells = [r["method"], r["score"], _training(r), *[_fmt(get(r), digits) for _, get, digits in cols]]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def describe(result: dict) -> str:
-    """The facts a reader needs next to the table: data, split, seeds, machine, load."""
-    runs = result["runs"]
-    counts = ", ".join(f"{c} {n}" for c, n in result["test_counts"].items())
-    loads = [v for r in runs for stage in ("train", "inference") for v in (r[stage]["load_1min_before"], r[stage]["load_1min_after"])]
-    env = result["environment"]
-    machine = f"{env['cpu_count']} CPUs, torch {env['torch']} ({env['torch_threads']} threads)" + (f", GPU {env['cuda']}" if env["cuda"] else "")
-    sizes = sorted({r["image_size"] for r in runs})
-    return (
-        f"Data `{result['data']}`: {result['test_images']} test images ({counts}) of {result['test_patients']} test patients, "
-        f"the same for every method; image size {', '.join(f'{s} px' for s in sizes)}; "
-        f"seed(s) {', '.join(map(str, result['seeds']))}" + (" (mean ± standard deviation over seeds)" if len(result["seeds"]) > 1 else "") + ". "
-        f"Unsupervised methods train on the NORMAL scans of the training patients; supervised ones on every labelled scan of them. "
-        f"Image scores are top-1 % means of calibrated maps unless the score is the model's own (e.g. `reweighted_max`, `p_abnormal`). "
-        f"Machine: {machine}; 1-minute load average during the timed stages {min(loads):.1f}–{max(loads):.1f} "
-        f"(above the CPU count means other jobs shared the machine). Peak MB: the process's peak resident memory during the stage."
-    )
-
-
-def csv_table(result: dict) -> str:
-    buffer = io.StringIO()
-    writer = csv.writer(buffer)
-    rows = result["rows"]
-    cols = table_columns(rows)
-    header = ["method", "score", "supervised", "image_size", "seeds"]
-    for label, _, _ in cols:
-        header += [f"{label} mean", f"{label} std"]
-    writer.writerow(header)
-    for r in rows:
-        cells = [r["method"], r["score"], r["supervised"], r["image_size"], len(r["seeds"])]
-        for _, get, _ in cols:
-            s = get(r)
-            cells += [f"{s['mean']:.6g}", f"{s['std']:.6g}"] if s else ["", ""]
-        writer.writerow(cells)
-    return buffer.getvalue()
-
-
 def write_outputs(result: dict, out: Path) -> None:
-    from medvq.report.benchmark import benchmark_page
-
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "benchmark.json", json.dumps(result, indent=1))
     atomic_write_text(out / "benchmark.csv", csv_table(result))

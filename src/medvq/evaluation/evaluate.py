@@ -48,6 +48,7 @@ from medvq.models.registry import methods
 from medvq.scoring.decision import OperatingPoint, is_abnormal, operating_point
 from medvq.scoring.volume import describe as describe_volume_score
 from medvq.scoring.volume import volume_level_scores
+from medvq.version import __version__
 
 SPECIFICITY = 0.95
 BOOTSTRAP_RESAMPLES = 1000  # patient-level bootstrap resamples behind every AUROC interval
@@ -151,8 +152,6 @@ def provenance(run: RunDir, config) -> dict[str, Any]:
     """What a reader of the report needs to reproduce it: method, seed, medvq version, date, the resolved
     config, and the run's training curve (metrics.csv, one row per epoch)."""
     from datetime import datetime, timezone
-
-    from medvq import __version__
 
     history = []
     if run.metrics.is_file():

@@ -6,7 +6,7 @@ Image level (one score per image, ``labels`` 0/1 with 1 = abnormal):
 
 Pixel level (anomaly maps against ground-truth masks, shape ``(N, H, W)``):
 :func:`pixel_auroc`, :func:`aupro`, :func:`best_dice`, and :func:`reduce_map`
-to turn maps into image scores.
+to turn maps into image scores (``medvq.scoring.reduce``, where calibration uses it).
 
 Every function accepts numpy arrays, torch tensors (any device; they are detached
 and copied to the CPU) or nested lists, never modifies its inputs, and raises
@@ -32,6 +32,8 @@ from scipy import ndimage
 from scipy.stats import rankdata
 from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 
+from medvq.scoring.reduce import as_mask, check_finite, reduce_map, to_numpy
+
 __all__ = [
     "image_auroc",
     "image_auprc",
@@ -50,26 +52,9 @@ __all__ = [
 # --------------------------------------------------------------------------- helpers
 
 
-def _to_numpy(x: Any, name: str) -> np.ndarray:
-    """Convert a numpy array, torch tensor or (nested) list to a numpy array (no copy of numpy input)."""
-    if x is None:
-        raise ValueError(f"{name} is None")
-    if hasattr(x, "detach") and hasattr(x, "cpu"):  # torch tensor, without importing torch
-        t = x.detach().cpu()
-        try:
-            return t.numpy()
-        except TypeError:  # e.g. bfloat16 has no numpy dtype
-            return t.float().numpy()
-    try:
-        arr = np.asarray(x)
-    except ValueError as exc:  # ragged nested lists
-        raise ValueError(f"{name} cannot be converted to an array: {exc}") from exc
-    return arr
-
-
 def _as_labels(labels: Any, name: str = "labels") -> np.ndarray:
     """1-D int array of 0/1 labels."""
-    y = _to_numpy(labels, name)
+    y = to_numpy(labels, name)
     if y.ndim != 1:
         raise ValueError(f"{name} must be 1-D (one label per image), got shape {y.shape}")
     if y.size == 0:
@@ -87,7 +72,7 @@ def _as_labels(labels: Any, name: str = "labels") -> np.ndarray:
 
 def _as_scores(scores: Any, n: int, name: str = "scores") -> np.ndarray:
     """1-D finite float64 array of length n."""
-    s = _to_numpy(scores, name)
+    s = to_numpy(scores, name)
     if s.ndim != 1:
         raise ValueError(f"{name} must be 1-D (one score per image), got shape {s.shape}")
     if s.shape[0] != n:
@@ -95,21 +80,8 @@ def _as_scores(scores: Any, n: int, name: str = "scores") -> np.ndarray:
     if s.dtype == bool or not np.issubdtype(s.dtype, np.number) or np.iscomplexobj(s):
         raise ValueError(f"{name} must be real numbers, got dtype {s.dtype}")
     s = s.astype(np.float64)
-    _check_finite(s, name)
+    check_finite(s, name)
     return s
-
-
-def _check_finite(values: np.ndarray, name: str, where: str = "") -> None:
-    finite = np.isfinite(values)
-    if not finite.all():
-        n_nan = int(np.isnan(values).sum())
-        n_inf = int((~finite).sum()) - n_nan
-        parts = []
-        if n_nan:
-            parts.append(f"{n_nan} NaN")
-        if n_inf:
-            parts.append(f"{n_inf} infinite")
-        raise ValueError(f"{name} contain {' and '.join(parts)} value(s){where}; all scores must be finite")
 
 
 def _require_both_classes(y: np.ndarray, what: str = "labels") -> None:
@@ -140,19 +112,6 @@ def _to_nhw(a: np.ndarray, name: str) -> np.ndarray:
     return a
 
 
-def _as_mask(x: Any, name: str) -> np.ndarray:
-    m = _to_numpy(x, name)
-    if m.dtype == bool:
-        return m
-    if not np.issubdtype(m.dtype, np.number):
-        raise ValueError(f"{name} must be bool or 0/1, got dtype {m.dtype}")
-    bad = ~np.isin(m, (0, 1))
-    if bad.any():
-        examples = np.unique(m[bad])[:5].tolist()
-        raise ValueError(f"{name} must be bool or contain only 0 and 1, found {examples}")
-    return m.astype(bool)
-
-
 def _pixel_inputs(
     masks: Any, maps: Any, valid: Any | None, *, need_both: bool = True
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -160,8 +119,8 @@ def _pixel_inputs(
 
     Maps only need to be finite where ``valid`` is True.
     """
-    m = _to_nhw(_as_mask(masks, "masks"), "masks")
-    a = _to_numpy(maps, "maps")
+    m = _to_nhw(as_mask(masks, "masks"), "masks")
+    a = to_numpy(maps, "maps")
     if a.dtype == bool or not np.issubdtype(a.dtype, np.number) or np.iscomplexobj(a):
         raise ValueError(f"maps must be real numbers, got dtype {a.dtype}")
     a = _to_nhw(a, "maps").astype(np.float64)
@@ -170,12 +129,12 @@ def _pixel_inputs(
     if valid is None:
         v = np.ones(m.shape, dtype=bool)
     else:
-        v = _to_nhw(_as_mask(valid, "valid"), "valid")
+        v = _to_nhw(as_mask(valid, "valid"), "valid")
         if v.shape != m.shape:
             raise ValueError(f"shape mismatch: masks {m.shape} vs valid {v.shape}")
         if not v.any():
             raise ValueError("valid is False everywhere: no pixel left to evaluate")
-    _check_finite(a[v], "maps", " at valid pixels")
+    check_finite(a[v], "maps", " at valid pixels")
     if need_both:
         y = m[v]
         n_pos = int(y.sum())
@@ -252,7 +211,7 @@ def grouped_auroc(labels: Any, scores: Any, groups: Any, min_per_class: int = 2)
         raise ValueError(f"min_per_class must be >= 1, got {min_per_class}")
     y = _as_labels(labels)
     s = _as_scores(scores, y.size)
-    g = _to_numpy(groups, "groups")
+    g = to_numpy(groups, "groups")
     if g.ndim != 1:
         raise ValueError(f"groups must be 1-D (one group per image), got shape {g.shape}")
     if g.shape[0] != y.size:
@@ -298,7 +257,7 @@ def bootstrap_auroc_interval(
     dropped. Pass one group per image (e.g. ``np.arange(n)``) to resample images instead.
     """
     y, s = _image_inputs(labels, scores)
-    g = _to_numpy(groups, "groups")
+    g = to_numpy(groups, "groups")
     if g.shape != (y.size,):
         raise ValueError(f"groups must be 1-D with one entry per image ({y.size}), got shape {g.shape}")
     if not 0.0 < confidence < 1.0:
@@ -532,46 +491,3 @@ def pointing_game(masks: Any, maps: Any, valid: Any | None = None, tolerance: fl
     return hits / n if n else float("nan")
 
 
-def reduce_map(
-    maps: Any, how: str = "topk", topk_fraction: float = 0.01, valid: Any | None = None
-) -> np.ndarray:
-    """Image scores (float64, shape (N,)) from anomaly maps (N, H, W) or (N, ...).
-
-    ``how``: ``"mean"`` or ``"max"`` of the valid pixels, or ``"topk"``: the mean of the largest
-    ``ceil(topk_fraction * n_valid)`` valid pixels of each image (at least one). Pixels where ``valid``
-    is False never count (and may be NaN); every image needs at least one valid pixel.
-    """
-    if how not in ("mean", "max", "topk"):
-        raise ValueError(f"how must be 'mean', 'max' or 'topk', got {how!r}")
-    a = _to_numpy(maps, "maps")
-    if a.dtype == bool or not np.issubdtype(a.dtype, np.number) or np.iscomplexobj(a):
-        raise ValueError(f"maps must be real numbers, got dtype {a.dtype}")
-    if a.ndim < 2:
-        raise ValueError(f"maps must have shape (N, H, W) or (N, ...), got {a.shape}")
-    n = a.shape[0]
-    flat = a.reshape(n, -1).astype(np.float64)  # astype copies: the input is never touched
-    if valid is None:
-        vf = np.ones(flat.shape, dtype=bool)
-    else:
-        v = _as_mask(valid, "valid")
-        if v.shape != a.shape:
-            raise ValueError(f"shape mismatch: maps {a.shape} vs valid {v.shape}")
-        vf = v.reshape(n, -1)
-    n_valid = vf.sum(axis=1)
-    if (n_valid == 0).any():
-        empty = np.flatnonzero(n_valid == 0)[:5].tolist()
-        raise ValueError(f"image(s) {empty} have no valid pixel; cannot reduce their maps")
-    _check_finite(flat[vf], "maps", " at valid pixels")
-    if how == "mean":
-        return np.where(vf, flat, 0.0).sum(axis=1) / n_valid
-    if how == "max":
-        return np.where(vf, flat, -np.inf).max(axis=1)
-    topk_fraction = float(topk_fraction)
-    if not 0.0 < topk_fraction <= 1.0:
-        raise ValueError(f"topk_fraction must be in (0, 1], got {topk_fraction}")
-    k = np.maximum(1, np.ceil(topk_fraction * n_valid - 1e-9)).astype(np.int64)
-    k = np.minimum(k, n_valid)
-    desc = -np.sort(np.where(vf, -flat, np.inf), axis=1)  # valid values, descending, invalid (-inf) last
-    kmax = int(k.max())
-    csum = np.cumsum(desc[:, :kmax], axis=1)
-    return csum[np.arange(n), k - 1] / k

@@ -82,7 +82,7 @@ class Method:
     targets: Callable[..., list[int]] | None = None  # (RunConfig, class names) -> integer training targets
     # Methods built on another run (a prior on a VQ-VAE) complete their config and take that run's patient split:
     depends_on: tuple[Dependency, ...] = ()
-    prepare: Callable[..., tuple[Any, dict]] | None = None  # (RunConfig, data root) -> (RunConfig, {'train', 'val', 'test'} -> samples)
+    prepare: Callable[..., tuple[Any, dict]] | None = None  # (RunConfig, data root, RunDir) -> (RunConfig, {'train', 'val', 'test'} -> samples)
     # The map (or model score) that decides when the validation patients hold no abnormal scans to choose on:
     # the method's best on kermany-dev and the phantom (README, Results); None: 'combined', else the first map.
     primary_map: str | None = None

@@ -22,9 +22,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 from scipy import ndimage  # noqa: E402
+from sklearn.metrics import roc_curve  # noqa: E402
 
 from medvq.errors import MedvqError  # noqa: E402
-from medvq.evaluation.metrics import roc_points  # noqa: E402
 from medvq.io import atomic_write_text  # noqa: E402
 from medvq.report.figures import colorize, overlay  # noqa: E402
 
@@ -246,7 +246,7 @@ def _roc_section(rows: list[dict], names: list[str], normal: str, metrics: dict,
             auc = m.get("image_auroc") if cls is None else m.get("image_auroc_per_class", {}).get(cls)
             ci = m.get("image_auroc_ci") if cls is None else m.get("image_auroc_per_class_ci", {}).get(cls)
             label = n + (f"  {auc:.3f}" if auc is not None else "") + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "")
-            fpr, tpr = roc_points(y, s)
+            fpr, tpr, _ = roc_curve(y, s)
             (line,) = ax.plot(fpr, tpr, label=label, lw=1.5)
             if n in points:  # the stored operating point on these scans
                 called = s > points[n]

@@ -25,8 +25,8 @@ import torch
 
 from medvq.config import ScoreConfig
 from medvq.errors import CheckpointError
-from medvq.evaluation.metrics import reduce_map
 from medvq.io import atomic_write_text
+from medvq.scoring.reduce import reduce_map
 from medvq.scoring.ood import DistributionGuard
 
 COMBINED = "combined"

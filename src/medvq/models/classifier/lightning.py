@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_only
 
-from medvq.engine.optim import configure_adamw
+from medvq.models.optim import configure_adamw
 from medvq.models.classifier.model import Classifier, ClassifierConfig
 
 AUROC_BINS = 1000  # validation AUROC from summed histograms of P(abnormal): exact up to ties within 1e-3, DDP-safe

@@ -15,7 +15,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
-from medvq.engine.optim import configure_adamw
+from medvq.models.optim import configure_adamw
 from medvq.models.featvq.model import FeatVQ, FeatVQConfig, code_nll
 from medvq.models.quantizer import code_usage, synchronise_quantizers
 

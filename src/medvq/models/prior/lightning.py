@@ -8,9 +8,10 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
-from medvq.engine.optim import configure_adamw
+from medvq.models.optim import configure_adamw
 from medvq.maps import evaluating
 from medvq.models.prior.model import LatentPrior, PriorConfig, code_nll
+from medvq.models.prior.training import load_frozen_weights
 
 
 class PriorModule(L.LightningModule):
@@ -24,8 +25,6 @@ class PriorModule(L.LightningModule):
 
     @classmethod
     def from_run_config(cls, config) -> "PriorModule":
-        from medvq.models.prior.training import load_frozen_weights
-
         t = config.train
         module = cls(config.model.model_dump(mode="json"), learning_rate=t.learning_rate, weight_decay=t.weight_decay, lr_schedule=t.lr_schedule)
         load_frozen_weights(module.model)

@@ -9,17 +9,25 @@ the prior, whose run directory then loads on its own.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, Callable
 
-from medvq.config import RunConfig, build_config
-from medvq.data.samples import Sample
-from medvq.engine.run_dir import RunDir
+from pydantic import ValidationError
+
+from medvq.data.sample import Sample
 from medvq.errors import CheckpointError, DatasetError, MedvqError
+from medvq.models.backbones.config import IMAGENET_MEAN, IMAGENET_STD
+from medvq.models.backbones.weights import load_lite0_weights
+from medvq.models.checkpoint import load_run_weights
 from medvq.models.prior.config import LITE0, VIT_RUN, PriorConfig
 from medvq.models.prior.model import LatentPrior
 
+# The engine's run directory (``medvq.engine.run_dir.RunDir``): a folder -> an object with ``root``,
+# ``config`` and ``weights(which)`` (paths), ``read_config()`` (its RunConfig) and ``read_split()``.
+OpenRun = Callable[[Path], Any]
 
-def _run(path: str | Path, what: str, fix: str) -> tuple[RunDir, RunConfig]:
-    run = RunDir(Path(path).expanduser())
+
+def _run(open_run: OpenRun, path: str | Path, what: str, fix: str) -> tuple[Any, Any]:
+    run = open_run(Path(path).expanduser())
     if not run.root.is_dir():
         raise CheckpointError(f"{what} run directory not found", path=run.root, fix=fix)
     if not run.config.is_file():
@@ -29,19 +37,20 @@ def _run(path: str | Path, what: str, fix: str) -> tuple[RunDir, RunConfig]:
     return run, run.read_config()
 
 
-def prepare_prior(config: RunConfig, data_root: str | Path) -> tuple[RunConfig, dict[str, list[Sample]]]:
+def prepare_prior(config, data_root: str | Path, open_run: OpenRun) -> tuple[Any, dict[str, list[Sample]]]:
     """The prior's run config (VQ-VAE and encoder architectures, latent grid, the VQ-VAE's data settings) and
-    the VQ-VAE's patient split ({'train', 'val', 'test'} -> samples)."""
+    the VQ-VAE's patient split ({'train', 'val', 'test'} -> samples); ``open_run`` opens the VQ-VAE's (and a
+    ViT encoder's) run directory."""
     m: PriorConfig = config.model
     if not m.vqvae_run:
         raise MedvqError("a prior needs a trained VQ-VAE", fix="pass --vqvae RUNDIR (a run directory of `medvq train vqvae`)")
-    vq_run, vq_config = _run(m.vqvae_run, "VQ-VAE", "pass --vqvae the folder that `medvq train vqvae --out` wrote")
+    vq_run, vq_config = _run(open_run, m.vqvae_run, "VQ-VAE", "pass --vqvae the folder that `medvq train vqvae --out` wrote")
     if vq_config.method != "vqvae":
         raise CheckpointError(f"is a '{vq_config.method}' run, not a VQ-VAE run", path=vq_run.root, fix="pass --vqvae a `medvq train vqvae` run")
     encoder_config = None
     if m.kind == "fusion" and m.encoder.startswith(VIT_RUN):
         path = m.encoder[len(VIT_RUN) :]
-        enc_run, enc_config = _run(path, "classifier", "pass --encoder vit-run:RUNDIR of `medvq train classifier --arch vit`")
+        enc_run, enc_config = _run(open_run, path, "classifier", "pass --encoder vit-run:RUNDIR of `medvq train classifier --arch vit`")
         if enc_config.method != "classifier" or enc_config.model.arch != "vit":
             raise CheckpointError("is not a ViT classifier run", path=enc_run.root, fix="train one with `medvq train classifier --arch vit`, or use --encoder efficientnet-lite0")
         encoder_config = enc_config.model
@@ -62,11 +71,13 @@ def prepare_prior(config: RunConfig, data_root: str | Path) -> tuple[RunConfig, 
             "latent_grid": [data.image_size // stride, data.image_size // stride],
         }
     )
-    prepared = build_config(
-        {"method": config.method, "data": data.model_dump(mode="json"), "model": model.model_dump(mode="json"),
-         "train": config.train.model_dump(mode="json"), "score": config.score.model_dump(mode="json")},
-        source=f"prior on {vq_run.root}",
-    )
+    try:
+        prepared = type(config).model_validate(
+            {"method": config.method, "data": data.model_dump(mode="json"), "model": model.model_dump(mode="json"),
+             "train": config.train.model_dump(mode="json"), "score": config.score.model_dump(mode="json")}
+        )
+    except ValidationError as err:
+        raise MedvqError(f"invalid configuration of the prior on {vq_run.root}: {err}") from None
     record = vq_run.read_split()
     root = str(Path(data_root).resolve())
     if record.get("data_root") != root:
@@ -91,14 +102,11 @@ def prepare_prior(config: RunConfig, data_root: str | Path) -> tuple[RunConfig, 
 def load_frozen_weights(model: LatentPrior) -> None:
     """Copy the VQ-VAE run's weights and the encoder's (ImageNet EfficientNet-Lite0, or a ViT run's) into the prior."""
     c = model.config
-    RunDir(c.vqvae_run).load_weights(model.vqvae)
+    load_run_weights(model.vqvae, c.vqvae_run)
     if model.encoder is None:
         return
     if c.encoder == LITE0:
-        from medvq.models.backbones.config import IMAGENET_MEAN, IMAGENET_STD
-        from medvq.models.backbones.weights import load_lite0_weights
-
         load_lite0_weights(model.encoder.features, "imagenet", IMAGENET_MEAN, IMAGENET_STD, 1)
     else:
-        RunDir(c.encoder[len(VIT_RUN) :]).load_weights(model.encoder.vit)
+        load_run_weights(model.encoder.vit, c.encoder[len(VIT_RUN) :])
     model.train(model.training)

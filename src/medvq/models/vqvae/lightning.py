@@ -6,7 +6,7 @@ import lightning as L
 import torch
 
 from medvq.models.quantizer import code_usage, synchronise_quantizers
-from medvq.engine.optim import configure_adamw
+from medvq.models.optim import configure_adamw
 from medvq.models.vqvae.model import VQVAE, VQVAEConfig
 
 

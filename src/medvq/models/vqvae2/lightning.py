@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import lightning as L
 import torch
+from torchmetrics.functional.image import structural_similarity_index_measure
 
-from medvq.evaluation.reconstruction import ssim_per_image
 from medvq.models.quantizer import code_usage, synchronise_quantizers
-from medvq.engine.optim import configure_adamw
+from medvq.models.optim import configure_adamw
 from medvq.models.vqvae2.model import VQVAE2, VQVAE2Config
 
 # Per-epoch sums, weighted by batch size: loss, rec, commit_top, commit_bottom, ssim, n
@@ -45,7 +45,8 @@ class VQVAE2Module(L.LightningModule):
             x = x.contiguous(memory_format=torch.channels_last)
         out = self.model(x)
         with torch.no_grad():
-            ssim = ssim_per_image(out.reconstruction.detach().float().clamp(0, 1), x.float()).sum()
+            with torch.autocast(device_type=x.device.type, enabled=False):  # SSIM of inputs in [0, 1], in fp32
+                ssim = structural_similarity_index_measure(out.reconstruction.detach().float().clamp(0, 1), x.float(), data_range=1.0, reduction="none").sum()
             n = x.shape[0]
             parts = [out.loss * n, out.reconstruction_loss * n, out.top.loss * n, out.bottom.loss * n, ssim]
             sums += torch.stack([p.detach().to(sums) for p in parts] + [torch.tensor(float(n), dtype=sums.dtype, device=sums.device)])
