@@ -173,6 +173,6 @@ def test_pretrained_lite0_four_classes_resume_evaluate_and_explain(tiny_phantom,
     assert set(c["auroc_one_vs_rest"]) == {"NORMAL", "CNV", "DME", "DRUSEN"} and 0 <= c["auroc_macro"] <= 1
 
     code, text = _cli("explain", run, tiny_phantom / "test" / "DME", "--map", "rollout", "--out", tmp_path / "x")
-    assert code == 2 and "needs attention weights" in text and "--method gradcam" in text
+    assert code == 2 and "needs attention weights" in text and "--map gradcam" in text
     code, text = _cli("explain", run, tiny_phantom / "test" / "DME", "--map", "gradcam", "--gradcam-layer", "_blocks.10", "--out", tmp_path / "x")
     assert code == 0, text

@@ -66,6 +66,7 @@ class Dependency:
 class Method:
     name: str
     summary: str  # one line for help texts
+    order: int  # place in listings (`medvq train --help`, the benchmark's 'all'): the established methods first
     config: type[BaseModel]  # the architecture config (``model:`` of a run config), torch-free
     map_names: tuple[str, ...]  # maps the method can compute, in report order
     build_model: Callable[..., "nn.Module"]  # (model config) -> pure nn.Module
@@ -117,7 +118,7 @@ class Method:
 
 @functools.cache
 def _discovered() -> dict[str, Method]:
-    """Every ``medvq.models.<name>.method`` module's ``METHOD``, by name."""
+    """Every ``medvq.models.<name>.method`` module's ``METHOD``, in their declared order."""
     import medvq.models as package
 
     found: list[Method] = []
@@ -131,7 +132,7 @@ def _discovered() -> dict[str, Method]:
         if declared.name != info.name:
             raise ValueError(f"{module.__name__} declares method '{declared.name}'; a method is named after its folder")
         found.append(declared)
-    return {m.name: m for m in sorted(found, key=lambda m: m.name)}
+    return {m.name: m for m in sorted(found, key=lambda m: (m.order, m.name))}
 
 
 def get_method(name: str) -> Method:

@@ -16,6 +16,7 @@ def map_names_for(config: ClassifierConfig) -> tuple[str, ...]:
 METHOD = Method(
     name="classifier",
     summary="Supervised ViT / ResNet / EfficientNet-Lite0 classifier (binary or 4-class); Grad-CAM and attention-rollout maps, P(abnormal) score.",
+    order=2,
     config=ClassifierConfig,
     map_names=MAP_NAMES,
     build_model=ref("model:Classifier"),

@@ -10,6 +10,7 @@ COMBINATIONS = ("quantization_distance+nll",)
 METHOD = Method(
     name="featvq",
     summary="Feature-space VQ: a codebook of ImageNet EfficientNet-Lite0 patch features of normal scans and a bidirectional prior over its codes; quantisation-distance and NLL maps.",
+    order=5,
     config=FeatVQConfig,
     map_names=MAP_NAMES,
     build_model=ref("model:FeatVQ"),

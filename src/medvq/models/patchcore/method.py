@@ -9,6 +9,7 @@ MAP_NAMES = ("patch_distance",)
 METHOD = Method(
     name="patchcore",
     summary="PatchCore memory bank of ImageNet EfficientNet-Lite0 patch features of normal scans (no gradient training); nearest-neighbour distance map.",
+    order=3,
     config=PatchCoreConfig,
     map_names=MAP_NAMES,
     build_model=ref("model:PatchCore"),

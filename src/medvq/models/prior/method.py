@@ -19,6 +19,7 @@ def sampling(config: PriorConfig) -> tuple[str, str] | None:
 METHOD = Method(
     name="prior",
     summary="Latent prior over a trained VQ-VAE's codes (--vqvae RUNDIR): fusion (frozen encoder features -> conv net) or autoregressive transformer; NLL map, sampling.",
+    order=4,
     config=PriorConfig,
     map_names=MAP_NAMES,
     build_model=ref("model:LatentPrior"),

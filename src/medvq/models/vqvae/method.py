@@ -9,6 +9,7 @@ MAP_NAMES = ("residual", "alm")
 METHOD = Method(
     name="vqvae",
     summary="VQ-VAE trained on normal scans; reconstruction residual and alignment loss map (ALM).",
+    order=0,
     config=VQVAEConfig,
     map_names=MAP_NAMES,
     build_model=ref("model:VQVAE"),

@@ -9,6 +9,7 @@ MAP_NAMES = ("residual", "alm_top", "alm_bottom")
 METHOD = Method(
     name="vqvae2",
     summary="VQ-VAE-2 (top and bottom codes) for MRI and OCT reconstruction; SSIM/PSNR, residual and per-level ALM.",
+    order=1,
     config=VQVAE2Config,
     map_names=MAP_NAMES,
     build_model=ref("model:VQVAE2"),
