@@ -113,3 +113,21 @@ def test_bad_speed_option_is_one_line(tmp_path):
     result = CliRunner().invoke(app, ["infer", str(tmp_path / "run"), str(tmp_path), "--out", str(tmp_path / "o"), "--precision", "fp8"])
     assert result.exit_code == 2
     assert "precision" in result.output and "Traceback" not in result.output
+
+
+def test_reading_workers_leave_their_cores_to_the_scoring_threads(monkeypatch):
+    import torch
+
+    from medvq.data import loader
+
+    monkeypatch.setattr(loader, "usable_cores", lambda: 2)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with loader.threads_beside(2) as busy:
+            assert busy == torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 2
+        with loader.threads_beside(0) as alone:
+            assert alone == torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

@@ -93,7 +93,9 @@ def reduce_map(
         raise ValueError(f"topk_fraction must be in (0, 1], got {topk_fraction}")
     k = np.maximum(1, np.ceil(topk_fraction * n_valid - 1e-9)).astype(np.int64)
     k = np.minimum(k, n_valid)
-    desc = -np.sort(np.where(vf, -flat, np.inf), axis=1)  # valid values, descending, invalid (-inf) last
     kmax = int(k.max())
-    csum = np.cumsum(desc[:, :kmax], axis=1)
+    neg = np.where(vf, -flat, np.inf)  # ascending order of neg = valid values descending, invalid last
+    if kmax < neg.shape[1]:  # only the kmax largest need sorting
+        neg = np.partition(neg, kmax - 1, axis=1)[:, :kmax]
+    csum = np.cumsum(-np.sort(neg, axis=1)[:, :kmax], axis=1)
     return csum[np.arange(n), k - 1] / k
