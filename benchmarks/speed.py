@@ -1,7 +1,7 @@
 """Scans per second as a user sees them, next to what the model alone allows, per run and image size.
 
     python benchmarks/speed.py runs/vqvae runs/patchcore --data ../shared/data/kermany-dev --sizes 128,256 --json speed.json
-    python benchmarks/speed.py runs/vqvae --sizes 128 --memory-scans 1000,10000     # peak memory of medvq infer
+    python benchmarks/speed.py runs/vqvae --sizes "" --scale 10000     # peak memory of medvq infer at 1,000 and 10,000 scans
 
 For every run and size, in one process and one run (so that the ratios compare like with like):
 
@@ -22,7 +22,9 @@ A run is scored at another size than it was trained at by a copy of the run fold
 that size (and whose calibration record says so): the weights are the same (the networks are
 convolutional), so the timing is that of a model trained at that size; its scores mean nothing. ``--memory-scans`` runs ``infer --no-overlays --no-npy``
 on that many scans (the data's scans repeated) in a fresh process each and reports its peak resident
-memory and that of its reading workers. The 1-minute load average is printed next to every figure.
+memory and that of its reading workers; ``--scale N`` is short for ``--memory-scans N/10,N``. The 1-minute
+load average is printed next to every figure, and a markdown table of the rates (scans per second) and of
+the memory runs closes the output.
 """
 
 from __future__ import annotations
@@ -147,6 +149,7 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=InferenceConfig().batch_size)
     p.add_argument("--workers", type=int, default=InferenceConfig().workers)
     p.add_argument("--memory-scans", default="", help="Comma-separated scan counts for the peak-memory runs (e.g. 1000,10000).")
+    p.add_argument("--scale", type=int, default=None, help="Peak memory of infer on N/10 and N scans (the data's scans repeated): --memory-scans N/10,N.")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--bf16", choices=["auto", "yes", "no"], default="auto", help="Also time the model under bf16 autocast (auto: where the CPU computes bf16 natively).")
@@ -154,10 +157,13 @@ def main() -> None:
     bf16 = args.bf16 == "yes" or (args.bf16 == "auto" and (torch.cuda.is_available() or torch.ops.mkldnn._is_mkldnn_bf16_supported()))
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.scale:
+        args.memory_scans = f"{args.scale // 10},{args.scale}"
     paths = [s.path for s in collect_images([args.data])][: args.max_scans]
     speed = InferenceConfig(batch_size=args.batch_size, workers=args.workers)
-    print(f"{len(paths)} scans from {args.data}; torch threads {torch.get_num_threads()}, {os.cpu_count()} CPUs; batch {speed.batch_size}, {speed.workers} workers")
-    results = {"cpus": os.cpu_count(), "threads": torch.get_num_threads(), "speed": speed.model_dump(), "timings": [], "memory": []}
+    cpu = {"name": cpu_name(), "cpus": os.cpu_count(), "native_bf16": bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()), "capability": torch.backends.cpu.get_cpu_capability()}
+    print(f"{len(paths)} scans from {args.data}; torch threads {torch.get_num_threads()}; batch {speed.batch_size}, {speed.workers} workers; {cpu}")
+    results = {"cpu": cpu, "threads": torch.get_num_threads(), "speed": speed.model_dump(), "timings": [], "memory": []}
     with tempfile.TemporaryDirectory(prefix="medvq-speed-") as tmp:
         tmp = Path(tmp)
         for run in args.runs:
@@ -169,8 +175,36 @@ def main() -> None:
                 m = {"run": str(run), **peak_memory(run, paths, n, speed, tmp)}
                 results["memory"].append(m)
                 print(json.dumps({k: round(v, 2) if isinstance(v, float) else v for k, v in m.items()}), flush=True)
+    print(markdown(results))
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
+
+
+def cpu_name() -> str:
+    try:
+        return next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return "unknown"
+
+
+def markdown(results: dict) -> str:
+    """The rates as a table (scans per second of wall time), then the memory runs."""
+    rows = results["timings"]
+    precisions = ["32"] + (["bf16"] if any("model_bf16" in r for r in rows) else [])
+    head = ["method", "size", "read + preprocess, 1 process", f"the same, {results['speed']['workers']} workers"]
+    head += [f"model ({'fp32' if p == '32' else 'bf16'})" for p in precisions]
+    head += ["`predict_files`", "÷ model (fp32)", "`infer`, no overlays", "`infer` with overlays", "load"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * 2 + "---:|" * (len(head) - 2)]
+    for r in rows:
+        loads = [r[k] for k in r if k.startswith("load_")]
+        cells = [r["method"], str(r["image_size"]), f"{r['preprocess_1proc']:.1f}", f"{r[next(k for k in r if k.startswith('preprocess_') and k.endswith('workers'))]:.1f}"]
+        cells += [f"{r[f'model_{p}']:.1f}" for p in precisions]
+        cells += [f"{r['predict_files']:.1f}", f"{r['predict_files'] / r['model_32']:.2f}", f"{r['infer_no_overlays']:.1f}", f"{r['infer_overlays']:.1f}", f"{min(loads):.1f}–{max(loads):.1f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    if results["memory"]:
+        lines += ["", "| run | scans | scoring process | largest reading worker | scans/s | load |", "|---|---:|---:|---:|---:|---:|"]
+        lines += [f"| {Path(m['run']).name} | {m['scans']:,} | {m['self_mb']:.0f} MB | {m['workers_mb']:.0f} MB | {m['scans_per_s']:.1f} | {m['load']:.1f} |" for m in results["memory"]]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

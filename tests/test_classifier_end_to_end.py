@@ -143,6 +143,20 @@ def test_infer_reports_p_abnormal_next_to_the_maps(vit_run, tiny_phantom, tmp_pa
     assert {"gradcam", "rollout", "gradient_rollout", "combined"} <= set(rows[0])
 
 
+def test_explaining_leaves_the_loaded_detector_as_it_was(vit_run):
+    from medvq.explain import explaining_detector
+
+    loaded = Detector.load(vit_run)
+    before, maps_before, guard = loaded.config.model_dump(mode="json"), loaded.map_names, loaded.calibration.guard
+    explained = explaining_detector(loaded, "rollout", {"rollout_head_fusion": "max", "rollout_discard_ratio": 0.5}, vit_run)
+    assert loaded.config.model_dump(mode="json") == before and loaded.map_names == maps_before
+    assert loaded.model.config == loaded.config.model and loaded.calibration.guard is guard
+    assert explained.config.model.rollout_head_fusion == "max" and explained.model.config.rollout_discard_ratio == 0.5
+    assert explained.map_names == ["rollout"] and explained.calibration.guard is None
+    x = torch.rand(2, 1, 64, 64)
+    assert torch.equal(explained.predict(x).extras["probabilities"], loaded.predict(x).extras["probabilities"])  # the same weights
+
+
 def test_explain_settings_and_bad_requests(vit_run, tiny_phantom, tmp_path):
     scan = sorted((tiny_phantom / "test" / "CNV").glob("*.jpeg"))[0]
     code, text = _cli("explain", vit_run, scan, "--map", "rollout", "--rollout-head-fusion", "max", "--rollout-discard-ratio", "0.9", "--out", tmp_path / "a")

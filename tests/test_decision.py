@@ -100,3 +100,26 @@ def test_annotated_overlay_has_colour_bar_outline_and_caption():
     assert (caption.min(axis=2) < 100).any()  # dark text in the caption strip
     plain = annotated_overlay(image, heat, 0.0, 6.0, ["scan.jpeg"], threshold=2.5, contour=False)
     assert not (plain[40, 60:120] == 255).all()
+
+
+def test_overlay_colours_and_outline_match_matplotlib_and_scipy():
+    from matplotlib import colormaps
+    from scipy import ndimage
+
+    from medvq.report.figures import _cross_step, colorize, overlay
+
+    rng = np.random.default_rng(0)
+    heat = (rng.standard_normal((40, 50)) * 3).astype(np.float32)
+    heat[0, :4] = [0.0, 6.0, 1e9, -1e9]  # both limits and beyond them
+    image = rng.random((40, 50)).astype(np.float32)
+    scaled = np.clip(heat / 6.0, 0, 1)
+    for cmap in ("jet", "inferno"):
+        expected = (colormaps[cmap](scaled)[..., :3] * 255).astype(np.uint8)
+        np.testing.assert_array_equal(colorize(heat, 0.0, 6.0, cmap), expected)
+        colour = expected.astype(np.float32) / 255
+        weight = 0.5 * scaled[..., None]
+        blended = (((1 - weight) * image[..., None] + weight * colour).clip(0, 1) * 255).astype(np.uint8)
+        np.testing.assert_array_equal(overlay(image, heat, 0.0, 6.0, cmap=cmap), blended)
+    for mask in (rng.random((9, 12)) < 0.7, rng.random((1, 6)) < 0.5, heat > 1.0):
+        np.testing.assert_array_equal(_cross_step(mask, erode=True), ndimage.binary_erosion(mask))
+        np.testing.assert_array_equal(_cross_step(mask, erode=False), ndimage.binary_dilation(mask))

@@ -241,8 +241,8 @@ class Preprocessor:
         padding = find_padding(image) if remove_padding else np.zeros(image.shape, bool)
 
         # Padding bars (rows/columns that are mostly padding) are cut off rather than filled.
-        rows = np.flatnonzero(padding.mean(axis=1) < 0.5)
-        cols = np.flatnonzero(padding.mean(axis=0) < 0.5)
+        rows = np.flatnonzero(np.count_nonzero(padding, axis=1) < 0.5 * w)  # the rows' padding share below 1/2
+        cols = np.flatnonzero(np.count_nonzero(padding, axis=0) < 0.5 * h)
         top, bottom = (int(rows[0]), int(rows[-1]) + 1) if rows.size else (0, h)
         left, right = (int(cols[0]), int(cols[-1]) + 1) if cols.size else (0, w)
         if self.fov == "crop":  # central square at the original pixel spacing

@@ -103,6 +103,9 @@ def _to_gray(array: np.ndarray) -> np.ndarray:
     return array
 
 
+_BYTE_TO_UNIT = np.arange(256, dtype=np.float32) / 255.0  # 8-bit level -> float32 in [0, 1]
+
+
 def read_pil(path: Path) -> np.ndarray:
     from PIL import Image
 
@@ -118,6 +121,8 @@ def read_pil(path: Path) -> np.ndarray:
             return np.clip(array.astype(np.float32) / float(2**bits - 1), 0.0, 1.0)
         if im.mode == "F":
             return _scale_float(np.asarray(im))
+        if im.mode == "L":  # 8-bit gray (OCT JPEGs): one table look-up, the same values as dividing by 255
+            return np.take(_BYTE_TO_UNIT, np.asarray(im))
         return np.asarray(im.convert("L"), dtype=np.float32) / 255.0
 
 

@@ -216,37 +216,35 @@ def check_same_test_set(records: list[dict]) -> None:
         )
 
 
-def run_benchmark(
-    data: str | Path,
+@dataclass
+class BenchmarkPlan:
+    """What a benchmark trains: the methods in training order (a base run before the run built on it), the
+    seeds, and the config of every (method, seed)."""
+
+    methods: list[str]
+    seeds: list[int]
+    configs: dict[tuple[str, int], Any]
+
+    def runs(self) -> list[tuple[str, int]]:
+        return [(method, seed) for seed in self.seeds for method in self.methods]
+
+
+def plan_benchmark(
     methods: Sequence[str],
-    out: str | Path,
+    out: Path,
     *,
     seeds: Sequence[int] = (0,),
     image_size: int | None = None,
     method_configs: dict[str, Path] | None = None,
     overrides: dict[str, dict[str, Any]] | None = None,
-    batch_size: int = 32,
-    reuse: bool = False,
-    overwrite: bool = False,
-    console: Console | None = None,
-) -> dict[str, Any]:
-    """Train and evaluate every method (once per seed) on one split; write the table. Returns benchmark.json's content.
-
-    ``method_configs``: method -> YAML file applied over that method's defaults; ``overrides``: nested
-    sections applied to every method on top (e.g. {'train': {'epochs': 5}}); ``image_size`` and each seed
-    come last. ``reuse`` keeps a finished run whose config is unchanged instead of training it again.
-    """
-    console = console or Console(stderr=True)
-    data, out = Path(data), Path(out)
+) -> BenchmarkPlan:
+    """Every run's config: the method's defaults, its --config file, ``overrides``, then the seed and image size."""
     methods = parse_methods(methods)
     seeds = parse_seeds(seeds)
     method_configs = dict(method_configs or {})
     stray = sorted(set(method_configs) - set(methods))
     if stray:
         raise MedvqError(f"--config given for {', '.join(stray)}, which is not among --methods {','.join(methods)}")
-    if out.exists() and any(out.iterdir()) and not (overwrite or reuse):
-        raise MedvqError("output folder is not empty", path=out, fix="use --reuse to keep finished runs, --overwrite to replace them, or another --out")
-
     configs = {}
     for method in methods:
         for seed in seeds:
@@ -271,28 +269,25 @@ def run_benchmark(
                 layers.append({"model": {dep.field: str((out / "runs" / f"{dep.method}-seed{seed}").resolve())}})
                 configs[method, seed] = build_config(*layers, source=source)
     methods = in_dependency_order(methods)  # a method's base run is trained before it
+    return BenchmarkPlan(methods=methods, seeds=seeds, configs=configs)
 
-    started = datetime.now()
-    records = []
-    for seed in seeds:
-        for method in methods:
-            config = configs[method, seed]
-            run_dir = out / "runs" / f"{method}-seed{seed}"
-            done = run_dir / "benchmark_run.json"
-            if reuse and done.is_file():
-                previous = json.loads(done.read_text())
-                if previous.get("requested_config") == config.model_dump(mode="json"):
-                    console.print(f"[bold]benchmark[/] reusing {method} seed {seed} from {run_dir}")
-                    records.append(previous)
-                    continue
-            console.print(f"[bold]benchmark[/] {method} (seed {seed}) on {data}")
-            records.append(_run_one(method, config, data, run_dir, batch_size, console))
 
+def _reusable(run_dir: Path, config) -> dict[str, Any] | None:
+    """The record of a finished run of the same config (``--reuse``), else None."""
+    done = run_dir / "benchmark_run.json"
+    if not done.is_file():
+        return None
+    previous = json.loads(done.read_text())
+    return previous if previous.get("requested_config") == config.model_dump(mode="json") else None
+
+
+def summarise(data: Path, plan: BenchmarkPlan, records: list[dict], started: datetime) -> dict[str, Any]:
+    """benchmark.json's content: the setting, the environment, one row per (method, score) and every run."""
     check_same_test_set(records)
-    result = {
+    return {
         "data": str(data.resolve()),
-        "methods": methods,
-        "seeds": seeds,
+        "methods": plan.methods,
+        "seeds": plan.seeds,
         "started": started.isoformat(timespec="seconds"),
         "finished": datetime.now().isoformat(timespec="seconds"),
         "environment": environment(),
@@ -302,6 +297,47 @@ def run_benchmark(
         "rows": aggregate(records),
         "runs": records,
     }
+
+
+def run_benchmark(
+    data: str | Path,
+    methods: Sequence[str],
+    out: str | Path,
+    *,
+    seeds: Sequence[int] = (0,),
+    image_size: int | None = None,
+    method_configs: dict[str, Path] | None = None,
+    overrides: dict[str, dict[str, Any]] | None = None,
+    batch_size: int = 32,
+    reuse: bool = False,
+    overwrite: bool = False,
+    console: Console | None = None,
+) -> dict[str, Any]:
+    """Train and evaluate every method (once per seed) on one split; write the table. Returns benchmark.json's content.
+
+    ``method_configs``: method -> YAML file applied over that method's defaults; ``overrides``: nested
+    sections applied to every method on top (e.g. {'train': {'epochs': 5}}); ``image_size`` and each seed
+    come last. ``reuse`` keeps a finished run whose config is unchanged instead of training it again.
+    """
+    console = console or Console(stderr=True)
+    data, out = Path(data), Path(out)
+    plan = plan_benchmark(methods, out, seeds=seeds, image_size=image_size, method_configs=method_configs, overrides=overrides)
+    if out.exists() and any(out.iterdir()) and not (overwrite or reuse):
+        raise MedvqError("output folder is not empty", path=out, fix="use --reuse to keep finished runs, --overwrite to replace them, or another --out")
+
+    started = datetime.now()
+    records = []
+    for method, seed in plan.runs():
+        config = plan.configs[method, seed]
+        run_dir = out / "runs" / f"{method}-seed{seed}"
+        previous = _reusable(run_dir, config) if reuse else None
+        if previous is not None:
+            console.print(f"[bold]benchmark[/] reusing {method} seed {seed} from {run_dir}")
+            records.append(previous)
+            continue
+        console.print(f"[bold]benchmark[/] {method} (seed {seed}) on {data}")
+        records.append(_run_one(method, config, data, run_dir, batch_size, console))
+    result = summarise(data, plan, records, started)
     write_outputs(result, out)
     return result
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import lru_cache
 from pathlib import Path
 from typing import Sequence
 
@@ -69,18 +70,50 @@ def plot_history(history: Sequence[dict], plots_dir: str | Path) -> None:
         _save(fig, Path(plots_dir) / "ssim.png")
 
 
+@lru_cache(maxsize=8)
+def _colour_table(cmap: str) -> tuple[np.ndarray, np.ndarray]:
+    """A colour map's N colours and its colour for NaN ('bad') as rows of uint8 RGB and of float32 RGB / 255."""
+    colours = colormaps[cmap]
+    rgba = np.concatenate([colours(np.arange(colours.N)), [colours.get_bad()]])
+    table = (rgba[:, :3] * 255).astype(np.uint8)
+    return table, table.astype(np.float32) / 255
+
+
+def _scaled(map_: np.ndarray, vmin: float, vmax: float) -> np.ndarray:
+    return np.clip((map_ - vmin) / max(vmax - vmin, 1e-12), 0, 1)
+
+
+def _colour_index(scaled: np.ndarray, n: int) -> np.ndarray:
+    """Row of the colour table for each value in [0, 1] (NaN: the last row), as matplotlib's colour maps pick it."""
+    with np.errstate(invalid="ignore"):  # NaN: replaced below
+        index = np.minimum((scaled * n).astype(np.intp), n - 1)
+    nan = np.isnan(scaled)
+    if nan.any():
+        index[nan] = n
+    return index
+
+
 def colorize(map_: np.ndarray, vmin: float, vmax: float, cmap: str = "inferno") -> np.ndarray:
-    """(H, W) float -> (H, W, 3) uint8 through a colour map with fixed limits (not per image)."""
-    scaled = np.clip((map_ - vmin) / max(vmax - vmin, 1e-12), 0, 1)
-    return (colormaps[cmap](scaled)[..., :3] * 255).astype(np.uint8)
+    """(H, W) float -> (H, W, 3) uint8 through a colour map with fixed limits (not per image); the colours of
+    matplotlib's colour map, looked up in its table of N colours."""
+    table, _ = _colour_table(cmap)
+    return table[_colour_index(_scaled(map_, vmin, vmax), len(table) - 1)]
 
 
 def overlay(image: np.ndarray, map_: np.ndarray, vmin: float, vmax: float, alpha: float = 0.5, cmap: str = "jet") -> np.ndarray:
     """Grayscale (H, W) in [0, 1] with a colour map blended where the map exceeds vmin. -> uint8 RGB."""
-    gray = np.repeat(np.clip(image, 0, 1)[..., None], 3, axis=2)
-    colour = colorize(map_, vmin, vmax, cmap).astype(np.float32) / 255
-    weight = alpha * np.clip((map_ - vmin) / max(vmax - vmin, 1e-12), 0, 1)[..., None]
-    return (((1 - weight) * gray + weight * colour).clip(0, 1) * 255).astype(np.uint8)
+    _, table = _colour_table(cmap)
+    scaled = _scaled(map_, vmin, vmax)
+    index = _colour_index(scaled, len(table) - 1)
+    weight = alpha * scaled
+    base = (1 - weight) * np.clip(image, 0, 1)
+    out = np.empty((*scaled.shape, 3), np.uint8)
+    for c in range(3):  # (1 - weight) * gray + weight * colour, one whole (H, W) plane per channel
+        blend = weight * np.take(table[:, c], index) + base
+        np.clip(blend, 0, 1, out=blend)
+        blend *= 255
+        out[..., c] = blend  # truncated to uint8, as astype
+    return out
 
 
 def save_image_grid(rows: Sequence[tuple[str, np.ndarray]], path: str | Path, cmap: Sequence[str] | None = None, vmax: Sequence[float] | None = None) -> None:
@@ -114,6 +147,8 @@ def roc_figure(curves: dict[str, tuple[np.ndarray, np.ndarray, float]], path: st
 
 def _wrap(line: str, font, width: int) -> list[str]:
     """Break a caption line at spaces so that each piece fits ``width`` pixels."""
+    if font.getlength(line) <= width:
+        return [line]
     out, current = [], ""
     for word in line.split(" "):
         trial = f"{current} {word}".strip()
@@ -123,6 +158,37 @@ def _wrap(line: str, font, width: int) -> list[str]:
         else:
             current = trial
     return out + [current]
+
+
+@lru_cache(maxsize=8)
+def _font(size: int):
+    from PIL import ImageFont
+
+    return ImageFont.load_default(size=size)
+
+
+def _cross_step(mask: np.ndarray, erode: bool) -> np.ndarray:
+    """One binary erosion (or dilation) by the 3x3 cross, outside the array counting as False: as
+    ``scipy.ndimage.binary_erosion`` / ``binary_dilation`` with their default structure, by shifted ANDs / ORs."""
+    out = mask.copy()
+    combine = np.logical_and if erode else np.logical_or
+    for axis in (0, 1):
+        n = mask.shape[axis]
+        if n < 2:
+            if erode:
+                out[:] = False
+            continue
+        lead = [slice(None)] * 2
+        lag = [slice(None)] * 2
+        lead[axis], lag[axis] = slice(1, None), slice(None, -1)
+        combine(out[tuple(lag)], mask[tuple(lead)], out=out[tuple(lag)])  # each pixel with the one after it
+        combine(out[tuple(lead)], mask[tuple(lag)], out=out[tuple(lead)])  # and with the one before it
+        if erode:  # the first and last rows (columns) have a False neighbour outside
+            edge = [slice(None)] * 2
+            for i in (0, n - 1):
+                edge[axis] = i
+                out[tuple(edge)] = False
+    return out
 
 
 def annotated_overlay(
@@ -139,18 +205,18 @@ def annotated_overlay(
     """An overlay a reader can interpret: the map blended over the scan, a colour bar in calibrated units
     with the threshold marked, optionally the outline where the map crosses ``threshold``, and a caption
     strip below (one line per entry of ``caption``). (H, W) in -> (H + caption, W + bar, 3) uint8 out."""
-    from PIL import Image, ImageDraw, ImageFont
-    from scipy import ndimage
+    from PIL import Image, ImageDraw
 
     height, width = map_.shape
     body = overlay(image, map_, vmin, vmax, cmap=cmap)
     if contour and threshold is not None:
         inside = map_ >= threshold
-        edge = inside & ~ndimage.binary_erosion(inside)
-        edge = ndimage.binary_dilation(edge, iterations=max(1, round(max(height, width) / 400)))  # ~1 px per 400 px of scan
+        edge = inside & ~_cross_step(inside, erode=True)
+        for _ in range(max(1, round(max(height, width) / 400))):  # ~1 px per 400 px of scan
+            edge = _cross_step(edge, erode=False)
         body[edge] = (255, 255, 255)
     text = max(11, round(height / 32))
-    font = ImageFont.load_default(size=text)
+    font = _font(text)
     bar_w, label_w = max(12, width // 40), 5 * text
     line_h = round(text * 1.3)
     total_w = width + bar_w + label_w + 8
