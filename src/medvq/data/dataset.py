@@ -14,6 +14,7 @@ from torch.utils.data import Dataset
 from medvq.data.loader import prepared_batches
 from medvq.data.preprocess import Geometry, Preprocessor
 from medvq.data.samples import Sample
+from medvq.errors import DatasetError
 from medvq.progress import progress_bar
 
 
@@ -62,8 +63,17 @@ class ScanDataset(Dataset):
         progress: str | None = None,
         workers: int = 0,
     ):
-        self._set_samples(samples, preprocessor, targets, hflip=hflip, zoom=zoom, shift=shift)
-        n, s = len(self.samples), preprocessor.image_size
+        self.samples = list(samples)
+        if targets is not None and len(targets) != len(self.samples):
+            raise ValueError(f"{len(targets)} targets for {len(self.samples)} samples")
+        self.targets = torch.as_tensor(list(targets), dtype=torch.long) if targets is not None else None
+        self.preprocessor = preprocessor
+        self.hflip, self.zoom, self.shift = hflip, zoom, shift
+        self._read(load_masks, progress, workers)
+
+    def _read(self, load_masks: bool, progress: str | None, workers: int) -> None:
+        """Read and preprocess every scan into memory."""
+        n, s = len(self.samples), self.preprocessor.image_size
         self.images = torch.empty(n, 1, s, s, dtype=torch.float16)
         self.valid = torch.ones(n, 1, s, s, dtype=torch.bool)
         # Datasets ship masks for lesion scans only: a scan without a mask file gets an empty mask, and
@@ -72,7 +82,7 @@ class ScanDataset(Dataset):
         self.masks = torch.zeros(n, 1, s, s, dtype=torch.bool) if self.has_masks else None
         self.mask_known = torch.tensor([self.has_masks and x.mask_path is not None for x in self.samples], dtype=torch.bool)
         self.geometry: list[Geometry] = []
-        batches = prepared_batches(self.samples, preprocessor, batch_size=READ_BATCH, workers=workers, with_masks=self.has_masks)
+        batches = prepared_batches(self.samples, self.preprocessor, batch_size=READ_BATCH, workers=workers, with_masks=self.has_masks)
         with progress_bar(batches, progress) as tracked:
             for b in tracked:
                 rows = slice(b.start, b.start + len(b.samples))
@@ -81,15 +91,6 @@ class ScanDataset(Dataset):
                 if self.masks is not None and b.masks is not None:
                     self.masks[rows] = b.masks
                 self.geometry.extend(b.geometry)
-
-    def _set_samples(self, samples: Sequence[Sample], preprocessor: Preprocessor, targets: Sequence[int] | None, *, hflip: bool, zoom: float, shift: float) -> None:
-        """What every scan dataset holds besides the pixels: samples, targets, preprocessing and augmentation."""
-        self.samples = list(samples)
-        if targets is not None and len(targets) != len(self.samples):
-            raise ValueError(f"{len(targets)} targets for {len(self.samples)} samples")
-        self.targets = torch.as_tensor(list(targets), dtype=torch.long) if targets is not None else None
-        self.preprocessor = preprocessor
-        self.hflip, self.zoom, self.shift = hflip, zoom, shift
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -124,14 +125,19 @@ class ScanDataset(Dataset):
 
     def batch(self, indices: Sequence[int]) -> Batch:
         idx = torch.as_tensor(list(indices), dtype=torch.long)
+        image, valid, mask = self._pixels(idx)
         return Batch(
-            image=self.images[idx].float(),
-            valid=self.valid[idx],
-            mask=self.masks[idx] if self.masks is not None else None,
+            image=image,
+            valid=valid,
+            mask=mask,
             index=idx,
             samples=[self.samples[i] for i in idx.tolist()],
             target=self.targets[idx] if self.targets is not None else None,
         )
+
+    def _pixels(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Images (B, 1, S, S) fp32, valid pixels and masks (or None) of the scans ``idx``."""
+        return self.images[idx].float(), self.valid[idx], self.masks[idx] if self.masks is not None else None
 
     def subset(self, indices: Sequence[int]) -> "ScanDataset":
         """The chosen scans as a dataset of their own, without reading anything again."""
@@ -166,21 +172,8 @@ class StreamingScanDataset(ScanDataset):
     exists; a scan that cannot be read stops training with an error that names it.
     """
 
-    def __init__(
-        self,
-        samples: Sequence[Sample],
-        preprocessor: Preprocessor,
-        *,
-        hflip: bool = False,
-        zoom: float = 0.0,
-        shift: float = 0.0,
-        load_masks: bool = True,
-        targets: Sequence[int] | None = None,
-        progress: str | None = None,
-    ):
-        from medvq.errors import DatasetError
-
-        self._set_samples(samples, preprocessor, targets, hflip=hflip, zoom=zoom, shift=shift)
+    def _read(self, load_masks: bool, progress: str | None, workers: int) -> None:
+        """Nothing is read ahead (``progress`` and ``workers`` do not apply): only check that every file exists."""
         missing = next((s.path for s in self.samples if not s.path.is_file()), None)
         if missing is not None:
             raise DatasetError("scan not found", path=missing, fix="restore the file or remove it from the dataset")
@@ -192,17 +185,9 @@ class StreamingScanDataset(ScanDataset):
         _, prepared = self.preprocessor.load(self.samples[i], with_mask=self.has_masks)
         return prepared.image.half().float(), prepared.valid, prepared.mask if self.has_masks else None
 
-    def batch(self, indices: Sequence[int]) -> Batch:
-        idx = torch.as_tensor(list(indices), dtype=torch.long)
+    def _pixels(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         scans = [self._scan(i) for i in idx.tolist()]
-        return Batch(
-            image=torch.stack([s[0] for s in scans]),
-            valid=torch.stack([s[1] for s in scans]),
-            mask=torch.stack([s[2] for s in scans]) if self.has_masks else None,
-            index=idx,
-            samples=[self.samples[i] for i in idx.tolist()],
-            target=self.targets[idx] if self.targets is not None else None,
-        )
+        return torch.stack([s[0] for s in scans]), torch.stack([s[1] for s in scans]), torch.stack([s[2] for s in scans]) if self.has_masks else None
 
     def subset(self, indices: Sequence[int]) -> "StreamingScanDataset":
         idx = torch.as_tensor(list(indices), dtype=torch.long)

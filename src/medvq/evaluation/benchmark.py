@@ -49,7 +49,7 @@ from medvq.engine.train import torch_device, train_run
 from medvq.errors import MedvqError
 from medvq.evaluation.evaluate import evaluate_run, select_test_samples
 from medvq.io import atomic_write_text
-from medvq.models.registry import get_method, method_names
+from medvq.models.registry import get_method, in_dependency_order, method_names
 from medvq.report.benchmark import IMAGE_COLUMNS, PIXEL_COLUMNS, benchmark_page, csv_table, describe, markdown_table
 
 
@@ -216,6 +216,89 @@ def check_same_test_set(records: list[dict]) -> None:
         )
 
 
+@dataclass
+class BenchmarkPlan:
+    """What a benchmark trains: the methods in training order (a base run before the run built on it), the
+    seeds, and the config of every (method, seed)."""
+
+    methods: list[str]
+    seeds: list[int]
+    configs: dict[tuple[str, int], Any]
+
+    def runs(self) -> list[tuple[str, int]]:
+        return [(method, seed) for seed in self.seeds for method in self.methods]
+
+
+def plan_benchmark(
+    methods: Sequence[str],
+    out: Path,
+    *,
+    seeds: Sequence[int] = (0,),
+    image_size: int | None = None,
+    method_configs: dict[str, Path] | None = None,
+    overrides: dict[str, dict[str, Any]] | None = None,
+) -> BenchmarkPlan:
+    """Every run's config: the method's defaults, its --config file, ``overrides``, then the seed and image size."""
+    methods = parse_methods(methods)
+    seeds = parse_seeds(seeds)
+    method_configs = dict(method_configs or {})
+    stray = sorted(set(method_configs) - set(methods))
+    if stray:
+        raise MedvqError(f"--config given for {', '.join(stray)}, which is not among --methods {','.join(methods)}")
+    configs = {}
+    for method in methods:
+        for seed in seeds:
+            layers: list[dict] = [{"method": method}]
+            if method in method_configs:
+                layer = load_yaml(method_configs[method])
+                if layer.get("method", method) != method:
+                    raise MedvqError(f"configures method '{layer['method']}', not '{method}'", path=method_configs[method])
+                layers.append(layer)
+            layers.append(overrides or {})
+            layers.append({"train": {"seed": seed}, **({"data": {"image_size": image_size}} if image_size else {})})
+            source = str(method_configs.get(method, f"benchmark settings of {method}"))
+            configs[method, seed] = build_config(*layers, source=source)
+            for dep in get_method(method).depends_on:  # built on another method's run (a prior on a VQ-VAE): the one of the same seed
+                if getattr(configs[method, seed].model, dep.field) is not None:
+                    continue
+                if dep.method not in methods:
+                    raise MedvqError(
+                        f"{method} is trained on a {dep.method} run",
+                        fix=f"add {dep.method} to --methods (trained first, {method} uses it), or set model.{dep.field} with --config {method}=FILE.yaml",
+                    )
+                layers.append({"model": {dep.field: str((out / "runs" / f"{dep.method}-seed{seed}").resolve())}})
+                configs[method, seed] = build_config(*layers, source=source)
+    methods = in_dependency_order(methods)  # a method's base run is trained before it
+    return BenchmarkPlan(methods=methods, seeds=seeds, configs=configs)
+
+
+def _reusable(run_dir: Path, config) -> dict[str, Any] | None:
+    """The record of a finished run of the same config (``--reuse``), else None."""
+    done = run_dir / "benchmark_run.json"
+    if not done.is_file():
+        return None
+    previous = json.loads(done.read_text())
+    return previous if previous.get("requested_config") == config.model_dump(mode="json") else None
+
+
+def summarise(data: Path, plan: BenchmarkPlan, records: list[dict], started: datetime) -> dict[str, Any]:
+    """benchmark.json's content: the setting, the environment, one row per (method, score) and every run."""
+    check_same_test_set(records)
+    return {
+        "data": str(data.resolve()),
+        "methods": plan.methods,
+        "seeds": plan.seeds,
+        "started": started.isoformat(timespec="seconds"),
+        "finished": datetime.now().isoformat(timespec="seconds"),
+        "environment": environment(),
+        "test_images": records[0]["test_images"],
+        "test_counts": records[0]["counts"],
+        "test_patients": records[0]["n_patients"],
+        "rows": aggregate(records),
+        "runs": records,
+    }
+
+
 def run_benchmark(
     data: str | Path,
     methods: Sequence[str],
@@ -238,67 +321,23 @@ def run_benchmark(
     """
     console = console or Console(stderr=True)
     data, out = Path(data), Path(out)
-    methods = parse_methods(methods)
-    seeds = parse_seeds(seeds)
-    method_configs = dict(method_configs or {})
-    stray = sorted(set(method_configs) - set(methods))
-    if stray:
-        raise MedvqError(f"--config given for {', '.join(stray)}, which is not among --methods {','.join(methods)}")
+    plan = plan_benchmark(methods, out, seeds=seeds, image_size=image_size, method_configs=method_configs, overrides=overrides)
     if out.exists() and any(out.iterdir()) and not (overwrite or reuse):
         raise MedvqError("output folder is not empty", path=out, fix="use --reuse to keep finished runs, --overwrite to replace them, or another --out")
 
-    configs = {}
-    for method in methods:
-        for seed in seeds:
-            layers: list[dict] = [{"method": method}]
-            if method in method_configs:
-                layer = load_yaml(method_configs[method])
-                if layer.get("method", method) != method:
-                    raise MedvqError(f"configures method '{layer['method']}', not '{method}'", path=method_configs[method])
-                layers.append(layer)
-            layers.append(overrides or {})
-            layers.append({"train": {"seed": seed}, **({"data": {"image_size": image_size}} if image_size else {})})
-            configs[method, seed] = build_config(*layers, source=str(method_configs.get(method, f"benchmark settings of {method}")))
-            if method == "prior" and configs[method, seed].model.vqvae_run is None:  # a prior stands on the VQ-VAE run of the same seed
-                if "vqvae" not in methods:
-                    raise MedvqError(
-                        "the prior is trained on a VQ-VAE run", fix="add vqvae to --methods (trained first, the prior uses it), or set model.vqvae_run with --config prior=FILE.yaml"
-                    )
-                layers.append({"model": {"vqvae_run": str((out / "runs" / f"vqvae-seed{seed}").resolve())}})
-                configs[method, seed] = build_config(*layers, source=str(method_configs.get(method, "benchmark settings of prior")))
-    if "prior" in methods and "vqvae" in methods:  # the VQ-VAE is trained before the prior that uses it
-        methods = ["vqvae", *[m for m in methods if m != "vqvae"]]
-
     started = datetime.now()
     records = []
-    for seed in seeds:
-        for method in methods:
-            config = configs[method, seed]
-            run_dir = out / "runs" / f"{method}-seed{seed}"
-            done = run_dir / "benchmark_run.json"
-            if reuse and done.is_file():
-                previous = json.loads(done.read_text())
-                if previous.get("requested_config") == config.model_dump(mode="json"):
-                    console.print(f"[bold]benchmark[/] reusing {method} seed {seed} from {run_dir}")
-                    records.append(previous)
-                    continue
-            console.print(f"[bold]benchmark[/] {method} (seed {seed}) on {data}")
-            records.append(_run_one(method, config, data, run_dir, batch_size, console))
-
-    check_same_test_set(records)
-    result = {
-        "data": str(data.resolve()),
-        "methods": methods,
-        "seeds": seeds,
-        "started": started.isoformat(timespec="seconds"),
-        "finished": datetime.now().isoformat(timespec="seconds"),
-        "environment": environment(),
-        "test_images": records[0]["test_images"],
-        "test_counts": records[0]["counts"],
-        "test_patients": records[0]["n_patients"],
-        "rows": aggregate(records),
-        "runs": records,
-    }
+    for method, seed in plan.runs():
+        config = plan.configs[method, seed]
+        run_dir = out / "runs" / f"{method}-seed{seed}"
+        previous = _reusable(run_dir, config) if reuse else None
+        if previous is not None:
+            console.print(f"[bold]benchmark[/] reusing {method} seed {seed} from {run_dir}")
+            records.append(previous)
+            continue
+        console.print(f"[bold]benchmark[/] {method} (seed {seed}) on {data}")
+        records.append(_run_one(method, config, data, run_dir, batch_size, console))
+    result = summarise(data, plan, records, started)
     write_outputs(result, out)
     return result
 

@@ -27,6 +27,7 @@ import csv
 import io
 import json
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -42,8 +43,11 @@ from medvq.detector import Detector, Prediction
 from medvq.engine.run_dir import RunDir
 from medvq.errors import DatasetError
 from medvq.evaluation import metrics as M
+from medvq.evaluation.classification import classification_metrics
 from medvq.evaluation.reconstruction import reconstruction_metrics, spread_indices, summarize
 from medvq.io import atomic_save_npz, atomic_write_text, mark_output
+from medvq.models.registry import methods
+from medvq.report.html import build_report
 from medvq.scoring.decision import OperatingPoint, is_abnormal, operating_point
 from medvq.scoring.volume import describe as describe_volume_score
 from medvq.scoring.volume import volume_level_scores
@@ -150,8 +154,6 @@ def compute_metrics(
 def provenance(run: RunDir, config) -> dict[str, Any]:
     """What a reader of the report needs to reproduce it: method, seed, medvq version, date, the resolved
     config, and the run's training curve (metrics.csv, one row per epoch)."""
-    from datetime import datetime, timezone
-
     history = []
     if run.metrics.is_file():
         with open(run.metrics, newline="") as f:
@@ -196,8 +198,6 @@ def operating_point_metrics(y: np.ndarray, scores: np.ndarray, point: OperatingP
 
 def classify(detector: Detector, pred: Prediction, samples: list[Sample], dataset: ScanDataset) -> dict[str, Any]:
     """Classification metrics of a classifier run on the evaluated images."""
-    from medvq.evaluation.classification import classification_metrics
-
     model_config = detector.config.model
     normal = detector.config.data.normal_class
     unknown = sorted({s.label for s in samples} - set(model_config.classes or [])) if model_config.task == "4class" else []
@@ -285,112 +285,161 @@ def write_reconstruction_csv(path: Path, samples: list[Sample], per_image: dict[
     atomic_write_text(path, buffer.getvalue())
 
 
-def evaluate_run(
-    run_dir: str | Path,
-    data_root: str | Path,
-    out: str | Path,
-    *,
-    split: str = "test",
-    batch_size: int | None = None,
-    inference: InferenceConfig | None = None,
-    gallery_per_class: int = 4,
-    reconstruction_gallery: int = 8,
-    device: str = "cpu",
-    progress: bool = True,
-    console: Console | None = None,
-) -> dict[str, Any]:
-    console = console or Console(stderr=True)
-    run = RunDir(run_dir)
-    inference = inference or InferenceConfig()
-    if batch_size is not None:
-        inference = inference.model_copy(update={"batch_size": batch_size})
+@dataclass
+class ScoredTestSet:
+    """The first stage: the test scans a run may be evaluated on, read, and scored by its detector."""
+
+    run: RunDir
+    data_root: Path
+    split: str
+    detector: Detector
+    dataset: ScanDataset  # the scored scans (blank ones left out)
+    pred: Prediction
+    excluded_seen: int  # scans the run trained or calibrated on (or of its patients)
+    excluded_blank: int  # scans without a valid pixel
+    unlabelled: bool  # e.g. NIfTI slices: reconstruction metrics only
+    anomaly: bool  # normal and abnormal scans: the anomaly-detection metrics apply
+
+    @property
+    def samples(self) -> list[Sample]:
+        return self.dataset.samples
+
+    @property
+    def labels(self) -> list[str]:
+        return [s.label for s in self.dataset.samples]
+
+    @property
+    def maps(self) -> dict[str, np.ndarray]:
+        return {k: v[:, 0].numpy() for k, v in self.pred.maps.items()}
+
+    @property
+    def masks(self) -> np.ndarray | None:
+        return self.dataset.masks[:, 0].numpy() if self.dataset.masks is not None else None
+
+    @property
+    def valid(self) -> np.ndarray:
+        return self.dataset.valid[:, 0].numpy()
+
+
+@dataclass
+class Measurements:
+    """The second stage: every metric of a scored test set."""
+
+    maps: dict[str, dict[str, Any]]  # map name -> image (and pixel) metrics; empty without normal and abnormal scans
+    operating_points: dict[str, OperatingPoint]
+    pointing_tolerance: float  # pixels of the model grid
+    pixel_rows: np.ndarray | None  # the scans whose lesion mask is known (pixel metrics); None without masks
+    reconstruction: dict[str, np.ndarray] | None  # SSIM, PSNR, MSE per scan, for methods that reconstruct
+    volume_level: dict[str, Any] | None
+    classification: dict[str, Any] | None  # supervised methods
+
+
+def score_test_set(
+    run: RunDir, data_root: str | Path, split: str, inference: InferenceConfig, *, device: str = "cpu", progress: bool = True, console: Console
+) -> ScoredTestSet:
     detector = Detector.load(run.root, device=device, inference=inference)
     if detector.calibration is None:
         raise DatasetError("run has no calibration.json", path=run.root, fix="finish training first")
-    config = detector.config
-    normal = config.data.normal_class
+    normal = detector.config.data.normal_class
     chosen = select_test_samples(run, data_root, split)
-    samples = chosen.samples
-    labels = [s.label for s in samples]
-    unlabelled = bool(samples) and all(not lab for lab in labels)  # e.g. NIfTI slices: reconstruction metrics only
+    labels = [s.label for s in chosen.samples]
+    unlabelled = bool(chosen.samples) and all(not lab for lab in labels)
     anomaly = normal in labels and any(lab != normal for lab in labels)
     if not anomaly and not unlabelled:
         found = ", ".join(f"{c}: {labels.count(c)}" for c in sorted(set(labels))) or "none"
         raise DatasetError(f"evaluation needs {normal} and abnormal test images; found {found}", path=data_root, fix="check the test split (or use --split all)")
 
-    dataset = ScanDataset(samples, detector.preprocessor, load_masks=True, progress="reading test scans" if progress else None, workers=inference.workers)
+    dataset = ScanDataset(chosen.samples, detector.preprocessor, load_masks=True, progress="reading test scans" if progress else None, workers=inference.workers)
     blank = dataset.blank_indices()  # saturated or blank scans: no valid pixel to score
     if blank:
         dataset = dataset.subset([i for i in range(len(dataset)) if i not in set(blank)])
-        samples, labels = dataset.samples, [s.label for s in dataset.samples]
         console.print(f"left out {len(blank)} test scan(s) without any valid pixel (saturated or blank)")
     pred: Prediction = detector.predict_dataset(dataset, inference.batch_size, progress="scoring" if progress else None)
-    maps_np = {k: v[:, 0].numpy() for k, v in pred.maps.items()}
-    masks = dataset.masks[:, 0].numpy() if dataset.masks is not None else None
-    valid = dataset.valid[:, 0].numpy()
     if unlabelled and pred.reconstruction is None:
         raise DatasetError(
-            f"the test images are unlabelled, so only reconstruction metrics apply, and method '{config.method}' does not reconstruct",
+            f"the test images are unlabelled, so only reconstruction metrics apply, and method '{detector.config.method}' does not reconstruct",
             path=data_root,
-            fix="evaluate a reconstruction model (vqvae, vqvae2), or give the data class folders",
+            fix=f"evaluate a reconstruction model ({', '.join(m.name for m in methods() if m.reconstructs)}), or give the data class folders",
         )
+    return ScoredTestSet(run, Path(data_root), split, detector, dataset, pred, chosen.excluded, len(blank), unlabelled, anomaly)
+
+
+def measure(scored: ScoredTestSet, console: Console) -> Measurements:
+    detector, pred, dataset, labels = scored.detector, scored.pred, scored.dataset, scored.labels
+    config = detector.config
+    normal = config.data.normal_class
     tolerance = POINTING_TOLERANCE * config.data.image_size
     for note in detector.notes:
         console.print(f"[yellow]note[/]: {note}")
     points = {k: operating_point(detector.calibration, k, config.score.operating_point) for k in pred.scores if k in detector.calibration.stats}
-    patients = np.array([s.patient_id for s in samples])
+    patients = np.array([s.patient_id for s in scored.samples])
+    masks, maps_np, valid = scored.masks, scored.maps, scored.valid
     # Pixel metrics over scans whose mask is known: read from a file, or empty for a NORMAL scan without one;
     # an abnormal scan without a mask file has unknown lesions and is left out of them.
     pixel_rows = (dataset.mask_known.numpy() | np.array([lab == normal for lab in labels])) if masks is not None else None
     pixel = dict(masks=masks[pixel_rows], maps={k: v[pixel_rows] for k, v in maps_np.items()}, valid=valid[pixel_rows]) if masks is not None else {}
     per_map = (
         compute_metrics(labels, pred.scores, normal, dataset.original_widths(), pointing_tolerance=tolerance, operating_points=points, patients=patients, **pixel)
-        if anomaly
+        if scored.anomaly
         else {}
     )
-    images = dataset.images.float()
-    recon = reconstruction_metrics(pred.reconstruction, images) if pred.reconstruction is not None else None
+    recon = reconstruction_metrics(pred.reconstruction, dataset.images.float()) if pred.reconstruction is not None else None
+    return Measurements(
+        maps=per_map,
+        operating_points=points,
+        pointing_tolerance=tolerance,
+        pixel_rows=pixel_rows,
+        reconstruction=recon,
+        volume_level=volume_metrics(scored.samples, pred.scores, normal, config.score.volume_topk_fraction, points) if scored.anomaly else None,
+        classification=classify(detector, pred, scored.samples, dataset) if "classification" in detector.method.metrics else None,
+    )
 
-    out = Path(out)
-    mark_output(out)
-    counts = {(c or "unlabelled"): labels.count(c) for c in sorted(set(labels))}
+
+def metrics_record(scored: ScoredTestSet, measured: Measurements) -> dict[str, Any]:
+    """The content of metrics.json."""
+    detector, pred, samples, labels = scored.detector, scored.pred, scored.samples, scored.labels
+    config = detector.config
+    has_masks = scored.dataset.masks is not None
+    pixel_rows = measured.pixel_rows
     result = {
-        "run": str(run.root.resolve()),
-        "data": str(Path(data_root).resolve()),
-        "split": split,
+        "run": str(scored.run.root.resolve()),
+        "data": str(scored.data_root.resolve()),
+        "split": scored.split,
         "n_images": len(samples),
         "n_patients": len({s.patient_id for s in samples}),
-        "counts": counts,
-        "excluded_seen_in_training": chosen.excluded,
-        "excluded_without_valid_pixels": len(blank),
-        "has_masks": masks is not None,
-        **({"pixel_metric_images": int(pixel_rows.sum()), "pixel_metric_left_out": int((~pixel_rows).sum())} if masks is not None else {}),
+        "counts": _counts(labels),
+        "excluded_seen_in_training": scored.excluded_seen,
+        "excluded_without_valid_pixels": scored.excluded_blank,
+        "has_masks": has_masks,
+        **({"pixel_metric_images": int(pixel_rows.sum()), "pixel_metric_left_out": int((~pixel_rows).sum())} if has_masks else {}),
         "image_size": config.data.image_size,
         "fov": config.data.fov,
         "reducer": f"{config.score.reducer}" + (f" ({config.score.topk_fraction:g})" if config.score.reducer == "topk" else ""),
         "calibration_images": detector.calibration.n_images,
         **({"out_of_distribution": ood_summary(pred.ood_distance, detector.calibration.guard.threshold, labels)} if pred.ood_distance is not None else {}),
-        "provenance": provenance(run, config),
+        "provenance": provenance(scored.run, config),
         "primary_map": detector.primary_map,
         "primary_reason": detector.calibration.primary_reason or "the method's default (the run recorded no choice)",
         "operating_point": config.score.operating_point,
-        "maps": per_map,
-        **({"pointing_tolerance_px": tolerance} if masks is not None else {}),
+        "maps": measured.maps,
+        **({"pointing_tolerance_px": measured.pointing_tolerance} if has_masks else {}),
     }
-    volume_level = volume_metrics(samples, pred.scores, normal, config.score.volume_topk_fraction, points) if anomaly else None
-    if volume_level is not None:
-        result["volume_level"] = volume_level
-    if recon is not None:
-        result["reconstruction"] = summarize(recon, None if unlabelled else labels)
-        write_reconstruction_csv(out / "reconstruction.csv", samples, recon)
-    ood = (pred.ood_distance, detector.calibration.guard.threshold) if pred.ood_distance is not None else None
-    write_scores_csv(out / "scores.csv", samples, dataset, pred.scores, ood)
-    write_scan_maps(out / "maps.npz", dataset, pred)
+    if measured.volume_level is not None:
+        result["volume_level"] = measured.volume_level
+    if measured.reconstruction is not None:
+        result["reconstruction"] = summarize(measured.reconstruction, None if scored.unlabelled else labels)
+    if measured.classification is not None:
+        result["classification"] = measured.classification
+    return result
 
-    if not detector.method.normal_only:
-        result["classification"] = classify(detector, pred, samples, dataset)
-    atomic_write_text(out / "metrics.json", json.dumps(result, indent=1))
 
+def _counts(labels: list[str]) -> dict[str, int]:
+    return {(c or "unlabelled"): labels.count(c) for c in sorted(set(labels))}
+
+
+def gallery_arrays(scored: ScoredTestSet, recon: dict[str, np.ndarray] | None, per_class: int, reconstruction_gallery: int) -> dict[str, np.ndarray]:
+    """evaluation.npz: the report's galleries (per class, the hardest cases, reconstructions)."""
+    pred, dataset, samples, labels = scored.pred, scored.dataset, scored.samples, scored.labels
     gallery: dict[str, np.ndarray] = {}
     if recon is not None:  # input / reconstruction / error, from the worst to the best SSIM
         ridx = spread_indices(recon["ssim"], reconstruction_gallery)
@@ -398,25 +447,21 @@ def evaluate_run(
         gallery.update(
             recon_names=np.array([samples[i].name for i in ridx]),
             recon_labels=np.array([labels[i] for i in ridx]),
-            recon_image=images[rsel, 0].numpy(),
+            recon_image=dataset.images.float()[rsel, 0].numpy(),
             recon_reconstruction=pred.reconstruction[rsel, 0].clamp(0, 1).numpy(),
             **{f"recon_{k}": v[ridx] for k, v in recon.items()},
         )
-    if not anomaly:
-        atomic_save_npz(out / "evaluation.npz", **gallery)
-        from medvq.report.html import build_report
-
-        build_report(out)
-        console.print(f"evaluated the reconstruction of {len(samples)} unlabelled images -> {out}")
-        return result
-
-    key = detector.primary_map if detector.primary_map in pred.scores else next(iter(pred.scores))
-    idx = _gallery_indices(labels, pred.scores[key], gallery_per_class)
+    if not scored.anomaly:
+        return gallery
+    normal = scored.detector.config.data.normal_class
+    maps_np, masks, valid = scored.maps, scored.masks, scored.valid
+    key = scored.detector.primary_map if scored.detector.primary_map in pred.scores else next(iter(pred.scores))
+    idx = _gallery_indices(labels, pred.scores[key], per_class)
     class_rows = len(idx)
     # the primary map's hardest cases: the highest-scoring normal and the lowest-scoring abnormal scans
     order = np.argsort(-pred.scores[key], kind="stable")
-    hard_normal = [int(i) for i in order if labels[i] == normal][:gallery_per_class]
-    hard_abnormal = [int(i) for i in order[::-1] if labels[i] != normal][:gallery_per_class]
+    hard_normal = [int(i) for i in order if labels[i] == normal][:per_class]
+    hard_abnormal = [int(i) for i in order[::-1] if labels[i] != normal][:per_class]
     idx = idx + hard_normal + hard_abnormal
     sel = torch.as_tensor(idx, dtype=torch.long)
     gallery |= {
@@ -437,10 +482,50 @@ def evaluate_run(
         gallery["mask"] = masks[idx]
     gallery["map_vmax"] = np.array([float(np.quantile(maps_np[k][valid], 0.995)) for k in maps_np])
     gallery["map_names"] = np.array(list(maps_np))
+    return gallery
+
+
+def write_evaluation(out: Path, scored: ScoredTestSet, measured: Measurements, result: dict[str, Any], gallery: dict[str, np.ndarray]) -> None:
+    """Every file of an evaluation but the report: reconstruction.csv, scores.csv, maps.npz, metrics.json, evaluation.npz."""
+    pred, guard = scored.pred, scored.detector.calibration.guard
+    mark_output(out)
+    if measured.reconstruction is not None:
+        write_reconstruction_csv(out / "reconstruction.csv", scored.samples, measured.reconstruction)
+    ood = (pred.ood_distance, guard.threshold) if pred.ood_distance is not None else None
+    write_scores_csv(out / "scores.csv", scored.samples, scored.dataset, pred.scores, ood)
+    write_scan_maps(out / "maps.npz", scored.dataset, pred)
+    atomic_write_text(out / "metrics.json", json.dumps(result, indent=1))
     atomic_save_npz(out / "evaluation.npz", **gallery)
 
-    from medvq.report.html import build_report
 
+def evaluate_run(
+    run_dir: str | Path,
+    data_root: str | Path,
+    out: str | Path,
+    *,
+    split: str = "test",
+    batch_size: int | None = None,
+    inference: InferenceConfig | None = None,
+    gallery_per_class: int = 4,
+    reconstruction_gallery: int = 8,
+    device: str = "cpu",
+    progress: bool = True,
+    console: Console | None = None,
+) -> dict[str, Any]:
+    """Evaluate a run on the test patients of ``data_root``: score them, measure, write the files of ``out``
+    and the report built from them. Returns metrics.json's content."""
+    console = console or Console(stderr=True)
+    inference = inference or InferenceConfig()
+    if batch_size is not None:
+        inference = inference.model_copy(update={"batch_size": batch_size})
+    scored = score_test_set(RunDir(run_dir), data_root, split, inference, device=device, progress=progress, console=console)
+    measured = measure(scored, console)
+    result = metrics_record(scored, measured)
+    out = Path(out)
+    write_evaluation(out, scored, measured, result, gallery_arrays(scored, measured.reconstruction, gallery_per_class, reconstruction_gallery))
     build_report(out)
-    console.print(f"evaluated {len(samples)} images ({', '.join(f'{c} {n}' for c, n in counts.items())}) -> {out}")
+    if scored.anomaly:
+        console.print(f"evaluated {len(scored.samples)} images ({', '.join(f'{c} {n}' for c, n in result['counts'].items())}) -> {out}")
+    else:
+        console.print(f"evaluated the reconstruction of {len(scored.samples)} unlabelled images -> {out}")
     return result

@@ -59,15 +59,7 @@ def _as_labels(labels: Any, name: str = "labels") -> np.ndarray:
         raise ValueError(f"{name} must be 1-D (one label per image), got shape {y.shape}")
     if y.size == 0:
         raise ValueError(f"{name} is empty")
-    if y.dtype == bool:
-        return y.astype(np.int64)
-    if not np.issubdtype(y.dtype, np.number):
-        raise ValueError(f"{name} must be 0/1 or bool, got dtype {y.dtype}")
-    bad = ~np.isin(y, (0, 1))
-    if bad.any():
-        examples = np.unique(y[bad])[:5].tolist()
-        raise ValueError(f"{name} must contain only 0 (normal) and 1 (abnormal), found {examples}")
-    return y.astype(np.int64)
+    return as_mask(y, name, "0 (normal) and 1 (abnormal)").astype(np.int64)
 
 
 def _as_scores(scores: Any, n: int, name: str = "scores") -> np.ndarray:

@@ -24,6 +24,10 @@ class QuantizerOutput:
     latents: torch.Tensor  # (B, D, h, w) encoder output z_e in fp32, before quantisation
 
 
+# Quantizer settings a model config may carry; VectorQuantizer.from_config reads those it has.
+SETTINGS = ("beta", "ema_decay", "kmeans_init", "kmeans_iters", "dead_code_threshold", "rotation_trick")
+
+
 class VectorQuantizer(nn.Module):
     def __init__(
         self,
@@ -53,6 +57,13 @@ class VectorQuantizer(nn.Module):
             rotation_trick=rotation_trick,
             straight_through=False,
         )
+
+    @classmethod
+    def from_config(cls, config, *, dim: int, codebook_size: int, **overrides) -> "VectorQuantizer":
+        """A quantizer with the settings (``SETTINGS``) that a model config carries, then ``overrides``;
+        a setting the config lacks keeps the constructor's value."""
+        settings = {name: getattr(config, name) for name in SETTINGS if name in type(config).model_fields}
+        return cls(dim=dim, codebook_size=codebook_size, **(settings | overrides))
 
     def synchronise_across_processes(self) -> bool:
         """Sum the codebook statistics (k-means, EMA counts and sums, dead-code samples) over every process.

@@ -41,7 +41,8 @@ def check_finite(values: np.ndarray, name: str, where: str = "") -> None:
         raise ValueError(f"{name} contain {' and '.join(parts)} value(s){where}; all scores must be finite")
 
 
-def as_mask(x: Any, name: str) -> np.ndarray:
+def as_mask(x: Any, name: str, values: str = "0 and 1") -> np.ndarray:
+    """A bool array from bools or the numbers 0 and 1 (``values`` names them in the error)."""
     m = to_numpy(x, name)
     if m.dtype == bool:
         return m
@@ -50,7 +51,7 @@ def as_mask(x: Any, name: str) -> np.ndarray:
     bad = ~np.isin(m, (0, 1))
     if bad.any():
         examples = np.unique(m[bad])[:5].tolist()
-        raise ValueError(f"{name} must be bool or contain only 0 and 1, found {examples}")
+        raise ValueError(f"{name} must be bool or contain only {values}, found {examples}")
     return m.astype(bool)
 
 

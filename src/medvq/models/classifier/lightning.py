@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_only
 
-from medvq.models.optim import configure_adamw
+from medvq.models.lightning import TrainingModule
 from medvq.models.classifier.model import Classifier, ClassifierConfig
 
 AUROC_BINS = 1000  # validation AUROC from summed histograms of P(abnormal): exact up to ties within 1e-3, DDP-safe
@@ -38,7 +37,7 @@ def histogram_auroc(positive: torch.Tensor, negative: torch.Tensor) -> float:
     return float(((p * below).sum() + 0.5 * (p * n).sum()) / (p.sum() * n.sum()))
 
 
-class ClassifierModule(L.LightningModule):
+class ClassifierModule(TrainingModule):
     def __init__(
         self,
         model_config: dict,
@@ -128,8 +127,7 @@ class ClassifierModule(L.LightningModule):
 
     def epoch_summary(self) -> dict[str, float]:
         """Mean losses, accuracy, balanced accuracy and AUROC (normal vs abnormal) of the finished epoch, over all processes."""
-        reduce = lambda t: self.trainer.strategy.reduce(t.clone(), reduce_op="sum") if self.trainer.world_size > 1 else t
-        train, val, confusion, histogram = reduce(self.train_sums), reduce(self.val_sums), reduce(self.val_confusion), reduce(self.val_histogram)
+        train, val, confusion, histogram = self.reduce_sum(self.train_sums), self.reduce_sum(self.val_sums), self.reduce_sum(self.val_confusion), self.reduce_sum(self.val_histogram)
         summary: dict[str, float] = {}
         for prefix, sums in (("train", train), ("val", val)):
             n = float(sums[2])
@@ -154,10 +152,6 @@ class ClassifierModule(L.LightningModule):
             m = m[:, 0].cpu().numpy()
             rows.append((name, m, "inferno", float(np.quantile(m, 0.99)) or 1.0))
         return rows
-
-    def configure_optimizers(self):
-        h = self.hparams
-        return configure_adamw(self, self.model.parameters(), h.learning_rate, h.weight_decay, h.get("lr_schedule", "constant"))
 
 
 @rank_zero_only

@@ -11,19 +11,18 @@ from __future__ import annotations
 
 import math
 
-import lightning as L
 import torch
 import torch.nn.functional as F
 
-from medvq.models.optim import configure_adamw
 from medvq.models.featvq.model import FeatVQ, FeatVQConfig, code_nll
+from medvq.models.lightning import TrainingModule
 from medvq.models.quantizer import code_usage, synchronise_quantizers
 
 # loss * n, quantisation distance per patch * n, correct code predictions, positions, n
 _SUMS = 5
 
 
-class FeatVQModule(L.LightningModule):
+class FeatVQModule(TrainingModule):
     def __init__(self, model_config: dict, learning_rate: float = 1e-3, weight_decay: float = 0.0, lr_schedule: str = "constant"):
         super().__init__()
         self.save_hyperparameters()  # plain dicts and numbers only: checkpoints load with weights_only=True
@@ -92,10 +91,9 @@ class FeatVQModule(L.LightningModule):
 
     def epoch_summary(self) -> dict[str, float]:
         """Mean prior NLL (nats per position), quantisation distance, code accuracy and codebook usage, reduced over processes."""
-        reduce = lambda t: self.trainer.strategy.reduce(t.clone(), reduce_op="sum") if self.trainer.world_size > 1 else t
-        perplexity, used = code_usage(reduce(self.code_counts))
+        perplexity, used = code_usage(self.reduce_sum(self.code_counts))
         summary: dict[str, float] = {"perplexity": perplexity, "codes_used": used}
-        for prefix, sums in (("train", reduce(self.train_sums)), ("val", reduce(self.val_sums))):
+        for prefix, sums in (("train", self.reduce_sum(self.train_sums)), ("val", self.reduce_sum(self.val_sums))):
             n = float(sums[4])
             if n > 0:
                 summary.update(
@@ -121,6 +119,5 @@ class FeatVQModule(L.LightningModule):
             ("NLL (nats)", up(nll), "inferno", math.log(self.model.config.codebook_size)),
         ]
 
-    def configure_optimizers(self):
-        h = self.hparams
-        return configure_adamw(self, self.model.prior.parameters(), h.learning_rate, h.weight_decay, h.get("lr_schedule", "constant"))
+    def trainable_parameters(self):
+        return self.model.prior.parameters()

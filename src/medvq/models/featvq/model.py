@@ -135,15 +135,8 @@ class FeatVQ(nn.Module):
         super().__init__()
         self.config = config
         self.features = PatchFeatures(config)
-        self.quantizer = VectorQuantizer(
-            dim=config.feature_dim,
-            codebook_size=config.codebook_size,
-            beta=0.0,  # the features are frozen: nothing to commit
-            ema_decay=config.ema_decay,
-            kmeans_init=config.kmeans_init,
-            kmeans_iters=config.kmeans_iters,
-            dead_code_threshold=config.dead_code_threshold,
-        )
+        # beta 0: the features are frozen, nothing to commit
+        self.quantizer = VectorQuantizer.from_config(config, dim=config.feature_dim, codebook_size=config.codebook_size, beta=0.0)
         self.prior = CodePrior(
             config.codebook_size, config.prior_dim, config.prior_layers, config.prior_heads, config.prior_context, config.prior_dropout
         )

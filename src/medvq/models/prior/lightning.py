@@ -4,17 +4,16 @@ from __future__ import annotations
 
 import math
 
-import lightning as L
 import torch
 import torch.nn.functional as F
 
-from medvq.models.optim import configure_adamw
 from medvq.maps import evaluating
+from medvq.models.lightning import TrainingModule
 from medvq.models.prior.model import LatentPrior, PriorConfig, code_nll
 from medvq.models.prior.training import load_frozen_weights
 
 
-class PriorModule(L.LightningModule):
+class PriorModule(TrainingModule):
     def __init__(self, model_config: dict, learning_rate: float = 1e-3, weight_decay: float = 0.0, lr_schedule: str = "constant"):
         super().__init__()
         self.save_hyperparameters()  # plain dicts and numbers only: checkpoints load with weights_only=True
@@ -57,9 +56,8 @@ class PriorModule(L.LightningModule):
 
     def epoch_summary(self) -> dict[str, float]:
         """Mean loss, NLL (nats per position) and top-1 code accuracy of the finished epoch, reduced over processes."""
-        reduce = lambda t: self.trainer.strategy.reduce(t.clone(), reduce_op="sum") if self.trainer.world_size > 1 else t
         summary: dict[str, float] = {}
-        for prefix, sums in (("train", reduce(self.train_sums)), ("val", reduce(self.val_sums))):
+        for prefix, sums in (("train", self.reduce_sum(self.train_sums)), ("val", self.reduce_sum(self.val_sums))):
             n = float(sums[4])
             if n > 0:
                 summary.update({f"{prefix}_loss": float(sums[0]) / n, f"{prefix}_nll": float(sums[1]) / n, f"{prefix}_code_accuracy": float(sums[2]) / float(sums[3])})
@@ -80,6 +78,5 @@ class PriorModule(L.LightningModule):
             ("NLL (nats)", nll[:, 0].cpu().numpy(), "inferno", math.log(k)),
         ]
 
-    def configure_optimizers(self):
-        h = self.hparams
-        return configure_adamw(self, self.model.trainable_parameters(), h.learning_rate, h.weight_decay, h.get("lr_schedule", "constant"))
+    def trainable_parameters(self):
+        return self.model.trainable_parameters()

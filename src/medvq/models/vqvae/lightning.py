@@ -2,43 +2,25 @@
 
 from __future__ import annotations
 
-import lightning as L
 import torch
 
-from medvq.models.quantizer import code_usage, synchronise_quantizers
-from medvq.models.optim import configure_adamw
+from medvq.models.lightning import AutoencoderModule
+from medvq.models.quantizer import code_usage
 from medvq.models.vqvae.model import VQVAE, VQVAEConfig
 
 
 
 
-class VQVAEModule(L.LightningModule):
+class VQVAEModule(AutoencoderModule):
     def __init__(self, model_config: dict, learning_rate: float = 1e-3, weight_decay: float = 0.0, lr_schedule: str = "constant", channels_last: bool = True, compile: bool = False):
         super().__init__()
         self.save_hyperparameters()  # plain dicts and numbers only: checkpoints load with weights_only=True
         self.model = VQVAE(VQVAEConfig(**model_config))
-        self.channels_last = channels_last
-        if channels_last:
-            self.model.to(memory_format=torch.channels_last)
-        if compile:  # in place, so state-dict keys stay the same
-            self.model.encoder.compile()
-            self.model.decoder.compile()
+        self._place_model(channels_last, [self.model.encoder, self.model.decoder] if compile else [])
         k = self.model.config.codebook_size
         self.register_buffer("code_counts", torch.zeros(k, dtype=torch.float64), persistent=False)
         self.register_buffer("train_sums", torch.zeros(4, dtype=torch.float64), persistent=False)  # loss, rec, commit, n
         self.register_buffer("val_sums", torch.zeros(4, dtype=torch.float64), persistent=False)
-
-    @classmethod
-    def from_run_config(cls, config) -> "VQVAEModule":
-        t = config.train
-        return cls(config.model.model_dump(), learning_rate=t.learning_rate, weight_decay=t.weight_decay, lr_schedule=t.lr_schedule, channels_last=t.channels_last, compile=t.compile)
-
-    def setup(self, stage: str) -> None:
-        synchronise_quantizers(self.model)  # codebook statistics summed over every process under DDP (the group exists from here on)
-
-    def _images(self, batch: dict) -> torch.Tensor:
-        x = batch["image"]
-        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
     @staticmethod
     def _accumulate(sums: torch.Tensor, out, n: int) -> None:
@@ -67,8 +49,7 @@ class VQVAEModule(L.LightningModule):
 
     def epoch_summary(self) -> dict[str, float]:
         """Mean losses and codebook usage of the finished epoch, reduced over all processes."""
-        reduce = lambda t: self.trainer.strategy.reduce(t.clone(), reduce_op="sum") if self.trainer.world_size > 1 else t
-        train, val, counts = reduce(self.train_sums), reduce(self.val_sums), reduce(self.code_counts)
+        train, val, counts = self.reduce_sum(self.train_sums), self.reduce_sum(self.val_sums), self.reduce_sum(self.code_counts)
         perplexity, used = code_usage(counts)
         summary = {"perplexity": perplexity, "codes_used": used}
         for prefix, sums in (("train", train), ("val", val)):
@@ -76,7 +57,3 @@ class VQVAEModule(L.LightningModule):
             if n > 0:
                 summary.update({f"{prefix}_loss": float(sums[0]) / n, f"{prefix}_rec": float(sums[1]) / n, f"{prefix}_commit": float(sums[2]) / n})
         return summary
-
-    def configure_optimizers(self):
-        h = self.hparams
-        return configure_adamw(self, self.model.parameters(), h.learning_rate, h.weight_decay, h.get("lr_schedule", "constant"))

@@ -96,15 +96,7 @@ class VQVAE(nn.Module):
         super().__init__()
         self.config = config
         self.encoder = Encoder(config)
-        self.quantizer = VectorQuantizer(
-            dim=config.embedding_dim,
-            codebook_size=config.codebook_size,
-            beta=config.beta,
-            ema_decay=config.ema_decay,
-            kmeans_init=config.kmeans_init,
-            dead_code_threshold=config.dead_code_threshold,
-            rotation_trick=config.rotation_trick,
-        )
+        self.quantizer = VectorQuantizer.from_config(config, dim=config.embedding_dim, codebook_size=config.codebook_size)
         self.decoder = Decoder(config)
 
     @property

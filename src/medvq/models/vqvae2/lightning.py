@@ -2,47 +2,32 @@
 
 from __future__ import annotations
 
-import lightning as L
 import torch
 from torchmetrics.functional.image import structural_similarity_index_measure
 
-from medvq.models.quantizer import code_usage, synchronise_quantizers
-from medvq.models.optim import configure_adamw
+from medvq.models.lightning import AutoencoderModule
+from medvq.models.quantizer import code_usage
 from medvq.models.vqvae2.model import VQVAE2, VQVAE2Config
 
 # Per-epoch sums, weighted by batch size: loss, rec, commit_top, commit_bottom, ssim, n
 _SUMS = ("loss", "rec", "commit_top", "commit_bottom", "ssim")
 
 
-class VQVAE2Module(L.LightningModule):
+class VQVAE2Module(AutoencoderModule):
     def __init__(self, model_config: dict, learning_rate: float = 1e-3, weight_decay: float = 0.0, lr_schedule: str = "constant", channels_last: bool = True, compile: bool = False):
         super().__init__()
         self.save_hyperparameters()  # plain dicts and numbers only: checkpoints load with weights_only=True
         self.model = VQVAE2(VQVAE2Config(**model_config))
-        self.channels_last = channels_last
-        if channels_last:
-            self.model.to(memory_format=torch.channels_last)
-        if compile:  # in place, so state-dict keys stay the same
-            for part in (self.model.encoder_bottom, self.model.encoder_top, self.model.decoder_top, self.model.decoder):
-                part.compile()
+        m = self.model
+        self._place_model(channels_last, [m.encoder_bottom, m.encoder_top, m.decoder_top, m.decoder] if compile else [])
         c = self.model.config
         self.register_buffer("top_counts", torch.zeros(c.codebook_size_top, dtype=torch.float64), persistent=False)
         self.register_buffer("bottom_counts", torch.zeros(c.codebook_size_bottom, dtype=torch.float64), persistent=False)
         self.register_buffer("train_sums", torch.zeros(len(_SUMS) + 1, dtype=torch.float64), persistent=False)
         self.register_buffer("val_sums", torch.zeros(len(_SUMS) + 1, dtype=torch.float64), persistent=False)
 
-    @classmethod
-    def from_run_config(cls, config) -> "VQVAE2Module":
-        t = config.train
-        return cls(config.model.model_dump(), learning_rate=t.learning_rate, weight_decay=t.weight_decay, lr_schedule=t.lr_schedule, channels_last=t.channels_last, compile=t.compile)
-
-    def setup(self, stage: str) -> None:
-        synchronise_quantizers(self.model)  # codebook statistics summed over every process under DDP (the group exists from here on)
-
     def _step(self, batch: dict, sums: torch.Tensor):
-        x = batch["image"]
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
+        x = self._images(batch)
         out = self.model(x)
         with torch.no_grad():
             with torch.autocast(device_type=x.device.type, enabled=False):  # SSIM of inputs in [0, 1], in fp32
@@ -73,17 +58,12 @@ class VQVAE2Module(L.LightningModule):
 
     def epoch_summary(self) -> dict[str, float]:
         """Mean losses and SSIM, and code usage per level, of the finished epoch, reduced over all processes."""
-        reduce = lambda t: self.trainer.strategy.reduce(t.clone(), reduce_op="sum") if self.trainer.world_size > 1 else t
         summary: dict[str, float] = {}
-        for prefix, sums in (("train", reduce(self.train_sums)), ("val", reduce(self.val_sums))):
+        for prefix, sums in (("train", self.reduce_sum(self.train_sums)), ("val", self.reduce_sum(self.val_sums))):
             n = float(sums[-1])
             if n > 0:
                 summary.update({f"{prefix}_{name}": float(sums[i]) / n for i, name in enumerate(_SUMS)})
-        for level, counts in (("top", reduce(self.top_counts)), ("bottom", reduce(self.bottom_counts))):
+        for level, counts in (("top", self.reduce_sum(self.top_counts)), ("bottom", self.reduce_sum(self.bottom_counts))):
             perplexity, used = code_usage(counts)
             summary[f"perplexity_{level}"], summary[f"codes_used_{level}"] = perplexity, used
         return summary
-
-    def configure_optimizers(self):
-        h = self.hparams
-        return configure_adamw(self, self.model.parameters(), h.learning_rate, h.weight_decay, h.get("lr_schedule", "constant"))

@@ -77,14 +77,13 @@ class VQVAE2(nn.Module):
         super().__init__()
         self.config = c = config
         h, d = c.hidden_channels, c.embedding_dim
-        vq = dict(beta=c.beta, ema_decay=c.ema_decay, kmeans_init=c.kmeans_init, dead_code_threshold=c.dead_code_threshold, rotation_trick=c.rotation_trick)
         self.encoder_bottom = downsampler(c.in_channels, h, c.bottom_downsample_layers, c)
         self.encoder_top = downsampler(h, h, c.top_downsample_layers, c)
         self.pre_quantize_top = nn.Conv2d(h, d, 1)
-        self.quantizer_top = VectorQuantizer(dim=d, codebook_size=c.codebook_size_top, **vq)
+        self.quantizer_top = VectorQuantizer.from_config(c, dim=d, codebook_size=c.codebook_size_top)
         self.decoder_top = upsampler(d, d, c.top_downsample_layers, c)
         self.pre_quantize_bottom = nn.Conv2d(h + d, d, 1)
-        self.quantizer_bottom = VectorQuantizer(dim=d, codebook_size=c.codebook_size_bottom, **vq)
+        self.quantizer_bottom = VectorQuantizer.from_config(c, dim=d, codebook_size=c.codebook_size_bottom)
         ups: list[nn.Module] = []
         for i in range(c.top_downsample_layers):
             ups.append(upsample_by_two(d, d, c.upsampling))
@@ -153,18 +152,5 @@ def equal_budget_vqvae(config: VQVAE2Config) -> VQVAEConfig:
     rounded, which carries the top level's bits on the bottom grid (512 and 512 codes -> 2435 codes).
     """
     size = config.codebook_size_bottom * config.codebook_size_top ** (1 / 4**config.top_downsample_layers)
-    return VQVAEConfig(
-        in_channels=config.in_channels,
-        hidden_channels=config.hidden_channels,
-        residual_channels=config.residual_channels,
-        residual_layers=config.residual_layers,
-        downsample_layers=config.bottom_downsample_layers,
-        embedding_dim=config.embedding_dim,
-        codebook_size=int(round(size)),
-        beta=config.beta,
-        ema_decay=config.ema_decay,
-        kmeans_init=config.kmeans_init,
-        dead_code_threshold=config.dead_code_threshold,
-        rotation_trick=config.rotation_trick,
-        dropout=config.dropout,
-    )
+    shared = config.model_dump(include=set(VQVAEConfig.model_fields))  # widths, depths, codebook settings, dropout
+    return VQVAEConfig(**shared, downsample_layers=config.bottom_downsample_layers, codebook_size=int(round(size)))
