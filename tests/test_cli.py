@@ -70,7 +70,7 @@ def test_a_method_fitted_in_one_pass_shows_no_gradient_training_flags():
     """`medvq train patchcore` fits in one pass: no epochs, optimiser, early stopping or --resume; a trained method keeps them."""
     fitted = runner.invoke(app, ["train", "patchcore", "--help"], env={"COLUMNS": "200"}).output
     trained = runner.invoke(app, ["train", "featvq", "--help"], env={"COLUMNS": "200"}).output
-    for flag in ("--epochs", "--patience", "--min-delta", "--learning-rate", "--lr-schedule", "--resume", "--samples-per-epoch", "--strategy"):
+    for flag in ("--epochs", "--patience", "--min-delta", "--learning-rate", "--lr-schedule", "--resume", "--samples-per-epoch", "--strategy", "--zoom", "--hflip"):
         assert flag not in fitted and flag in trained, flag
     for flag in ("--batch-size", "--seed", "--device", "--coreset-ratio"):
         assert flag in fitted, flag

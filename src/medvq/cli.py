@@ -513,7 +513,7 @@ def benchmark_cmd(
     config: list[str] = typer.Option([], "--config", help="METHOD=FILE.yaml: settings for one method over its defaults (repeatable)."),
     epochs: Optional[int] = typer.Option(None, "--epochs", min=1, help="Maximum epochs of every gradient-trained method."),
     device: Optional[str] = typer.Option(None, "--device", help="Accelerator for training and inference: auto, cpu, gpu."),
-    batch_size: int = typer.Option(32, "--batch-size", min=1, help="Batch size of evaluation and of the timed inference pass."),
+    batch_size: int = typer.Option(_SPEED["batch_size"].default, "--batch-size", min=1, help="Batch size of evaluation and of the timed inference pass."),
     reuse: bool = typer.Option(False, "--reuse", help="Keep runs in OUT that finished with the same settings instead of training them again."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Allow writing into a non-empty output folder (runs are trained again)."),
 ) -> None:

@@ -13,14 +13,9 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, Field, SerializeAsAny, ValidationError, model_validator
 
-from medvq.data.config import DataConfig, PhantomConfig, Section  # noqa: F401 (the data layer's settings, below the models)
+from medvq.data.config import GRADIENT_ONLY, DataConfig, PhantomConfig, Section  # noqa: F401 (the data layer's settings, below the models)
 from medvq.errors import MedvqError
 from medvq.models.registry import model_configs
-
-
-# Settings that only gradient training reads (epochs, optimiser, early stopping, Lightning): methods fitted in
-# one pass (Method.training == "fit") ignore them, and their `medvq train` shows no flag for them.
-GRADIENT_ONLY = {"gradient_only": True}
 
 
 class TrainConfig(Section):

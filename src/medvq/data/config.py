@@ -9,6 +9,11 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
+# Settings that only gradient training reads (augmentation, epochs, optimiser, early stopping, Lightning): methods
+# fitted in one pass (Method.training == "fit") ignore them, and their `medvq train` shows no flag for them.
+GRADIENT_ONLY = {"gradient_only": True}
+
+
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -31,11 +36,14 @@ class DataConfig(Section):
         description="Regular expression whose (?P<patient>...) group (or first group) is the patient id, searched in each file's path "
         "relative to the data folder, e.g. '(?P<patient>P\\d+)-O[DS]-' for CLASS/P001-OD-012.png (default: the OCT2017 name CLASS-PATIENT-N).",
     )
-    hflip: bool = Field(True, description="Random left-right flips while training (left and right eyes mirror each other).")
+    hflip: bool = Field(True, description="Random left-right flips while training (left and right eyes mirror each other).", json_schema_extra=GRADIENT_ONLY)
     zoom: float = Field(
-        0.0, ge=0.0, lt=1.0, description="Random rescaling while training by a factor in [1 - zoom, 1 + zoom] (0: off); helps when test anatomy is smaller or larger."
+        0.0, ge=0.0, lt=1.0, description="Random rescaling while training by a factor in [1 - zoom, 1 + zoom] (0: off); helps when test anatomy is smaller or larger.",
+        json_schema_extra=GRADIENT_ONLY,
     )
-    shift: float = Field(0.0, ge=0.0, le=0.5, description="Random translation while training by up to this share of the image side (0: off).")
+    shift: float = Field(
+        0.0, ge=0.0, le=0.5, description="Random translation while training by up to this share of the image side (0: off).", json_schema_extra=GRADIENT_ONLY
+    )
     max_train_images: int | None = Field(None, ge=1, description="Use at most this many training images (seeded choice).")
     slice_axis: Literal["axial", "coronal", "sagittal"] = Field(
         "axial", description="NIfTI volumes: anatomical axis the 2D slices are cut along (after reorienting to RAS+; 2D slice files are read as stored)."
