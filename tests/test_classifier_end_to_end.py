@@ -103,7 +103,7 @@ def test_evaluate_reports_classification_and_scores_the_maps_on_lesion_masks(vit
 def test_explain_writes_maps_overlays_and_predictions(vit_run, tiny_phantom, tmp_path, method, name):
     folder = tiny_phantom / "test" / "DRUSEN"
     out = tmp_path / "explain"
-    code, text = _cli("explain", vit_run, folder, "--method", method, "--out", out)
+    code, text = _cli("explain", vit_run, folder, "--map", method, "--out", out)
     assert code == 0, text
     rows = list(csv.DictReader(open(out / "explanations.csv")))
     assert len(rows) == len(list(folder.glob("*.jpeg")))
@@ -122,7 +122,7 @@ def test_explain_and_infer_an_oct_volume_bscan_by_bscan(vit_run, tiny_phantom, t
 
     scans = sorted((tiny_phantom / "test" / "DRUSEN").glob("*.jpeg"))[:3]
     volume = write_dicom_opt(tmp_path / "drusen.dcm", np.stack([np.asarray(Image.open(p).convert("L")) for p in scans]), patient="P9")
-    code, text = _cli("explain", vit_run, volume, "--method", "rollout", "--out", tmp_path / "explain")
+    code, text = _cli("explain", vit_run, volume, "--map", "rollout", "--out", tmp_path / "explain")
     assert code == 0, text
     rows = list(csv.DictReader(open(tmp_path / "explain" / "explanations.csv")))
     assert [r["name"] for r in rows] == [f"drusen_frame00{i}" for i in range(len(scans))]
@@ -159,13 +159,13 @@ def test_explaining_leaves_the_loaded_detector_as_it_was(vit_run):
 
 def test_explain_settings_and_bad_requests(vit_run, tiny_phantom, tmp_path):
     scan = sorted((tiny_phantom / "test" / "CNV").glob("*.jpeg"))[0]
-    code, text = _cli("explain", vit_run, scan, "--method", "rollout", "--head-fusion", "max", "--discard-ratio", "0.9", "--out", tmp_path / "a")
+    code, text = _cli("explain", vit_run, scan, "--map", "rollout", "--rollout-head-fusion", "max", "--rollout-discard-ratio", "0.9", "--out", tmp_path / "a")
     assert code == 0, text
     row = next(csv.DictReader(open(tmp_path / "a" / "explanations.csv")))
     assert "display only" in row["overlay_scale"]  # the run's calibration does not apply to other settings
-    code, text = _cli("explain", vit_run, scan, "--method", "saliency", "--out", tmp_path / "b")
+    code, text = _cli("explain", vit_run, scan, "--map", "saliency", "--out", tmp_path / "b")
     assert code == 2 and "rollout, gradcam or gradient-rollout" in text
-    code, text = _cli("explain", vit_run, scan, "--method", "rollout", "--discard-ratio", "1.5", "--out", tmp_path / "c")
+    code, text = _cli("explain", vit_run, scan, "--map", "rollout", "--rollout-discard-ratio", "1.5", "--out", tmp_path / "c")
     assert code == 2 and "invalid explanation setting" in text
 
 
@@ -186,7 +186,7 @@ def test_pretrained_lite0_four_classes_resume_evaluate_and_explain(tiny_phantom,
     assert np.array(c["confusion_matrix"]).shape == (4, 4)
     assert set(c["auroc_one_vs_rest"]) == {"NORMAL", "CNV", "DME", "DRUSEN"} and 0 <= c["auroc_macro"] <= 1
 
-    code, text = _cli("explain", run, tiny_phantom / "test" / "DME", "--method", "rollout", "--out", tmp_path / "x")
-    assert code == 2 and "needs attention weights" in text and "--method gradcam" in text
-    code, text = _cli("explain", run, tiny_phantom / "test" / "DME", "--method", "gradcam", "--layer", "_blocks.10", "--out", tmp_path / "x")
+    code, text = _cli("explain", run, tiny_phantom / "test" / "DME", "--map", "rollout", "--out", tmp_path / "x")
+    assert code == 2 and "needs attention weights" in text and "--map gradcam" in text
+    code, text = _cli("explain", run, tiny_phantom / "test" / "DME", "--map", "gradcam", "--gradcam-layer", "_blocks.10", "--out", tmp_path / "x")
     assert code == 0, text

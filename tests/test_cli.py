@@ -64,3 +64,32 @@ def test_help_loads_neither_torch_nor_a_model():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "", f"--help imported {out}"
+
+
+def test_a_method_fitted_in_one_pass_shows_no_gradient_training_flags():
+    """`medvq train patchcore` fits in one pass: no epochs, optimiser, early stopping or --resume; a trained method keeps them."""
+    fitted = runner.invoke(app, ["train", "patchcore", "--help"], env={"COLUMNS": "200"}).output
+    trained = runner.invoke(app, ["train", "featvq", "--help"], env={"COLUMNS": "200"}).output
+    for flag in ("--epochs", "--patience", "--min-delta", "--learning-rate", "--lr-schedule", "--resume", "--samples-per-epoch", "--strategy", "--zoom", "--hflip"):
+        assert flag not in fitted and flag in trained, flag
+    for flag in ("--batch-size", "--seed", "--device", "--coreset-ratio"):
+        assert flag in fitted, flag
+    result = runner.invoke(app, ["train", "patchcore", "--data", ".", "--epochs", "3"])
+    assert result.exit_code == 2 and "No such option" in result.output
+
+
+def test_every_declared_method_has_a_train_command_and_model_config():
+    from medvq.config import build_config
+    from medvq.models.registry import methods
+
+    listed = runner.invoke(app, ["train", "--help"], env={"COLUMNS": "200"}).output
+    for method in methods():
+        assert method.name in listed
+        assert runner.invoke(app, ["train", method.name, "--help"]).exit_code == 0
+        assert isinstance(build_config({"method": method.name}).model, method.config)
+
+
+def test_commands_that_run_a_model_default_to_the_training_device():
+    for command in ("evaluate", "infer", "explain", "sample"):
+        text = runner.invoke(app, [command, "--help"], env={"COLUMNS": "200"}).output
+        assert "[default: auto]" in text, command

@@ -123,3 +123,19 @@ def test_overlay_colours_and_outline_match_matplotlib_and_scipy():
     for mask in (rng.random((9, 12)) < 0.7, rng.random((1, 6)) < 0.5, heat > 1.0):
         np.testing.assert_array_equal(_cross_step(mask, erode=True), ndimage.binary_erosion(mask))
         np.testing.assert_array_equal(_cross_step(mask, erode=False), ndimage.binary_dilation(mask))
+
+
+def test_overlay_png_decodes_to_the_same_pixels():
+    import io
+
+    from PIL import Image
+
+    from medvq.report.figures import encode_png
+
+    rng = np.random.default_rng(0)
+    for rgb in (rng.integers(0, 256, (7, 5, 3), dtype=np.uint8), np.zeros((1, 1, 3), np.uint8), np.full((3, 300, 3), 255, np.uint8)):
+        with Image.open(io.BytesIO(encode_png(rgb))) as im:
+            assert im.format == "PNG" and im.mode == "RGB"
+            np.testing.assert_array_equal(np.asarray(im), rgb)
+    with pytest.raises(ValueError, match="uint8"):
+        encode_png(np.zeros((4, 4), np.uint8))

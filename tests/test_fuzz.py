@@ -474,10 +474,12 @@ def vit_run(data) -> Path:
 @pytest.mark.parametrize(
     "flags,expect",
     [
-        (["--discard-ratio", "1.5"], "--discard-ratio"),
-        (["--head-fusion", "median"], "--head-fusion"),
-        (["--layer", "x"], "no layer 'x'"),
-        (["--method", "lime"], "unknown explanation method"),
+        (["--rollout-discard-ratio", "1.5"], "--rollout-discard-ratio"),
+        (["--rollout-head-fusion", "median"], "--rollout-head-fusion"),
+        (["--gradcam-layer", "x"], "no layer 'x'"),
+        (["--map", "lime"], "unknown explanation map"),
+        (["--discard-ratio", "1.5"], "--rollout-discard-ratio"),  # the flags' earlier names still work
+        (["--method", "lime"], "unknown explanation map"),
     ],
 )
 def test_explain_names_bad_settings(flags, expect, vit_run, scans, tmp_path):
@@ -490,5 +492,5 @@ def test_explain_names_bad_settings(flags, expect, vit_run, scans, tmp_path):
 
 def test_explain_never_reads_its_own_outputs_back(vit_run, scans):
     for _ in range(2):
-        code, text = cli("explain", vit_run, scans, "--out", scans / "why", "--method", "rollout")
+        code, text = cli("explain", vit_run, scans, "--out", scans / "why", "--map", "rollout")
         assert code == 0 and "4 scans explained" in text, text

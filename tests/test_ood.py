@@ -35,3 +35,18 @@ def test_scan_features_ignore_invalid_pixels():
     assert names[:5] == ["intensity_q05", "intensity_q25", "intensity_q50", "intensity_q75", "intensity_q95"] and names[-1] == "median_residual"
     np.testing.assert_allclose(f[0, :5], f[1, :5])  # padding does not change the intensity quantiles
     assert f[1, -1] == 0.0
+
+
+def test_scan_features_of_a_batch_equal_those_taken_scan_by_scan():
+    g = torch.Generator().manual_seed(0)
+    images = torch.rand(4, 1, 12, 12, generator=g)
+    valid = torch.rand(4, 1, 12, 12, generator=g) > 0.3
+    valid[0] = True
+    valid[1] = False  # no valid pixel: every pixel counts
+    maps = {"a": torch.randn(4, 1, 12, 12, generator=g), "b": 3 * torch.randn(4, 1, 12, 12, generator=g)}
+    f, _ = scan_features(images, valid, maps)
+    for i in range(4):
+        keep = valid[i, 0] if valid[i].any() else torch.ones(12, 12, dtype=torch.bool)
+        quantiles = torch.quantile(images[i, 0][keep], torch.tensor([0.05, 0.25, 0.5, 0.75, 0.95]))
+        np.testing.assert_array_equal(f[i, :5], quantiles.numpy().astype(np.float64))
+        np.testing.assert_array_equal(f[i, 7:], [float(m[i, 0][keep].median()) for m in maps.values()])

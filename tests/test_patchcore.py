@@ -278,3 +278,14 @@ def test_train_help_lists_patchcore_flags():
     assert result.exit_code == 0, result.output
     for flag in ("--coreset-ratio", "--feature-stages", "--patch-size", "--coreset-projection-dim", "--coreset-chunk-patches", "--reweight-neighbours"):
         assert flag in result.output, flag
+
+
+def test_argmin_rows_matches_torch_first_of_equal_minima():
+    import torch
+
+    from medvq.models.patchcore.model import argmin_rows
+
+    d = torch.tensor([[3.0, 1.0, 1.0, 2.0], [0.0, 0.0, 5.0, -1.0], [2.0, 2.0, 2.0, 2.0]])
+    assert argmin_rows(d).tolist() == d.argmin(dim=1, keepdim=True).tolist() == [[1], [3], [0]]
+    wide = torch.randn(50, 700, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(argmin_rows(wide), wide.argmin(dim=1, keepdim=True))

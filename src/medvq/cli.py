@@ -18,8 +18,9 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from medvq.config import InferenceConfig, RunConfig, build_config, dump_config, load_yaml, sections
+from medvq.config import DEFAULT_METHOD, BenchmarkConfig, InferenceConfig, PhantomConfig, RunConfig, build_config, dump_config, format_validation_error, load_yaml, sections
 from medvq.errors import MedvqError, TrainingInterrupted
+from medvq.models.registry import methods
 
 console = Console(stderr=True, width=120)
 app = typer.Typer(
@@ -139,6 +140,12 @@ def _inference(batch_size: int | None, workers: int | None, precision: str | Non
         raise MedvqError(f"--{'-'.join(map(str, e['loc'])).replace('_', '-')}: {e['msg']}", fix="see --help") from None
 
 
+def _device_option():
+    """--device of the commands that run a trained model: the same default as training's (auto)."""
+    default = RunConfig.model_fields["train"].default.device
+    return typer.Option(default, "--device", help="auto (a CUDA GPU when PyTorch sees one, else the CPU), cpu, cuda, cuda:1, mps.")
+
+
 # --- config fields -> CLI options -------------------------------------------------------------
 def _unwrap_optional(annotation):
     if typing.get_origin(annotation) in (typing.Union, types.UnionType):
@@ -149,7 +156,7 @@ def _unwrap_optional(annotation):
 
 
 def _is_list(annotation) -> bool:
-    return typing.get_origin(_unwrap_optional(annotation)) is list
+    return typing.get_origin(_unwrap_optional(annotation)) in (list, tuple)
 
 
 def _option_for(section: str, name: str, field) -> inspect.Parameter:
@@ -159,14 +166,14 @@ def _option_for(section: str, name: str, field) -> inspect.Parameter:
     extra = field.json_schema_extra or {}
     flag = "--" + name.replace("_", "-")
     aliases = ["--" + a for a in extra.get("aliases", [])]
-    default_text = ",".join(map(str, field.default)) if isinstance(field.default, list) else ("(method default)" if field.default is None and origin is list else field.default)
+    default_text = ",".join(map(str, field.default)) if isinstance(field.default, (list, tuple)) else ("(method default)" if field.default is None and origin is list else field.default)
     help_text = f"{field.description or ''} (default: {default_text})"
     if annotation is bool:
         decls, hint = [f"{flag}/--no-{name.replace('_', '-')}"], Optional[bool]
     elif origin is typing.Literal:
         decls, hint = [flag, *aliases], Optional[str]
         help_text = f"{field.description or ''} One of: {', '.join(map(str, args))}. (default: {default_text})"
-    elif origin is list:
+    elif origin in (list, tuple):  # comma-separated on the command line
         decls, hint = [flag, *aliases], Optional[str]
     else:
         decls, hint = [flag, *aliases], Optional[annotation]
@@ -175,17 +182,27 @@ def _option_for(section: str, name: str, field) -> inspect.Parameter:
 
 
 def config_options(method: str) -> Callable[[Callable], Callable]:
-    """Add one option per config field of ``method`` to a command; it receives them as ``overrides``."""
-    return functools.partial(_with_config_options, method=method)
+    """Add one option per config field of ``method`` to a command; it receives them as ``overrides``.
+    A method fitted in one pass gets no flags of gradient training (epochs, optimiser, early stopping)."""
+    from medvq.models.registry import get_method
+
+    fitted = get_method(method).training == "fit"
+    return section_options(sections(method), skip=lambda extra: fitted and extra.get("gradient_only", False))
 
 
-def _with_config_options(fn: Callable, method: str) -> Callable:
-    config_sections = sections(method)
+def section_options(config_sections: dict[str, type], skip: Callable[[dict], bool] = lambda extra: False) -> Callable[[Callable], Callable]:
+    """Add one option per field of each config section (section name -> pydantic model) to a command; it
+    receives the given ones as ``overrides`` (section -> field -> value)."""
+    return functools.partial(_with_config_options, config_sections=config_sections, skip=skip)
+
+
+def _with_config_options(fn: Callable, config_sections: dict[str, type], skip: Callable[[dict], bool]) -> Callable:
     params = [
         _option_for(section, name, field)
         for section, model in config_sections.items()
         for name, field in model.model_fields.items()
-        if (field.json_schema_extra or {}).get("cli", True)  # fields filled in by training (a prior's frozen architectures) are not flags
+        # fields filled in by training (a prior's frozen architectures) are not flags
+        if (field.json_schema_extra or {}).get("cli", True) and not skip(field.json_schema_extra or {})
     ]
     fields = {p.name for p in params}
     base = inspect.signature(fn)
@@ -211,7 +228,7 @@ def _with_config_options(fn: Callable, method: str) -> Callable:
     return wrapper
 
 
-def resolve_config(config_path: Path | None, overrides: dict[str, dict[str, Any]], method: str = "vqvae") -> RunConfig:
+def resolve_config(config_path: Path | None, overrides: dict[str, dict[str, Any]], method: str = DEFAULT_METHOD) -> RunConfig:
     layers: list[dict] = [{"method": method}]
     if config_path is not None:
         layers.append(load_yaml(config_path))
@@ -253,10 +270,7 @@ def _train(method: str, data: Path, out: Path | None, config: Path | None, resum
             console.print(f"[green]done[/] in {result.seconds:.0f}s (fitted in one pass) -> {out}")
 
 
-def register_train_command(method: str, help_text: str) -> None:
-    @train_app.command(method, help=help_text)
-    @friendly_errors
-    @config_options(method)
+def register_train_command(method: str, help_text: str, resumable: bool = True) -> None:
     def command(
         data: Path = typer.Option(..., "--data", "--manifest", help="Dataset root (CLASS/ or train|val|test/CLASS/ folders, NIfTI) or a manifest CSV (path,label,patient[,eye,visit,split,mask,frame])."),
         out: Optional[Path] = typer.Option(None, "--out", help="Run directory (default: runs/<method>-<timestamp>)."),
@@ -267,12 +281,17 @@ def register_train_command(method: str, help_text: str) -> None:
     ) -> None:
         _train(method, data, out, config, resume, overwrite, overrides or {})
 
+    if not resumable:  # fitted in one pass: no epochs to continue from
+        signature = inspect.signature(command)
+        command.__signature__ = signature.replace(parameters=[p for p in signature.parameters.values() if p.name != "resume"])
+        run = command
+        command = functools.wraps(run)(lambda **kwargs: run(resume=False, **kwargs))
+    train_app.command(method, help=help_text)(friendly_errors(config_options(method)(command)))
+
 
 def _register_train_commands() -> None:
-    from medvq.models.registry import SUMMARIES
-
-    for name, summary in SUMMARIES.items():
-        register_train_command(name, summary)
+    for method in methods():
+        register_train_command(method.name, method.summary, resumable=method.training == "train")
 
 
 _register_train_commands()
@@ -285,7 +304,7 @@ def evaluate_cmd(
     data: Path = typer.Option(..., "--data", "--manifest", help="Dataset root or manifest CSV (its test split is scored): labelled scan folders, or NIfTI slices/volumes (reconstruction only)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: RUN/eval-<data name>)."),
     split: str = typer.Option("test", "--split", help="'test': the held-out patients; 'val': every image of the validation patients (to compare settings; their normals calibrated the run); 'all': every image the run did not train on."),
-    device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1, mps."),
+    device: str = _device_option(),
     batch_size: Optional[int] = _speed_option("batch_size", "--batch-size", min=1),
     workers: Optional[int] = _speed_option("workers", "--workers", min=0),
     precision: Optional[str] = _speed_option("precision", "--precision"),
@@ -357,7 +376,7 @@ def infer_cmd(
     run: Path = typer.Argument(..., help="Run directory written by `medvq train`."),
     inputs: list[Path] = typer.Argument(..., help="Scans, OCT volumes (DICOM multi-frame, .vol, .img), NIfTI volumes, folders of them, or a manifest CSV."),
     out: Path = typer.Option(..., "--out", help="Output folder for maps, overlays, scores.csv, and per volume volumes.csv and en-face maps."),
-    device: str = typer.Option("cpu", "--device"),
+    device: str = _device_option(),
     save_npy: bool = typer.Option(True, "--npy/--no-npy", help="Also save each map as .npy (original scan grid, standardised)."),
     save_overlays: bool = typer.Option(True, "--overlays/--no-overlays", help="Write an overlay PNG per scan (without: scores, decisions and .npy maps only)."),
     decide_on: Optional[str] = typer.Option(None, "--map", help="Map or score that decides and is drawn (default: the run's primary map, chosen at training)."),
@@ -385,7 +404,7 @@ def infer_cmd(
 @app.command("export")
 @friendly_errors
 def export_cmd(
-    run: Path = typer.Argument(..., help="Run directory written by `medvq train` (vqvae or patchcore)."),
+    run: Path = typer.Argument(..., help=f"Run directory written by `medvq train` ({', '.join(m.name for m in methods() if m.onnx_export is not None)})."),
     out: Path = typer.Option(..., "--out", help="The .onnx file to write."),
     format: str = typer.Option("onnx", "--format", help="Only onnx for now."),
     checkpoint: str = typer.Option("best", "--checkpoint", help="best or last."),
@@ -425,17 +444,30 @@ def explain_cmd(
     run: Path = typer.Argument(..., help="Run directory written by `medvq train classifier`."),
     inputs: list[Path] = typer.Argument(..., help="Scans and/or folders of scans."),
     out: Path = typer.Option(..., "--out", help="Output folder for maps/, overlays/ and explanations.csv."),
-    method: str = typer.Option("gradcam", "--method", help="gradcam (any arch), rollout or gradient-rollout (ViT: attention rollout, plain or gradient-weighted heads)."),
-    head_fusion: Optional[str] = typer.Option(None, "--head-fusion", help="Rollout: fuse heads by mean, max or min (default: the run's setting)."),
-    discard_ratio: Optional[float] = typer.Option(None, "--discard-ratio", help="Rollout: share of the lowest attention entries dropped per layer, never the CLS entry (default: the run's)."),
-    layer: Optional[str] = typer.Option(None, "--layer", help="Grad-CAM: module name, e.g. layer3, _blocks.10, blocks.4.norm1 (default: the run's)."),
-    target: Optional[str] = typer.Option(None, "--target", help="abnormal: log-odds of abnormal; predicted: the predicted class's logit (default: the run's)."),
-    device: str = typer.Option("cpu", "--device"),
+    map_name: Optional[str] = typer.Option(None, "--map", help="gradcam (any arch), rollout or gradient-rollout (ViT: attention rollout, plain or gradient-weighted heads) [default: gradcam]."),
+    head_fusion: Optional[str] = typer.Option(None, "--rollout-head-fusion", help="Rollout: fuse heads by mean, max or min (default: the run's setting)."),
+    discard_ratio: Optional[float] = typer.Option(
+        None, "--rollout-discard-ratio", help="Rollout: share of the lowest attention entries dropped per layer, never the CLS entry (default: the run's)."
+    ),
+    layer: Optional[str] = typer.Option(None, "--gradcam-layer", help="Grad-CAM: module name, e.g. layer3, _blocks.10, blocks.4.norm1 (default: the run's)."),
+    target: Optional[str] = typer.Option(None, "--explain-target", help="abnormal: log-odds of abnormal; predicted: the predicted class's logit (default: the run's)."),
+    device: str = _device_option(),
+    # the flags' earlier names, kept working but not shown
+    old_method: Optional[str] = typer.Option(None, "--method", hidden=True),
+    old_head_fusion: Optional[str] = typer.Option(None, "--head-fusion", hidden=True),
+    old_discard_ratio: Optional[float] = typer.Option(None, "--discard-ratio", hidden=True),
+    old_layer: Optional[str] = typer.Option(None, "--layer", hidden=True),
+    old_target: Optional[str] = typer.Option(None, "--target", hidden=True),
 ) -> None:
-    """Explanation maps of a classifier (Grad-CAM, attention rollout, gradient rollout): .npy maps, overlays, predictions."""
+    """Explanation maps of a classifier (Grad-CAM, attention rollout, gradient rollout): .npy maps, overlays, predictions.
+    The settings are the classifier config's fields (as `medvq train classifier` names them)."""
     from medvq.explain import explain
 
-    rows = explain(run, inputs, out, method=method, head_fusion=head_fusion, discard_ratio=discard_ratio, layer=layer, target=target, device=device, console=console)
+    pick = lambda new, old: new if new is not None else old
+    rows = explain(
+        run, inputs, out, method=pick(map_name, old_method) or "gradcam", head_fusion=pick(head_fusion, old_head_fusion),
+        discard_ratio=pick(discard_ratio, old_discard_ratio), layer=pick(layer, old_layer), target=pick(target, old_target), device=device, console=console,
+    )  # fmt: skip
     console.print(f"{len(rows)} scans -> {out / 'explanations.csv'}")
 
 
@@ -449,7 +481,7 @@ def sample_cmd(
     top_k: Optional[int] = typer.Option(None, "--top-k", min=1, help="Sample among the k most likely codes at each step (default: all codes)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the random draws."),
     batch_size: int = typer.Option(16, "--batch-size", min=1, help="Images drawn together."),
-    device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1, mps."),
+    device: str = _device_option(),
 ) -> None:
     """Draw new code maps from an autoregressive prior (cached keys/values) and decode them with its frozen VQ-VAE."""
     from medvq.sampling import sample_run
@@ -471,7 +503,9 @@ def report_cmd(folder: Path = typer.Argument(..., help="An evaluation folder (me
 @friendly_errors
 def benchmark_cmd(
     data: Path = typer.Option(..., "--data", "--manifest", help="Dataset root: CLASS/ folders or train|val|test/CLASS/ folders (labelled), or a manifest CSV."),
-    methods: str = typer.Option("vqvae,patchcore", "--methods", help="Methods to compare, comma-separated, or 'all' (every registered method)."),
+    methods: str = typer.Option(
+        ",".join(BenchmarkConfig.model_fields["methods"].default), "--methods", help=BenchmarkConfig.model_fields["methods"].description
+    ),
     out: Path = typer.Option(..., "--out", help="Output folder: benchmark.md/.csv/.json/.html and runs/<method>-seed<S>/."),
     image_size: Optional[int] = typer.Option(None, "--image-size", min=16, help="Image size for every method (default: each method's own setting)."),
     seed: str = typer.Option("0", "--seed", help="Training seed; several (e.g. 0,1,2) train every method once per seed and report mean ± std."),
@@ -479,7 +513,7 @@ def benchmark_cmd(
     config: list[str] = typer.Option([], "--config", help="METHOD=FILE.yaml: settings for one method over its defaults (repeatable)."),
     epochs: Optional[int] = typer.Option(None, "--epochs", min=1, help="Maximum epochs of every gradient-trained method."),
     device: Optional[str] = typer.Option(None, "--device", help="Accelerator for training and inference: auto, cpu, gpu."),
-    batch_size: int = typer.Option(32, "--batch-size", min=1, help="Batch size of evaluation and of the timed inference pass."),
+    batch_size: int = typer.Option(_SPEED["batch_size"].default, "--batch-size", min=1, help="Batch size of evaluation and of the timed inference pass."),
     reuse: bool = typer.Option(False, "--reuse", help="Keep runs in OUT that finished with the same settings instead of training them again."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Allow writing into a non-empty output folder (runs are trained again)."),
 ) -> None:
@@ -503,23 +537,22 @@ def benchmark_cmd(
 
 @app.command("phantom")
 @friendly_errors
+@section_options({"phantom": PhantomConfig})
 def phantom_cmd(
     out: Path = typer.Option(..., "--out", help="Dataset root to write (OCT2017 layout + masks/)."),
     n: int = typer.Option(400, "-n", "--n", min=1, help="Number of scans."),
-    seed: int = typer.Option(0, "--seed"),
-    height: int = typer.Option(496, "--height", min=32),
-    width: int = typer.Option(512, "--width", min=32),
-    lesion_size: str = typer.Option("0.6,1.6", "--lesion-size", help="LOW,HIGH range of the log-uniform size multiplier drawn per lesion."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the random draws (the same seed writes the same bytes)."),
+    overrides: dict | None = None,
 ) -> None:
     """Write a synthetic OCT dataset with pixel-exact lesion masks (NORMAL, CNV, DME, DRUSEN)."""
-    from medvq.data.phantom import PhantomConfig, write_phantom
+    from medvq.data.phantom import write_phantom
 
     started = time.perf_counter()
     try:
-        size = tuple(float(v) for v in lesion_size.split(","))
-        if len(size) != 2:
-            raise ValueError(f"--lesion-size takes two numbers LOW,HIGH, got {lesion_size!r}")
-        config = PhantomConfig(height=height, width=width, lesion_size=size)
+        config = PhantomConfig(**(overrides or {}).get("phantom", {}))
+    except ValidationError as err:
+        raise MedvqError(format_validation_error(err, "phantom flags")) from None
+    try:
         root = write_phantom(out, n, seed=seed, config=config, progress=sys.stderr.isatty())
     except (ValueError, FileExistsError) as err:
         raise MedvqError(str(err), path=out) from None
@@ -529,7 +562,7 @@ def phantom_cmd(
 @app.command("config")
 @friendly_errors
 def config_cmd(
-    method: str = typer.Option("vqvae", "--method", help="Method whose defaults to show."),
+    method: str = typer.Option(DEFAULT_METHOD, "--method", help="Method whose defaults to show."),
     config: Optional[Path] = typer.Option(None, "--config", help="Show this file resolved over the defaults."),
 ) -> None:
     """Print the full configuration with defaults, as YAML (a starting point for --config)."""

@@ -11,98 +11,44 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, model_validator
+from pydantic import BaseModel, Field, SerializeAsAny, ValidationError, model_validator
 
+from medvq.data.config import GRADIENT_ONLY, DataConfig, PhantomConfig, Section  # noqa: F401 (the data layer's settings, below the models)
 from medvq.errors import MedvqError
-from medvq.models.classifier.config import ClassifierConfig
-from medvq.models.featvq.config import FeatVQConfig
-from medvq.models.patchcore.config import PatchCoreConfig
-from medvq.models.prior.config import PriorConfig
-from medvq.models.vqvae.config import VQVAEConfig
-from medvq.models.vqvae2.config import VQVAE2Config
-
-
-class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-class DataConfig(Section):
-    image_size: int = Field(128, ge=16, description="Side of the square model input in pixels (a multiple of the model's stride).")
-    fov: Literal["stretch", "crop"] = Field(
-        "stretch",
-        description="Field of view: 'stretch' resizes the whole scan to a square (same anatomy for any A-scan count); "
-        "'crop' keeps the pixel spacing and takes the central square.",
-    )
-    remove_padding: bool = Field(True, description="Fill white registration padding and leave it out of every score.")
-    train_classes: list[str] = Field(["NORMAL"], description="Classes used for training (comma-separated on the CLI).")
-    normal_class: str = Field("NORMAL", description="The class that counts as normal in evaluation.")
-    val_fraction: float = Field(0.15, ge=0.0, lt=1.0, description="Share of patients held out for validation and calibration when the data has no val split.")
-    test_fraction: float = Field(0.3, ge=0.0, lt=1.0, description="Share of patients held out for testing when the data has no test split.")
-    split_seed: int = Field(0, description="Seed of the patient split.")
-    patient_pattern: str | None = Field(
-        None,
-        description="Regular expression whose (?P<patient>...) group (or first group) is the patient id, searched in each file's path "
-        "relative to the data folder, e.g. '(?P<patient>P\\d+)-O[DS]-' for CLASS/P001-OD-012.png (default: the OCT2017 name CLASS-PATIENT-N).",
-    )
-    hflip: bool = Field(True, description="Random left-right flips while training (left and right eyes mirror each other).")
-    zoom: float = Field(
-        0.0, ge=0.0, lt=1.0, description="Random rescaling while training by a factor in [1 - zoom, 1 + zoom] (0: off); helps when test anatomy is smaller or larger."
-    )
-    shift: float = Field(0.0, ge=0.0, le=0.5, description="Random translation while training by up to this share of the image side (0: off).")
-    max_train_images: int | None = Field(None, ge=1, description="Use at most this many training images (seeded choice).")
-    slice_axis: Literal["axial", "coronal", "sagittal"] = Field(
-        "axial", description="NIfTI volumes: anatomical axis the 2D slices are cut along (after reorienting to RAS+; 2D slice files are read as stored)."
-    )
-    series_volumes: Literal["all", "first", "mean"] = Field(
-        "all", description="NIfTI 4D series (X, Y, Z, T): slice every volume, only the first, or their voxel-wise mean."
-    )
-    intensity_scope: Literal["volume", "slice"] = Field(
-        "volume",
-        description="NIfTI intensity normalisation: clip levels from the foreground of the whole 3D volume (slices keep their relative "
-        "brightness) or of each slice. A 2D slice file is its own volume.",
-    )
-    intensity_low_percentile: float = Field(0.5, ge=0, lt=50, description="NIfTI: foreground intensities at or below this percentile map to 0.")
-    intensity_high_percentile: float = Field(99.5, gt=50, le=100, description="NIfTI: foreground intensities at or above this percentile map to 1.")
-    min_foreground_fraction: float = Field(
-        0.05, ge=0, lt=1, description="NIfTI volumes: skip slices whose share of foreground voxels (finite, above the volume minimum) is below this."
-    )
-
-    @model_validator(mode="after")
-    def _fractions(self) -> "DataConfig":
-        if self.val_fraction + self.test_fraction >= 1.0:
-            raise ValueError("val_fraction + test_fraction must be below 1")
-        return self
+from medvq.models.registry import model_configs
 
 
 class TrainConfig(Section):
     batch_size: int = Field(16, ge=1, description="Images per optimisation step (per device).")
-    epochs: int = Field(30, ge=1, description="Maximum number of epochs.")
+    epochs: int = Field(30, ge=1, description="Maximum number of epochs.", json_schema_extra=GRADIENT_ONLY)
     min_images_per_epoch: int = Field(
-        1000, ge=0, description="Small datasets are cycled (reshuffled each pass) so that an epoch sees at least this many images."
+        1000, ge=0, description="Small datasets are cycled (reshuffled each pass) so that an epoch sees at least this many images.", json_schema_extra=GRADIENT_ONLY
     )
-    learning_rate: float = Field(1e-3, gt=0, description="AdamW learning rate (after a 100-step linear warm-up).", json_schema_extra={"aliases": ["lr"]})
-    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    learning_rate: float = Field(1e-3, gt=0, description="AdamW learning rate (after a 100-step linear warm-up).", json_schema_extra={"aliases": ["lr"], **GRADIENT_ONLY})
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.", json_schema_extra=GRADIENT_ONLY)
     lr_schedule: Literal["constant", "cosine"] = Field(
         "constant",
         description="After the warm-up: constant (a resumed run given more epochs continues exactly), "
         "or cosine decay to 1% of learning_rate at the last epoch (quieter final weights).",
+        json_schema_extra=GRADIENT_ONLY,
     )
-    patience: int = Field(10, ge=1, description="Early stopping: epochs without improvement of the validation loss.")
-    min_delta: float = Field(1e-4, ge=0, description="Early stopping: smallest change that counts as improvement.")
+    patience: int = Field(10, ge=1, description="Early stopping: epochs without improvement of the validation loss.", json_schema_extra=GRADIENT_ONLY)
+    min_delta: float = Field(1e-4, ge=0, description="Early stopping: smallest change that counts as improvement.", json_schema_extra=GRADIENT_ONLY)
     device: str = Field("auto", description="Accelerator: auto, cpu, gpu, mps.", json_schema_extra={"aliases": ["accelerator"]})
     devices: str = Field("auto", description="Devices per node: a count, a list like '0,1', or auto.")
-    num_nodes: int = Field(1, ge=1, description="Nodes for multi-node DDP.")
-    strategy: str = Field("auto", description="Lightning strategy: auto, ddp, ddp_spawn, fsdp, ...")
+    num_nodes: int = Field(1, ge=1, description="Nodes for multi-node DDP.", json_schema_extra=GRADIENT_ONLY)
+    strategy: str = Field("auto", description="Lightning strategy: auto, ddp, ddp_spawn, fsdp, ...", json_schema_extra=GRADIENT_ONLY)
     precision: Literal["auto", "32", "bf16-mixed", "16-mixed", "bf16-true"] = Field(
         "auto",
         description="Numeric precision. auto = bf16-mixed where the CPU or GPU computes bf16 natively (about 2x faster), else 32. "
         "VQ distances stay fp32.",
+        json_schema_extra=GRADIENT_ONLY,
     )
     channels_last: bool = Field(True, description="channels_last memory format for convolutions.")
-    compile: bool = Field(False, description="torch.compile the model (slow first step, faster after).")
-    num_workers: int = Field(0, ge=0, description="DataLoader worker processes.")
+    compile: bool = Field(False, description="torch.compile the model (slow first step, faster after).", json_schema_extra=GRADIENT_ONLY)
+    num_workers: int = Field(0, ge=0, description="DataLoader worker processes.", json_schema_extra=GRADIENT_ONLY)
     seed: int = Field(0, description="Random seed of initialisation, batching and augmentation.")
-    samples_per_epoch: int = Field(8, ge=0, description="Reconstructions saved per epoch as an image grid.")
+    samples_per_epoch: int = Field(8, ge=0, description="Reconstructions saved per epoch as an image grid.", json_schema_extra=GRADIENT_ONLY)
 
 
 class ScoreConfig(Section):
@@ -135,21 +81,18 @@ class InferenceConfig(Section):
     )
 
 
-# Architecture config of each method; `model:` in a run config is validated by the class named by `method:`.
-MODEL_CONFIGS: dict[str, type[BaseModel]] = {
-    "vqvae": VQVAEConfig,
-    "vqvae2": VQVAE2Config,
-    "classifier": ClassifierConfig,
-    "patchcore": PatchCoreConfig,
-    "prior": PriorConfig,
-    "featvq": FeatVQConfig,
-}
+class BenchmarkConfig(Section):
+    """Defaults of `medvq benchmark` that are not run settings."""
+
+    methods: list[str] = Field(["vqvae", "patchcore"], description="Methods compared (comma-separated on the CLI), or 'all' (every registered method).")
 
 
 class RunConfig(Section):
-    method: str = "vqvae"
+    """A run: the method (``medvq.models.<method>/``, whose declared config class validates ``model``) and its settings."""
+
+    method: str = Field("vqvae", description="The method trained (a folder of medvq.models that declares itself in method.py).")
     data: DataConfig = DataConfig()
-    model: SerializeAsAny[BaseModel] = VQVAEConfig()
+    model: SerializeAsAny[BaseModel] = Field(None, description="The method's architecture config (default: its defaults).", validate_default=True)
     train: TrainConfig = TrainConfig()
     score: ScoreConfig = ScoreConfig()
 
@@ -157,13 +100,14 @@ class RunConfig(Section):
     @classmethod
     def _model_for_method(cls, values: Any) -> Any:
         if isinstance(values, dict):
-            method = values.get("method", "vqvae")
-            if method not in MODEL_CONFIGS:
-                raise ValueError(f"unknown method '{method}' (available: {', '.join(MODEL_CONFIGS)})")
-            model = values.get("model", {})
-            if not isinstance(model, MODEL_CONFIGS[method]):
+            method = values.get("method", DEFAULT_METHOD)
+            configs = model_configs()
+            if method not in configs:
+                raise ValueError(f"unknown method '{method}' (available: {', '.join(configs)})")
+            model = values.get("model") or {}
+            if not isinstance(model, configs[method]):
                 try:
-                    model = MODEL_CONFIGS[method].model_validate(model.model_dump() if isinstance(model, BaseModel) else model)
+                    model = configs[method].model_validate(model.model_dump() if isinstance(model, BaseModel) else model)
                 except ValidationError as err:
                     raise ValueError("; ".join(f"model.{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())) from None
             values = {**values, "model": model}
@@ -180,12 +124,15 @@ class RunConfig(Section):
         return self
 
 
-def sections(method: str = "vqvae") -> dict[str, type[BaseModel]]:
+DEFAULT_METHOD: str = RunConfig.model_fields["method"].default
+
+
+def sections(method: str = DEFAULT_METHOD) -> dict[str, type[BaseModel]]:
     """The config sections of a method, in CLI order."""
-    return {"data": DataConfig, "model": MODEL_CONFIGS[method], "train": TrainConfig, "score": ScoreConfig}
+    return {"data": DataConfig, "model": model_configs()[method], "train": TrainConfig, "score": ScoreConfig}
 
 
-def _format_validation_error(err: ValidationError, source: str) -> str:
+def format_validation_error(err: ValidationError, source: str) -> str:
     parts = []
     for e in err.errors():
         where = ".".join(str(p) for p in e["loc"])
@@ -225,7 +172,7 @@ def build_config(*layers: dict[str, Any], source: str = "arguments") -> RunConfi
     try:
         return RunConfig.model_validate(merged)
     except ValidationError as err:
-        raise MedvqError(_format_validation_error(err, source)) from None
+        raise MedvqError(format_validation_error(err, source)) from None
 
 
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> RunConfig:

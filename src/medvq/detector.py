@@ -33,11 +33,6 @@ from medvq.scoring.decision import Decision, choose_primary, is_abnormal, operat
 from medvq.scoring.ood import DistributionGuard, scan_features
 
 
-# Methods whose networks are convolutional end to end: NHWC memory makes them faster on the CPU (results
-# agree to float rounding). The priors and classifiers reshape activations and keep the default layout.
-CHANNELS_LAST = {"vqvae", "vqvae2", "patchcore"}
-
-
 @dataclass
 class Prediction:
     """Outputs for a batch of preprocessed images (model resolution S x S)."""
@@ -85,17 +80,22 @@ class FileResult:
 
 
 def usable_device(device: str | torch.device) -> torch.device:
-    """``device`` as a torch device this machine has, or a clear error (before anything is read or written)."""
+    """``device`` as a torch device this machine has, or a clear error (before anything is read or written).
+    ``auto``: the first CUDA GPU when PyTorch sees one, else the CPU; ``gpu`` (the training name): ``cuda``."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    elif device == "gpu":
+        device = "cuda"
     try:
         device = torch.device(device)
     except (RuntimeError, TypeError):
-        raise MedvqError(f"--device {device!r} is not a device name", fix="use cpu, cuda, cuda:1 or mps") from None
+        raise MedvqError(f"--device {device!r} is not a device name", fix="use auto, cpu, cuda, cuda:1 or mps") from None
     if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
         raise MedvqError(f"--device {device}: no such CUDA GPU is visible to PyTorch", fix="use --device cpu")
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise MedvqError("--device mps: Apple's Metal backend is not available here", fix="use --device cpu")
     if device.type not in ("cpu", "cuda", "mps"):
-        raise MedvqError(f"--device {device} is not supported", fix="use cpu, cuda, cuda:1 or mps")
+        raise MedvqError(f"--device {device} is not supported", fix="use auto, cpu, cuda, cuda:1 or mps")
     return device
 
 
@@ -134,12 +134,13 @@ class Detector:
     ):
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
-        self.channels_last = config.train.channels_last and config.method in CHANNELS_LAST
+        self.method: Method = get_method(config.method)
+        # networks convolutional end to end (Method.channels_last) run faster on the CPU in NHWC memory
+        self.channels_last = config.train.channels_last and self.method.channels_last
         if self.channels_last:
             self.model.to(memory_format=torch.channels_last)
         self.config = config
         self.inference = inference or InferenceConfig()
-        self.method: Method = get_method(config.method)
         self.calibration = calibration
         self.preprocessor = Preprocessor.from_config(config.data, getattr(config.model, "stride", 1))
 

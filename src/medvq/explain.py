@@ -7,7 +7,7 @@ every class probability, where the map peaks). With the run's own settings, over
 normal-calibrated map from 0 (the mean of normal scans) to the larger of the normal scans' 99th-percentile
 score and this scan's peak: a scan within the normal range stays dim, and an abnormal scan, whose whole map
 can lie far above the normal range (a gradient map grows with the evidence), still shows where it peaks.
-With other settings (--head-fusion, --discard-ratio, --layer, --target) that calibration does not apply and
+With other settings (--rollout-head-fusion, --rollout-discard-ratio, --gradcam-layer, --explain-target) that calibration does not apply and
 each overlay is scaled from 0 to its own maximum. Either way the colour scale is for display only: no score
 is computed from it.
 """
@@ -29,6 +29,7 @@ from medvq.errors import MedvqError
 from medvq.inference import output_stem
 from medvq.io import atomic_path, atomic_write_csv, mark_output
 from medvq.maps.gradcam import LayerCapture
+from medvq.models.registry import methods
 from medvq.report.figures import overlay
 
 METHODS = {"rollout": "rollout", "gradcam": "gradcam", "grad-cam": "gradcam", "gradient-rollout": "gradient_rollout", "gradient_rollout": "gradient_rollout"}
@@ -47,12 +48,12 @@ def explaining_detector(detector: Detector, name: str, overrides: dict, run_dir:
         model_config = type(config.model).model_validate({**config.model.model_dump(), **overrides})
     except ValidationError as err:
         problems = "; ".join(f"--{'-'.join(str(p) for p in e['loc']).replace('_', '-')}: {e['msg']}" for e in err.errors())
-        raise MedvqError(f"invalid explanation setting: {problems}".replace("--rollout-", "--").replace("--gradcam-", "--").replace("--explain-", "--")) from None
+        raise MedvqError(f"invalid explanation setting: {problems}") from None
     if "gradcam_layer" in overrides:
         try:
             LayerCapture(detector.model.net, overrides["gradcam_layer"])
         except ValueError as err:
-            raise MedvqError(f"--layer: {err}", path=run_dir, fix="name a module of the network") from None
+            raise MedvqError(f"--gradcam-layer: {err}", path=run_dir, fix="name a module of the network") from None
     model = detector.method.build_model(model_config)
     model.load_state_dict(detector.model.state_dict())
     calibration = detector.calibration
@@ -114,14 +115,15 @@ def explain(
     console = console or Console(stderr=True)
     loaded = Detector.load(run_dir, device=device)
     config = loaded.config
-    if config.method != "classifier":
-        raise MedvqError(f"explain needs a classifier run, this is a {config.method} run", path=run_dir, fix="use `medvq infer` for its anomaly maps")
+    if not loaded.method.explains:
+        able = ", ".join(m.name for m in methods() if m.explains)
+        raise MedvqError(f"explain needs a run of a method that explains its predictions ({able}), this is a {config.method} run", path=run_dir, fix="use `medvq infer` for its anomaly maps")
     if method.lower() not in METHODS:
-        raise MedvqError(f"unknown explanation method '{method}'", fix="use rollout, gradcam or gradient-rollout")
+        raise MedvqError(f"unknown explanation map '{method}'", fix="use --map rollout, gradcam or gradient-rollout")
     name = METHODS[method.lower()]
     available = loaded.method.maps(config.model)
     if name not in available:
-        raise MedvqError(f"{method} needs attention weights; a {config.model.arch} has only {', '.join(available)}", path=run_dir, fix="use --method gradcam")
+        raise MedvqError(f"{method} needs attention weights; a {config.model.arch} has only {', '.join(available)}", path=run_dir, fix="use --map gradcam")
 
     overrides = _settings(head_fusion, discard_ratio, layer, target)
     detector = explaining_detector(loaded, name, overrides, run_dir)

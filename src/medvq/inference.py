@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-from PIL import Image
 from rich.console import Console
 
 from medvq.config import InferenceConfig
@@ -18,9 +17,9 @@ from medvq.errors import CheckpointError, MedvqError
 from medvq.scoring.calibration import normals_needed
 from medvq.scoring.decision import operating_point
 from medvq.scoring.volume import volume_key
-from medvq.io import OutputWriter, atomic_path, atomic_write_csv, mark_output, unique_stem
+from medvq.io import OutputWriter, atomic_path, atomic_write_bytes, atomic_write_csv, mark_output, unique_stem
 from medvq.progress import progress_bar
-from medvq.report.figures import annotated_overlay
+from medvq.report.figures import annotated_overlay, encode_png
 from medvq.volume_outputs import write_volume_verdicts
 
 
@@ -47,9 +46,8 @@ def decision_figure(result: FileResult, key: str, vmax: float, contour_at: float
 
 def _write_scan_outputs(out: Path, name: str, result: FileResult, key: str, vmax: float, contour_at: float | None, save_npy: bool, save_overlays: bool) -> None:
     """One scan's overlay PNG and its maps as .npy on the scan's grid, as asked."""
-    if save_overlays:  # compress_level 1: a third of the default's encoding time for 5 % larger files
-        with atomic_path(out / "overlays" / f"{name}.png") as tmp:
-            Image.fromarray(decision_figure(result, key, vmax, contour_at)).save(tmp, format="PNG", compress_level=1)
+    if save_overlays:  # zlib level 1 after a fixed row filter (encode_png): a fraction of Pillow's default encoding time
+        atomic_write_bytes(out / "overlays" / f"{name}.png", encode_png(decision_figure(result, key, vmax, contour_at)))
     if save_npy:
         (out / "maps").mkdir(exist_ok=True)
         for map_name, m in result.maps.items():

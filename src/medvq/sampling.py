@@ -23,6 +23,7 @@ from medvq.detector import Detector
 from medvq.engine.run_dir import RunDir
 from medvq.errors import MedvqError
 from medvq.io import atomic_path, atomic_write_text
+from medvq.models.registry import get_method, methods
 from medvq.report.html import samples_report
 
 
@@ -59,20 +60,21 @@ def sample_run(
     console = console or Console(stderr=True)
     run = RunDir(run_dir)
     config = run.read_config()
-    if config.method != "prior":
-        raise MedvqError(f"is a '{config.method}' run; sampling needs an autoregressive prior", path=run.root, fix="train one with `medvq train prior --kind autoregressive`")
-    if config.model.kind != "autoregressive":
-        raise MedvqError(
-            "is a fusion prior: it predicts codes from an image and cannot draw new ones", path=run.root, fix="train `medvq train prior --kind autoregressive` to sample"
-        )
+    method = get_method(config.method)
+    if method.sampling is None:
+        able = ", ".join(m.name for m in methods() if m.sampling is not None)
+        raise MedvqError(f"is a '{config.method}' run, which cannot draw new images", path=run.root, fix=f"train a method that samples ({able})")
+    refusal = method.sampling(config.model)
+    if refusal is not None:
+        raise MedvqError(refusal[0], path=run.root, fix=refusal[1])
     if top_k is not None and top_k > config.model.codebook_size:
         raise MedvqError(f"--top-k {top_k} exceeds the codebook size {config.model.codebook_size}")
     detector = Detector.load(run.root, device=device)
-    prior = detector.model.eval()
+    sampler = detector.model.eval()  # a model of a method that samples: .sample(n, ...), .sample_length, .decode_codes(codes)
     # one generator per image, from the seed and the image's number: the same images whatever --batch-size
     states = [int(ss.generate_state(1, dtype=np.uint64)[0]) for ss in np.random.SeedSequence(seed).spawn(n)]
     generators = [torch.Generator().manual_seed(s) for s in states]
-    tokens = prior.head.length
+    tokens = sampler.sample_length
     out = Path(out)
     started = time.perf_counter()
     codes: list[torch.Tensor] = []
@@ -83,9 +85,9 @@ def sample_run(
         for start in range(0, n, batch_size):
             m = min(batch_size, n - start)
             done = start * tokens
-            c = prior.sample(m, temperature=temperature, top_k=top_k, generator=generators[start : start + m], on_step=lambda t: bar.update(task, completed=done + t * m))
+            c = sampler.sample(m, temperature=temperature, top_k=top_k, generator=generators[start : start + m], on_step=lambda t: bar.update(task, completed=done + t * m))
             with torch.no_grad():
-                images.append(prior.vqvae.decode_codes(c).float().clamp(0, 1).cpu())
+                images.append(sampler.decode_codes(c).float().clamp(0, 1).cpu())
             codes.append(c.cpu())
     seconds = time.perf_counter() - started
     code_maps = torch.cat(codes).numpy().astype(np.int32)

@@ -38,6 +38,7 @@ from typing import Sequence
 
 import numpy as np
 
+from medvq.data.config import DataConfig
 from medvq.data.sample import SPLIT_ALIASES, Sample
 from medvq.errors import DatasetError, ImageReadError
 
@@ -51,16 +52,19 @@ COMPONENT_INTENTS = {
 }  # fmt: skip
 
 
+_DATA = DataConfig.model_fields  # defaults come from the one config
+
+
 @dataclass(frozen=True)
 class VolumeOptions:
     """How NIfTI files are sliced and normalised; built from ``DataConfig`` (see its field descriptions)."""
 
-    slice_axis: str = "axial"
-    series_volumes: str = "all"  # all | first | mean
-    intensity_scope: str = "volume"  # volume | slice
-    low_percentile: float = 0.5
-    high_percentile: float = 99.5
-    min_foreground_fraction: float = 0.05
+    slice_axis: str = _DATA["slice_axis"].default
+    series_volumes: str = _DATA["series_volumes"].default  # all | first | mean
+    intensity_scope: str = _DATA["intensity_scope"].default  # volume | slice
+    low_percentile: float = _DATA["intensity_low_percentile"].default
+    high_percentile: float = _DATA["intensity_high_percentile"].default
+    min_foreground_fraction: float = _DATA["min_foreground_fraction"].default
     min_side: int = 8  # shortest slice side accepted: the model's stride, and never below 8 px
 
     def __post_init__(self) -> None:

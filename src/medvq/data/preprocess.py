@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from scipy import ndimage
 
+from medvq.data.config import DataConfig
 from medvq.data.nifti import VolumeOptions, is_nifti
 from medvq.data.readers import read_mask, read_sample
 from medvq.data.samples import Sample
@@ -177,11 +178,16 @@ def _resize(t: torch.Tensor, size: tuple[int, int], kind: str) -> torch.Tensor:
     return F.interpolate(t, size=size, mode="area") >= 0.5
 
 
+_DATA = DataConfig.model_fields  # defaults come from the one config
+
+
 @dataclass(frozen=True)
 class Preprocessor:
-    image_size: int = 128
-    fov: str = "stretch"
-    remove_padding: bool = True
+    """How a scan becomes a model input; built from ``DataConfig`` (see its field descriptions)."""
+
+    image_size: int = _DATA["image_size"].default
+    fov: str = _DATA["fov"].default
+    remove_padding: bool = _DATA["remove_padding"].default
     volume: VolumeOptions = field(default_factory=VolumeOptions)  # how NIfTI slices are read and normalised
 
     def __post_init__(self) -> None:

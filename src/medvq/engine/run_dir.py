@@ -32,7 +32,7 @@ from medvq.models.checkpoint import load_run_weights, weights_path
 from medvq.models.registry import get_method, method_names
 
 
-def timestamped(base: str | Path = "runs", prefix: str = "vqvae") -> Path:
+def timestamped(prefix: str, base: str | Path = "runs") -> Path:
     return Path(base) / f"{prefix}-{datetime.now():%Y%m%d-%H%M%S}"
 
 

@@ -128,10 +128,10 @@ def check_training_setup(config: RunConfig) -> None:
         raise MedvqError(f"unknown --strategy {t.strategy!r}", fix="use auto, ddp, ddp_spawn, fsdp or deepspeed")
     if accelerator == "cpu" and t.precision in ("16-mixed", "bf16-true"):
         raise MedvqError(f"--precision {t.precision} is not available for training on the CPU", fix="use auto, bf16-mixed or 32")
-    channels = getattr(config.model, "in_channels", 1)
-    if channels != 1 and config.method != "patchcore":  # scans are read as one gray channel (PatchCore repeats it as RGB itself)
-        raise MedvqError(f"--in-channels {channels}: medvq reads every scan as one gray channel", fix="use --in-channels 1")
     method = get_method(config.method)
+    channels = getattr(config.model, "in_channels", 1)
+    if channels != 1 and not method.gray_to_rgb:  # scans are read as one gray channel (some models repeat it as RGB themselves)
+        raise MedvqError(f"--in-channels {channels}: medvq reads every scan as one gray channel", fix="use --in-channels 1")
     available_maps = set(method.maps(config.model)) | set(method.map_names)
     for option, names in (("--maps", config.score.maps), ("--combine", config.score.combine)):
         unknown = sorted(set(names or []) - available_maps)
@@ -246,7 +246,7 @@ def train_run(
         run.write_config(config)  # a resumed run records what changed (e.g. more epochs)
         if not resume:
             run.write_split(data_root, parts)
-    if method.fit is not None:  # no gradient training (a memory bank): one pass instead of the Lightning trainer
+    if method.training == "fit":  # no gradient training (a memory bank): one pass instead of the Lightning trainer
         result = fit_run(method, config, run, train_set, val_set, started, console, progress, val_abnormal)
         if replaces and is_rank_zero():
             swap_in(run, target)

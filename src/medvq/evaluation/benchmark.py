@@ -49,7 +49,7 @@ from medvq.engine.train import torch_device, train_run
 from medvq.errors import MedvqError
 from medvq.evaluation.evaluate import evaluate_run, select_test_samples
 from medvq.io import atomic_write_text
-from medvq.models.registry import get_method, method_names
+from medvq.models.registry import get_method, in_dependency_order, method_names
 from medvq.report.benchmark import IMAGE_COLUMNS, PIXEL_COLUMNS, benchmark_page, csv_table, describe, markdown_table
 
 
@@ -256,16 +256,19 @@ def plan_benchmark(
                 layers.append(layer)
             layers.append(overrides or {})
             layers.append({"train": {"seed": seed}, **({"data": {"image_size": image_size}} if image_size else {})})
-            configs[method, seed] = build_config(*layers, source=str(method_configs.get(method, f"benchmark settings of {method}")))
-            if method == "prior" and configs[method, seed].model.vqvae_run is None:  # a prior stands on the VQ-VAE run of the same seed
-                if "vqvae" not in methods:
+            source = str(method_configs.get(method, f"benchmark settings of {method}"))
+            configs[method, seed] = build_config(*layers, source=source)
+            for dep in get_method(method).depends_on:  # built on another method's run (a prior on a VQ-VAE): the one of the same seed
+                if getattr(configs[method, seed].model, dep.field) is not None:
+                    continue
+                if dep.method not in methods:
                     raise MedvqError(
-                        "the prior is trained on a VQ-VAE run", fix="add vqvae to --methods (trained first, the prior uses it), or set model.vqvae_run with --config prior=FILE.yaml"
+                        f"{method} is trained on a {dep.method} run",
+                        fix=f"add {dep.method} to --methods (trained first, {method} uses it), or set model.{dep.field} with --config {method}=FILE.yaml",
                     )
-                layers.append({"model": {"vqvae_run": str((out / "runs" / f"vqvae-seed{seed}").resolve())}})
-                configs[method, seed] = build_config(*layers, source=str(method_configs.get(method, "benchmark settings of prior")))
-    if "prior" in methods and "vqvae" in methods:  # the VQ-VAE is trained before the prior that uses it
-        methods = ["vqvae", *[m for m in methods if m != "vqvae"]]
+                layers.append({"model": {dep.field: str((out / "runs" / f"{dep.method}-seed{seed}").resolve())}})
+                configs[method, seed] = build_config(*layers, source=source)
+    methods = in_dependency_order(methods)  # a method's base run is trained before it
     return BenchmarkPlan(methods=methods, seeds=seeds, configs=configs)
 
 

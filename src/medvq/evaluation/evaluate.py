@@ -46,6 +46,7 @@ from medvq.evaluation import metrics as M
 from medvq.evaluation.classification import classification_metrics
 from medvq.evaluation.reconstruction import reconstruction_metrics, spread_indices, summarize
 from medvq.io import atomic_save_npz, atomic_write_text, mark_output
+from medvq.models.registry import methods
 from medvq.report.html import build_report
 from medvq.scoring.decision import OperatingPoint, is_abnormal, operating_point
 from medvq.scoring.volume import describe as describe_volume_score
@@ -358,7 +359,7 @@ def score_test_set(
         raise DatasetError(
             f"the test images are unlabelled, so only reconstruction metrics apply, and method '{detector.config.method}' does not reconstruct",
             path=data_root,
-            fix="evaluate a reconstruction model (vqvae, vqvae2), or give the data class folders",
+            fix=f"evaluate a reconstruction model ({', '.join(m.name for m in methods() if m.reconstructs)}), or give the data class folders",
         )
     return ScoredTestSet(run, Path(data_root), split, detector, dataset, pred, chosen.excluded, len(blank), unlabelled, anomaly)
 
@@ -390,7 +391,7 @@ def measure(scored: ScoredTestSet, console: Console) -> Measurements:
         pixel_rows=pixel_rows,
         reconstruction=recon,
         volume_level=volume_metrics(scored.samples, pred.scores, normal, config.score.volume_topk_fraction, points) if scored.anomaly else None,
-        classification=classify(detector, pred, scored.samples, dataset) if not detector.method.normal_only else None,
+        classification=classify(detector, pred, scored.samples, dataset) if "classification" in detector.method.metrics else None,
     )
 
 

@@ -1,192 +1,172 @@
-"""The methods medvq can train, and how each one is built, trained and turned into anomaly maps.
+"""The methods medvq can train, found by looking: every ``models/<name>/method.py`` declares one method.
 
-A method is registered once here; the CLI (`medvq train <name>`), the training engine, the Detector and
-evaluation all look it up by the `method:` field of a run's config.
+A declaration (``Method``) says everything the rest of medvq needs to know about a method: its config
+class, a one-line summary, its maps and combinations, how its model is built, trained (a LightningModule)
+or fitted (one pass), what it stands on (a prior on a VQ-VAE run) and what it can do (export, explain,
+sample, extra metrics). The CLI, the engine, the Detector, evaluation and the benchmark read these
+capabilities; none of them names a method.
+
+The declarations import no torch, so ``medvq --help`` lists methods and flags fast: the torch parts are
+given as ``Lazy("module:attr")`` references inside the method's folder, imported on first call.
 """
 
 from __future__ import annotations
 
+import functools
+import importlib
+import importlib.util
+import pkgutil
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Literal
 
-if TYPE_CHECKING:  # the registry itself stays light: `medvq --help` lists methods without loading torch
-    import torch
+from pydantic import BaseModel
+
+if TYPE_CHECKING:
     from torch import nn
 
-    from medvq.maps import MapOutput
+
+class Lazy:
+    """A callable named ``"module:attr.attr"`` inside a package, imported on its first call."""
+
+    def __init__(self, package: str, ref: str):
+        module, _, attr = ref.partition(":")
+        if not module or not attr:
+            raise ValueError(f"a lazy reference is 'module:attr', got {ref!r}")
+        self.module, self.attr = f"{package}.{module}", attr
+
+    @functools.cached_property
+    def target(self) -> Callable:
+        obj: Any = importlib.import_module(self.module)
+        for part in self.attr.split("."):
+            obj = getattr(obj, part)
+        return obj
+
+    def __call__(self, *args, **kwargs):
+        return self.target(*args, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"Lazy({self.module}:{self.attr})"
+
+
+def lazy_in(package: str) -> Callable[[str], Lazy]:
+    """``ref = lazy_in(__package__)``; ``ref("model:VQVAE")`` names ``VQVAE`` of the method's own ``model.py``."""
+    return functools.partial(Lazy, package)
+
+
+@dataclass(frozen=True)
+class Dependency:
+    """A method built on another method's run: the model config field ``field`` names a run of ``method``
+    (the benchmark trains that method first and fills the field with its run of the same seed)."""
+
+    method: str
+    field: str
 
 
 @dataclass(frozen=True)
 class Method:
     name: str
-    summary: str
+    summary: str  # one line for help texts
+    order: int  # place in listings (`medvq train --help`, the benchmark's 'all'): the established methods first
+    config: type[BaseModel]  # the architecture config (``model:`` of a run config), torch-free
     map_names: tuple[str, ...]  # maps the method can compute, in report order
-    build_model: Callable[..., nn.Module]  # (model config) -> pure nn.Module
-    compute_maps: Callable[[nn.Module, torch.Tensor, Sequence[str]], MapOutput]
-    training_module: Callable[..., "object"] | None  # (RunConfig) -> LightningModule with .model and .epoch_summary(); None for fit-only methods
+    build_model: Callable[..., "nn.Module"]  # (model config) -> pure nn.Module
+    compute_maps: Callable[..., Any]  # (model, images (B, C, S, S), names) -> MapOutput
+    # How it learns: "train": ``training_module`` (RunConfig) -> LightningModule with .model and .epoch_summary();
+    # "fit": ``fit`` (RunConfig, train ScanDataset, device=, console=, progress=) -> (model, summary), one pass, no epochs.
+    training: Literal["train", "fit"] = "train"
+    training_module: Callable[..., Any] | None = None
+    fit: Callable[..., tuple["nn.Module", dict]] | None = None
     normal_only: bool = True  # trains on the normal class only (unsupervised)
     # Supervised methods (normal_only=False) train on every class of the training patients and say how:
     maps_for: Callable[..., tuple[str, ...]] | None = None  # (model config) -> maps this configuration can give (default: map_names)
-    resolve_config: Callable[..., "object"] | None = None  # (RunConfig, training labels) -> RunConfig with data-dependent fields set
+    resolve_config: Callable[..., Any] | None = None  # (RunConfig, training labels) -> RunConfig with data-dependent fields set
     targets: Callable[..., list[int]] | None = None  # (RunConfig, class names) -> integer training targets
-    # Methods without gradient training (a memory bank) fit in one pass instead of the Lightning trainer:
-    fit: Callable[..., tuple[nn.Module, dict]] | None = None  # (RunConfig, train ScanDataset, device=, console=, progress=) -> (model, summary)
     # Methods built on another run (a prior on a VQ-VAE) complete their config and take that run's patient split:
-    prepare: Callable[..., tuple["object", dict]] | None = None  # (RunConfig, data root, RunDir) -> (RunConfig, {'train', 'val', 'test'} -> samples)
+    depends_on: tuple[Dependency, ...] = ()
+    prepare: Callable[..., tuple[Any, dict]] | None = None  # (RunConfig, data root, RunDir) -> (RunConfig, {'train', 'val', 'test'} -> samples)
     # The map (or model score) that decides when the validation patients hold no abnormal scans to choose on:
     # the method's best on kermany-dev and the phantom (README, Results); None: 'combined', else the first map.
     primary_map: str | None = None
-    streams_training: bool = False  # reads training scans from disk batch by batch (memory independent of their number) instead of holding them
     combinations: tuple[str, ...] = ()  # named combinations 'a+b' calibrated next to 'combined' (the mean of the standardised maps a and b)
+    metrics: tuple[Literal["reconstruction", "classification"], ...] = ()  # metric families evaluate adds to the anomaly metrics
+    streams_training: bool = False  # reads training scans from disk batch by batch (memory independent of their number) instead of holding them
+    channels_last: bool = False  # convolutional end to end: NHWC memory is faster on the CPU (results agree to float rounding)
+    gray_to_rgb: bool = False  # the model repeats the gray scan into its in_channels itself (else in_channels must be 1)
     # Model fields added after runs were saved, with the value a saved config.yaml without them means (every run's
     # config.yaml holds every field of its time, so a missing one marks an older run, not a wish for today's default):
     stored_model_defaults: dict[str, Any] = field(default_factory=dict)
     # Methods whose scoring path traces into one ONNX graph (`medvq export`): prepares the loaded model for
     # tracing and says whether the graph takes any batch size (else it is exported for one scan at a time).
-    onnx_export: Callable[[nn.Module], bool] | None = None
+    onnx_export: Callable[["nn.Module"], bool] | None = None
+    explains: bool = False  # `medvq explain`: its maps are explanations of its own prediction (class probabilities in extras)
+    # `medvq sample`: (model config) -> None if a model of this configuration draws new code maps, else (why not, the fix);
+    # its model then has .sample(n, temperature=, top_k=, generator=, on_step=) -> codes, .sample_length and .decode_codes(codes)
+    sampling: Callable[[BaseModel], tuple[str, str] | None] | None = None
+
+    def __post_init__(self) -> None:
+        if (self.training == "train") != (self.training_module is not None) or (self.training == "fit") != (self.fit is not None):
+            raise ValueError(f"method {self.name}: training='train' needs training_module, training='fit' needs fit (and not the other)")
 
     def maps(self, model_config) -> tuple[str, ...]:
         """The maps a model built from ``model_config`` computes by default."""
         return self.maps_for(model_config) if self.maps_for is not None else self.map_names
 
-
-def _vqvae() -> Method:
-    from medvq.models.vqvae.anomaly_map import MAP_NAMES, vqvae_maps
-    from medvq.models.vqvae.lightning import VQVAEModule
-    from medvq.models.vqvae.model import VQVAE
-
-    return Method(
-        name="vqvae",
-        summary=SUMMARIES["vqvae"],
-        map_names=MAP_NAMES,
-        build_model=VQVAE,
-        compute_maps=vqvae_maps,
-        training_module=VQVAEModule.from_run_config,
-        primary_map="residual",
-        onnx_export=lambda model: True,
-    )
+    @property
+    def reconstructs(self) -> bool:
+        return "reconstruction" in self.metrics
 
 
-def _vqvae2() -> Method:
-    from medvq.models.vqvae2.anomaly_map import MAP_NAMES, vqvae2_maps
-    from medvq.models.vqvae2.lightning import VQVAE2Module
-    from medvq.models.vqvae2.model import VQVAE2
+@functools.cache
+def _discovered() -> dict[str, Method]:
+    """Every ``medvq.models.<name>.method`` module's ``METHOD``, in their declared order."""
+    import medvq.models as package
 
-    return Method(
-        name="vqvae2",
-        summary=SUMMARIES["vqvae2"],
-        map_names=MAP_NAMES,
-        build_model=VQVAE2,
-        compute_maps=vqvae2_maps,
-        training_module=VQVAE2Module.from_run_config,
-        primary_map="residual",
-        stored_model_defaults={"upsampling": "transpose"},
-        onnx_export=lambda model: True,
-    )
-
-
-def _classifier() -> Method:
-    from medvq.models.classifier.anomaly_map import MAP_NAMES, classifier_maps, map_names_for
-    from medvq.models.classifier.lightning import ClassifierModule
-    from medvq.models.classifier.model import Classifier
-    from medvq.models.classifier.training import resolve_classifier_config, training_targets
-
-    return Method(
-        name="classifier",
-        summary=SUMMARIES["classifier"],
-        map_names=MAP_NAMES,
-        build_model=Classifier,
-        compute_maps=classifier_maps,
-        training_module=ClassifierModule.from_run_config,
-        normal_only=False,
-        maps_for=map_names_for,
-        resolve_config=resolve_classifier_config,
-        targets=training_targets,
-        primary_map="p_abnormal",
-    )
-
-
-def _patchcore() -> Method:
-    from medvq.models.patchcore.anomaly_map import MAP_NAMES, patchcore_maps
-    from medvq.models.patchcore.fit import fit_patchcore
-    from medvq.models.patchcore.model import PatchCore, prepare_for_export
-
-    return Method(
-        name="patchcore",
-        summary=SUMMARIES["patchcore"],
-        map_names=MAP_NAMES,
-        build_model=PatchCore,
-        compute_maps=patchcore_maps,
-        training_module=None,
-        fit=fit_patchcore,
-        streams_training=True,
-        primary_map="patch_distance",
-        onnx_export=prepare_for_export,
-    )
-
-
-def _prior() -> Method:
-    from medvq.models.prior.anomaly_map import COMBINATIONS, MAP_NAMES, prior_maps
-    from medvq.models.prior.lightning import PriorModule
-    from medvq.models.prior.model import LatentPrior
-    from medvq.models.prior.training import prepare_prior
-
-    return Method(
-        name="prior",
-        summary=SUMMARIES["prior"],
-        map_names=MAP_NAMES,
-        build_model=LatentPrior,
-        compute_maps=prior_maps,
-        training_module=PriorModule.from_run_config,
-        prepare=prepare_prior,
-        primary_map="nll",
-        combinations=COMBINATIONS,
-    )
-
-
-def _featvq() -> Method:
-    from medvq.models.featvq.anomaly_map import COMBINATIONS, MAP_NAMES, featvq_maps
-    from medvq.models.featvq.lightning import FeatVQModule
-    from medvq.models.featvq.model import FeatVQ
-
-    return Method(
-        name="featvq",
-        summary=SUMMARIES["featvq"],
-        map_names=MAP_NAMES,
-        build_model=FeatVQ,
-        compute_maps=featvq_maps,
-        training_module=FeatVQModule.from_run_config,
-        streams_training=True,
-        combinations=COMBINATIONS,
-        onnx_export=lambda model: False,  # the library quantizer's traced reshape keeps the batch size it saw
-    )
-
-
-_FACTORIES: dict[str, Callable[[], Method]] = {
-    "vqvae": _vqvae,
-    "vqvae2": _vqvae2,
-    "classifier": _classifier,
-    "patchcore": _patchcore,
-    "prior": _prior,
-    "featvq": _featvq,
-}
-
-# One line per method for help texts, without importing the method's code.
-SUMMARIES: dict[str, str] = {
-    "vqvae": "VQ-VAE trained on normal scans; reconstruction residual and alignment loss map (ALM).",
-    "classifier": "Supervised ViT / ResNet / EfficientNet-Lite0 classifier (binary or 4-class); Grad-CAM and attention-rollout maps, P(abnormal) score.",
-    "vqvae2": "VQ-VAE-2 (top and bottom codes) for MRI and OCT reconstruction; SSIM/PSNR, residual and per-level ALM.",
-    "prior": "Latent prior over a trained VQ-VAE's codes (--vqvae RUNDIR): fusion (frozen encoder features -> conv net) or autoregressive transformer; NLL map, sampling.",
-    "patchcore": "PatchCore memory bank of ImageNet EfficientNet-Lite0 patch features of normal scans (no gradient training); nearest-neighbour distance map.",
-    "featvq": "Feature-space VQ: a codebook of ImageNet EfficientNet-Lite0 patch features of normal scans and a bidirectional prior over its codes; quantisation-distance and NLL maps.",
-}
+    found: list[Method] = []
+    for info in pkgutil.iter_modules(package.__path__):
+        if not info.ispkg or importlib.util.find_spec(f"{package.__name__}.{info.name}.method") is None:
+            continue
+        module = importlib.import_module(f"{package.__name__}.{info.name}.method")
+        declared = getattr(module, "METHOD", None)
+        if not isinstance(declared, Method):
+            raise TypeError(f"{module.__name__} must define METHOD = Method(...)")
+        if declared.name != info.name:
+            raise ValueError(f"{module.__name__} declares method '{declared.name}'; a method is named after its folder")
+        found.append(declared)
+    return {m.name: m for m in sorted(found, key=lambda m: (m.order, m.name))}
 
 
 def get_method(name: str) -> Method:
-    if name not in _FACTORIES:
-        raise KeyError(f"unknown method '{name}' (available: {', '.join(_FACTORIES)})")
-    return _FACTORIES[name]()
+    methods = _discovered()
+    if name not in methods:
+        raise KeyError(f"unknown method '{name}' (available: {', '.join(methods)})")
+    return methods[name]
 
 
 def method_names() -> list[str]:
-    return list(_FACTORIES)
+    return list(_discovered())
+
+
+def methods() -> list[Method]:
+    return list(_discovered().values())
+
+
+def model_configs() -> dict[str, type[BaseModel]]:
+    """Method name -> its architecture config class (``model:`` of a run config)."""
+    return {m.name: m.config for m in methods()}
+
+
+def in_dependency_order(names: list[str]) -> list[str]:
+    """``names`` with every method after the methods it is built on (otherwise in the given order)."""
+    out: list[str] = []
+
+    def visit(name: str) -> None:
+        if name in out:
+            return
+        for dep in get_method(name).depends_on:
+            if dep.method in names:
+                visit(dep.method)
+        out.append(name)
+
+    for name in names:
+        visit(name)
+    return out

@@ -116,6 +116,31 @@ def overlay(image: np.ndarray, map_: np.ndarray, vmin: float, vmax: float, alpha
     return out
 
 
+def encode_png(rgb: np.ndarray, level: int = 1) -> bytes:
+    """(H, W, 3) uint8 -> PNG file bytes: every row 'Up'-filtered (its difference from the row above, one
+    numpy subtraction) and deflated by zlib at ``level``. Pillow chooses a filter row by row, trying all
+    five, which took as long as the deflating itself on an overlay; the fixed filter encodes a 1137x567
+    overlay in about 60 % of Pillow's time at level 1, in a file 8 % larger."""
+    import struct
+    import zlib
+
+    if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
+        raise ValueError(f"expected (H, W, 3) uint8, got {rgb.shape} {rgb.dtype}")
+    height, width = rgb.shape[:2]
+    rows = np.ascontiguousarray(rgb).reshape(height, width * 3)
+    filtered = np.empty((height, width * 3 + 1), np.uint8)
+    filtered[:, 0] = 2  # filter type Up
+    filtered[0, 0] = 0  # the first row has no row above: None
+    filtered[0, 1:] = rows[0]
+    np.subtract(rows[1:], rows[:-1], out=filtered[1:, 1:])  # modulo 256, as PNG's Up filter
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB, deflate, no interlace
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(filtered.tobytes(), level)) + chunk(b"IEND", b"")
+
+
 def save_image_grid(rows: Sequence[tuple[str, np.ndarray]], path: str | Path, cmap: Sequence[str] | None = None, vmax: Sequence[float] | None = None) -> None:
     """rows: (label, (N, H, W) array); one row per entry, one column per image."""
     n = max(len(a) for _, a in rows)

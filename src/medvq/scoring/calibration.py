@@ -23,6 +23,7 @@ import math
 import numpy as np
 import torch
 
+from medvq.config import ScoreConfig
 from medvq.errors import CheckpointError
 from medvq.io import atomic_write_text
 from medvq.scoring.reduce import reduce_map
@@ -98,10 +99,13 @@ class MapStatistics:
         return float(np.std(self.normal_scores)) + 1e-12 if len(self.normal_scores) > 1 else 1.0
 
 
+_SCORE = ScoreConfig.model_fields  # the defaults of how maps become image scores, from the one config
+
+
 @dataclass
 class NormalCalibration:
-    reducer: str = "topk"
-    topk_fraction: float = 0.02
+    reducer: str = _SCORE["reducer"].default
+    topk_fraction: float = _SCORE["topk_fraction"].default
     combine: list[str] = field(default_factory=lambda: ["residual", "alm"])
     combinations: list[str] = field(default_factory=list)  # further named combinations 'a+b': the mean of the standardised maps a and b
     stats: dict[str, MapStatistics] = field(default_factory=dict)

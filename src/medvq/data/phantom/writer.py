@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import sys
@@ -70,7 +69,7 @@ def _settings(
         "format": 1,
         "seed": int(seed),
         "n": int(n),
-        "config": dataclasses.asdict(config),
+        "config": config.model_dump(mode="json"),
         "split_fractions": splits,
         "class_fractions": dict(zip(CLASSES, cf)),
         "scans_per_patient": [lo, hi],

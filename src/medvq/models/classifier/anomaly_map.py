@@ -17,14 +17,9 @@ from medvq.maps import MapOutput, check_map_names, evaluating
 from medvq.maps.gradcam import LayerCapture, layer_map
 from medvq.maps.rollout import rollout_map
 from medvq.models.classifier.model import Classifier, ClassifierConfig
+from medvq.models.classifier.method import MAP_NAMES, map_names_for  # noqa: F401 (declared with the method)
 
-MAP_NAMES = ("gradcam", "rollout", "gradient_rollout")
 SCORE_NAME = "p_abnormal"
-
-
-def map_names_for(config: ClassifierConfig) -> tuple[str, ...]:
-    """Maps an architecture can give: rollouts need attention weights (ViT only)."""
-    return MAP_NAMES if config.arch == "vit" else ("gradcam",)
 
 
 def explained_output(model: Classifier, logits: torch.Tensor) -> torch.Tensor:

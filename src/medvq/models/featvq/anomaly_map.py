@@ -13,9 +13,8 @@ import torch.nn.functional as F
 
 from medvq.maps import MapOutput
 from medvq.models.featvq.model import FeatVQ, code_nll
+from medvq.models.featvq.method import MAP_NAMES, COMBINATIONS  # noqa: F401 (declared with the method)
 
-MAP_NAMES = ("quantization_distance", "nll")
-COMBINATIONS = ("quantization_distance+nll",)
 
 
 def _to_image(grid_map: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

@@ -13,8 +13,8 @@ import torch.nn.functional as F
 
 from medvq.maps import MapOutput
 from medvq.models.patchcore.model import PatchCore
+from medvq.models.patchcore.method import MAP_NAMES  # noqa: F401 (declared with the method)
 
-MAP_NAMES = ("patch_distance",)
 SCORE_NAME = "reweighted_max"
 
 

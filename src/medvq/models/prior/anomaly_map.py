@@ -8,10 +8,8 @@ import torch.nn.functional as F
 from medvq.maps import MapOutput, check_map_names, evaluating
 from medvq.models.prior.model import LatentPrior, code_nll
 from medvq.models.vqvae.anomaly_map import vqvae_maps
+from medvq.models.prior.method import MAP_NAMES, COMBINATIONS  # noqa: F401 (declared with the method)
 
-MAP_NAMES = ("nll", "residual", "alm")
-# Named combinations next to 'combined' (all three): each the mean of the maps it names after standardisation.
-COMBINATIONS = ("nll+alm", "nll+residual", "alm+residual")
 
 
 def nll_map(logits: torch.Tensor, codes: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:

@@ -338,3 +338,12 @@ class LatentPrior(nn.Module):
         if self.config.kind != "autoregressive":
             raise ValueError("a fusion prior predicts codes from an image and cannot draw new ones; sample from an autoregressive prior")
         return self.head.sample(n, **kwargs)
+
+    @property
+    def sample_length(self) -> int:
+        """Tokens drawn per image (one step each)."""
+        return self.head.length
+
+    def decode_codes(self, codes: torch.Tensor) -> torch.Tensor:
+        """Code maps (B, h, w) -> images (B, 1, S, S), by the frozen VQ-VAE."""
+        return self.vqvae.decode_codes(codes)

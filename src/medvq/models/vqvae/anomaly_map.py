@@ -8,8 +8,8 @@ from medvq.maps import MapOutput, check_map_names, evaluating
 from medvq.maps.alm import alignment_loss_map
 from medvq.maps.residual import residual_map
 from medvq.models.vqvae.model import VQVAE
+from medvq.models.vqvae.method import MAP_NAMES  # noqa: F401 (declared with the method)
 
-MAP_NAMES = ("residual", "alm")
 
 
 @torch.no_grad()

@@ -1,0 +1,33 @@
+"""The latent prior declares itself: config, maps, the VQ-VAE run it stands on, how it is built and trained,
+what it can do (see ``medvq.models.registry``)."""
+
+from medvq.models.prior.config import PriorConfig
+from medvq.models.registry import Dependency, Method, lazy_in
+
+ref = lazy_in(__package__)
+MAP_NAMES = ("nll", "residual", "alm")
+COMBINATIONS = ("nll+alm", "nll+residual", "alm+residual")
+
+
+def sampling(config: PriorConfig) -> tuple[str, str] | None:
+    """Only the autoregressive prior draws new code maps: None, or why not and the fix."""
+    if config.kind != "autoregressive":
+        return "is a fusion prior: it predicts codes from an image and cannot draw new ones", "train `medvq train prior --kind autoregressive` to sample"
+    return None
+
+
+METHOD = Method(
+    name="prior",
+    summary="Latent prior over a trained VQ-VAE's codes (--vqvae RUNDIR): fusion (frozen encoder features -> conv net) or autoregressive transformer; NLL map, sampling.",
+    order=4,
+    config=PriorConfig,
+    map_names=MAP_NAMES,
+    build_model=ref("model:LatentPrior"),
+    compute_maps=ref("anomaly_map:prior_maps"),
+    training_module=ref("lightning:PriorModule.from_run_config"),
+    depends_on=(Dependency(method="vqvae", field="vqvae_run"),),
+    prepare=ref("training:prepare_prior"),
+    primary_map="nll",
+    combinations=COMBINATIONS,
+    sampling=sampling,
+)
