@@ -124,10 +124,12 @@ def test_reading_workers_leave_their_cores_to_the_scoring_threads(monkeypatch):
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        with loader.threads_beside(2) as busy:
-            assert busy == torch.get_num_threads() == 1
+        share = loader.ThreadShare(2)
+        assert share.choose(waited=0.3, worked=0.0) == torch.get_num_threads() == 1  # the first batch: workers busy
+        assert share.choose(waited=0.0, worked=1.0) == torch.get_num_threads() == 2  # batches ready: all threads
+        assert share.choose(waited=0.5, worked=1.0) == torch.get_num_threads() == 1  # waiting for the workers again
+        share.restore()
         assert torch.get_num_threads() == 2
-        with loader.threads_beside(0) as alone:
-            assert alone == torch.get_num_threads() == 2
+        assert loader.ThreadShare(0).choose(waited=1.0, worked=0.0) == 2  # no workers: nothing to share
     finally:
         torch.set_num_threads(before)

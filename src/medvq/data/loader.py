@@ -5,16 +5,17 @@
 
 A torch DataLoader does the work: each worker prepares whole batches, in order, and hands back the
 tensors through shared memory. Workers start only when there is more than one batch to prepare (a single
-batch gains nothing from them and would pay their start-up). While they run, the calling process keeps
-only the cores they leave free for its own torch threads (at least one): on two cores, two torch threads
-beside two busy workers spend their time waiting for each other (scoring ran at half the rate). A file that cannot be read raises its
+batch gains nothing from them and would pay their start-up). While the caller waits for batches, it keeps
+only the cores the workers leave for its own torch threads (at least one): on two cores, two torch threads
+beside two busy workers spend their time waiting for each other (scoring ran at half the rate); while
+batches wait for the caller, it uses all its threads (``ThreadShare``). A file that cannot be read raises its
 ``MedvqError`` in the calling process, naming the file, as reading it there would.
 """
 
 from __future__ import annotations
 
 import os
-from contextlib import contextmanager
+import time
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
@@ -90,19 +91,26 @@ def usable_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-@contextmanager
-def threads_beside(workers: int) -> Iterator[int]:
-    """torch threads of this process cut to the cores that ``workers`` busy processes leave (at least one)
-    inside the block, restored after it; yields the number used."""
-    before = torch.get_num_threads()
-    threads = max(1, min(before, usable_cores() - workers)) if workers else before
-    if threads != before:
-        torch.set_num_threads(threads)
-    try:
-        yield threads
-    finally:
-        if threads != before:
-            torch.set_num_threads(before)
+class ThreadShare:
+    """The calling process's torch threads beside ``workers`` reading processes, chosen batch by batch: only
+    the cores the workers leave (at least one) while the caller has to wait for batches (the workers are
+    busy), all of them again while the next batch is ready when asked for (the caller's model is the slower
+    stage and the workers wait with full queues)."""
+
+    def __init__(self, workers: int):
+        self.full = torch.get_num_threads()
+        self.cut = max(1, min(self.full, usable_cores() - workers)) if workers else self.full
+
+    def choose(self, waited: float, worked: float) -> int:
+        """Threads for the next batch, from the seconds the caller ``waited`` for it and ``worked`` on the last."""
+        threads = self.cut if waited > 0.05 * worked else self.full
+        if threads != torch.get_num_threads():
+            torch.set_num_threads(threads)
+        return threads
+
+    def restore(self) -> None:
+        if torch.get_num_threads() != self.full:
+            torch.set_num_threads(self.full)
 
 
 def prepared_batches(
@@ -129,10 +137,17 @@ def prepared_batches(
         collate_fn=_collate,
         prefetch_factor=2 if workers else None,
     )
-    with threads_beside(workers):
-        for batch in loader:
+    share, batches, worked = ThreadShare(workers), iter(loader), 0.0
+    try:
+        while True:
+            asked = time.perf_counter()
+            batch = next(batches, None)
+            if batch is None:
+                return
             if isinstance(batch, MedvqError):
                 raise batch
+            share.choose(time.perf_counter() - asked, worked)
+            handed = time.perf_counter()
             yield PreparedBatch(
                 start=batch["indices"][0],
                 samples=[samples[i] for i in batch["indices"]],
@@ -142,3 +157,6 @@ def prepared_batches(
                 geometry=batch["geometry"],
                 originals=[o.numpy() for o in batch["originals"]] if batch["originals"] is not None else None,
             )
+            worked = time.perf_counter() - handed
+    finally:
+        share.restore()
