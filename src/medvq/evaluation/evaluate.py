@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 from rich.console import Console
+from rich.markup import escape
 
 from medvq.config import InferenceConfig
 from medvq.data.dataset import ScanDataset
@@ -41,7 +42,7 @@ from medvq.data.nifti import VolumeOptions
 from medvq.data.samples import Sample, dataset_splits, scan_dataset
 from medvq.detector import Detector, Prediction
 from medvq.engine.run_dir import RunDir
-from medvq.errors import DatasetError
+from medvq.errors import DatasetError, ImageReadError
 from medvq.evaluation import metrics as M
 from medvq.evaluation.classification import classification_metrics
 from medvq.evaluation.reconstruction import reconstruction_metrics, spread_indices, summarize
@@ -297,6 +298,7 @@ class ScoredTestSet:
     pred: Prediction
     excluded_seen: int  # scans the run trained or calibrated on (or of its patients)
     excluded_blank: int  # scans without a valid pixel
+    excluded_unreadable: int  # files that could not be read
     unlabelled: bool  # e.g. NIfTI slices: reconstruction metrics only
     anomaly: bool  # normal and abnormal scans: the anomaly-detection metrics apply
 
@@ -349,7 +351,16 @@ def score_test_set(
         found = ", ".join(f"{c}: {labels.count(c)}" for c in sorted(set(labels))) or "none"
         raise DatasetError(f"evaluation needs {normal} and abnormal test images; found {found}", path=data_root, fix="check the test split (or use --split all)")
 
-    dataset = ScanDataset(chosen.samples, detector.preprocessor, load_masks=True, progress="reading test scans" if progress else None, workers=inference.workers)
+    unreadable: list[tuple[Sample, ImageReadError]] = []  # one bad file among many: the others are still evaluated
+    dataset = ScanDataset(
+        chosen.samples, detector.preprocessor, load_masks=True, progress="reading test scans" if progress else None, workers=inference.workers,
+        on_unreadable=lambda sample, err: unreadable.append((sample, err)),
+    )  # fmt: skip
+    if unreadable:
+        if not len(dataset):  # nothing could be read: the first file's own error, exit status 2
+            raise unreadable[0][1]
+        first, err = unreadable[0]
+        console.print(f"[yellow]warning[/]: {len(unreadable)} test file(s) could not be read and were left out; the first: {escape(f'{first.path}: {err.problem}')}", highlight=False)
     blank = dataset.blank_indices()  # saturated or blank scans: no valid pixel to score
     if blank:
         dataset = dataset.subset([i for i in range(len(dataset)) if i not in set(blank)])
@@ -361,7 +372,7 @@ def score_test_set(
             path=data_root,
             fix=f"evaluate a reconstruction model ({', '.join(m.name for m in methods() if m.reconstructs)}), or give the data class folders",
         )
-    return ScoredTestSet(run, Path(data_root), split, detector, dataset, pred, chosen.excluded, len(blank), unlabelled, anomaly)
+    return ScoredTestSet(run, Path(data_root), split, detector, dataset, pred, chosen.excluded, len(blank), len(unreadable), unlabelled, anomaly)
 
 
 def measure(scored: ScoredTestSet, console: Console) -> Measurements:
@@ -410,6 +421,7 @@ def metrics_record(scored: ScoredTestSet, measured: Measurements) -> dict[str, A
         "counts": _counts(labels),
         "excluded_seen_in_training": scored.excluded_seen,
         "excluded_without_valid_pixels": scored.excluded_blank,
+        "excluded_unreadable": scored.excluded_unreadable,
         "has_masks": has_masks,
         **({"pixel_metric_images": int(pixel_rows.sum()), "pixel_metric_left_out": int((~pixel_rows).sum())} if has_masks else {}),
         "image_size": config.data.image_size,
