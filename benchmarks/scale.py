@@ -209,16 +209,17 @@ def markdown(rows: list[dict]) -> str:
     head = "| method | training scans | wall | epoch / fit | per 1,000 scans | peak RSS | model file | scans/s | featvq ÷ PatchCore | load (train; inference) |"
     lines = [head, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     rates = {(r["method"], r["size"]): r.get("scans_per_s") for r in rows if r.get("train_stage") != "bank only"}
+    rate = lambda v: f"{v:.3f}" if v < 0.1 else f"{v:.2f}" if v < 10 else f"{v:.1f}"
     for r in rows:
         fmt_s = lambda s: f"{int(s // 60)}:{s % 60:04.1f}" if s >= 60 else f"{s:.1f} s"
         if r.get("train_stage") == "bank only":
             ratio = f"{r['featvq_scans_per_s'] / r['scans_per_s']:.1f}" if "featvq_scans_per_s" in r else ""
             cells = [
                 "patchcore, search only", f"{r['scans']:,}", "–", "–", "–", "–", f"{r['model_mb']:.1f} MB (bank {r['memory_bank']:,})",
-                f"{r['scans_per_s']:.2f}", ratio, f"–; {r['load_infer']}",
+                rate(r["scans_per_s"]), ratio, f"–; {r['load_infer']}",
             ]  # fmt: skip
         elif r.get("stopped"):
-            cells = [r["method"], f"{r['size']:,}", f"stopped at {fmt_s(r['wall_s'])}", "–", "–", f"≥ {r['peak_rss_mb'] / 1024:.2f} GB", "–", "–", "–", f"{r['load_start']:.1f}–{r['load_end']:.1f}"]
+            cells = [r["method"], f"{r['size']:,}", f"stopped at {fmt_s(r['wall_s'])}", "–", "–", f"≥ {r['peak_rss_mb'] / 1024:.2f} GiB", "–", "–", "–", f"{r['load_start']:.1f}–{r['load_end']:.1f}"]
         else:
             ratio = ""
             if r["method"] == "featvq" and rates.get(("patchcore", r["size"])) and r.get("scans_per_s"):
@@ -226,7 +227,7 @@ def markdown(rows: list[dict]) -> str:
             bank = f" (bank {r['memory_bank']:,})" if "memory_bank" in r else ""
             cells = [
                 r["method"], f"{r['scans']:,}", fmt_s(r["wall_s"]), f"{r['train_stage']} {fmt_s(r['train_s'])}", fmt_s(r["train_s_per_1000"]),
-                f"{r['peak_rss_mb'] / 1024:.2f} GB", f"{r['model_mb']:.1f} MB{bank}", f"{r['scans_per_s']:.1f}" if "scans_per_s" in r else "–", ratio,
+                f"{r['peak_rss_mb'] / 1024:.2f} GiB", f"{r['model_mb']:.1f} MB{bank}", rate(r["scans_per_s"]) if "scans_per_s" in r else "–", ratio,
                 f"{r['load_start']:.1f}–{r['load_end']:.1f}; {r.get('load_infer', '–')}",
             ]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
@@ -303,7 +304,7 @@ def main() -> None:
         bank_speed(rows, size, args, data)
         if args.json:
             args.json.write_text(json.dumps(rows, indent=1))
-    print(markdown(sorted(rows, key=lambda r: (r["size"], methods.index(r["method"]) if r["method"] in methods else len(methods), r["method"]))))
+    print(markdown(sorted(rows, key=lambda r: (r["size"], r["method"], r.get("train_stage") == "bank only"))))
 
 
 if __name__ == "__main__":
