@@ -127,12 +127,16 @@ def test_evaluate_writes_metrics_scores_and_report(evaluated, tiny_phantom):
             assert key in v, (name, key)
         assert set(v["image_auroc_per_class"]) == {"CNV", "DME", "DRUSEN"}
         assert 0 <= v["image_auroc"] <= 1 and 0 <= v["aupro"] <= 1
+        lo, hi = v["pixel_auroc_ci"]  # phantom patients have ids: resampled by patient
+        assert lo <= v["pixel_auroc"] <= hi and v["pixel_auroc_ci_by"] == "patient"
     rows = list(csv.DictReader(open(evaluated / "scores.csv")))
     assert len(rows) == m["n_images"] and {"path", "class", "patient", "residual", "alm", "combined"} <= set(rows[0])
     test_files = {str(p) for p in (tiny_phantom / "test").rglob("*.jpeg")}
     assert {r["path"] for r in rows} == test_files
     html = (evaluated / "report.html").read_text()
     assert html.count("data:image/png;base64") > 10 and "AUPRO" in html
+    lo, hi = m["maps"]["combined"]["pixel_auroc_ci"]
+    assert f"{lo:.2f}–{hi:.2f}" in html, "the pixel AUROC's interval under it"
 
 
 def test_validation_split_scores_every_image_of_the_validation_patients(trained, tiny_phantom, tmp_path):
