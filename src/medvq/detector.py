@@ -30,7 +30,7 @@ from medvq.models.registry import Method, get_method
 from medvq.progress import progress_bar
 from medvq.scoring.calibration import COMBINED, NormalCalibration
 from medvq.scoring.decision import Decision, choose_primary, is_abnormal, operating_point
-from medvq.scoring.ood import DistributionGuard, scan_features
+from medvq.scoring.ood import AppearanceFeatures, DistributionGuard, scan_features
 
 
 @dataclass
@@ -143,6 +143,7 @@ class Detector:
         self.inference = inference or InferenceConfig()
         self.calibration = calibration
         self.preprocessor = Preprocessor.from_config(config.data, getattr(config.model, "stride", 1))
+        self._appearance: AppearanceFeatures | None = None  # the guard's frozen network, loaded on first use
 
     @classmethod
     def load(cls, run_dir: str | Path, *, checkpoint: str = "best", device: str | torch.device = "cpu", inference: InferenceConfig | None = None) -> "Detector":
@@ -236,7 +237,9 @@ class Detector:
             pred.maps = self.calibration.standardize(raw)
             pred.scores = self.calibration.image_scores(pred.maps, valid.to(self.device) if valid is not None else None)
             if self.calibration.guard is not None:
-                pred.ood_distance = self.calibration.guard.distance(*scan_features(images, valid, pred.maps))
+                guard = self.calibration.guard
+                appearance = self.appearance(images, valid) if guard.appearance is not None else None
+                pred.ood_distance = guard.distance(*scan_features(images, valid, pred.maps), appearance)
         pred.scores.update(model_scores)
         return pred
 
@@ -260,9 +263,20 @@ class Detector:
             ood_distance=np.concatenate([p.ood_distance for p in parts]) if parts[0].ood_distance is not None else None,
         )
 
-    def calibrate(self, normals: ScanDataset, batch_size: int = 32, abnormals: ScanDataset | None = None) -> NormalCalibration:
+    def appearance(self, images: torch.Tensor, valid: torch.Tensor | None = None) -> np.ndarray:
+        """The out-of-distribution guard's appearance features (medvq.scoring.ood), (B, F); the frozen
+        network is loaded on first use."""
+        if self._appearance is None:
+            self._appearance = AppearanceFeatures().to(self.device)
+        return self._appearance(images.to(self.device), valid.to(self.device) if valid is not None else None)
+
+    def _dataset_appearance(self, data: ScanDataset, batch_size: int) -> np.ndarray:
+        return np.concatenate([self.appearance(b.image, b.valid) for b in data.batches(batch_size)])
+
+    def calibrate(self, normals: ScanDataset, batch_size: int = 32, abnormals: ScanDataset | None = None, reference: ScanDataset | None = None) -> NormalCalibration:
         """Fit the normal calibration on held-out normal images and keep it; choose the primary map on the
-        validation patients' ``abnormals`` against these normals (without them: the method's default)."""
+        validation patients' ``abnormals`` against these normals (without them: the method's default).
+        The guard's appearance part takes ``reference`` normals (the training normals) besides these."""
         pred = self.predict_dataset(normals, batch_size)
         s = self.config.score
         combinations = [c for c in self.method.combinations if set(c.split("+")) <= set(self.map_names)]
@@ -272,7 +286,10 @@ class Detector:
         self.calibration.fit_scores(pred.model_scores)
         standardized = self.calibration.standardize(pred.raw_maps)
         if len(normals) >= 3:  # below that no spread of normal scans can be measured
-            self.calibration.guard = DistributionGuard().fit(*scan_features(normals.images.float(), normals.valid, standardized))
+            looks = self._dataset_appearance(normals, batch_size)
+            if reference is not None and len(reference):
+                looks = np.concatenate([self._dataset_appearance(reference, batch_size), looks])
+            self.calibration.guard = DistributionGuard().fit(*scan_features(normals.images.float(), normals.valid, standardized), looks)
         abnormal_scores = self.predict_dataset(abnormals, batch_size).scores if abnormals is not None and len(abnormals) else None
         patients = len({x.patient_id for x in abnormals.samples}) if abnormal_scores else 0
         choice = choose_primary(self.calibration, self.method.primary_map or "combined", abnormal_scores, patients)
