@@ -113,3 +113,35 @@ def test_guard_flags_oct_scans_from_another_device(tiny_phantom, tmp_path):
     prepared = [detector.preprocessor.load(s)[1] for s in data]
     images, valid = torch.stack([p.image for p in prepared]), torch.stack([p.valid for p in prepared])
     assert (guard.appearance.distance(detector.appearance(images, valid)) > guard.appearance.threshold).all()
+
+
+def test_patchcore_lends_its_backbone_stages_to_the_guard(tiny_phantom, tmp_path):
+    """PatchCore runs the guard's ImageNet network itself: the guard pools those stage outputs (no second
+    pass) and gets what its own network would; a VQ-VAE's guard runs the network on a shrunken input."""
+    from tiny_runs import MODELS, make_run
+
+    from medvq.config import build_config
+    from medvq.data.dataset import ScanDataset
+    from medvq.data.samples import scan_dataset
+    from medvq.detector import Detector
+    from medvq.models.registry import get_method
+    from medvq.scoring.ood import APPEARANCE_SIZE
+
+    scans = [s for s in scan_dataset(tiny_phantom) if s.label == "NORMAL"]
+    config = build_config({"method": "patchcore", "data": {"image_size": 64}, "model": MODELS["patchcore"]})
+    model = get_method("patchcore").build_model(config.model).eval()
+    model.features.load_imagenet()  # the weights a trained PatchCore has
+    shared = Detector(model, config)
+    normals = ScanDataset(scans[:8], shared.preprocessor)
+    feats = model.embed(normals.images.float())
+    model.set_memory_bank(feats.permute(0, 2, 3, 1).reshape(-1, feats.shape[1])[::7])
+    shared.calibrate(normals)
+    assert shared.calibration.guard.appearance.input_size == 64 and shared._share_network()
+    alone = Detector(model, config, shared.calibration)
+    alone._shares_network = False  # as if the model had another network: the guard's own pass
+    paths = [s.path for s in scans[8:14]]
+    a = [r.decision.ood_distance for r in shared.predict_files(paths)]
+    b = [r.decision.ood_distance for r in alone.predict_files(paths)]
+    np.testing.assert_allclose(a, b, rtol=1e-4)
+    vq = Detector.load(make_run("vqvae", tmp_path / "vq", scans[:8], image_size=128).root)
+    assert not vq._share_network() and vq.calibration.guard.appearance.input_size == APPEARANCE_SIZE == 64

@@ -30,7 +30,7 @@ from medvq.models.registry import Method, get_method
 from medvq.progress import progress_bar
 from medvq.scoring.calibration import COMBINED, NormalCalibration
 from medvq.scoring.decision import Decision, choose_primary, is_abnormal, operating_point
-from medvq.scoring.ood import AppearanceFeatures, DistributionGuard, scan_features
+from medvq.scoring.ood import APPEARANCE_SIZE, APPEARANCE_STAGES, SHARED_MAX_SIZE, AppearanceFeatures, DistributionGuard, scan_features
 
 
 @dataclass
@@ -144,6 +144,8 @@ class Detector:
         self.calibration = calibration
         self.preprocessor = Preprocessor.from_config(config.data, getattr(config.model, "stride", 1))
         self._appearance: AppearanceFeatures | None = None  # the guard's frozen network, loaded on first use
+        self._shared_stages: list[torch.Tensor] | None = None  # the model's own outputs of those stages, when it has the same network
+        self._shares_network: bool | None = None
 
     @classmethod
     def load(cls, run_dir: str | Path, *, checkpoint: str = "best", device: str | torch.device = "cpu", inference: InferenceConfig | None = None) -> "Detector":
@@ -227,6 +229,9 @@ class Detector:
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         autocast = torch.autocast(self.device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
+        guard = self.calibration.guard if self.calibration is not None else None
+        shared = guard is not None and guard.appearance is not None and guard.appearance.input_size == images.shape[-1] and self._share_network()
+        self._shared_stages = None
         with autocast:
             out = self.method.compute_maps(self.model, images, self.map_names)
         raw = {name: gaussian_smooth(m.float(), self.smoothing_sigma) for name, m in out.maps.items()}
@@ -236,9 +241,14 @@ class Detector:
         if self.calibration is not None:
             pred.maps = self.calibration.standardize(raw)
             pred.scores = self.calibration.image_scores(pred.maps, valid.to(self.device) if valid is not None else None)
-            if self.calibration.guard is not None:
-                guard = self.calibration.guard
-                appearance = self.appearance(images, valid) if guard.appearance is not None else None
+            if guard is not None:
+                if guard.appearance is None:
+                    appearance = None
+                elif shared and self._shared_stages is not None:  # the model ran the guard's network on these images
+                    appearance = AppearanceFeatures.pool(self._shared_stages, valid.to(self.device) if valid is not None else None, images.shape[-1])
+                else:
+                    appearance = self.appearance(images, valid, guard.appearance.input_size)
+                self._shared_stages = None
                 pred.ood_distance = guard.distance(*scan_features(images, valid, pred.maps), appearance)
         pred.scores.update(model_scores)
         return pred
@@ -263,15 +273,35 @@ class Detector:
             ood_distance=np.concatenate([p.ood_distance for p in parts]) if parts[0].ood_distance is not None else None,
         )
 
-    def appearance(self, images: torch.Tensor, valid: torch.Tensor | None = None) -> np.ndarray:
-        """The out-of-distribution guard's appearance features (medvq.scoring.ood), (B, F); the frozen
-        network is loaded on first use."""
+    def appearance(self, images: torch.Tensor, valid: torch.Tensor | None = None, size: int = APPEARANCE_SIZE) -> np.ndarray:
+        """The out-of-distribution guard's appearance features (medvq.scoring.ood) of images shrunk to
+        ``size``, (B, F); the frozen network is loaded on first use."""
+        return self.appearance_network()(images.to(self.device), valid.to(self.device) if valid is not None else None, size)
+
+    @property
+    def appearance_size(self) -> int:
+        """The input side the guard's appearance part sees for this run: the model's own when it lends its stages."""
+        return self.config.data.image_size if self._share_network() else min(APPEARANCE_SIZE, self.config.data.image_size)
+
+    def _share_network(self) -> bool:
+        """PatchCore and feature-space VQ run the guard's ImageNet EfficientNet-Lite0 stages themselves: a
+        hook keeps those outputs, so the guard pools them instead of running the network a second time."""
+        if self._shares_network is None:
+            backbone = getattr(self.model, "features", None)
+            self._shares_network = self.config.data.image_size <= SHARED_MAX_SIZE and self.appearance_network().same_network(backbone)
+            if self._shares_network:
+                wanted = [i for i, stage in enumerate(sorted(backbone.stage_ends.values())) if stage in APPEARANCE_STAGES]
+                backbone.register_forward_hook(lambda module, inputs, out: setattr(self, "_shared_stages", [out[i] for i in wanted]))
+        return self._shares_network
+
+    def appearance_network(self) -> AppearanceFeatures:
         if self._appearance is None:
             self._appearance = AppearanceFeatures().to(self.device)
-        return self._appearance(images.to(self.device), valid.to(self.device) if valid is not None else None)
+        return self._appearance
 
     def _dataset_appearance(self, data: ScanDataset, batch_size: int) -> np.ndarray:
-        return np.concatenate([self.appearance(b.image, b.valid) for b in data.batches(batch_size)])
+        size = self.appearance_size
+        return np.concatenate([self.appearance(b.image, b.valid, size) for b in data.batches(batch_size)])
 
     def calibrate(self, normals: ScanDataset, batch_size: int = 32, abnormals: ScanDataset | None = None, reference: ScanDataset | None = None) -> NormalCalibration:
         """Fit the normal calibration on held-out normal images and keep it; choose the primary map on the
@@ -290,6 +320,7 @@ class Detector:
             if reference is not None and len(reference):
                 looks = np.concatenate([self._dataset_appearance(reference, batch_size), looks])
             self.calibration.guard = DistributionGuard().fit(*scan_features(normals.images.float(), normals.valid, standardized), looks)
+            self.calibration.guard.appearance.input_size = self.appearance_size
         abnormal_scores = self.predict_dataset(abnormals, batch_size).scores if abnormals is not None and len(abnormals) else None
         patients = len({x.patient_id for x in abnormals.samples}) if abnormal_scores else 0
         choice = choose_primary(self.calibration, self.method.primary_map or "combined", abnormal_scores, patients)

@@ -38,7 +38,11 @@ MARGIN = 1.5  # the threshold over the furthest left-out calibration normal
 # normals alone, none of their 40 scans came above 0.93 x the furthest left-out training normal.
 APPEARANCE_MARGIN = 1.1  # the threshold over the furthest left-out reference normal
 APPEARANCE_STAGES = [2, 3]  # EfficientNet-Lite0 stages (stride 4 and 8): texture and local structure
-APPEARANCE_SIZE = 128  # larger model inputs are shrunk to this side first: the guard's cost stays fixed
+# The guard runs the network on the model input shrunk to this side (a quarter of the pixels of 128: the
+# guard costs little beside a cheap model); a model that runs the same network itself (PatchCore,
+# feature-space VQ) lends its stage outputs instead, at its own input size up to SHARED_MAX_SIZE.
+APPEARANCE_SIZE = 64
+SHARED_MAX_SIZE = 128
 NEIGHBOURS = 1
 MAX_REFERENCE = 1000  # reference normals kept (evenly spaced) for the nearest-neighbour distance
 MAD_TO_STD = 1.4826  # the MAD of a normal distribution times this is its standard deviation
@@ -100,14 +104,29 @@ class AppearanceFeatures(torch.nn.Module):
         return super().train(False)  # BatchNorm keeps its ImageNet statistics
 
     @torch.no_grad()
-    def forward(self, images: torch.Tensor, valid: torch.Tensor | None = None) -> np.ndarray:
+    def forward(self, images: torch.Tensor, valid: torch.Tensor | None = None, size: int = APPEARANCE_SIZE) -> np.ndarray:
+        """Features of (B, 1, S, S) images, shrunk to ``size`` first when larger."""
         x = images.float()
-        v = valid.float() if valid is not None else torch.ones_like(x)
+        if x.shape[-1] > size:
+            x = F.interpolate(x, size=size, mode="area")
+        return self.pool(self.network(x.to(next(self.parameters()).device)), valid, images.shape[-1])
+
+    def same_network(self, other: torch.nn.Module) -> bool:
+        """Whether ``other`` (a model's frozen EfficientNet-Lite0) computes these stages with these weights,
+        so that its stage outputs can stand in for this network's (no second forward pass)."""
+        if not isinstance(other, LiteFeatures) or not set(APPEARANCE_STAGES) <= set(other.stage_ends.values()):
+            return False
+        theirs = other.state_dict()
+        return all(k in theirs and theirs[k].shape == v.shape and torch.equal(theirs[k].cpu(), v.cpu()) for k, v in self.network.state_dict().items())
+
+    @staticmethod
+    def pool(stages: list[torch.Tensor], valid: torch.Tensor | None, size: int) -> np.ndarray:
+        """Stage outputs (``APPEARANCE_STAGES``, shallow first) of (B, 1, size, size) inputs -> (B, F) features."""
+        b = stages[0].shape[0]
+        v = valid.float() if valid is not None else torch.ones(b, 1, size, size)
         v = torch.where(v.flatten(1).any(dim=1)[:, None, None, None], v, torch.ones_like(v))  # no valid pixel: all count
-        if x.shape[-1] > APPEARANCE_SIZE:
-            x, v = F.interpolate(x, size=APPEARANCE_SIZE, mode="area"), F.interpolate(v, size=APPEARANCE_SIZE, mode="area")
         columns = []
-        for f in self.network(x.to(next(self.parameters()).device)):
+        for f in stages:
             f = f.float()
             w = F.interpolate(v.to(f.device), size=f.shape[-2:], mode="area")
             w = w / w.sum(dim=(2, 3), keepdim=True).clamp_min(1e-6)
@@ -134,6 +153,7 @@ class AppearanceGuard:
     threshold: float = float("inf")
     n_reference: int = 0
     normal_distances: list[float] = field(default_factory=list)  # left-out distance of each reference normal, sorted
+    input_size: int = APPEARANCE_SIZE  # side of the images the network saw (the features depend on it)
 
     def fit(self, features: np.ndarray) -> "AppearanceGuard":
         n = features.shape[0]
