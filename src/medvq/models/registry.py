@@ -71,9 +71,8 @@ class Method:
     map_names: tuple[str, ...]  # maps the method can compute, in report order
     build_model: Callable[..., "nn.Module"]  # (model config) -> pure nn.Module
     compute_maps: Callable[..., Any]  # (model, images (B, C, S, S), names) -> MapOutput
-    # How it learns: "train": ``training_module`` (RunConfig) -> LightningModule with .model and .epoch_summary();
-    # "fit": ``fit`` (RunConfig, train ScanDataset, device=, console=, progress=) -> (model, summary), one pass, no epochs.
-    training: Literal["train", "fit"] = "train"
+    # How it learns, exactly one of: ``training_module`` (RunConfig) -> LightningModule with .model and .epoch_summary(),
+    # trained for epochs; ``fit`` (RunConfig, train ScanDataset, device=, console=, progress=) -> (model, summary), one pass.
     training_module: Callable[..., Any] | None = None
     fit: Callable[..., tuple["nn.Module", dict]] | None = None
     normal_only: bool = True  # trains on the normal class only (unsupervised)
@@ -104,8 +103,13 @@ class Method:
     sampling: Callable[[BaseModel], tuple[str, str] | None] | None = None
 
     def __post_init__(self) -> None:
-        if (self.training == "train") != (self.training_module is not None) or (self.training == "fit") != (self.fit is not None):
-            raise ValueError(f"method {self.name}: training='train' needs training_module, training='fit' needs fit (and not the other)")
+        if (self.training_module is None) == (self.fit is None):
+            raise ValueError(f"method {self.name}: declare how it learns, either training_module (trained for epochs) or fit (one pass)")
+
+    @property
+    def training(self) -> Literal["train", "fit"]:
+        """'train': epochs of a LightningModule (resumable); 'fit': one pass, no epochs."""
+        return "train" if self.training_module is not None else "fit"
 
     def maps(self, model_config) -> tuple[str, ...]:
         """The maps a model built from ``model_config`` computes by default."""

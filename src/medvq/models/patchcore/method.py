@@ -14,7 +14,6 @@ METHOD = Method(
     map_names=MAP_NAMES,
     build_model=ref("model:PatchCore"),
     compute_maps=ref("anomaly_map:patchcore_maps"),
-    training="fit",
     fit=ref("fit:fit_patchcore"),
     streams_training=True,
     primary_map="patch_distance",
