@@ -19,7 +19,7 @@ from contextlib import nullcontext
 import torch
 from throughput_common import parser, sync, write_json
 
-from medvq.models.classifier.anomaly_map import classifier_maps, map_names_for
+from medvq.models.classifier.anomaly_map import compute_maps, map_names_for
 from medvq.models.classifier.model import Classifier, ClassifierConfig
 
 ARCHS = ["vit", "resnet18", "resnet50", "efficientnet-lite0"]
@@ -34,7 +34,7 @@ def measure(model: Classifier, x: torch.Tensor, maps: tuple[str, ...] | None, *,
                 with torch.no_grad():
                     model(x)
             else:
-                classifier_maps(model, x, maps)
+                compute_maps(model, x, maps)
 
     for _ in range(warmup):
         step()

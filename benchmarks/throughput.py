@@ -18,7 +18,7 @@ import torch
 from throughput_common import parser, sync, write_json
 
 from medvq.config import RunConfig
-from medvq.models.vqvae.anomaly_map import vqvae_maps
+from medvq.models.vqvae.anomaly_map import compute_maps
 from medvq.models.vqvae.model import VQVAE
 
 
@@ -46,7 +46,7 @@ def measure(model_config, *, device, image_size, batch_size, steps, warmup, bf16
             opt.step()
         else:
             with torch.no_grad(), autocast:
-                vqvae_maps(model, x)
+                compute_maps(model, x)
 
     started = time.perf_counter()
     for _ in range(warmup):

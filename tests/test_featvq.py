@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 from medvq.cli import app
 from medvq.config import build_config
-from medvq.models.featvq.anomaly_map import featvq_maps
+from medvq.models.featvq.anomaly_map import compute_maps
 from medvq.models.featvq.model import CodePrior, FeatVQ, FeatVQConfig, code_nll, sincos_positions
 from medvq.models.quantizer import VectorQuantizer
 
@@ -80,7 +80,7 @@ def test_distance_map_is_exact_for_a_planted_off_codebook_feature(monkeypatch):
     expected[1, 3, 9] = 0.65
     torch.testing.assert_close(out.distances, expected, atol=1e-5, rtol=0)
     assert out.codes[1, 3, 9] == 2
-    maps = featvq_maps(model, torch.rand(2, 1, 64, 64), ["quantization_distance"]).maps["quantization_distance"]
+    maps = compute_maps(model, torch.rand(2, 1, 64, 64), ["quantization_distance"]).maps["quantization_distance"]
     assert maps.shape == (2, 1, 64, 64) and maps[0].abs().max() < 1e-5
     peak = maps[1, 0].flatten().argmax()
     assert (int(peak) // 64) // 4 == 3 and (int(peak) % 64) // 4 == 9, "the map peaks on the planted patch"

@@ -121,3 +121,8 @@ class FeatVQModule(TrainingModule):
 
     def trainable_parameters(self):
         return self.model.prior.parameters()
+
+
+def training_module(config) -> FeatVQModule:
+    """The LightningModule of a run config: this folder's entry point for the registry (``Method.training_module``)."""
+    return FeatVQModule.from_run_config(config)
