@@ -280,7 +280,7 @@ def test_unreadable_file_among_good_ones_is_skipped_and_counted(trained, tiny_ph
         shutil.copy(p, folder / p.name)
     (folder / "a_bad.jpeg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
     (folder / "z_bad.png").write_bytes(b"not a png")
-    code, msg = _run_cli("infer", trained, folder, "--out", tmp_path / "out")
+    code, msg = cli("infer", trained, folder, "--out", tmp_path / "out")
     assert code == 0, msg
     msg = " ".join(msg.split())
     assert "2 file(s) could not be read and were skipped; the first:" in msg and "a_bad.jpeg: cannot read image" in msg
@@ -293,7 +293,7 @@ def test_evaluate_leaves_out_an_unreadable_test_file(trained, tiny_phantom, tmp_
     data = tmp_path / "data"
     shutil.copytree(tiny_phantom, data)
     (data / "test" / "NORMAL" / "NORMAL-999999-1.jpeg").write_bytes(b"\xff\xd8\xff\xe0 truncated")  # a patient of its own: a test patient
-    code, msg = _run_cli("evaluate", trained, "--data", data, "--out", tmp_path / "eval")
+    code, msg = cli("evaluate", trained, "--data", data, "--out", tmp_path / "eval")
     assert code == 0, msg
     assert "1 test file(s) could not be read and were left out" in " ".join(msg.split()) and "NORMAL-999999-1.jpeg" in msg
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
