@@ -73,6 +73,26 @@ def test_unreadable_file_is_named_from_a_worker(detector, scans, tmp_path):
         detector.predict_files(inputs)
 
 
+def test_unreadable_files_are_skipped_and_handed_back_when_asked(detector, scans, tmp_path):
+    broken = [tmp_path / "broken_a.jpeg", tmp_path / "broken_b.png"]
+    for p in broken:
+        p.write_bytes(b"\xff\xd8\xff\xe0 not really an image")
+    inputs = scans[:2] + [broken[0]] + scans[2:5] + [broken[1]] + scans[5:7]  # bad files in the first and third batch
+    skipped = []
+    results = detector.predict_files(inputs, on_unreadable=lambda sample, err: skipped.append((sample.path, err.path)))
+    good = [p for p in inputs if p not in broken]
+    assert [r.path for r in results] == good
+    assert skipped == [(broken[0], broken[0]), (broken[1], broken[1])]
+    alone = {r.path: r.scores["combined"]["score"] for r in detector.predict_files(good)}
+    assert all(r.scores["combined"]["score"] == pytest.approx(alone[r.path], rel=1e-4, abs=1e-5) for r in results)
+    # a dataset (evaluation's reading) leaves them out the same way, each scan keeping its own pixels and geometry
+    skipped.clear()
+    data = ScanDataset([Sample(path=p) for p in inputs], detector.preprocessor, load_masks=False, workers=2, on_unreadable=lambda s, e: skipped.append(s.path))
+    clean = ScanDataset([Sample(path=p) for p in good], detector.preprocessor, load_masks=False)
+    assert skipped == broken and [s.path for s in data.samples] == good
+    assert torch.equal(data.images, clean.images) and torch.equal(data.valid, clean.valid) and data.geometry == clean.geometry
+
+
 def test_scan_dataset_read_by_workers_equals_read_in_process(detector, scans):
     samples = [Sample(path=p) for p in scans]
     a = ScanDataset(samples, detector.preprocessor, load_masks=False, workers=2)

@@ -120,12 +120,16 @@ def test_evaluate_writes_metrics_scores_and_report(evaluated, tiny_phantom):
             assert key in v, (name, key)
         assert set(v["image_auroc_per_class"]) == {"CNV", "DME", "DRUSEN"}
         assert 0 <= v["image_auroc"] <= 1 and 0 <= v["aupro"] <= 1
+        lo, hi = v["pixel_auroc_ci"]  # phantom patients have ids: resampled by patient
+        assert lo <= v["pixel_auroc"] <= hi and v["pixel_auroc_ci_by"] == "patient"
     rows = list(csv.DictReader(open(evaluated / "scores.csv")))
     assert len(rows) == m["n_images"] and {"path", "class", "patient", "residual", "alm", "combined"} <= set(rows[0])
     test_files = {str(p) for p in (tiny_phantom / "test").rglob("*.jpeg")}
     assert {r["path"] for r in rows} == test_files
     html = (evaluated / "report.html").read_text()
     assert html.count("data:image/png;base64") > 10 and "AUPRO" in html
+    lo, hi = m["maps"]["combined"]["pixel_auroc_ci"]
+    assert f"{lo:.2f}–{hi:.2f}" in html, "the pixel AUROC's interval under it"
 
 
 def test_validation_split_scores_every_image_of_the_validation_patients(trained, tiny_phantom, tmp_path):
@@ -266,6 +270,34 @@ def test_corrupt_scan_named_and_earlier_results_kept(trained, tiny_phantom, tmp_
     code, msg = cli("infer", trained, bad, "--out", out)
     assert code == 2 and "bad.jpeg" in msg and "cannot read image" in msg
     assert (out / "scores.csv").read_bytes() == before
+
+
+def test_unreadable_file_among_good_ones_is_skipped_and_counted(trained, tiny_phantom, tmp_path):
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    good = sorted((tiny_phantom / "test" / "NORMAL").glob("*.jpeg"))[:3]
+    for p in good:
+        shutil.copy(p, folder / p.name)
+    (folder / "a_bad.jpeg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    (folder / "z_bad.png").write_bytes(b"not a png")
+    code, msg = cli("infer", trained, folder, "--out", tmp_path / "out")
+    assert code == 0, msg
+    msg = " ".join(msg.split())
+    assert "2 file(s) could not be read and were skipped; the first:" in msg and "a_bad.jpeg: cannot read image" in msg
+    assert "3 scans scored" in msg
+    rows = list(csv.DictReader(open(tmp_path / "out" / "scores.csv")))
+    assert sorted(r["name"] for r in rows) == sorted(p.stem for p in good)
+
+
+def test_evaluate_leaves_out_an_unreadable_test_file(trained, tiny_phantom, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(tiny_phantom, data)
+    (data / "test" / "NORMAL" / "NORMAL-999999-1.jpeg").write_bytes(b"\xff\xd8\xff\xe0 truncated")  # a patient of its own: a test patient
+    code, msg = cli("evaluate", trained, "--data", data, "--out", tmp_path / "eval")
+    assert code == 0, msg
+    assert "1 test file(s) could not be read and were left out" in " ".join(msg.split()) and "NORMAL-999999-1.jpeg" in msg
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert metrics["excluded_unreadable"] == 1
 
 
 def test_guard_flags_an_mri_slice_given_to_the_oct_model(trained, tiny_phantom, colin27, tmp_path):

@@ -24,7 +24,7 @@ from medvq.data.loader import prepared_batches
 from medvq.data.preprocess import Geometry, Preprocessor
 from medvq.data.samples import Sample
 from medvq.engine.run_dir import RunDir
-from medvq.errors import BlankScanError, CheckpointError, MedvqError
+from medvq.errors import BlankScanError, CheckpointError, ImageReadError, MedvqError
 from medvq.maps.smoothing import gaussian_smooth
 from medvq.models.registry import Method, get_method
 from medvq.progress import progress_bar
@@ -297,11 +297,13 @@ class Detector:
         batch_size: int | None = None,
         workers: int | None = None,
         on_blank: Callable[[Sample], None] | None = None,
+        on_unreadable: Callable[[Sample, ImageReadError], None] | None = None,
     ) -> Iterator[FileResult]:
         """``predict_files`` as a stream, in input order: the model scores ``batch_size`` scans at a time
         (default: ``inference.batch_size``) while ``workers`` processes read and prepare the next ones.
         A scan without a valid pixel (saturated or blank) raises BlankScanError, or with ``on_blank`` is
-        passed to it and left out of the results."""
+        passed to it and left out of the results; likewise a file that cannot be read raises its
+        ImageReadError, or with ``on_unreadable`` is passed to it with the error and left out."""
         if self.calibration is None:
             raise CheckpointError("this run has no calibration.json", fix="finish training (calibration runs after the last epoch)")
         decide_on = decide_on or self.primary_map
@@ -317,6 +319,7 @@ class Detector:
             batch_size=batch_size or self.inference.batch_size,
             workers=self.inference.workers if workers is None else workers,
             keep_originals=True,
+            on_unreadable=on_unreadable,
         )
         for batch in batches:
             blank = ~batch.valid.flatten(1).any(dim=1)

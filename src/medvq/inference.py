@@ -8,12 +8,13 @@ from typing import Sequence
 
 import numpy as np
 from rich.console import Console
+from rich.markup import escape
 
 from medvq.config import InferenceConfig
 from medvq.data.nifti import is_nifti, nifti_stem
 from medvq.data.samples import Sample, collect_images
 from medvq.detector import Detector, FileResult
-from medvq.errors import CheckpointError, MedvqError
+from medvq.errors import CheckpointError, ImageReadError, MedvqError
 from medvq.scoring.calibration import normals_needed
 from medvq.scoring.decision import operating_point
 from medvq.scoring.volume import volume_key
@@ -111,18 +112,24 @@ def infer(
     normal_scores = detector.calibration.stats[key].normal_scores
     vmax = max(3.0, 1.5 * max(normal_scores), 1.2 * contour_at) if normal_scores else max(3.0, 1.2 * contour_at)
     rows, used, scored, blank = [], set(), [], set()  # scored: the samples of rows; blank: ids of scans without a valid pixel
+    unreadable: list[tuple[Sample, ImageReadError]] = []  # files that could not be read, in input order
+    unread_ids: set[int] = set()
     column_maxima = []  # per scan, the calibrated map's maximum over depth per A-scan column (en-face rows)
 
     def skip(sample: Sample) -> None:  # nothing to score in it; the others go on
         console.print(f"skipped {sample.name}: no valid pixel (saturated white or blank)", highlight=False, markup=False)
         blank.add(id(sample))
 
-    results = detector.iter_files(samples, decide_on=decide_on, threshold=threshold, on_blank=skip)
-    pending = iter(samples)  # results come in input order, without the blank scans
+    def unread(sample: Sample, err: ImageReadError) -> None:  # one bad file among many: the others are still scored
+        unreadable.append((sample, err))
+        unread_ids.add(id(sample))
+
+    results = detector.iter_files(samples, decide_on=decide_on, threshold=threshold, on_blank=skip, on_unreadable=unread)
+    pending = iter(samples)  # results come in input order, without the blank and unreadable scans
     saved = time.monotonic()
     with OutputWriter() as writer, progress_bar(results, "scoring") as tracked:
         for result in tracked:
-            sample = next(s for s in pending if id(s) not in blank)
+            sample = next(s for s in pending if id(s) not in blank and id(s) not in unread_ids)
             scored.append(sample)
             name = output_stem(sample, used)
             if save_overlays or save_npy:
@@ -158,4 +165,9 @@ def infer(
         )  # fmt: skip
     if blank:
         console.print(f"{len(blank)} scan(s) without any valid pixel skipped (saturated or blank)")
+    if unreadable:
+        if not rows and not blank:  # nothing at all could be read: the first file's own error, exit status 2
+            raise unreadable[0][1]
+        first, err = unreadable[0]
+        console.print(f"[yellow]warning[/]: {len(unreadable)} file(s) could not be read and were skipped; the first: {escape(f'{first.path}: {err.problem}')}", highlight=False)
     return rows

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -14,7 +14,7 @@ from torch.utils.data import Dataset
 from medvq.data.loader import prepared_batches
 from medvq.data.preprocess import Geometry, Preprocessor
 from medvq.data.samples import Sample
-from medvq.errors import DatasetError
+from medvq.errors import DatasetError, ImageReadError
 from medvq.progress import progress_bar
 
 
@@ -62,6 +62,7 @@ class ScanDataset(Dataset):
         targets: Sequence[int] | None = None,
         progress: str | None = None,
         workers: int = 0,
+        on_unreadable: Callable[[Sample, ImageReadError], None] | None = None,
     ):
         self.samples = list(samples)
         if targets is not None and len(targets) != len(self.samples):
@@ -69,10 +70,11 @@ class ScanDataset(Dataset):
         self.targets = torch.as_tensor(list(targets), dtype=torch.long) if targets is not None else None
         self.preprocessor = preprocessor
         self.hflip, self.zoom, self.shift = hflip, zoom, shift
-        self._read(load_masks, progress, workers)
+        self._read(load_masks, progress, workers, on_unreadable)
 
-    def _read(self, load_masks: bool, progress: str | None, workers: int) -> None:
-        """Read and preprocess every scan into memory."""
+    def _read(self, load_masks: bool, progress: str | None, workers: int, on_unreadable: Callable[[Sample, ImageReadError], None] | None = None) -> None:
+        """Read and preprocess every scan into memory; with ``on_unreadable``, a file that cannot be read is
+        passed to it and left out of the dataset (otherwise its ImageReadError is raised)."""
         n, s = len(self.samples), self.preprocessor.image_size
         self.images = torch.empty(n, 1, s, s, dtype=torch.float16)
         self.valid = torch.ones(n, 1, s, s, dtype=torch.bool)
@@ -82,15 +84,31 @@ class ScanDataset(Dataset):
         self.masks = torch.zeros(n, 1, s, s, dtype=torch.bool) if self.has_masks else None
         self.mask_known = torch.tensor([self.has_masks and x.mask_path is not None for x in self.samples], dtype=torch.bool)
         self.geometry: list[Geometry] = []
-        batches = prepared_batches(self.samples, self.preprocessor, batch_size=READ_BATCH, workers=workers, with_masks=self.has_masks)
+        unread: list[int] = []
+
+        def skip(sample: Sample, err: ImageReadError) -> None:
+            unread.append(positions[id(sample)])
+            on_unreadable(sample, err)
+
+        positions = {id(x): i for i, x in enumerate(self.samples)}
+        batches = prepared_batches(
+            self.samples, self.preprocessor, batch_size=READ_BATCH, workers=workers, with_masks=self.has_masks, on_unreadable=skip if on_unreadable else None
+        )
         with progress_bar(batches, progress) as tracked:
             for b in tracked:
-                rows = slice(b.start, b.start + len(b.samples))
+                rows = torch.as_tensor(b.indices, dtype=torch.long)
                 self.images[rows] = b.images.half()
                 self.valid[rows] = b.valid
                 if self.masks is not None and b.masks is not None:
                     self.masks[rows] = b.masks
                 self.geometry.extend(b.geometry)
+        if unread:  # the readable scans only, in their order (their geometry was gathered in that order)
+            left_out = set(unread)
+            keep = torch.as_tensor([i for i in range(n) if i not in left_out], dtype=torch.long)
+            self.samples = [self.samples[i] for i in keep.tolist()]
+            self.images, self.valid, self.mask_known = self.images[keep], self.valid[keep], self.mask_known[keep]
+            self.masks = self.masks[keep] if self.masks is not None else None
+            self.targets = self.targets[keep] if self.targets is not None else None
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -172,8 +190,8 @@ class StreamingScanDataset(ScanDataset):
     exists; a scan that cannot be read stops training with an error that names it.
     """
 
-    def _read(self, load_masks: bool, progress: str | None, workers: int) -> None:
-        """Nothing is read ahead (``progress`` and ``workers`` do not apply): only check that every file exists."""
+    def _read(self, load_masks: bool, progress: str | None, workers: int, on_unreadable: Callable[[Sample, ImageReadError], None] | None = None) -> None:
+        """Nothing is read ahead (``progress``, ``workers`` and ``on_unreadable`` do not apply): only check that every file exists."""
         missing = next((s.path for s in self.samples if not s.path.is_file()), None)
         if missing is not None:
             raise DatasetError("scan not found", path=missing, fix="restore the file or remove it from the dataset")

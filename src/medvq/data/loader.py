@@ -9,7 +9,8 @@ batch gains nothing from them and would pay their start-up). While the caller wa
 only the cores the workers leave for its own torch threads (at least one): on two cores, two torch threads
 beside two busy workers spend their time waiting for each other (scoring ran at half the rate); while
 batches wait for the caller, it uses all its threads (``ThreadShare``). A file that cannot be read raises its
-``MedvqError`` in the calling process, naming the file, as reading it there would.
+``MedvqError`` in the calling process, naming the file, as reading it there would; with ``on_unreadable``
+an unreadable image (``ImageReadError``) is handed to it instead and left out of the batches.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -25,7 +26,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from medvq.data.preprocess import Geometry, Preprocessor
 from medvq.data.samples import Sample
-from medvq.errors import MedvqError
+from medvq.errors import ImageReadError, MedvqError
 
 
 @dataclass
@@ -34,6 +35,7 @@ class PreparedBatch:
 
     start: int  # position of the first sample in the sequence given
     samples: list[Sample]
+    indices: list[int]  # position of each sample in the sequence given (consecutive unless unreadable ones were left out)
     images: torch.Tensor  # (B, 1, S, S) float32 in [0, 1]
     valid: torch.Tensor  # (B, 1, S, S) bool
     masks: torch.Tensor | None  # (B, 1, S, S) bool, when asked for and every sample has a mask
@@ -46,6 +48,7 @@ class PreparedBatch:
         return PreparedBatch(
             start=self.start,
             samples=[self.samples[i] for i in rows],
+            indices=[self.indices[i] for i in rows],
             images=self.images[idx],
             valid=self.valid[idx],
             masks=self.masks[idx] if self.masks is not None else None,
@@ -66,17 +69,20 @@ class _Prepare(Dataset):
         try:
             original, prepared = self.preprocessor.load(self.samples[i], with_mask=self.with_masks)
         except MedvqError as err:  # returned, not raised: the caller raises it as it is, not wrapped by the worker
-            return err
+            return i, err
         return i, torch.from_numpy(original) if self.keep_originals else None, prepared
 
 
-def _collate(items: list) -> dict | MedvqError:
-    """Runs in the worker: one stacked tensor per field crosses to the caller, not one per scan."""
-    for item in items:
-        if isinstance(item, MedvqError):
-            return item
+def _collate(items: list) -> dict:
+    """Runs in the worker: one stacked tensor per field crosses to the caller, not one per scan; the errors
+    of files that could not be read go along (``failed``), and ``images`` is None when none could."""
+    failed = [item for item in items if len(item) == 2]  # (position, error) of a file that could not be read
+    items = [item for item in items if len(item) == 3]
+    if not items:
+        return {"failed": failed, "images": None}
     prepared = [p for _, _, p in items]
     return {
+        "failed": failed,
         "indices": [i for i, _, _ in items],
         "images": torch.stack([p.image for p in prepared]),
         "valid": torch.stack([p.valid for p in prepared]),
@@ -121,8 +127,11 @@ def prepared_batches(
     workers: int = 0,
     keep_originals: bool = False,
     with_masks: bool = False,
+    on_unreadable: Callable[[Sample, ImageReadError], None] | None = None,
 ) -> Iterator[PreparedBatch]:
-    """Batches of prepared scans in the order of ``samples``; ``workers`` processes read ahead (0: none)."""
+    """Batches of prepared scans in the order of ``samples``; ``workers`` processes read ahead (0: none).
+    A file that cannot be read raises its error, or with ``on_unreadable`` (for ``ImageReadError``) is
+    passed to it with its error and left out."""
     if batch_size < 1 or workers < 0:
         raise ValueError(f"batch_size must be >= 1 and workers >= 0, got {batch_size} and {workers}")
     samples = list(samples)
@@ -144,13 +153,18 @@ def prepared_batches(
             batch = next(batches, None)
             if batch is None:
                 return
-            if isinstance(batch, MedvqError):
-                raise batch
+            for i, err in batch["failed"]:
+                if on_unreadable is None or not isinstance(err, ImageReadError):
+                    raise err
+                on_unreadable(samples[i], err)
+            if batch["images"] is None:
+                continue
             share.choose(time.perf_counter() - asked, worked)
             handed = time.perf_counter()
             yield PreparedBatch(
                 start=batch["indices"][0],
                 samples=[samples[i] for i in batch["indices"]],
+                indices=batch["indices"],
                 images=batch["images"],
                 valid=batch["valid"],
                 masks=batch["masks"],
