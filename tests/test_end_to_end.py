@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import csv
 import json
-import pickle
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 import yaml
 from typer.testing import CliRunner
 
@@ -18,6 +16,7 @@ from medvq.cli import app
 from medvq.config import build_config
 from medvq.detector import Detector
 from medvq.engine.train import train_run
+from cli_runner import cli, cli_ok
 
 pytestmark = pytest.mark.slow
 runner = CliRunner()
@@ -71,13 +70,7 @@ def test_run_directory_holds_everything(trained):
     assert yaml.safe_load((trained / "config.yaml").read_text())["model"]["codebook_size"] == 32
 
 
-def test_loading_never_unpickles(trained, monkeypatch):
-    def refuse(*args, **kwargs):
-        raise AssertionError("unpickling while loading a model")
-
-    monkeypatch.setattr(pickle, "load", refuse)
-    monkeypatch.setattr(pickle, "loads", refuse)
-    monkeypatch.setattr(torch, "load", refuse)
+def test_loading_never_unpickles(trained, no_unpickling):
     det = Detector.load(trained)
     assert det.calibration is not None and det.model.training is False
 
@@ -235,29 +228,24 @@ def test_resume_continues_after_a_crash(tiny_phantom, tmp_path, monkeypatch):
     del cfg
 
 
-def _run_cli(*args) -> tuple[int, str]:
-    result = runner.invoke(app, [str(a) for a in args])
-    return result.exit_code, result.output
-
-
 def test_bad_inputs_get_one_line_errors(tiny_phantom, trained, tmp_path):
-    code, out = _run_cli("train", "vqvae", "--data", tmp_path / "missing", "--out", tmp_path / "r1")
+    code, out = cli("train", "vqvae", "--data", tmp_path / "missing", "--out", tmp_path / "r1")
     assert code == 2 and "missing: data folder not found" in out
 
     (tmp_path / "empty" / "NORMAL").mkdir(parents=True)
-    code, out = _run_cli("train", "vqvae", "--data", tmp_path / "empty", "--out", tmp_path / "r2")
+    code, out = cli("train", "vqvae", "--data", tmp_path / "empty", "--out", tmp_path / "r2")
     assert code == 2 and "no images" in out and "empty" in out
 
-    code, out = _run_cli("train", "vqvae", "--data", tiny_phantom, "--out", tmp_path / "r3", "--train-classes", "HEALTHY")
+    code, out = cli("train", "vqvae", "--data", tiny_phantom, "--out", tmp_path / "r3", "--train-classes", "HEALTHY")
     assert code == 2 and "HEALTHY" in out and "NORMAL" in out
 
-    code, out = _run_cli("train", "vqvae", "--data", tiny_phantom, "--out", tmp_path / "r4", "--image-size", "66")
+    code, out = cli("train", "vqvae", "--data", tiny_phantom, "--out", tmp_path / "r4", "--image-size", "66")
     assert code == 2 and "multiple of the model stride 8" in out and "use e.g. 64" in out
 
-    code, out = _run_cli("train", "vqvae", "--data", tiny_phantom, "--out", trained)
+    code, out = cli("train", "vqvae", "--data", tiny_phantom, "--out", trained)
     assert code == 2 and "not empty" in out and "--resume" in out
 
-    code, out = _run_cli("train", "vqvae", "--data", tiny_phantom, "--out", trained, "--resume", "--codebook-size", "64")
+    code, out = cli("train", "vqvae", "--data", tiny_phantom, "--out", trained, "--resume", "--codebook-size", "64")
     assert code == 2 and "model.codebook_size" in out
 
 
@@ -267,19 +255,19 @@ def test_checkpoint_from_a_different_config_is_refused(trained, tmp_path):
     cfg = yaml.safe_load((other / "config.yaml").read_text())
     cfg["model"]["hidden_channels"] = 48
     (other / "config.yaml").write_text(yaml.safe_dump(cfg))
-    code, out = _run_cli("infer", other, trained / "samples", "--out", tmp_path / "o")
+    code, out = cli("infer", other, trained / "samples", "--out", tmp_path / "o")
     assert code == 2 and "best.safetensors" in out and "different configuration" in out
 
 
 def test_corrupt_scan_named_and_earlier_results_kept(trained, tiny_phantom, tmp_path):
     good = sorted((tiny_phantom / "test" / "NORMAL").glob("*.jpeg"))[0]
     out = tmp_path / "infer"
-    code, _ = _run_cli("infer", trained, good, "--out", out)
+    code, _ = cli("infer", trained, good, "--out", out)
     assert code == 0
     before = (out / "scores.csv").read_bytes()
     bad = tmp_path / "bad.jpeg"
     bad.write_bytes(b"\xff\xd8\xff\xe0 truncated")
-    code, msg = _run_cli("infer", trained, bad, "--out", out)
+    code, msg = cli("infer", trained, bad, "--out", out)
     assert code == 2 and "bad.jpeg" in msg and "cannot read image" in msg
     assert (out / "scores.csv").read_bytes() == before
 
@@ -292,7 +280,7 @@ def test_unreadable_file_among_good_ones_is_skipped_and_counted(trained, tiny_ph
         shutil.copy(p, folder / p.name)
     (folder / "a_bad.jpeg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
     (folder / "z_bad.png").write_bytes(b"not a png")
-    code, msg = _run_cli("infer", trained, folder, "--out", tmp_path / "out")
+    code, msg = cli("infer", trained, folder, "--out", tmp_path / "out")
     assert code == 0, msg
     msg = " ".join(msg.split())
     assert "2 file(s) could not be read and were skipped; the first:" in msg and "a_bad.jpeg: cannot read image" in msg
@@ -305,7 +293,7 @@ def test_evaluate_leaves_out_an_unreadable_test_file(trained, tiny_phantom, tmp_
     data = tmp_path / "data"
     shutil.copytree(tiny_phantom, data)
     (data / "test" / "NORMAL" / "NORMAL-999999-1.jpeg").write_bytes(b"\xff\xd8\xff\xe0 truncated")  # a patient of its own: a test patient
-    code, msg = _run_cli("evaluate", trained, "--data", data, "--out", tmp_path / "eval")
+    code, msg = cli("evaluate", trained, "--data", data, "--out", tmp_path / "eval")
     assert code == 0, msg
     assert "1 test file(s) could not be read and were left out" in " ".join(msg.split()) and "NORMAL-999999-1.jpeg" in msg
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())

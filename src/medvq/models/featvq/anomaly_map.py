@@ -23,7 +23,7 @@ def _to_image(grid_map: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 
 @torch.no_grad()
-def featvq_maps(model: FeatVQ, images: torch.Tensor, names: tuple[str, ...] | list[str] = MAP_NAMES) -> MapOutput:
+def compute_maps(model: FeatVQ, images: torch.Tensor, names: tuple[str, ...] | list[str] = MAP_NAMES) -> MapOutput:
     """(B, C, S, S) images in [0, 1] -> the requested maps (B, 1, S, S) fp32 and the code grid (B, h, w)."""
     unknown = set(names) - set(MAP_NAMES)
     if unknown:

@@ -12,15 +12,33 @@ from medvq.models.backbones.config import PatchFeatureConfig
 class FeatVQConfig(PatchFeatureConfig):
     """Backbone features (``PatchFeatureConfig``, as PatchCore's), codebook and code-prior settings; stored with every run."""
 
-    codebook_size: int = Field(2048, ge=2, description="Codes K in the feature codebook (a memory bank of fixed size).")
+    codebook_size: int = Field(8192, ge=2, description="Codes K in the feature codebook (a memory bank of fixed size).")
     ema_decay: float = Field(0.99, gt=0, lt=1, description="Decay of the codebook's EMA updates.")
-    kmeans_init: bool = Field(True, description="Initialise the codebook by k-means on the first training batch's patch features.")
-    kmeans_iters: int = Field(10, ge=1, description="k-means iterations of that initialisation.")
+    kmeans_init: bool = Field(
+        True,
+        description="Initialise the codebook by k-means on a uniform sample of the training scans' patch features (one pass before "
+        "the first epoch); false: the first training batch's features, as the VQ autoencoders do.",
+    )
+    kmeans_iters: int = Field(20, ge=1, description="k-means iterations of that initialisation.")
+    kmeans_seeding: Literal["random", "kmeans++", "farthest"] = Field(
+        "farthest",
+        description="Where k-means starts: distinct random samples, k-means++ (drawn by squared distance) or the farthest-point "
+        "(k-center) order that gives every outlier a code; compared on validation patients in benchmarks/featvq_codebook.py.",
+    )
+    kmeans_sample_patches: int = Field(
+        131072,
+        ge=1,
+        description="Patch features sampled (uniformly over all training scans and positions) for the k-means initialisation; "
+        "bounds its memory (64 dims x 4 bytes each) whatever the number of training scans.",
+    )
     dead_code_threshold: float = Field(
         1.0, ge=0, description="A code whose EMA usage falls below this is restarted on a random patch feature of the batch (0: never)."
     )
     codebook_epochs: int = Field(
-        2, ge=1, description="Epochs in which the codebook learns (EMA, restarts); afterwards it is frozen and only the prior trains on fixed codes."
+        0,
+        ge=0,
+        description="Epochs in which the codebook keeps learning by EMA updates and dead-code restarts after its initialisation; afterwards "
+        "it is frozen and only the prior trains on fixed codes (0: keep the k-means codebook, chosen on validation patients).",
     )
     prior_context: Literal["bidirectional", "causal"] = Field(
         "bidirectional",

@@ -1,10 +1,12 @@
-"""Thin Lightning wrapper of feature-space VQ: codebook EMA on streamed patch features, code-prior training.
+"""Thin Lightning wrapper of feature-space VQ: k-means codebook from a sample of streamed patch features, code-prior training.
 
-Each step: frozen patch features of the batch -> the quantizer (EMA step of the codebook while
-``codebook_epochs`` last, then frozen) -> the code prior's cross-entropy on every position, with a random
-share of the context hidden. Nothing is kept across batches but running sums, so memory does not depend on
-the number of training scans. Under DDP the codebook statistics are summed over processes
-(``VectorQuantizer.synchronise_across_processes``).
+Before the first epoch, one pass over the training scans keeps a bounded uniform sample of their patch
+features (``PatchSample``) and the codebook is set to its k-means centres. Each step then: frozen patch
+features of the batch -> the quantizer (EMA step of the codebook while ``codebook_epochs`` last, then
+frozen) -> the code prior's cross-entropy, with a random share of the context hidden. Nothing is kept
+across batches but the sample and running sums, so memory does not depend on the number of training
+scans. Under DDP the sample is the one a single process would draw, and the codebook statistics are summed
+over processes (``VectorQuantizer.synchronise_across_processes``).
 """
 
 from __future__ import annotations
@@ -13,10 +15,11 @@ import math
 
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_info
 
 from medvq.models.featvq.model import FeatVQ, FeatVQConfig, code_nll
 from medvq.models.lightning import TrainingModule
-from medvq.models.quantizer import code_usage, synchronise_quantizers
+from medvq.models.quantizer import PatchSample, code_usage, sample_keys, synchronise_quantizers
 
 # loss * n, quantisation distance per patch * n, correct code predictions, positions, n
 _SUMS = 5
@@ -41,6 +44,22 @@ class FeatVQModule(TrainingModule):
 
     def setup(self, stage: str) -> None:
         synchronise_quantizers(self.model)  # the process group exists from here on
+
+    def on_train_start(self) -> None:
+        """k-means initialisation of the codebook from a uniform sample of every training scan's patch features
+        (skipped when resuming: the codebook is then restored)."""
+        quantizer, c = self.model.quantizer, self.model.config
+        if not c.kmeans_init or bool(quantizer.vq._codebook.initted):
+            return
+        sample = PatchSample(c.kmeans_sample_patches)
+        for batch in self.trainer.train_dataloader:
+            features = self.model.encode(batch["image"].to(self.device))  # (B, D, h, w)
+            positions = features.shape[-2] * features.shape[-1]
+            sample.add(features.permute(0, 2, 3, 1).reshape(-1, features.shape[1]), sample_keys(batch["index"], positions))
+        patches = sample.gathered()
+        counts = quantizer.initialise_by_kmeans(patches.to(self.device), c.kmeans_iters, seed=0, seeding=c.kmeans_seeding)
+        rank_zero_info(f"codebook: k-means ({c.kmeans_iters} iterations) of {len(patches)} sampled patch features into "
+                       f"{c.codebook_size} codes, {int((counts == 0).sum())} empty")
 
     @property
     def codebook_learning(self) -> bool:
@@ -121,3 +140,8 @@ class FeatVQModule(TrainingModule):
 
     def trainable_parameters(self):
         return self.model.prior.parameters()
+
+
+def training_module(config) -> FeatVQModule:
+    """The LightningModule of a run config: this folder's entry point for the registry (``Method.training_module``)."""
+    return FeatVQModule.from_run_config(config)

@@ -172,3 +172,8 @@ class FeatVQ(nn.Module):
 
     def prior_logits(self, codes: torch.Tensor, hidden: torch.Tensor | None = None, queries: torch.Tensor | None = None) -> torch.Tensor:
         return self.prior(codes, hidden, queries)
+
+
+def build_model(config: FeatVQConfig) -> FeatVQ:
+    """The network of a config: this folder's entry point for the registry (``Method.build_model``)."""
+    return FeatVQ(config)
