@@ -318,4 +318,6 @@ def test_guard_flags_an_mri_slice_given_to_the_oct_model(trained, tiny_phantom, 
     assert rows["colin27_axial"]["in_distribution"] == "0"
     assert all(r["in_distribution"] == "1" for n, r in rows.items() if n != "colin27_axial")
     guard = json.loads((trained / "calibration.json").read_text())["ood_guard"]
-    assert float(rows["colin27_axial"]["ood_distance"]) > guard["threshold"] > max(guard["normal_distances"])
+    assert float(rows["colin27_axial"]["ood_distance"]) > guard["threshold"] == 1.0  # distances in units of the parts' thresholds
+    assert guard["feature_threshold"] > max(guard["normal_distances"])
+    assert guard["appearance"]["threshold"] > max(guard["appearance"]["normal_distances"]) and guard["appearance"]["n_reference"] > guard["n_normals"]
