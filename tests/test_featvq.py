@@ -175,6 +175,25 @@ def test_nll_map_equals_minus_log_p_of_the_true_code_given_its_context(context):
             assert not torch.allclose(other[0, :, 0, 0], logits[0, :, 0, 0]), "every other position sees the change"
 
 
+def test_grouped_prior_reads_and_predicts_each_codes_group():
+    torch.manual_seed(0)
+    near = lambda centre: torch.tensor(centre) + 0.01 * torch.randn(4, 2)  # four codes around each of three points
+    codebook = torch.cat([near([5.0, 0.0]), near([0.0, 5.0]), near([-5.0, -5.0])])  # (12, 2)
+    model = FeatVQ(FeatVQConfig(codebook_size=12, prior_vocabulary=3, feature_stages=[2], prior_layers=1, prior_dim=8, prior_heads=2)).eval()
+    model.quantizer.vq._codebook.embed.data.copy_(F.pad(codebook, (0, model.config.feature_dim - 2))[None])
+    model.group_codes(iters=10)
+    groups = model.code_groups
+    assert [len(set(groups[i : i + 4].tolist())) for i in (0, 4, 8)] == [1, 1, 1] and len(set(groups.tolist())) == 3
+    assert "code_groups" in model.state_dict(), "grouping is stored with the weights"
+    codes = torch.randint(0, 12, (2, 3, 4))
+    with torch.no_grad():
+        expected = code_nll(model.prior(groups[codes]), groups[codes])
+        torch.testing.assert_close(model.code_nll(codes), expected)
+        assert model.prior_logits(codes).shape == (2, 3, 3, 4), "logits over 3 groups, not 12 codes"
+    ungrouped = FeatVQ(FeatVQConfig(codebook_size=12, prior_vocabulary=0, feature_stages=[2], prior_layers=1, prior_dim=8, prior_heads=2))
+    assert torch.equal(ungrouped.code_groups, torch.arange(12)) and "code_groups" not in ungrouped.state_dict()
+
+
 def test_hidden_codes_are_invisible_to_every_prediction():
     torch.manual_seed(0)
     prior = CodePrior(codebook_size=6, dim=16, layers=2, heads=4, context="bidirectional").eval()

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from medvq.maps import MapOutput
-from medvq.models.featvq.model import FeatVQ, code_nll
+from medvq.models.featvq.model import FeatVQ
 from medvq.models.featvq.method import MAP_NAMES, COMBINATIONS  # noqa: F401 (declared with the method)
 
 
@@ -37,7 +37,7 @@ def compute_maps(model: FeatVQ, images: torch.Tensor, names: tuple[str, ...] | l
         if "quantization_distance" in names:
             maps["quantization_distance"] = _to_image(out.distances, size)
         if "nll" in names:
-            maps["nll"] = _to_image(code_nll(model.prior_logits(out.codes), out.codes), size)
+            maps["nll"] = _to_image(model.code_nll(out.codes), size)
     finally:
         model.train(was_training)
     return MapOutput(maps=maps, codes=out.codes)

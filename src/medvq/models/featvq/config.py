@@ -45,6 +45,14 @@ class FeatVQConfig(PatchFeatureConfig):
         description="What the code prior predicts each position from: every other position (bidirectional) or the positions before it "
         "in raster order (causal, as the VQ-VAE's autoregressive prior).",
     )
+    prior_vocabulary: int = Field(
+        512,
+        ge=0,
+        description="Code groups the prior reads and predicts: after the codebook's initialisation its K codes are grouped by k-means of "
+        "their vectors into this many groups, and the nll map is -log p(group of the code | the groups around it). A few hundred "
+        "groups can be learnt from a few dozen scans, K = 8192 codes cannot, and the prior's output layer is K / groups times "
+        "smaller. 0 or >= K: every code its own group.",
+    )
     prior_layers: int = Field(2, ge=1, description="Attention layers of the code prior.")
     prior_dim: int = Field(64, ge=8, description="Width of the code prior's tokens.")
     prior_heads: int = Field(4, ge=1, description="Attention heads per layer of the code prior.")

@@ -15,9 +15,8 @@ import math
 
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.utilities import rank_zero_info
 
-from medvq.models.featvq.model import FeatVQ, FeatVQConfig, code_nll
+from medvq.models.featvq.model import FeatVQ, FeatVQConfig
 from medvq.models.lightning import TrainingModule
 from medvq.models.quantizer import PatchSample, code_usage, sample_keys, synchronise_quantizers
 
@@ -46,11 +45,17 @@ class FeatVQModule(TrainingModule):
         synchronise_quantizers(self.model)  # the process group exists from here on
 
     def on_train_start(self) -> None:
-        """k-means initialisation of the codebook from a uniform sample of every training scan's patch features
-        (skipped when resuming: the codebook is then restored)."""
-        quantizer, c = self.model.quantizer, self.model.config
-        if not c.kmeans_init or bool(quantizer.vq._codebook.initted):
+        """k-means initialisation of the codebook from a uniform sample of every training scan's patch features,
+        then the prior's code groups (skipped when resuming: both are then restored)."""
+        c = self.model.config
+        if self.trainer.ckpt_path:  # resuming: the codebook and its groups come from the checkpoint
             return
+        if c.kmeans_init:
+            self._initialise_codebook()
+        self.model.group_codes(c.kmeans_iters)  # the prior's vocabulary, from the codebook as it now is
+
+    def _initialise_codebook(self) -> None:
+        quantizer, c = self.model.quantizer, self.model.config
         sample = PatchSample(c.kmeans_sample_patches)
         for batch in self.trainer.train_dataloader:
             features = self.model.encode(batch["image"].to(self.device))  # (B, D, h, w)
@@ -58,8 +63,9 @@ class FeatVQModule(TrainingModule):
             sample.add(features.permute(0, 2, 3, 1).reshape(-1, features.shape[1]), sample_keys(batch["index"], positions))
         patches = sample.gathered()
         counts = quantizer.initialise_by_kmeans(patches.to(self.device), c.kmeans_iters, seed=0, seeding=c.kmeans_seeding)
-        rank_zero_info(f"codebook: k-means ({c.kmeans_iters} iterations) of {len(patches)} sampled patch features into "
-                       f"{c.codebook_size} codes, {int((counts == 0).sum())} empty")
+        if self.global_rank == 0:
+            print(f"codebook: k-means ({c.kmeans_seeding} seeding, {c.kmeans_iters} iterations) of {len(patches)} sampled patch features "
+                  f"into {c.codebook_size} codes, {int((counts == 0).sum())} empty", flush=True)
 
     @property
     def codebook_learning(self) -> bool:
@@ -76,11 +82,11 @@ class FeatVQModule(TrainingModule):
         ratio = self.model.config.prior_mask_ratio
         if training and ratio > 0:
             hidden = torch.rand(codes.shape, device=codes.device) < ratio
-        targets, queries = codes, None
+        targets, queries = self.model.prior_tokens(codes), None
         m = self.model.config.prior_train_queries
         if training and 0 < m < codes[0].numel():  # a random subset of positions to predict; all stay context
             queries = torch.rand(codes.shape[0], codes[0].numel(), device=codes.device).argsort(dim=1)[:, :m]  # (B, M)
-            targets = codes.flatten(1).gather(1, queries)
+            targets = targets.flatten(1).gather(1, queries)
         logits = self.model.prior_logits(codes, hidden, queries)
         loss = F.cross_entropy(logits, targets)
         with torch.no_grad():
@@ -127,7 +133,7 @@ class FeatVQModule(TrainingModule):
         self.model.eval()
         try:
             out = self.model(x.float())
-            nll = code_nll(self.model.prior_logits(out.codes), out.codes)
+            nll = self.model.code_nll(out.codes)
         finally:
             self.model.train(was_training)
         up = lambda m: F.interpolate(m[:, None], size=tuple(x.shape[-2:]), mode="nearest")[:, 0].cpu().numpy()
