@@ -13,23 +13,16 @@ values). Each setting runs --warmup batches, then times --steps batches.
 
 from __future__ import annotations
 
-import argparse
-import json
-import platform
 import time
 from contextlib import nullcontext
 
 import torch
+from throughput_common import parser, sync, write_json
 
-from medvq.models.classifier.anomaly_map import classifier_maps, map_names_for
+from medvq.models.classifier.anomaly_map import compute_maps, map_names_for
 from medvq.models.classifier.model import Classifier, ClassifierConfig
 
 ARCHS = ["vit", "resnet18", "resnet50", "efficientnet-lite0"]
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def measure(model: Classifier, x: torch.Tensor, maps: tuple[str, ...] | None, *, steps: int, warmup: int, bf16: bool) -> float:
@@ -41,29 +34,22 @@ def measure(model: Classifier, x: torch.Tensor, maps: tuple[str, ...] | None, *,
                 with torch.no_grad():
                     model(x)
             else:
-                classifier_maps(model, x, maps)
+                compute_maps(model, x, maps)
 
     for _ in range(warmup):
         step()
-    _sync(x.device)
+    sync(x.device)
     started = time.perf_counter()
     for _ in range(steps):
         step()
-    _sync(x.device)
+    sync(x.device)
     return steps * x.shape[0] / (time.perf_counter() - started)
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = parser(__doc__, steps=5, warmup=2)
     p.add_argument("--arch", action="append", choices=ARCHS, help="architectures to measure (default: all)")
-    p.add_argument("--image-size", type=int, default=128)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--steps", type=int, default=5)
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast (maps and probabilities are still computed in fp32)")
-    p.add_argument("--json", default=None, help="write the figures to this JSON file")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -85,19 +71,7 @@ def main() -> None:
             base = base or rate
             rows.append({"arch": arch, "what": what, "images_per_s": rate, "ratio_vs_logits": rate / base})
             print(f"{arch:20s} {what:22s} {rate:9.1f}  {rate / base:8.2f}x", flush=True)
-    info = {
-        "device": str(device),
-        "cpu": platform.processor() or platform.machine(),
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "image_size": args.image_size,
-        "batch_size": args.batch_size,
-        "bf16": args.bf16,
-        "rows": rows,
-    }
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(info, f, indent=1)
+    write_json(args.json, args, device, bf16=args.bf16, rows=rows)
 
 
 if __name__ == "__main__":

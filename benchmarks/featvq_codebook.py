@@ -10,7 +10,8 @@ saturates), on the test patients and per disease.
 
 nn: exact nearest neighbour among all training patches; coresetK: greedy k-center coreset of K patches
 (PatchCore); kmeansK: a K-code k-means codebook (what featvq's codebook converges to), also with each
-distance divided by / reduced by its code's mean training distance.
+distance divided by / reduced by its code's mean training distance; init-SEEDING-K: featvq's own k-means
+initialisation (``VectorQuantizer.initialise_by_kmeans``) with random, kmeans++ or farthest-point seeding.
 """
 import json, sys, time, math
 from pathlib import Path
@@ -105,5 +106,32 @@ for var in variants:
         spread = (s + d.mean()) / (n + 1)  # shrunk to the global mean for codes with few patches
         evaluate(f"k-means {k} /spread", lambda q: (lambda dd, ii: dd / spread[ii])(*nn_dist(q, c)))
         evaluate(f"k-means {k} -spread", lambda q: (lambda dd, ii: dd - spread[ii])(*nn_dist(q, c)))
-    elif var.startswith("kcmeans"):  # k-center init then no update
-        pass
+    elif var.startswith("init-"):  # the quantizer's own initialisation: init-SEEDING-K (SEEDING: random, kmeans++, farthest)
+        _, seeding, k = var.split("-")
+        from medvq.models.quantizer import VectorQuantizer
+        vq = VectorQuantizer(dim=train.shape[1], codebook_size=int(k))
+        t0 = time.time(); counts = vq.initialise_by_kmeans(train, iters=20, seeding=seeding); fit_s = time.time() - t0
+        c = vq.codebook.float()
+        print(f"  ({seeding} seeding + 20 Lloyd iterations: {fit_s:.0f}s, {int((counts == 0).sum())} empty codes, {int((counts == 1).sum())} singletons)")
+        evaluate(f"init {seeding} {k}", lambda q: nn_dist(q, c)[0])
+    elif var.startswith("residual"):  # residualK: a small decoder from the code grid back to the features; ||f - decoder(codes)||^2
+        k = int(var[8:]); c = kmeans(train, k)
+        torch.manual_seed(0)
+        decoder = torch.nn.Sequential(torch.nn.Conv2d(64, 128, 3, padding=1), torch.nn.GELU(), torch.nn.Conv2d(128, 64, 3, padding=1))
+        quantised = lambda f: c[nn_dist(f.permute(0, 2, 3, 1).reshape(-1, 64), c)[1]].reshape(f.shape[0], f.shape[2], f.shape[3], 64).permute(0, 3, 1, 2)
+        features = D["train"][0]; codes_train = quantised(features)
+        opt = torch.optim.Adam(decoder.parameters(), 1e-3)
+        t0 = time.time()
+        for step in range(300):
+            pick = torch.randint(0, features.shape[0], (16,))
+            loss = (decoder(codes_train[pick]) + codes_train[pick] - features[pick]).pow(2).sum(1).mean()
+            opt.zero_grad(); loss.backward(); opt.step()
+        print(f"  (decoder: 300 steps in {time.time() - t0:.0f}s, final training residual {loss.item():.3f} against quantisation distance "
+              f"{(codes_train - features).pow(2).sum(1).mean().item():.3f})")
+        decoder.eval()
+        def residual(q):
+            f = q.reshape(-1, 32, 32, 64).permute(0, 3, 1, 2)
+            with torch.no_grad():
+                e = quantised(f)
+                return (decoder(e) + e - f).pow(2).sum(1).reshape(-1)
+        evaluate(f"feature residual {k}", residual)

@@ -7,8 +7,8 @@
         --set phantom=phantom/test --json ood.json
 
 A set is ``NAME=PATH[,PATH...]``: files or folders of scans (NIfTI volumes count slice by slice, as in
-inference), or ``NAME=test:ROOT`` for the held-out test patients of a labelled ROOT (the run's own patient
-split, as ``medvq evaluate`` uses). Prints one line per set: scans, flagged, share flagged, and the
+inference), or ``NAME=test:ROOT`` (``NAME=val:ROOT``) for the held-out test (validation) patients of a
+labelled ROOT (the run's own patient split, as ``medvq evaluate`` uses). Prints one line per set: scans, flagged, share flagged, and the
 median and largest out-of-distribution distance against the run's stored threshold.
 """
 
@@ -28,15 +28,16 @@ from medvq.evaluation.evaluate import select_test_samples
 
 
 def samples_of(spec: str, run: Path, detector: Detector):
-    if spec.startswith("test:"):
-        return select_test_samples(RunDir(run), spec[len("test:") :]).samples
+    split, _, root = spec.partition(":")
+    if split in ("test", "val") and root:
+        return select_test_samples(RunDir(run), root, split).samples
     return collect_images([Path(p) for p in spec.split(",")], detector.preprocessor.volume)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run", type=Path)
-    parser.add_argument("--set", action="append", required=True, help="NAME=PATH[,PATH...] or NAME=test:ROOT")
+    parser.add_argument("--set", action="append", required=True, help="NAME=PATH[,PATH...], NAME=test:ROOT or NAME=val:ROOT")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     detector = Detector.load(args.run)
@@ -44,7 +45,14 @@ def main() -> None:
     if guard is None:
         raise SystemExit(f"{args.run}: the run has no out-of-distribution guard (calibrated before medvq stored one)")
     results = {"run": str(args.run), "threshold": guard.threshold, "load_1min": os.getloadavg()[0], "sets": {}}
-    print(f"{args.run}: threshold {guard.threshold:.3g} (calibration normals' left-out distances up to {max(guard.normal_distances):.3g})")
+    if guard.appearance is not None:  # distances in units of the two parts' thresholds
+        results |= {"feature_threshold": guard.feature_threshold, "appearance_threshold": guard.appearance.threshold, "appearance_reference": guard.appearance.n_reference}
+        print(
+            f"{args.run}: flagged above 1 = the feature part's threshold {guard.feature_threshold:.3g} ({guard.n_normals} calibration normals) "
+            f"or the appearance part's {guard.appearance.threshold:.3g} ({guard.appearance.n_reference} reference normals)"
+        )
+    else:
+        print(f"{args.run}: threshold {guard.threshold:.3g} (calibration normals' left-out distances up to {max(guard.normal_distances):.3g})")
     for item in args.set:
         name, spec = item.split("=", 1)
         samples = samples_of(spec, args.run, detector)

@@ -29,7 +29,7 @@ from medvq.data.preprocess import Preprocessor
 from medvq.data.samples import dataset_splits
 from medvq.evaluation.metrics import grouped_auroc, image_auroc, reduce_map
 from medvq.maps.smoothing import gaussian_smooth
-from medvq.models.patchcore.anomaly_map import SCORE_NAME, patchcore_maps
+from medvq.models.patchcore.anomaly_map import SCORE_NAME, compute_maps
 from medvq.models.patchcore.coreset import StreamingCoreset
 from medvq.models.patchcore.model import PatchCore, PatchCoreConfig
 
@@ -64,7 +64,7 @@ def fold_scores(setting: dict, train: ScanDataset, held: ScanDataset, image_size
     fit_s = time.perf_counter() - started
     maps, scores = [], []
     for b in held.batches(32):
-        out = patchcore_maps(model, b.image)
+        out = compute_maps(model, b.image)
         maps.append(gaussian_smooth(out.maps["patch_distance"], 2.0 * image_size / 128)[:, 0].numpy())
         scores.append(out.scores[SCORE_NAME].numpy())
     topk = reduce_map(np.concatenate(maps), "topk", 0.01, valid=held.valid[:, 0].numpy())

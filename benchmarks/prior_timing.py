@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from medvq.engine.run_dir import RunDir
-from medvq.models.prior.anomaly_map import nll_map, prior_maps
+from medvq.models.prior.anomaly_map import compute_maps, nll_map
 from medvq.models.prior.model import LatentPrior
 
 
@@ -67,7 +67,7 @@ def main() -> None:
             with torch.no_grad():
                 codes = model.codes(x).indices
                 nll_only = timed(lambda: nll_map(model.logits(x, codes), codes, (size, size)), args.repeats)
-                whole = timed(lambda: prior_maps(model, x), args.repeats)
+                whole = timed(lambda: compute_maps(model, x), args.repeats)
             row = {"run": str(path), "kind": kind, "image_size": size, "latent_grid": list(codes.shape[1:]), "nll_map_seconds": nll_only,
                    "all_maps_seconds": whole, "threads": torch.get_num_threads(), "load_1min": os.getloadavg()[0]}
             if kind == "autoregressive":

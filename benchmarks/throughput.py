@@ -11,22 +11,15 @@ Writes a JSON file with the figures when --json is given.
 
 from __future__ import annotations
 
-import argparse
-import json
-import platform
 import time
 from contextlib import nullcontext
 
 import torch
+from throughput_common import parser, sync, write_json
 
 from medvq.config import RunConfig
-from medvq.models.vqvae.anomaly_map import vqvae_maps
+from medvq.models.vqvae.anomaly_map import compute_maps
 from medvq.models.vqvae.model import VQVAE
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def measure(model_config, *, device, image_size, batch_size, steps, warmup, bf16, channels_last, compile_model, train):
@@ -53,31 +46,24 @@ def measure(model_config, *, device, image_size, batch_size, steps, warmup, bf16
             opt.step()
         else:
             with torch.no_grad(), autocast:
-                vqvae_maps(model, x)
+                compute_maps(model, x)
 
     started = time.perf_counter()
     for _ in range(warmup):
         step()
-    _sync(device)
+    sync(device)
     first = time.perf_counter() - started
     started = time.perf_counter()
     for _ in range(steps):
         step()
-    _sync(device)
+    sync(device)
     seconds = time.perf_counter() - started
     return {"images_per_s": steps * batch_size / seconds, "warmup_s": first}
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--image-size", type=int, default=128)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    p = parser(__doc__, steps=20, warmup=3)
     p.add_argument("--compile", action="store_true", help="also measure torch.compile (slow first step)")
-    p.add_argument("--json", default=None)
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -99,19 +85,7 @@ def main() -> None:
             base = base or r["images_per_s"]
             rows.append({"phase": phase, "setting": name, **r, "ratio_vs_fp32": r["images_per_s"] / base})
             print(f"{phase:9s} {name:32s} {r['images_per_s']:8.1f} img/s  x{r['images_per_s'] / base:4.2f}  (warm-up {r['warmup_s']:.1f}s)", flush=True)
-    info = {
-        "device": str(device),
-        "cpu": platform.processor() or platform.machine(),
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "image_size": args.image_size,
-        "batch_size": args.batch_size,
-        "model": cfg.model_dump(),
-        "rows": rows,
-    }
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(info, f, indent=1)
+    write_json(args.json, args, device, model=cfg.model_dump(), rows=rows)
 
 
 if __name__ == "__main__":

@@ -38,3 +38,18 @@ def tiny_phantom(tmp_path_factory) -> Path:
 
     root = tmp_path_factory.mktemp("phantom")
     return write_phantom(root, 160, seed=3, config=PhantomConfig(height=128, width=128))
+
+
+@pytest.fixture
+def no_unpickling(monkeypatch) -> None:
+    """Within the test, anything that unpickles fails it: weights load from safetensors, settings from YAML and JSON."""
+    import pickle
+
+    import torch
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("unpickling while loading a model")
+
+    monkeypatch.setattr(pickle, "load", refuse)
+    monkeypatch.setattr(pickle, "loads", refuse)
+    monkeypatch.setattr(torch, "load", refuse)

@@ -10,7 +10,7 @@ from sklearn.metrics import roc_auc_score
 
 from medvq.config import build_config
 from medvq.errors import CheckpointError, DatasetError
-from medvq.models.classifier.anomaly_map import classifier_maps, map_names_for
+from medvq.models.classifier.anomaly_map import compute_maps, map_names_for
 from medvq.models.classifier.lightning import ClassifierModule, augment, histogram_auroc
 from medvq.models.classifier.model import Classifier, ClassifierConfig
 from medvq.models.backbones.weights import fold_input_conv, read_state_dict
@@ -37,7 +37,7 @@ def test_shapes(arch, size, task, extra, params_m):
     out = model(torch.rand(3, 1, size, size))
     assert out.logits.shape == (3, n)
     assert params_m[0] < sum(p.numel() for p in model.parameters()) / 1e6 < params_m[1]
-    maps = classifier_maps(model, torch.rand(2, 1, size, size))
+    maps = compute_maps(model, torch.rand(2, 1, size, size))
     assert set(maps.maps) == set(map_names_for(model.config))
     assert all(m.shape == (2, 1, size, size) and m.dtype == torch.float32 and torch.isfinite(m).all() for m in maps.maps.values())
     p = maps.scores["p_abnormal"]
@@ -79,15 +79,15 @@ def test_attention_weights_path_gives_the_same_logits():
 def test_rollout_needs_a_vit():
     model = Classifier(ClassifierConfig(arch="resnet18"))
     with pytest.raises(ValueError, match="needs --arch vit"):
-        classifier_maps(model, torch.rand(1, 1, 64, 64), ["rollout"])
+        compute_maps(model, torch.rand(1, 1, 64, 64), ["rollout"])
 
 
 def test_explanation_maps_are_per_image():
     torch.manual_seed(0)
     model = Classifier(ClassifierConfig(arch="vit", patch_size=8, vit_input_size=64, **VIT))
     x = torch.rand(3, 1, 64, 64)
-    batch = classifier_maps(model, x)
-    alone = classifier_maps(model, x[2:])
+    batch = compute_maps(model, x)
+    alone = compute_maps(model, x[2:])
     for name in batch.maps:
         torch.testing.assert_close(batch.maps[name][2:], alone.maps[name], atol=1e-5, rtol=1e-4)
     assert model.training, "the model's mode is restored"

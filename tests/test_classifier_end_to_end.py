@@ -4,43 +4,33 @@ from __future__ import annotations
 
 import csv
 import json
-import pickle
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import yaml
-from typer.testing import CliRunner
 
-from medvq.cli import app
 from medvq.detector import Detector
+from cli_runner import cli, cli_ok
 
 pytestmark = pytest.mark.slow
-runner = CliRunner()
 
 COMMON = ["--image-size", "64", "--batch-size", "16", "--device", "cpu", "--min-images-per-epoch", "0", "--samples-per-epoch", "4", "--learning-rate", "2e-3"]
 VIT = ["--arch", "vit", "--patch-size", "8", "--depth", "2", "--embed-dim", "32", "--num-heads", "2", "--epochs", "2"]
 
 
-def _cli(*args) -> tuple[int, str]:
-    result = runner.invoke(app, [str(a) for a in args])
-    return result.exit_code, result.output
-
-
 @pytest.fixture(scope="module")
 def vit_run(tiny_phantom, tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("clf") / "vit"
-    code, out = _cli("train", "classifier", "--data", tiny_phantom, "--out", run, *VIT, *COMMON)
-    assert code == 0, out
+    cli_ok("train", "classifier", "--data", tiny_phantom, "--out", run, *VIT, *COMMON)
     return run
 
 
 @pytest.fixture(scope="module")
 def vit_eval(vit_run, tiny_phantom) -> Path:
     out = vit_run.parent / "eval"
-    code, text = _cli("evaluate", vit_run, "--data", tiny_phantom, "--out", out)
-    assert code == 0, text
+    text = cli_ok("evaluate", vit_run, "--data", tiny_phantom, "--out", out)
     assert "classification: accuracy" in text
     return out
 
@@ -62,13 +52,7 @@ def test_run_trains_on_every_class_and_calibrates_on_normals(vit_run):
         assert (vit_run / rel).is_file(), rel
 
 
-def test_loading_never_unpickles(vit_run, monkeypatch, tiny_phantom):
-    def refuse(*args, **kwargs):
-        raise AssertionError("unpickling while loading a model")
-
-    monkeypatch.setattr(pickle, "load", refuse)
-    monkeypatch.setattr(pickle, "loads", refuse)
-    monkeypatch.setattr(torch, "load", refuse)
+def test_loading_never_unpickles(vit_run, no_unpickling, tiny_phantom):
     det = Detector.load(vit_run)
     results = det.predict_files(sorted((tiny_phantom / "test" / "CNV").glob("*.jpeg"))[:2])
     assert {"gradcam", "rollout", "gradient_rollout", "p_abnormal"} <= set(results[0].scores)
@@ -95,7 +79,7 @@ def test_evaluate_reports_classification_and_scores_the_maps_on_lesion_masks(vit
     assert len(rows) == m["n_images"] and "p_abnormal" in rows[0]
     before = html
     (vit_eval / "report.html").unlink()
-    assert _cli("report", vit_eval)[0] == 0
+    assert cli("report", vit_eval)[0] == 0
     assert (vit_eval / "report.html").read_text() == before
 
 
@@ -103,8 +87,7 @@ def test_evaluate_reports_classification_and_scores_the_maps_on_lesion_masks(vit
 def test_explain_writes_maps_overlays_and_predictions(vit_run, tiny_phantom, tmp_path, method, name):
     folder = tiny_phantom / "test" / "DRUSEN"
     out = tmp_path / "explain"
-    code, text = _cli("explain", vit_run, folder, "--map", method, "--out", out)
-    assert code == 0, text
+    cli_ok("explain", vit_run, folder, "--map", method, "--out", out)
     rows = list(csv.DictReader(open(out / "explanations.csv")))
     assert len(rows) == len(list(folder.glob("*.jpeg")))
     for r in rows:
@@ -122,13 +105,11 @@ def test_explain_and_infer_an_oct_volume_bscan_by_bscan(vit_run, tiny_phantom, t
 
     scans = sorted((tiny_phantom / "test" / "DRUSEN").glob("*.jpeg"))[:3]
     volume = write_dicom_opt(tmp_path / "drusen.dcm", np.stack([np.asarray(Image.open(p).convert("L")) for p in scans]), patient="P9")
-    code, text = _cli("explain", vit_run, volume, "--map", "rollout", "--out", tmp_path / "explain")
-    assert code == 0, text
+    cli_ok("explain", vit_run, volume, "--map", "rollout", "--out", tmp_path / "explain")
     rows = list(csv.DictReader(open(tmp_path / "explain" / "explanations.csv")))
     assert [r["name"] for r in rows] == [f"drusen_frame00{i}" for i in range(len(scans))]
     assert np.load(tmp_path / "explain" / "maps" / "drusen_frame001_rollout.npy").shape == (128, 128)
-    code, text = _cli("infer", vit_run, volume, "--out", tmp_path / "infer")
-    assert code == 0, text
+    cli_ok("infer", vit_run, volume, "--out", tmp_path / "infer")
     verdicts = list(csv.DictReader(open(tmp_path / "infer" / "volumes.csv")))
     assert len(verdicts) == 1 and verdicts[0]["patient"] == "P9" and int(verdicts[0]["n_bscans"]) == len(scans)
     assert verdicts[0]["decision"] in ("abnormal", "normal")
@@ -136,8 +117,7 @@ def test_explain_and_infer_an_oct_volume_bscan_by_bscan(vit_run, tiny_phantom, t
 
 def test_infer_reports_p_abnormal_next_to_the_maps(vit_run, tiny_phantom, tmp_path):
     out = tmp_path / "infer"
-    code, text = _cli("infer", vit_run, tiny_phantom / "test" / "CNV", "--out", out)
-    assert code == 0, text
+    cli_ok("infer", vit_run, tiny_phantom / "test" / "CNV", "--out", out)
     rows = list(csv.DictReader(open(out / "scores.csv")))
     assert rows and all(0 <= float(r["p_abnormal"]) <= 1 and 0 <= float(r["p_abnormal_normal_percentile"]) <= 100 for r in rows)
     assert {"gradcam", "rollout", "gradient_rollout", "combined"} <= set(rows[0])
@@ -159,34 +139,29 @@ def test_explaining_leaves_the_loaded_detector_as_it_was(vit_run):
 
 def test_explain_settings_and_bad_requests(vit_run, tiny_phantom, tmp_path):
     scan = sorted((tiny_phantom / "test" / "CNV").glob("*.jpeg"))[0]
-    code, text = _cli("explain", vit_run, scan, "--map", "rollout", "--rollout-head-fusion", "max", "--rollout-discard-ratio", "0.9", "--out", tmp_path / "a")
-    assert code == 0, text
+    cli_ok("explain", vit_run, scan, "--map", "rollout", "--rollout-head-fusion", "max", "--rollout-discard-ratio", "0.9", "--out", tmp_path / "a")
     row = next(csv.DictReader(open(tmp_path / "a" / "explanations.csv")))
     assert "display only" in row["overlay_scale"]  # the run's calibration does not apply to other settings
-    code, text = _cli("explain", vit_run, scan, "--map", "saliency", "--out", tmp_path / "b")
+    code, text = cli("explain", vit_run, scan, "--map", "saliency", "--out", tmp_path / "b")
     assert code == 2 and "rollout, gradcam or gradient-rollout" in text
-    code, text = _cli("explain", vit_run, scan, "--map", "rollout", "--rollout-discard-ratio", "1.5", "--out", tmp_path / "c")
+    code, text = cli("explain", vit_run, scan, "--map", "rollout", "--rollout-discard-ratio", "1.5", "--out", tmp_path / "c")
     assert code == 2 and "invalid explanation setting" in text
 
 
 def test_pretrained_lite0_four_classes_resume_evaluate_and_explain(tiny_phantom, tmp_path):
     run = tmp_path / "lite0"
     args = ["train", "classifier", "--data", tiny_phantom, "--out", run, "--arch", "efficientnet-lite0", "--task", "4class", *COMMON]
-    code, text = _cli(*args, "--epochs", "1")
-    assert code == 0, text
+    cli_ok(*args, "--epochs", "1")
     cfg = yaml.safe_load((run / "config.yaml").read_text())
     assert cfg["model"]["pretrained"] == "imagenet" and cfg["model"]["classes"] == ["NORMAL", "CNV", "DME", "DRUSEN"]
-    code, text = _cli("train", "classifier", "--data", tiny_phantom, "--out", run, "--resume", "--epochs", "2")
-    assert code == 0, text
+    cli_ok("train", "classifier", "--data", tiny_phantom, "--out", run, "--resume", "--epochs", "2")
     assert [int(r["epoch"]) for r in csv.DictReader(open(run / "metrics.csv"))] == [1, 2]
 
-    code, text = _cli("evaluate", run, "--data", tiny_phantom, "--out", tmp_path / "eval")
-    assert code == 0, text
+    cli_ok("evaluate", run, "--data", tiny_phantom, "--out", tmp_path / "eval")
     c = json.loads((tmp_path / "eval" / "metrics.json").read_text())["classification"]
     assert np.array(c["confusion_matrix"]).shape == (4, 4)
     assert set(c["auroc_one_vs_rest"]) == {"NORMAL", "CNV", "DME", "DRUSEN"} and 0 <= c["auroc_macro"] <= 1
 
-    code, text = _cli("explain", run, tiny_phantom / "test" / "DME", "--map", "rollout", "--out", tmp_path / "x")
+    code, text = cli("explain", run, tiny_phantom / "test" / "DME", "--map", "rollout", "--out", tmp_path / "x")
     assert code == 2 and "needs attention weights" in text and "--map gradcam" in text
-    code, text = _cli("explain", run, tiny_phantom / "test" / "DME", "--map", "gradcam", "--gradcam-layer", "_blocks.10", "--out", tmp_path / "x")
-    assert code == 0, text
+    cli_ok("explain", run, tiny_phantom / "test" / "DME", "--map", "gradcam", "--gradcam-layer", "_blocks.10", "--out", tmp_path / "x")

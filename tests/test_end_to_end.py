@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import csv
 import json
-import pickle
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 import yaml
 from typer.testing import CliRunner
 
@@ -18,6 +16,7 @@ from medvq.cli import app
 from medvq.config import build_config
 from medvq.detector import Detector
 from medvq.engine.train import train_run
+from cli_runner import cli, cli_ok
 
 pytestmark = pytest.mark.slow
 runner = CliRunner()
@@ -71,13 +70,7 @@ def test_run_directory_holds_everything(trained):
     assert yaml.safe_load((trained / "config.yaml").read_text())["model"]["codebook_size"] == 32
 
 
-def test_loading_never_unpickles(trained, monkeypatch):
-    def refuse(*args, **kwargs):
-        raise AssertionError("unpickling while loading a model")
-
-    monkeypatch.setattr(pickle, "load", refuse)
-    monkeypatch.setattr(pickle, "loads", refuse)
-    monkeypatch.setattr(torch, "load", refuse)
+def test_loading_never_unpickles(trained, no_unpickling):
     det = Detector.load(trained)
     assert det.calibration is not None and det.model.training is False
 
@@ -127,12 +120,16 @@ def test_evaluate_writes_metrics_scores_and_report(evaluated, tiny_phantom):
             assert key in v, (name, key)
         assert set(v["image_auroc_per_class"]) == {"CNV", "DME", "DRUSEN"}
         assert 0 <= v["image_auroc"] <= 1 and 0 <= v["aupro"] <= 1
+        lo, hi = v["pixel_auroc_ci"]  # phantom patients have ids: resampled by patient
+        assert lo <= v["pixel_auroc"] <= hi and v["pixel_auroc_ci_by"] == "patient"
     rows = list(csv.DictReader(open(evaluated / "scores.csv")))
     assert len(rows) == m["n_images"] and {"path", "class", "patient", "residual", "alm", "combined"} <= set(rows[0])
     test_files = {str(p) for p in (tiny_phantom / "test").rglob("*.jpeg")}
     assert {r["path"] for r in rows} == test_files
     html = (evaluated / "report.html").read_text()
     assert html.count("data:image/png;base64") > 10 and "AUPRO" in html
+    lo, hi = m["maps"]["combined"]["pixel_auroc_ci"]
+    assert f"{lo:.2f}–{hi:.2f}" in html, "the pixel AUROC's interval under it"
 
 
 def test_validation_split_scores_every_image_of_the_validation_patients(trained, tiny_phantom, tmp_path):
@@ -231,29 +228,24 @@ def test_resume_continues_after_a_crash(tiny_phantom, tmp_path, monkeypatch):
     del cfg
 
 
-def _run_cli(*args) -> tuple[int, str]:
-    result = runner.invoke(app, [str(a) for a in args])
-    return result.exit_code, result.output
-
-
 def test_bad_inputs_get_one_line_errors(tiny_phantom, trained, tmp_path):
-    code, out = _run_cli("train", "vqvae", "--data", tmp_path / "missing", "--out", tmp_path / "r1")
+    code, out = cli("train", "vqvae", "--data", tmp_path / "missing", "--out", tmp_path / "r1")
     assert code == 2 and "missing: data folder not found" in out
 
     (tmp_path / "empty" / "NORMAL").mkdir(parents=True)
-    code, out = _run_cli("train", "vqvae", "--data", tmp_path / "empty", "--out", tmp_path / "r2")
+    code, out = cli("train", "vqvae", "--data", tmp_path / "empty", "--out", tmp_path / "r2")
     assert code == 2 and "no images" in out and "empty" in out
 
-    code, out = _run_cli("train", "vqvae", "--data", tiny_phantom, "--out", tmp_path / "r3", "--train-classes", "HEALTHY")
+    code, out = cli("train", "vqvae", "--data", tiny_phantom, "--out", tmp_path / "r3", "--train-classes", "HEALTHY")
     assert code == 2 and "HEALTHY" in out and "NORMAL" in out
 
-    code, out = _run_cli("train", "vqvae", "--data", tiny_phantom, "--out", tmp_path / "r4", "--image-size", "66")
+    code, out = cli("train", "vqvae", "--data", tiny_phantom, "--out", tmp_path / "r4", "--image-size", "66")
     assert code == 2 and "multiple of the model stride 8" in out and "use e.g. 64" in out
 
-    code, out = _run_cli("train", "vqvae", "--data", tiny_phantom, "--out", trained)
+    code, out = cli("train", "vqvae", "--data", tiny_phantom, "--out", trained)
     assert code == 2 and "not empty" in out and "--resume" in out
 
-    code, out = _run_cli("train", "vqvae", "--data", tiny_phantom, "--out", trained, "--resume", "--codebook-size", "64")
+    code, out = cli("train", "vqvae", "--data", tiny_phantom, "--out", trained, "--resume", "--codebook-size", "64")
     assert code == 2 and "model.codebook_size" in out
 
 
@@ -263,19 +255,19 @@ def test_checkpoint_from_a_different_config_is_refused(trained, tmp_path):
     cfg = yaml.safe_load((other / "config.yaml").read_text())
     cfg["model"]["hidden_channels"] = 48
     (other / "config.yaml").write_text(yaml.safe_dump(cfg))
-    code, out = _run_cli("infer", other, trained / "samples", "--out", tmp_path / "o")
+    code, out = cli("infer", other, trained / "samples", "--out", tmp_path / "o")
     assert code == 2 and "best.safetensors" in out and "different configuration" in out
 
 
 def test_corrupt_scan_named_and_earlier_results_kept(trained, tiny_phantom, tmp_path):
     good = sorted((tiny_phantom / "test" / "NORMAL").glob("*.jpeg"))[0]
     out = tmp_path / "infer"
-    code, _ = _run_cli("infer", trained, good, "--out", out)
+    code, _ = cli("infer", trained, good, "--out", out)
     assert code == 0
     before = (out / "scores.csv").read_bytes()
     bad = tmp_path / "bad.jpeg"
     bad.write_bytes(b"\xff\xd8\xff\xe0 truncated")
-    code, msg = _run_cli("infer", trained, bad, "--out", out)
+    code, msg = cli("infer", trained, bad, "--out", out)
     assert code == 2 and "bad.jpeg" in msg and "cannot read image" in msg
     assert (out / "scores.csv").read_bytes() == before
 
@@ -288,7 +280,7 @@ def test_unreadable_file_among_good_ones_is_skipped_and_counted(trained, tiny_ph
         shutil.copy(p, folder / p.name)
     (folder / "a_bad.jpeg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
     (folder / "z_bad.png").write_bytes(b"not a png")
-    code, msg = _run_cli("infer", trained, folder, "--out", tmp_path / "out")
+    code, msg = cli("infer", trained, folder, "--out", tmp_path / "out")
     assert code == 0, msg
     msg = " ".join(msg.split())
     assert "2 file(s) could not be read and were skipped; the first:" in msg and "a_bad.jpeg: cannot read image" in msg
@@ -301,7 +293,7 @@ def test_evaluate_leaves_out_an_unreadable_test_file(trained, tiny_phantom, tmp_
     data = tmp_path / "data"
     shutil.copytree(tiny_phantom, data)
     (data / "test" / "NORMAL" / "NORMAL-999999-1.jpeg").write_bytes(b"\xff\xd8\xff\xe0 truncated")  # a patient of its own: a test patient
-    code, msg = _run_cli("evaluate", trained, "--data", data, "--out", tmp_path / "eval")
+    code, msg = cli("evaluate", trained, "--data", data, "--out", tmp_path / "eval")
     assert code == 0, msg
     assert "1 test file(s) could not be read and were left out" in " ".join(msg.split()) and "NORMAL-999999-1.jpeg" in msg
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
@@ -326,4 +318,6 @@ def test_guard_flags_an_mri_slice_given_to_the_oct_model(trained, tiny_phantom, 
     assert rows["colin27_axial"]["in_distribution"] == "0"
     assert all(r["in_distribution"] == "1" for n, r in rows.items() if n != "colin27_axial")
     guard = json.loads((trained / "calibration.json").read_text())["ood_guard"]
-    assert float(rows["colin27_axial"]["ood_distance"]) > guard["threshold"] > max(guard["normal_distances"])
+    assert float(rows["colin27_axial"]["ood_distance"]) > guard["threshold"] == 1.0  # distances in units of the parts' thresholds
+    assert guard["feature_threshold"] > max(guard["normal_distances"])
+    assert guard["appearance"]["threshold"] > max(guard["appearance"]["normal_distances"]) and guard["appearance"]["n_reference"] > guard["n_normals"]

@@ -17,9 +17,9 @@ from typer.testing import CliRunner
 
 from medvq.cli import app
 from medvq.config import build_config
-from medvq.models.featvq.anomaly_map import featvq_maps
+from medvq.models.featvq.anomaly_map import compute_maps
 from medvq.models.featvq.model import CodePrior, FeatVQ, FeatVQConfig, code_nll, sincos_positions
-from medvq.models.quantizer import VectorQuantizer
+from medvq.models.quantizer import PatchSample, VectorQuantizer, sample_keys
 
 runner = CliRunner()
 CENTRES = torch.tensor([[4.0, 0, 0, 0], [0, 4.0, 0, 0], [0, 0, 4.0, 0], [0, 0, 0, 4.0]])
@@ -57,6 +57,45 @@ def test_kmeans_init_finds_the_clusters_and_ema_follows_them():
     assert out.indices.unique().numel() == 4
 
 
+def test_kmeans_of_a_sample_gives_a_rare_cluster_its_own_code_and_ema_continues_from_it():
+    rare = torch.tensor([[-4.0, -4.0, 0, 0]])
+    points = torch.cat([_clustered(200, CENTRES, 0.1, seed=2), _clustered(3, rare, 0.1, seed=3)], dim=2)  # 3 of 803 points
+    vq = VectorQuantizer(dim=4, codebook_size=5, kmeans_init=True, dead_code_threshold=0.0, ema_decay=0.8)
+    counts = vq.initialise_by_kmeans(points[0, :, :, 0].T, iters=20, seeding="farthest")
+    assert _match(vq.codebook, torch.cat([CENTRES, rare])).max() < 0.1, "every cluster, the rare one too, has a code"
+    assert sorted(counts.tolist()) == [3.0, 200.0, 200.0, 200.0, 200.0] and bool(vq.vq._codebook.initted)
+    vq.train()
+    vq(_clustered(64, CENTRES, 0.1, seed=4))  # initialised: the library's first-batch k-means does not run again
+    assert _match(vq.codebook, rare).item() < 0.1
+
+
+def test_patch_sample_is_bounded_uniform_and_independent_of_order_repeats_and_processes():
+    scans, positions, capacity = 40, 16, 100
+    features = torch.randn(scans, positions, 3)
+    keys = lambda idx: sample_keys(torch.tensor(idx), positions)
+    whole = PatchSample(capacity)
+    for start in range(0, scans, 8):  # batches in order
+        idx = list(range(start, start + 8))
+        whole.add(features[idx].reshape(-1, 3), keys(idx))
+    shuffled = PatchSample(capacity)
+    order = torch.randperm(scans, generator=torch.Generator().manual_seed(0)).tolist()
+    for idx in (order[:25], order[25:], order[:10]):  # another order, and some scans seen twice (an epoch padded by repeats)
+        shuffled.add(features[idx].reshape(-1, 3), keys(idx))
+    halves = [PatchSample(capacity), PatchSample(capacity)]  # what two processes hold; gathered() merges them the same way
+    for rank in (0, 1):
+        idx = list(range(rank, scans, 2))
+        halves[rank].add(features[idx].reshape(-1, 3), keys(idx))
+    merged = PatchSample(capacity)
+    for half in halves:
+        merged.add(half.vectors, half.keys)
+    expected = whole.gathered()
+    assert expected.shape == (capacity, 3) and len(whole) == capacity
+    assert torch.equal(shuffled.gathered(), expected) and torch.equal(merged.gathered(), expected)
+    assert len(torch.unique(expected, dim=0)) == capacity, "no feature twice"
+    per_scan = torch.stack([(expected[:, None] == features[s][None]).all(-1).any(-1).sum() for s in range(scans)])
+    assert per_scan.max() <= 8, "spread over the scans, not the first ones"
+
+
 def _planted_model(codebook: torch.Tensor) -> FeatVQ:
     model = FeatVQ(FeatVQConfig(codebook_size=codebook.shape[0], feature_stages=[2], prior_layers=1, prior_dim=16, prior_heads=2))
     cb = model.quantizer.vq._codebook
@@ -80,7 +119,7 @@ def test_distance_map_is_exact_for_a_planted_off_codebook_feature(monkeypatch):
     expected[1, 3, 9] = 0.65
     torch.testing.assert_close(out.distances, expected, atol=1e-5, rtol=0)
     assert out.codes[1, 3, 9] == 2
-    maps = featvq_maps(model, torch.rand(2, 1, 64, 64), ["quantization_distance"]).maps["quantization_distance"]
+    maps = compute_maps(model, torch.rand(2, 1, 64, 64), ["quantization_distance"]).maps["quantization_distance"]
     assert maps.shape == (2, 1, 64, 64) and maps[0].abs().max() < 1e-5
     peak = maps[1, 0].flatten().argmax()
     assert (int(peak) // 64) // 4 == 3 and (int(peak) % 64) // 4 == 9, "the map peaks on the planted patch"
@@ -136,6 +175,25 @@ def test_nll_map_equals_minus_log_p_of_the_true_code_given_its_context(context):
             assert not torch.allclose(other[0, :, 0, 0], logits[0, :, 0, 0]), "every other position sees the change"
 
 
+def test_grouped_prior_reads_and_predicts_each_codes_group():
+    torch.manual_seed(0)
+    near = lambda centre: torch.tensor(centre) + 0.01 * torch.randn(4, 2)  # four codes around each of three points
+    codebook = torch.cat([near([5.0, 0.0]), near([0.0, 5.0]), near([-5.0, -5.0])])  # (12, 2)
+    model = FeatVQ(FeatVQConfig(codebook_size=12, prior_vocabulary=3, feature_stages=[2], prior_layers=1, prior_dim=8, prior_heads=2)).eval()
+    model.quantizer.vq._codebook.embed.data.copy_(F.pad(codebook, (0, model.config.feature_dim - 2))[None])
+    model.group_codes(iters=10)
+    groups = model.code_groups
+    assert [len(set(groups[i : i + 4].tolist())) for i in (0, 4, 8)] == [1, 1, 1] and len(set(groups.tolist())) == 3
+    assert "code_groups" in model.state_dict(), "grouping is stored with the weights"
+    codes = torch.randint(0, 12, (2, 3, 4))
+    with torch.no_grad():
+        expected = code_nll(model.prior(groups[codes]), groups[codes])
+        torch.testing.assert_close(model.code_nll(codes), expected)
+        assert model.prior_logits(codes).shape == (2, 3, 3, 4), "logits over 3 groups, not 12 codes"
+    ungrouped = FeatVQ(FeatVQConfig(codebook_size=12, prior_vocabulary=0, feature_stages=[2], prior_layers=1, prior_dim=8, prior_heads=2))
+    assert torch.equal(ungrouped.code_groups, torch.arange(12)) and "code_groups" not in ungrouped.state_dict()
+
+
 def test_hidden_codes_are_invisible_to_every_prediction():
     torch.manual_seed(0)
     prior = CodePrior(codebook_size=6, dim=16, layers=2, heads=4, context="bidirectional").eval()
@@ -169,9 +227,22 @@ def _ddp_worker(rank: int, world: int, init_file: str, data: torch.Tensor, codeb
         for step in range(data.shape[0]):
             vq(data[step, rank::world].permute(1, 0)[None, :, :, None].contiguous())  # this process's half of the batch
         cb = vq.vq._codebook
-        torch.save({"cluster_size": cb.cluster_size.clone(), "embed_avg": cb.embed_avg.clone(), "embed": cb.embed.clone()}, f"{out_dir}/rank{rank}.pt")
+        kmeans = _kmeans_of_scans(data, codebook.shape[0], scans=range(rank, data.shape[0] * data.shape[1] // 16, world))
+        torch.save({"cluster_size": cb.cluster_size.clone(), "embed_avg": cb.embed_avg.clone(), "embed": cb.embed.clone(), "kmeans": kmeans}, f"{out_dir}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
+
+
+def _kmeans_of_scans(data: torch.Tensor, k: int, scans) -> torch.Tensor:
+    """The k-means codebook of a ``PatchSample`` of the given 'scans' (rows of 16 features of ``data``), gathered
+    over every process (as the training module's initialisation does)."""
+    features = data.reshape(-1, 16, data.shape[-1])
+    sample = PatchSample(capacity=100)
+    for i in scans:
+        sample.add(features[i], sample_keys(torch.tensor([i]), 16))
+    vq = VectorQuantizer(dim=data.shape[-1], codebook_size=k)
+    vq.initialise_by_kmeans(sample.gathered(), iters=10, seeding="kmeans++")
+    return vq.codebook.clone()
 
 
 def _stats_quantizer(codebook: torch.Tensor) -> VectorQuantizer:
@@ -182,7 +253,7 @@ def _stats_quantizer(codebook: torch.Tensor) -> VectorQuantizer:
 
 
 @pytest.mark.slow
-def test_two_gloo_processes_give_the_codebook_statistics_of_one(tmp_path):
+def test_two_gloo_processes_give_the_codebook_statistics_and_kmeans_initialisation_of_one(tmp_path):
     torch.manual_seed(0)
     codebook = torch.randn(6, 5)
     data = torch.randn(4, 64, 5) * 1.5  # 4 steps of 64 features
@@ -203,6 +274,8 @@ def test_two_gloo_processes_give_the_codebook_statistics_of_one(tmp_path):
         torch.testing.assert_close(got["cluster_size"], cb.cluster_size, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(got["embed_avg"], cb.embed_avg, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(got["embed"], cb.embed, atol=1e-5, rtol=1e-5)
+        # the k-means initialisation from each process's scans, gathered, is the one of all scans in one process
+        torch.testing.assert_close(got["kmeans"], _kmeans_of_scans(data, codebook.shape[0], scans=range(data.shape[0] * data.shape[1] // 16)))
     assert not torch.allclose(cb.embed[0], codebook), "the codebook moved"
 
 

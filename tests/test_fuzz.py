@@ -3,6 +3,7 @@ in a correct result; never a traceback, and inputs and earlier results stay byte
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import shutil
@@ -395,8 +396,15 @@ def test_bad_scan_is_named_by_infer_and_by_training(name, run, data, scans, tmp_
     good = next(scans.glob("*.jpeg"))
     BAD_SCANS[name](scans / name, good)
     before = digest(scans, run)
-    code, text = cli("infer", run, scans, "--out", tmp_path / "out")
+    code, text = cli("infer", run, scans / name, "--out", tmp_path / "alone")  # nothing readable: the file's own error
     one_error(code, text, name)
+    code, text = cli("infer", run, scans, "--out", tmp_path / "out")
+    if name.endswith(".nii.gz"):  # a volume is opened while the inputs are listed, before any scan is scored
+        one_error(code, text, name)
+    else:  # among readable scans: skipped and counted, the others scored
+        assert code == 0, text
+        assert "1 file(s) could not be read and were skipped; the first:" in " ".join(text.split()) and name in text
+        assert len(list(csv.DictReader(open(tmp_path / "out" / "scores.csv")))) == 4
     assert digest(scans, run) == before
     if name.endswith((".jpeg", ".png")):  # the same file among the training scans: named before any run file is written
         train_data = tmp_path / "data"

@@ -50,3 +50,98 @@ def test_scan_features_of_a_batch_equal_those_taken_scan_by_scan():
         quantiles = torch.quantile(images[i, 0][keep], torch.tensor([0.05, 0.25, 0.5, 0.75, 0.95]))
         np.testing.assert_array_equal(f[i, :5], quantiles.numpy().astype(np.float64))
         np.testing.assert_array_equal(f[i, 7:], [float(m[i, 0][keep].median()) for m in maps.values()])
+
+
+def test_appearance_part_passes_its_reference_and_flags_a_shifted_cloud():
+    from medvq.scoring.ood import APPEARANCE_MARGIN, AppearanceGuard
+
+    rng = np.random.default_rng(0)
+    reference = rng.normal(size=(60, 16))
+    part = AppearanceGuard().fit(reference)
+    assert part.threshold == pytest.approx(APPEARANCE_MARGIN * max(part.normal_distances)) and part.n_reference == 60
+    assert (part.distance(reference) <= part.threshold).all()  # each is its own nearest neighbour
+    fresh = rng.normal(size=(200, 16))
+    assert (part.distance(fresh) <= part.threshold).mean() > 0.9
+    shifted = fresh + 2.0  # every feature a little off together: no single one far out
+    assert (part.distance(shifted) > part.threshold).all()
+    names = [f"f{i}" for i in range(16)]
+    per_feature = DistributionGuard().fit(reference, names)  # the largest z-score of any one feature misses it
+    assert not (per_feature.distance(shifted, names) > per_feature.threshold).any()
+    with pytest.raises(ValueError, match="at least"):
+        AppearanceGuard().fit(reference[:1])
+
+
+def test_guard_with_appearance_part_is_in_threshold_units_and_older_guards_still_load():
+    rng = np.random.default_rng(1)
+    normals, looks = rng.normal(size=(20, 4)), rng.normal(size=(40, 8))
+    guard = DistributionGuard().fit(normals, list("abcd"), looks)
+    assert guard.threshold == 1.0 and guard.feature_threshold == pytest.approx(MARGIN * max(guard.normal_distances))
+    scans, scan_looks = rng.normal(size=(5, 4)), rng.normal(size=(5, 8))
+    expected = np.maximum(
+        np.max(np.abs(scans - np.asarray(guard.median)) / np.asarray(guard.scale), axis=1) / guard.feature_threshold,
+        guard.appearance.distance(scan_looks) / guard.appearance.threshold,
+    )
+    np.testing.assert_allclose(guard.distance(scans, list("abcd"), scan_looks), expected)
+    again = DistributionGuard.from_dict(guard.to_dict())
+    np.testing.assert_allclose(again.distance(scans, list("abcd"), scan_looks), expected)
+    with pytest.raises(ValueError, match="appearance"):
+        guard.distance(scans, list("abcd"))
+    older = {k: v for k, v in DistributionGuard().fit(normals, list("abcd")).to_dict().items() if k not in ("appearance", "feature_threshold")}
+    assert DistributionGuard.from_dict(older).appearance is None  # a calibration.json written before the appearance part
+
+
+def test_guard_flags_oct_scans_from_another_device(tiny_phantom, tmp_path):
+    """Phantom anatomy without speckle or noise floor (a heavily averaging scanner) given to a model calibrated
+    on the usual phantom: the appearance part flags every scan on its own; scans of the calibration source pass."""
+    from tiny_runs import make_run
+
+    from medvq.data.phantom import PhantomConfig, write_phantom
+    from medvq.data.samples import Sample, scan_dataset
+    from medvq.detector import Detector
+
+    normals = [s for s in scan_dataset(tiny_phantom) if s.label == "NORMAL" and s.split == "train"][:12]
+    run = make_run("vqvae", tmp_path / "run", normals)
+    detector = Detector.load(run.root)
+    guard = detector.calibration.guard
+    other = write_phantom(tmp_path / "device", 12, seed=9, config=PhantomConfig(height=128, width=128, speckle=0.0, noise_floor=0.0))
+    same = write_phantom(tmp_path / "same", 12, seed=9, config=PhantomConfig(height=128, width=128))
+    for root, flagged in ((other, 12), (same, 0)):
+        results = detector.predict_files([s.path for s in scan_dataset(root)])
+        verdicts = [r.decision.in_distribution for r in results]
+        assert len(verdicts) == 12 and (verdicts.count(False) == flagged if flagged else verdicts.count(False) <= 1)
+    data = [Sample(path=s.path) for s in scan_dataset(other)]
+    prepared = [detector.preprocessor.load(s)[1] for s in data]
+    images, valid = torch.stack([p.image for p in prepared]), torch.stack([p.valid for p in prepared])
+    assert (guard.appearance.distance(detector.appearance(images, valid)) > guard.appearance.threshold).all()
+
+
+def test_patchcore_lends_its_backbone_stages_to_the_guard(tiny_phantom, tmp_path):
+    """PatchCore runs the guard's ImageNet network itself: the guard pools those stage outputs (no second
+    pass) and gets what its own network would; a VQ-VAE's guard runs the network on a shrunken input."""
+    from tiny_runs import MODELS, make_run
+
+    from medvq.config import build_config
+    from medvq.data.dataset import ScanDataset
+    from medvq.data.samples import scan_dataset
+    from medvq.detector import Detector
+    from medvq.models.registry import get_method
+    from medvq.scoring.ood import APPEARANCE_SIZE
+
+    scans = [s for s in scan_dataset(tiny_phantom) if s.label == "NORMAL"]
+    config = build_config({"method": "patchcore", "data": {"image_size": 64}, "model": MODELS["patchcore"]})
+    model = get_method("patchcore").build_model(config.model).eval()
+    model.features.load_imagenet()  # the weights a trained PatchCore has
+    shared = Detector(model, config)
+    normals = ScanDataset(scans[:8], shared.preprocessor)
+    feats = model.embed(normals.images.float())
+    model.set_memory_bank(feats.permute(0, 2, 3, 1).reshape(-1, feats.shape[1])[::7])
+    shared.calibrate(normals)
+    assert shared.calibration.guard.appearance.input_size == 64 and shared._share_network()
+    alone = Detector(model, config, shared.calibration)
+    alone._shares_network = False  # as if the model had another network: the guard's own pass
+    paths = [s.path for s in scans[8:14]]
+    a = [r.decision.ood_distance for r in shared.predict_files(paths)]
+    b = [r.decision.ood_distance for r in alone.predict_files(paths)]
+    np.testing.assert_allclose(a, b, rtol=1e-4)
+    vq = Detector.load(make_run("vqvae", tmp_path / "vq", scans[:8], image_size=128).root)
+    assert not vq._share_network() and vq.calibration.guard.appearance.input_size == APPEARANCE_SIZE == 64

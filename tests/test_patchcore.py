@@ -14,7 +14,7 @@ from medvq.cli import app
 from medvq.config import build_config
 from medvq.engine.run_dir import RunDir
 from medvq.errors import CheckpointError, MedvqError
-from medvq.models.patchcore.anomaly_map import SCORE_NAME, patchcore_maps
+from medvq.models.patchcore.anomaly_map import SCORE_NAME, compute_maps
 from medvq.models.patchcore.coreset import StreamingCoreset, coreset_size, greedy_coreset, projection_matrix
 from medvq.models.patchcore.model import PatchCore, PatchCoreConfig
 
@@ -164,8 +164,8 @@ def test_planted_patch_lights_up_the_map_and_the_score(fitted):
     normal = _layered(3, seed=9)
     planted = normal.clone()
     planted[:, :, 36:48, 12:24] = 1.0  # a bright block where the bands should be
-    out_n = patchcore_maps(fitted, normal)
-    out_p = patchcore_maps(fitted, planted)
+    out_n = compute_maps(fitted, normal)
+    out_p = compute_maps(fitted, planted)
     m_n, m_p = out_n.maps["patch_distance"][:, 0], out_p.maps["patch_distance"][:, 0]
     assert m_p.shape == (3, 64, 64)
     inside = torch.zeros(64, 64, dtype=torch.bool)

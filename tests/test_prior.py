@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from medvq.config import build_config
 from medvq.models.classifier.model import ClassifierConfig
-from medvq.models.prior.anomaly_map import COMBINATIONS, nll_map, prior_maps
+from medvq.models.prior.anomaly_map import COMBINATIONS, compute_maps, nll_map
 from medvq.models.prior.lightning import PriorModule
 from medvq.models.prior.model import LatentPrior, PriorConfig, code_nll, prior_loss
 from medvq.models.vqvae.model import VQVAEConfig
@@ -68,7 +68,7 @@ def test_prior_maps_nll_is_the_model_likelihood_of_the_vqvae_codes(kind):
     torch.manual_seed(0)
     model = LatentPrior(prior_config(kind=kind)).eval()
     x = images()
-    out = prior_maps(model, x)
+    out = compute_maps(model, x)
     assert set(out.maps) == {"nll", "residual", "alm"} and all(m.shape == (3, 1, SIZE, SIZE) for m in out.maps.values())
     codes = model.codes(x).indices
     assert torch.equal(out.codes, codes)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import pickle
 import shutil
 from pathlib import Path
 
@@ -13,15 +12,13 @@ import torch
 import yaml
 from PIL import Image
 from safetensors.torch import load_file
-from typer.testing import CliRunner
 
-from medvq.cli import app
 from medvq.detector import Detector
 from medvq.engine.run_dir import RunDir
 from medvq.models.prior.anomaly_map import COMBINATIONS
+from cli_runner import cli, cli_ok
 
 pytestmark = pytest.mark.slow
-runner = CliRunner()
 
 VQ_FLAGS = [
     "--image-size", "64", "--val-fraction", "0.2", "--test-fraction", "0.3", "--hidden-channels", "32", "--residual-channels", "16",
@@ -34,24 +31,17 @@ KIND_FLAGS = {
 }
 
 
-def cli(*args) -> tuple[int, str]:
-    result = runner.invoke(app, [str(a) for a in args])
-    return result.exit_code, result.output
-
-
 @pytest.fixture(scope="module")
 def vqvae_run(tiny_phantom, tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("prior-runs") / "vqvae"
-    code, out = cli("train", "vqvae", "--data", tiny_phantom, "--out", run, *VQ_FLAGS, *TRAIN_FLAGS)
-    assert code == 0, out
+    cli_ok("train", "vqvae", "--data", tiny_phantom, "--out", run, *VQ_FLAGS, *TRAIN_FLAGS)
     return run
 
 
 @pytest.fixture(scope="module", params=["fusion", "autoregressive"])
 def prior_run(request, vqvae_run, tiny_phantom) -> Path:
     run = vqvae_run.parent / request.param
-    code, out = cli("train", "prior", "--vqvae", vqvae_run, "--data", tiny_phantom, "--out", run, *KIND_FLAGS[request.param], *TRAIN_FLAGS)
-    assert code == 0, out
+    cli_ok("train", "prior", "--vqvae", vqvae_run, "--data", tiny_phantom, "--out", run, *KIND_FLAGS[request.param], *TRAIN_FLAGS)
     return run
 
 
@@ -71,13 +61,7 @@ def test_prior_run_reuses_the_vqvae_split_and_holds_its_frozen_weights(prior_run
     assert (prior_run / "samples" / "epoch_002.png").is_file()
 
 
-def test_checkpoint_round_trip_without_pickle(prior_run, tiny_phantom, monkeypatch):
-    def refuse(*args, **kwargs):
-        raise AssertionError("unpickling while loading a model")
-
-    monkeypatch.setattr(pickle, "load", refuse)
-    monkeypatch.setattr(pickle, "loads", refuse)
-    monkeypatch.setattr(torch, "load", refuse)
+def test_checkpoint_round_trip_without_pickle(prior_run, tiny_phantom, no_unpickling):
     a, b = Detector.load(prior_run), Detector.load(prior_run)
     assert a.map_names == ["nll", "residual", "alm"] and a.calibration.combinations == list(COMBINATIONS)
     files = sorted((tiny_phantom / "test").rglob("*.jpeg"))[:4]
@@ -90,8 +74,7 @@ def test_checkpoint_round_trip_without_pickle(prior_run, tiny_phantom, monkeypat
 
 def test_evaluate_reports_nll_and_its_combinations(prior_run, tiny_phantom):
     out = prior_run / "eval"
-    code, text = cli("evaluate", prior_run, "--data", tiny_phantom, "--out", out)
-    assert code == 0, text
+    cli_ok("evaluate", prior_run, "--data", tiny_phantom, "--out", out)
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics["maps"]) == {"nll", "residual", "alm", "combined", *COMBINATIONS}
     reference = json.loads((out / "metrics.json").read_text())["maps"]["alm"].keys()

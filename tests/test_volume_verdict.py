@@ -66,6 +66,29 @@ def test_volumes_are_grouped_by_file_or_by_eye_and_visit():
     np.testing.assert_allclose(scores["s"], [2.0, 4.0, 7.0])
 
 
+def test_volume_auroc_interval_resamples_patients_not_volumes():
+    from medvq.evaluation.evaluate import BOOTSTRAP_RESAMPLES, volume_metrics
+    from medvq.evaluation.metrics import bootstrap_auroc_interval
+
+    rng = np.random.default_rng(0)
+    samples, scores = [], []
+    for p in range(8):  # four normal and four CNV patients, two volumes (eyes) each that score alike
+        label, level = ("CNV", rng.normal(1.0)) if p >= 4 else ("NORMAL", rng.normal(0.0))
+        for eye in ("od", "os"):
+            samples += _bscans(f"p{p}_{eye}.dcm", 3, label, f"P{p}")
+            scores += list(level + 0.01 * rng.normal(size=3))
+    found = volume_metrics(samples, {"s": np.array(scores)}, "NORMAL", 0.1)
+    assert found["n_volumes"] == 16 and found["n_patients"] == 8
+    labels, volume_scores = volume_level_scores(samples, {"s": np.array(scores)}, "NORMAL", 0.1)
+    y, patients = np.array([lab != "NORMAL" for lab in labels], int), np.repeat([f"P{p}" for p in range(8)], 2)
+    m = found["maps"]["s"]
+    assert m["auroc_ci"] == list(bootstrap_auroc_interval(y, volume_scores["s"], patients, BOOTSTRAP_RESAMPLES))
+    assert m["auroc_ci"] != list(bootstrap_auroc_interval(y, volume_scores["s"], np.arange(16), BOOTSTRAP_RESAMPLES))
+    assert m["auroc_ci"][0] <= m["auroc"] <= m["auroc_ci"][1] and set(m["auroc_per_class_ci"]) == {"CNV"}
+    separated = volume_metrics(samples, {"s": np.repeat(np.arange(16) >= 8, 3).astype(float)}, "NORMAL", 0.1)["maps"]["s"]
+    assert separated["auroc"] == 1.0 and separated["auroc_ci"] == [1.0, 1.0]
+
+
 def _volume_manifest(phantom: Path, folder: Path) -> Path:
     """Each patient's phantom scans of one class stacked as a DICOM OPT volume (single scans stay images)."""
     groups: dict[tuple, list[Sample]] = defaultdict(list)
@@ -104,6 +127,8 @@ def test_oct_volumes_train_evaluate_and_get_a_verdict_each(tiny_phantom, nibabel
     volume_level = metrics["volume_level"]
     assert volume_level["counts"]["NORMAL"] >= 2 and volume_level["n_volumes"] > volume_level["counts"]["NORMAL"]
     assert 0.0 <= volume_level["maps"]["residual"]["auroc"] <= 1.0 and "volume level" in result.output
+    lo, hi = volume_level["maps"]["residual"]["auroc_ci"]
+    assert lo <= volume_level["maps"]["residual"]["auroc"] <= hi and "interval by patient" in result.output
     assert "<h2>Volumes</h2>" in (tmp_path / "eval" / "report.html").read_text()
 
     test_volume = sorted((tmp_path / "volumes").glob("CNV-*.dcm"))[0]

@@ -5,7 +5,7 @@ from medvq.maps.alm import alignment_loss_map
 from medvq.maps.residual import residual_map
 from medvq.maps.smoothing import gaussian_smooth
 from medvq.models.quantizer import VectorQuantizer, code_usage
-from medvq.models.vqvae.anomaly_map import vqvae_maps
+from medvq.models.vqvae.anomaly_map import compute_maps
 from medvq.models.vqvae.model import VQVAE, VQVAEConfig
 
 SMALL = dict(hidden_channels=16, residual_channels=8, residual_layers=1, embedding_dim=8, codebook_size=16)
@@ -123,7 +123,7 @@ def test_vqvae_maps_light_up_where_the_input_is_unlike_training():
         opt.step()
     test = (yy * 0.5).repeat(1, 1, 1, 1).clone()
     test[..., 8:16, 8:16] = 1.0
-    maps = vqvae_maps(model, test)
+    maps = compute_maps(model, test)
     inside = torch.zeros_like(test, dtype=torch.bool)
     inside[..., 8:16, 8:16] = True
     for name in ("residual", "alm"):

@@ -7,7 +7,7 @@ from medvq.config import build_config
 from medvq.errors import MedvqError
 from medvq.models.registry import get_method
 from medvq.models.vqvae.model import VQVAE, VQVAEConfig
-from medvq.models.vqvae2.anomaly_map import MAP_NAMES, vqvae2_maps
+from medvq.models.vqvae2.anomaly_map import MAP_NAMES, compute_maps
 from medvq.models.vqvae2.model import VQVAE2, VQVAE2Config, code_bits, equal_budget_vqvae
 
 SMALL = dict(hidden_channels=16, residual_channels=8, residual_layers=1, embedding_dim=8, codebook_size_top=16, codebook_size_bottom=32)
@@ -113,7 +113,7 @@ def test_maps_and_registry():
     model = method.build_model(VQVAE2Config(**SMALL))
     model.train()
     images = torch.rand(3, 1, 64, 64)
-    out = vqvae2_maps(model, images)
+    out = compute_maps(model, images)
     assert model.training, "the maps run in eval mode and restore the mode afterwards"
     assert set(out.maps) == set(MAP_NAMES)
     for m in out.maps.values():
@@ -121,7 +121,7 @@ def test_maps_and_registry():
     assert out.codes.shape == (3, 16, 16) and out.extras["top_codes"].shape == (3, 8, 8)
     torch.testing.assert_close(out.maps["residual"], (images - out.reconstruction.clamp(0, 1)).abs())
     with pytest.raises(ValueError, match="unknown map"):
-        vqvae2_maps(model, images, ["alm"])
+        compute_maps(model, images, ["alm"])
 
 
 def test_vqvae2_maps_light_up_where_the_input_is_unlike_training():
@@ -137,7 +137,7 @@ def test_vqvae2_maps_light_up_where_the_input_is_unlike_training():
         opt.step()
     test = (yy * 0.5).clone()
     test[..., 8:16, 8:16] = 1.0
-    maps = vqvae2_maps(model, test).maps
+    maps = compute_maps(model, test).maps
     inside = torch.zeros_like(test, dtype=torch.bool)
     inside[..., 8:16, 8:16] = True
     for name in ("residual", "alm_bottom"):

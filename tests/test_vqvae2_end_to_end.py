@@ -12,15 +12,13 @@ import numpy as np
 import pytest
 import torch
 from scipy import ndimage
-from typer.testing import CliRunner
 
-from medvq.cli import app
 from medvq.data.nifti import VolumeOptions, scan_nifti_file
 from medvq.detector import Detector
 from medvq.evaluation.reconstruction import ssim_per_image
+from cli_runner import cli, cli_ok
 
 pytestmark = pytest.mark.slow
-runner = CliRunner()
 
 TINY = [
     "--image-size", "64", "--epochs", "2", "--batch-size", "8", "--learning-rate", "3e-3", "--device", "cpu",
@@ -35,11 +33,6 @@ CASES = [
     ("validate", "201", (256, 128), range(100, 124, 4)),
     ("test", "301", (256, 144), range(130, 154, 4)),
 ]
-
-
-def _invoke(*args) -> tuple[int, str]:
-    result = runner.invoke(app, [str(a) for a in args])
-    return result.exit_code, result.output
 
 
 @pytest.fixture(scope="module")
@@ -60,16 +53,14 @@ def hipmri(colin27, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def trained(hipmri, tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("runs") / "mri"
-    code, out = _invoke("train", "vqvae2", "--data", hipmri, "--out", run, *TINY)
-    assert code == 0, out
+    cli_ok("train", "vqvae2", "--data", hipmri, "--out", run, *TINY)
     return run
 
 
 @pytest.fixture(scope="module")
 def evaluated(trained, hipmri) -> Path:
     out = trained.parent / "eval"
-    code, text = _invoke("evaluate", trained, "--data", hipmri, "--out", out)
-    assert code == 0, text
+    text = cli_ok("evaluate", trained, "--data", hipmri, "--out", out)
     assert "reconstruction of 6 test images: SSIM" in text
     return out
 
@@ -111,7 +102,7 @@ def test_mri_evaluation_is_reconstruction_only(evaluated, hipmri, trained):
     ssim = ssim_per_image(torch.tensor(np.stack([r.reconstruction for r in results]))[:, None], torch.tensor(np.stack([r.model_input for r in results]))[:, None])
     by_file = {Path(r["path"]).name: float(r["ssim"]) for r in rows}
     np.testing.assert_allclose(ssim.numpy(), [by_file[f.name] for f in files], atol=2e-3)  # float16 storage in evaluation
-    code, _ = _invoke("report", evaluated)
+    code, _ = cli("report", evaluated)
     assert code == 0
 
 
@@ -119,11 +110,9 @@ def test_resume_continues_a_vqvae2_run(hipmri, tmp_path):
     run = tmp_path / "run"
     flags = [f for f in TINY]
     flags[flags.index("--epochs") + 1] = "1"
-    code, out = _invoke("train", "vqvae2", "--data", hipmri, "--out", run, *flags)
-    assert code == 0, out
+    cli_ok("train", "vqvae2", "--data", hipmri, "--out", run, *flags)
     first = list(csv.DictReader(open(run / "metrics.csv")))
-    code, out = _invoke("train", "vqvae2", "--data", hipmri, "--out", run, "--resume", "--epochs", "2")
-    assert code == 0, out
+    cli_ok("train", "vqvae2", "--data", hipmri, "--out", run, "--resume", "--epochs", "2")
     rows = list(csv.DictReader(open(run / "metrics.csv")))
     assert [int(r["epoch"]) for r in rows] == [1, 2] and rows[0] == first[0]
     assert (run / "samples" / "epoch_002.png").is_file() and (run / "plots" / "ssim.png").is_file()
@@ -136,20 +125,17 @@ def test_volumes_train_evaluate_and_infer(colin27, nibabel_data, tmp_path):
         (root / split).mkdir(parents=True, exist_ok=True)
         shutil.copy(source, root / split / Path(source).name)
     run = tmp_path / "run"
-    code, out = _invoke("train", "vqvae2", "--data", root, "--out", run, *TINY, "--max-train-images", "32", "--series-volumes", "first")
-    assert code == 0, out
+    cli_ok("train", "vqvae2", "--data", root, "--out", run, *TINY, "--max-train-images", "32", "--series-volumes", "first")
     split = json.loads((run / "split.json").read_text())["splits"]
     assert {x["patient_id"] for x in split["train"]} <= {"ch2", "anatomical"} and {x["patient_id"] for x in split["val"]} == {"example4d"}
     assert all("frame" in x for x in split["train"])
-    code, out = _invoke("evaluate", run, "--data", root, "--out", tmp_path / "eval")
-    assert code == 0, out
+    cli_ok("evaluate", run, "--data", root, "--out", tmp_path / "eval")
     m = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     expected = len(scan_nifti_file(nibabel_data / "example_nifti2.nii.gz", VolumeOptions(series_volumes="first")))
     assert m["reconstruction"]["n_images"] == expected == 12 and 0 < m["reconstruction"]["ssim"] <= 1
     rows = list(csv.DictReader(open(tmp_path / "eval" / "scores.csv")))
     assert len(rows) == 12 and sorted(int(r["frame"]) for r in rows) == sorted({int(r["frame"]) for r in rows})
-    code, out = _invoke("infer", run, nibabel_data / "anatomical.nii", "--out", tmp_path / "infer")
-    assert code == 0, out
+    cli_ok("infer", run, nibabel_data / "anatomical.nii", "--out", tmp_path / "infer")
     inferred = list(csv.DictReader(open(tmp_path / "infer" / "scores.csv")))
     assert len(inferred) == 25 and inferred[3]["frame"] == "3" and inferred[3]["name"] == "anatomical_frame003"
     assert np.load(tmp_path / "infer" / "maps" / "anatomical_frame003_residual.npy").shape == (41, 33)
@@ -157,10 +143,8 @@ def test_volumes_train_evaluate_and_infer(colin27, nibabel_data, tmp_path):
 
 def test_vqvae2_on_oct_plugs_into_anomaly_evaluation(tiny_phantom, tmp_path):
     run = tmp_path / "oct"
-    code, out = _invoke("train", "vqvae2", "--data", tiny_phantom, "--out", run, *TINY)
-    assert code == 0, out
-    code, out = _invoke("evaluate", run, "--data", tiny_phantom, "--out", tmp_path / "eval")
-    assert code == 0, out
+    cli_ok("train", "vqvae2", "--data", tiny_phantom, "--out", run, *TINY)
+    cli_ok("evaluate", run, "--data", tiny_phantom, "--out", tmp_path / "eval")
     m = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert set(m["maps"]) == {"residual", "alm_top", "alm_bottom", "combined"}
     assert all(0 <= v["image_auroc"] <= 1 and "pixel_auroc" in v for v in m["maps"].values())
@@ -174,7 +158,7 @@ def test_bad_nifti_inputs_are_named_and_nothing_written_is_lost(hipmri, trained,
     shutil.copytree(hipmri, bad)
     victim = sorted((bad / "train").glob("*.nii.gz"))[0]
     victim.write_bytes(victim.read_bytes()[:400])  # truncated in transfer
-    code, out = _invoke("train", "vqvae2", "--data", bad, "--out", tmp_path / "r1", *TINY)
+    code, out = cli("train", "vqvae2", "--data", bad, "--out", tmp_path / "r1", *TINY)
     assert code == 2 and victim.name in out and "cannot read NIfTI data" in out
     assert not (tmp_path / "r1").exists(), "no run directory is left behind by a bad file"
 
@@ -182,7 +166,7 @@ def test_bad_nifti_inputs_are_named_and_nothing_written_is_lost(hipmri, trained,
     nib.save(nib.Nifti1Image(np.zeros((256, 128), np.float32), np.eye(4)), zero)
     shutil.copy(sorted((hipmri / "train").glob("*.nii.gz"))[0], victim)
     before = {str(p.relative_to(evaluated)): p.read_bytes() for p in evaluated.rglob("*") if p.is_file()}
-    code, out = _invoke("evaluate", trained, "--data", bad, "--out", evaluated)
+    code, out = cli("evaluate", trained, "--data", bad, "--out", evaluated)
     assert code == 2 and zero.name in out and "zero-filled" in out
     after = {str(p.relative_to(evaluated)): p.read_bytes() for p in evaluated.rglob("*") if p.is_file()}
     assert after == before, "the earlier evaluation is untouched"
@@ -192,5 +176,5 @@ def test_bad_nifti_inputs_are_named_and_nothing_written_is_lost(hipmri, trained,
     img = nib.Nifti1Image(np.ones((32, 32, 4, 3), np.float32), np.eye(4))
     img.header.set_intent("vector")
     nib.save(img, four_d)
-    code, out = _invoke("evaluate", trained, "--data", bad, "--out", tmp_path / "e2")
+    code, out = cli("evaluate", trained, "--data", bad, "--out", tmp_path / "e2")
     assert code == 2 and four_d.name in out and "unexpected axis" in out

@@ -344,15 +344,19 @@ def print_metrics(result: dict) -> None:
         if point:
             cells += [f"{op['sensitivity']:.3f}", f"{op['specificity']:.3f}"] if op else ["–", "–"]
         if pixel:
-            cells += [f"{m.get(k, float('nan')):.3f}" for k in ("pixel_auroc", "aupro", "dice", "pointing_game")]
+            cells += [_with_interval(m.get("pixel_auroc", float("nan")), m.get("pixel_auroc_ci"))]
+            cells += [f"{m.get(k, float('nan')):.3f}" for k in ("aupro", "dice", "pointing_game")]
         table.add_row(name, *cells)
     if maps:
         console.print(table)
-        console.print("[dim]AUROC with its 95 % bootstrap interval by patient; * from fewer than 10 abnormal scans: unreliable[/]")
+        pixel_by = next((m["pixel_auroc_ci_by"] for m in maps.values() if "pixel_auroc_ci_by" in m), None)
+        pixel_note = f" (pixel AUROC: resampling {pixel_by}s)" if pixel_by and pixel_by != "patient" else ""
+        console.print(f"[dim]AUROC with its 95 % bootstrap interval by patient{pixel_note}; * from fewer than 10 abnormal scans: unreliable[/]")
     volumes = result.get("volume_level")
     if volumes:
-        aurocs = ", ".join(f"{name} {m['auroc']:.3f}" for name, m in volumes["maps"].items())
-        console.print(f"volume level ({volumes['n_volumes']} volumes, {volumes['aggregation']}): AUROC {aurocs}", highlight=False)
+        ci = lambda m: f" [{m['auroc_ci'][0]:.2f}, {m['auroc_ci'][1]:.2f}]" if m.get("auroc_ci") else ""
+        aurocs = ", ".join(f"{name} {m['auroc']:.3f}{ci(m)}" for name, m in volumes["maps"].items())
+        console.print(f"volume level ({volumes['n_volumes']} volumes, {volumes['aggregation']}): AUROC [95 % interval by patient] {aurocs}", highlight=False, markup=False)
     ood = result.get("out_of_distribution")
     if ood:
         per_class = ", ".join(f"{c} {n}" for c, n in ood["flagged_per_class"].items())

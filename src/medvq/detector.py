@@ -26,11 +26,12 @@ from medvq.data.samples import Sample
 from medvq.engine.run_dir import RunDir
 from medvq.errors import BlankScanError, CheckpointError, ImageReadError, MedvqError
 from medvq.maps.smoothing import gaussian_smooth
+from medvq.models.checkpoint import load_run_weights, weights_path
 from medvq.models.registry import Method, get_method
 from medvq.progress import progress_bar
 from medvq.scoring.calibration import COMBINED, NormalCalibration
 from medvq.scoring.decision import Decision, choose_primary, is_abnormal, operating_point
-from medvq.scoring.ood import DistributionGuard, scan_features
+from medvq.scoring.ood import APPEARANCE_SIZE, APPEARANCE_STAGES, GUARD_WEIGHTS, SHARED_MAX_SIZE, AppearanceFeatures, DistributionGuard, scan_features
 
 
 @dataclass
@@ -143,6 +144,10 @@ class Detector:
         self.inference = inference or InferenceConfig()
         self.calibration = calibration
         self.preprocessor = Preprocessor.from_config(config.data, getattr(config.model, "stride", 1))
+        self._appearance: AppearanceFeatures | None = None  # the guard's frozen network, loaded on first use
+        self._shared_stages: list[torch.Tensor] | None = None  # the model's own outputs of those stages, when it has the same network
+        self._shares_network: bool | None = None
+        self.guard_weights: Path | None = None  # the guard network's weights stored with the run (safetensors), when there are
 
     @classmethod
     def load(cls, run_dir: str | Path, *, checkpoint: str = "best", device: str | torch.device = "cpu", inference: InferenceConfig | None = None) -> "Detector":
@@ -153,7 +158,10 @@ class Detector:
         calibration = NormalCalibration.load(run.calibration) if run.calibration.is_file() else None
         if calibration is not None:
             check_calibrated_settings(config, calibration, run.calibration)
-        return cls(model, config, calibration, device, inference)
+        detector = cls(model, config, calibration, device, inference)
+        if weights_path(run.root, GUARD_WEIGHTS).is_file():
+            detector.guard_weights = weights_path(run.root, GUARD_WEIGHTS)
+        return detector
 
     @property
     def map_names(self) -> list[str]:
@@ -226,6 +234,9 @@ class Detector:
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         autocast = torch.autocast(self.device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
+        guard = self.calibration.guard if self.calibration is not None else None
+        shared = guard is not None and guard.appearance is not None and guard.appearance.input_size == images.shape[-1] and self._share_network()
+        self._shared_stages = None
         with autocast:
             out = self.method.compute_maps(self.model, images, self.map_names)
         raw = {name: gaussian_smooth(m.float(), self.smoothing_sigma) for name, m in out.maps.items()}
@@ -235,8 +246,15 @@ class Detector:
         if self.calibration is not None:
             pred.maps = self.calibration.standardize(raw)
             pred.scores = self.calibration.image_scores(pred.maps, valid.to(self.device) if valid is not None else None)
-            if self.calibration.guard is not None:
-                pred.ood_distance = self.calibration.guard.distance(*scan_features(images, valid, pred.maps))
+            if guard is not None:
+                if guard.appearance is None:
+                    appearance = None
+                elif shared and self._shared_stages is not None:  # the model ran the guard's network on these images
+                    appearance = AppearanceFeatures.pool(self._shared_stages, valid.to(self.device) if valid is not None else None, images.shape[-1])
+                else:
+                    appearance = self.appearance(images, valid, guard.appearance.input_size)
+                self._shared_stages = None
+                pred.ood_distance = guard.distance(*scan_features(images, valid, pred.maps), appearance)
         pred.scores.update(model_scores)
         return pred
 
@@ -260,9 +278,47 @@ class Detector:
             ood_distance=np.concatenate([p.ood_distance for p in parts]) if parts[0].ood_distance is not None else None,
         )
 
-    def calibrate(self, normals: ScanDataset, batch_size: int = 32, abnormals: ScanDataset | None = None) -> NormalCalibration:
+    def appearance(self, images: torch.Tensor, valid: torch.Tensor | None = None, size: int = APPEARANCE_SIZE) -> np.ndarray:
+        """The out-of-distribution guard's appearance features (medvq.scoring.ood) of images shrunk to
+        ``size``, (B, F); the frozen network is loaded on first use."""
+        return self.appearance_network()(images.to(self.device), valid.to(self.device) if valid is not None else None, size)
+
+    @property
+    def appearance_size(self) -> int:
+        """The input side the guard's appearance part sees for this run: the model's own when it lends its stages."""
+        return self.config.data.image_size if self._share_network() else min(APPEARANCE_SIZE, self.config.data.image_size)
+
+    def _share_network(self) -> bool:
+        """PatchCore and feature-space VQ run the guard's ImageNet EfficientNet-Lite0 stages themselves: a
+        hook keeps those outputs, so the guard pools them instead of running the network a second time."""
+        if self._shares_network is None:
+            backbone = getattr(self.model, "features", None)
+            self._shares_network = self.config.data.image_size <= SHARED_MAX_SIZE and AppearanceFeatures.same_network(backbone)
+            if self._shares_network:
+                wanted = [i for i, stage in enumerate(sorted(backbone.stage_ends.values())) if stage in APPEARANCE_STAGES]
+                backbone.register_forward_hook(lambda module, inputs, out: setattr(self, "_shared_stages", [out[i] for i in wanted]))
+        return self._shares_network
+
+    def appearance_network(self) -> AppearanceFeatures:
+        """The guard's network: from the run's own safetensors file where it has one (nothing unpickled),
+        else the ImageNet file of the weights package (at calibration)."""
+        if self._appearance is None:
+            if self.guard_weights is not None:
+                network = AppearanceFeatures(weights=None)
+                load_run_weights(network, self.guard_weights.parent.parent, GUARD_WEIGHTS)
+            else:
+                network = AppearanceFeatures()
+            self._appearance = network.to(self.device)
+        return self._appearance
+
+    def _dataset_appearance(self, data: ScanDataset, batch_size: int) -> np.ndarray:
+        size = self.appearance_size
+        return np.concatenate([self.appearance(b.image, b.valid, size) for b in data.batches(batch_size)])
+
+    def calibrate(self, normals: ScanDataset, batch_size: int = 32, abnormals: ScanDataset | None = None, reference: ScanDataset | None = None) -> NormalCalibration:
         """Fit the normal calibration on held-out normal images and keep it; choose the primary map on the
-        validation patients' ``abnormals`` against these normals (without them: the method's default)."""
+        validation patients' ``abnormals`` against these normals (without them: the method's default).
+        The guard's appearance part takes ``reference`` normals (the training normals) besides these."""
         pred = self.predict_dataset(normals, batch_size)
         s = self.config.score
         combinations = [c for c in self.method.combinations if set(c.split("+")) <= set(self.map_names)]
@@ -272,7 +328,11 @@ class Detector:
         self.calibration.fit_scores(pred.model_scores)
         standardized = self.calibration.standardize(pred.raw_maps)
         if len(normals) >= 3:  # below that no spread of normal scans can be measured
-            self.calibration.guard = DistributionGuard().fit(*scan_features(normals.images.float(), normals.valid, standardized))
+            looks = self._dataset_appearance(normals, batch_size)
+            if reference is not None and len(reference):
+                looks = np.concatenate([self._dataset_appearance(reference, batch_size), looks])
+            self.calibration.guard = DistributionGuard().fit(*scan_features(normals.images.float(), normals.valid, standardized), looks)
+            self.calibration.guard.appearance.input_size = self.appearance_size
         abnormal_scores = self.predict_dataset(abnormals, batch_size).scores if abnormals is not None and len(abnormals) else None
         patients = len({x.patient_id for x in abnormals.samples}) if abnormal_scores else 0
         choice = choose_primary(self.calibration, self.method.primary_map or "combined", abnormal_scores, patients)

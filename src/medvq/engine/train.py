@@ -34,6 +34,7 @@ from medvq.engine.callbacks import EpochArtifacts, StopOnNonFiniteLoss
 from medvq.engine.run_dir import RunDir, prepare_run_dir, swap_in
 from medvq.errors import CheckpointError, DatasetError, MedvqError, TrainingDiverged, TrainingInterrupted
 from medvq.io import atomic_save_npz, atomic_write_text
+from medvq.scoring.ood import GUARD_WEIGHTS, MAX_REFERENCE
 from medvq.models.registry import get_method
 
 
@@ -367,7 +368,10 @@ def finish_run(run: RunDir, config: RunConfig, train_set: ScanDataset, val_set: 
         abnormals = val_set.subset(rest) if rest else None
     if len(normals) < 2:
         raise DatasetError(f"only {len(normals)} held-out {normal} validation image(s): score calibration needs at least 2", fix="raise --val-fraction")
-    calibration = detector.calibrate(normals, batch_size=config.train.batch_size, abnormals=abnormals)
+    train_normals = [i for i, s in enumerate(train_set.samples) if s.label == normal]
+    if len(train_normals) > MAX_REFERENCE:  # evenly spaced, enough for the guard's nearest-neighbour distance
+        train_normals = [train_normals[i] for i in np.linspace(0, len(train_normals) - 1, MAX_REFERENCE).round().astype(int)]
+    calibration = detector.calibrate(normals, batch_size=config.train.batch_size, abnormals=abnormals, reference=train_set.subset(train_normals))
     broken = [name for name, st in calibration.stats.items() if not np.all(np.isfinite([st.pixel_mean, st.pixel_std, *st.normal_scores]))]
     if broken:  # weights that diverged without a non-finite training loss: no calibration.json is better than a wrong one
         raise TrainingDiverged(
@@ -376,6 +380,8 @@ def finish_run(run: RunDir, config: RunConfig, train_set: ScanDataset, val_set: 
             fix="lower --learning-rate (or use --precision 32) and start a new run",
         )
     calibration.save(run.calibration)
+    if calibration.guard is not None and calibration.guard.appearance is not None:  # scoring then loads safetensors only
+        run.save_weights(detector.appearance_network(), GUARD_WEIGHTS)
     if len(normals) < MIN_CALIBRATION_NORMALS:
         console.print(
             f"[yellow]warning[/]: calibrated on only {len(normals)} held-out {normal} scans (fewer than {MIN_CALIBRATION_NORMALS}): "

@@ -51,7 +51,7 @@ from medvq.models.registry import methods
 from medvq.report.html import build_report
 from medvq.scoring.decision import OperatingPoint, is_abnormal, operating_point
 from medvq.scoring.volume import describe as describe_volume_score
-from medvq.scoring.volume import volume_level_scores
+from medvq.scoring.volume import group_volumes, volume_level_scores
 from medvq.version import __version__
 
 SPECIFICITY = 0.95
@@ -108,17 +108,24 @@ def compute_metrics(
     pointing_tolerance: float = 0.0,
     operating_points: dict[str, OperatingPoint] | None = None,
     patients: np.ndarray | None = None,
+    pixel_patients: np.ndarray | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Metrics per map. labels: class names; scores: name -> (N,); masks/maps/valid: (M, H, W) over the images
     whose lesion mask is known (any M; pixel metrics need at least one lesion pixel);
     operating_points: name -> the stored threshold at which sensitivity and specificity are reported;
-    patients: (N,) patient ids, for 95 % bootstrap intervals by patient on every image AUROC (``*_ci``)."""
+    patients: (N,) patient ids, for 95 % bootstrap intervals by patient on every image AUROC (``*_ci``);
+    pixel_patients: (M,) patient ids of the mask rows, for the pixel AUROC's interval by patient (without
+    them, or for scans without a patient id, it resamples scans; ``pixel_auroc_ci_by`` says which)."""
     y = np.array([lab != normal_class for lab in labels], dtype=int)
     classes = sorted({lab for lab in labels if lab != normal_class})
     labels_arr = np.array(labels)
     interval = lambda keep, s: list(M.bootstrap_auroc_interval(y[keep], s[keep], patients[keep], BOOTSTRAP_RESAMPLES)) if patients is not None else None
     everything = np.ones(len(labels), bool)
     n_abnormal = {c: int((labels_arr == c).sum()) for c in classes}
+    if masks is not None:  # the pixel AUROC resamples patients; a scan whose patient is unknown is a group of its own
+        known = np.array([bool(p) for p in pixel_patients]) if pixel_patients is not None else np.zeros(len(masks), bool)
+        pixel_groups = np.array([str(p) if k else f"scan {i}" for i, (p, k) in enumerate(zip(pixel_patients if pixel_patients is not None else known, known))])
+        pixel_unit = "patient" if known.all() else "image" if not known.any() else "patient, or image where the patient is unknown"
     out: dict[str, dict[str, Any]] = {}
     for name, s in scores.items():
         m: dict[str, Any] = {
@@ -144,6 +151,8 @@ def compute_metrics(
         if masks is not None and maps is not None and name in maps and masks.any():
             mp = maps[name]
             m["pixel_auroc"] = M.pixel_auroc(masks, mp, valid=valid)
+            m["pixel_auroc_ci"] = list(M.bootstrap_pixel_auroc_interval(masks, mp, pixel_groups, valid=valid, n_resamples=BOOTSTRAP_RESAMPLES))
+            m["pixel_auroc_ci_by"] = pixel_unit
             m["aupro"] = M.aupro(masks, mp, fpr_limit=AUPRO_FPR_LIMIT, valid=valid)
             dice, threshold = M.best_dice(masks, mp, valid=valid)
             m["dice"], m["dice_threshold"] = dice, threshold
@@ -250,13 +259,22 @@ def volume_metrics(
     labels, volume_scores = found
     if normal_class not in labels or all(lab == normal_class for lab in labels):
         return None
-    per_map = compute_metrics(labels, volume_scores, normal_class, operating_points=operating_points)
+    patients = np.array([samples[idx[0]].patient_id for idx in group_volumes(samples).values()])  # the volumes' order
+    per_map = compute_metrics(labels, volume_scores, normal_class, operating_points=operating_points, patients=patients)
     return {
         "n_volumes": len(labels),
+        "n_patients": len(set(patients.tolist())),
         "counts": {c: labels.count(c) for c in sorted(set(labels))},
         "aggregation": describe_volume_score(fraction),
         "maps": {
-            name: {"auroc": m["image_auroc"], "auprc": m["image_auprc"], "auroc_per_class": m["image_auroc_per_class"], **({"operating_point": m["operating_point"]} if "operating_point" in m else {})}
+            name: {
+                "auroc": m["image_auroc"],
+                "auroc_ci": m["image_auroc_ci"],  # 95 % bootstrap interval, resampling patients
+                "auprc": m["image_auprc"],
+                "auroc_per_class": m["image_auroc_per_class"],
+                "auroc_per_class_ci": m["image_auroc_per_class_ci"],
+                **({"operating_point": m["operating_point"]} if "operating_point" in m else {}),
+            }
             for name, m in per_map.items()
         },
     }
@@ -390,7 +408,10 @@ def measure(scored: ScoredTestSet, console: Console) -> Measurements:
     pixel_rows = (dataset.mask_known.numpy() | np.array([lab == normal for lab in labels])) if masks is not None else None
     pixel = dict(masks=masks[pixel_rows], maps={k: v[pixel_rows] for k, v in maps_np.items()}, valid=valid[pixel_rows]) if masks is not None else {}
     per_map = (
-        compute_metrics(labels, pred.scores, normal, dataset.original_widths(), pointing_tolerance=tolerance, operating_points=points, patients=patients, **pixel)
+        compute_metrics(
+            labels, pred.scores, normal, dataset.original_widths(), pointing_tolerance=tolerance, operating_points=points, patients=patients,
+            pixel_patients=patients[pixel_rows] if pixel_rows is not None else None, **pixel,
+        )  # fmt: skip
         if scored.anomaly
         else {}
     )

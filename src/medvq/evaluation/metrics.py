@@ -46,6 +46,7 @@ __all__ = [
     "grouped_auroc",
     "pointing_game",
     "bootstrap_auroc_interval",
+    "bootstrap_pixel_auroc_interval",
 ]
 
 
@@ -239,6 +240,29 @@ def _weighted_aurocs(y: np.ndarray, s: np.ndarray, weights: np.ndarray) -> np.nd
         return np.where(total > 0, wins / np.where(total > 0, total, 1.0), np.nan)
 
 
+def _group_resamples(groups: np.ndarray, n: int, n_resamples: int, confidence: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each item's group index (n,) and how often each group is drawn in each resample (B, G): whole
+    groups drawn with replacement, as many draws as there are groups."""
+    if groups.shape != (n,):
+        raise ValueError(f"groups must be 1-D with one entry per image ({n}), got shape {groups.shape}")
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence must lie strictly between 0 and 1, got {confidence}")
+    _, group = np.unique(groups.astype(str), return_inverse=True)
+    group = group.reshape(-1)
+    n_groups = int(group.max()) + 1
+    return group, np.random.default_rng(seed).multinomial(n_groups, np.full(n_groups, 1.0 / n_groups), size=int(n_resamples))
+
+
+def _percentile_interval(aurocs: np.ndarray, confidence: float) -> tuple[float, float]:
+    """Percentile interval of resampled AUROCs; resamples without both classes (NaN) are dropped."""
+    aurocs = aurocs[np.isfinite(aurocs)]
+    if aurocs.size == 0:
+        return float("nan"), float("nan")
+    tail = 100 * (1 - confidence) / 2
+    lo, hi = np.percentile(aurocs, [tail, 100 - tail])
+    return float(lo), float(hi)
+
+
 def bootstrap_auroc_interval(
     labels: Any, scores: Any, groups: Any, n_resamples: int = 1000, confidence: float = 0.95, seed: int = 0
 ) -> tuple[float, float]:
@@ -249,21 +273,8 @@ def bootstrap_auroc_interval(
     dropped. Pass one group per image (e.g. ``np.arange(n)``) to resample images instead.
     """
     y, s = _image_inputs(labels, scores)
-    g = to_numpy(groups, "groups")
-    if g.shape != (y.size,):
-        raise ValueError(f"groups must be 1-D with one entry per image ({y.size}), got shape {g.shape}")
-    if not 0.0 < confidence < 1.0:
-        raise ValueError(f"confidence must lie strictly between 0 and 1, got {confidence}")
-    _, patient = np.unique(g.astype(str), return_inverse=True)
-    n_groups = int(patient.max()) + 1
-    counts = np.random.default_rng(seed).multinomial(n_groups, np.full(n_groups, 1.0 / n_groups), size=int(n_resamples))  # (B, P)
-    aurocs = _weighted_aurocs(y, s, counts[:, patient])
-    aurocs = aurocs[np.isfinite(aurocs)]
-    if aurocs.size == 0:
-        return float("nan"), float("nan")
-    tail = 100 * (1 - confidence) / 2
-    lo, hi = np.percentile(aurocs, [tail, 100 - tail])
-    return float(lo), float(hi)
+    patient, counts = _group_resamples(to_numpy(groups, "groups"), y.size, n_resamples, confidence, seed)
+    return _percentile_interval(_weighted_aurocs(y, s, counts[:, patient]), confidence)
 
 
 # --------------------------------------------------------------------------- pixel level
@@ -288,23 +299,86 @@ def pixel_auroc(
     m, a, v = _pixel_inputs(masks, maps, valid)
     y = m[v]
     s = a[v]
-    n = y.size
-    if max_pixels is not None:
-        max_pixels = int(max_pixels)
-        if max_pixels < 2:
-            raise ValueError(f"max_pixels must be >= 2 or None, got {max_pixels}")
-        if n > max_pixels:
-            rng = np.random.default_rng(seed)
-            pos = np.flatnonzero(y)
-            neg = np.flatnonzero(~y)
-            k_pos = int(round(max_pixels * pos.size / n))
-            k_pos = min(max(k_pos, 1), pos.size, max_pixels - 1)
-            k_neg = min(max_pixels - k_pos, neg.size)
-            idx = np.concatenate(
-                [rng.choice(pos, size=k_pos, replace=False), rng.choice(neg, size=k_neg, replace=False)]
-            )
-            y, s = y[idx], s[idx]
+    idx = _pixel_subsample(y, max_pixels, seed)
+    if idx is not None:
+        y, s = y[idx], s[idx]
     return _auroc_by_ranks(y, s)
+
+
+def _pixel_subsample(y: np.ndarray, max_pixels: int | None, seed: int) -> np.ndarray | None:
+    """Indices of a seeded subsample of ``max_pixels`` pixels stratified by class (see :func:`pixel_auroc`);
+    None when every pixel is used."""
+    n = y.size
+    if max_pixels is None:
+        return None
+    max_pixels = int(max_pixels)
+    if max_pixels < 2:
+        raise ValueError(f"max_pixels must be >= 2 or None, got {max_pixels}")
+    if n <= max_pixels:
+        return None
+    rng = np.random.default_rng(seed)
+    pos = np.flatnonzero(y)
+    neg = np.flatnonzero(~y)
+    k_pos = int(round(max_pixels * pos.size / n))
+    k_pos = min(max(k_pos, 1), pos.size, max_pixels - 1)
+    k_neg = min(max_pixels - k_pos, neg.size)
+    return np.concatenate([rng.choice(pos, size=k_pos, replace=False), rng.choice(neg, size=k_neg, replace=False)])
+
+
+def bootstrap_pixel_auroc_interval(
+    masks: Any,
+    maps: Any,
+    groups: Any,
+    valid: Any | None = None,
+    max_pixels: int | None = 2_000_000,
+    n_resamples: int = 1000,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of :func:`pixel_auroc`, resampling whole groups of images (``groups``:
+    one entry per image, e.g. its patient; ``np.arange(N)`` resamples images) with replacement.
+
+    Pixels of one image, and images of one patient, are far from independent, so pixels are never
+    resampled one by one. Exact and cheap at any pixel count: the normal-abnormal pixel pairs each group
+    pair wins (ties 1/2) are counted once, a (G, G) table, and a resample drawing group g c_g times has
+    AUROC c' W c / ((c . abnormal) (c . normal)). The pixels are the same (subsampled) ones
+    :func:`pixel_auroc` uses with this ``max_pixels`` and ``seed``. Resamples without both classes are dropped.
+    """
+    m, a, v = _pixel_inputs(masks, maps, valid)
+    image, counts = _group_resamples(to_numpy(groups, "groups"), m.shape[0], n_resamples, confidence, seed)
+    y, s = m[v], a[v]
+    pixel_group = np.broadcast_to(image[:, None, None], m.shape)[v]
+    keep = _pixel_subsample(y, max_pixels, seed)
+    if keep is not None:
+        y, s, pixel_group = y[keep], s[keep], pixel_group[keep]
+    return _percentile_interval(_group_pair_aurocs(counts, *_group_pair_wins(y, s, pixel_group, counts.shape[1])), confidence)
+
+
+def _group_pair_wins(y: np.ndarray, s: np.ndarray, group: np.ndarray, n_groups: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For pixels with labels ``y``, scores ``s`` and group indices: (G, G) ``wins[i, j]``, the pairs (abnormal
+    pixel of group i, normal pixel of group j) the abnormal one scores above (ties 1/2), and the abnormal
+    and normal pixel counts per group."""
+    abnormal = np.bincount(group[y], minlength=n_groups).astype(np.float64)
+    normal = np.bincount(group[~y], minlength=n_groups).astype(np.float64)
+    wins = np.zeros((n_groups, n_groups))
+    pos_s, pos_g = s[y], group[y]
+    neg_s, neg_g = s[~y], group[~y]
+    order = np.lexsort((neg_s, neg_g))  # normal pixels by group, each group's scores ascending
+    neg_s, bounds = neg_s[order], np.searchsorted(neg_g[order], np.arange(n_groups + 1))
+    for j in np.flatnonzero(normal):
+        neg = neg_s[bounds[j] : bounds[j + 1]]
+        below, up_to = np.searchsorted(neg, pos_s, side="left"), np.searchsorted(neg, pos_s, side="right")
+        wins[:, j] = np.bincount(pos_g, weights=below + 0.5 * (up_to - below), minlength=n_groups)
+    return wins, abnormal, normal
+
+
+def _group_pair_aurocs(counts: np.ndarray, wins: np.ndarray, abnormal: np.ndarray, normal: np.ndarray) -> np.ndarray:
+    """AUROC of each resample (a row of ``counts``: how often each group is drawn); NaN without both classes."""
+    c = counts.astype(np.float64)
+    won = np.einsum("bi,ij,bj->b", c, wins, c)
+    total = (c @ abnormal) * (c @ normal)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(total > 0, won / np.where(total > 0, total, 1.0), np.nan)
 
 
 def _auroc_by_ranks(y: np.ndarray, s: np.ndarray) -> float:

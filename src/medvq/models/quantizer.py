@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -106,17 +107,160 @@ class VectorQuantizer(nn.Module):
         ``block_elements`` distances so that memory does not grow with the batch."""
         b, d, h, w = latents.shape
         z = latents.float().permute(0, 2, 3, 1).reshape(-1, d)  # (N, D)
-        codebook = self.codebook.float()
-        squared = (codebook * codebook).sum(1)  # (K,); ||z||^2 does not change which code is nearest
-        rows = max(1, block_elements // self.codebook_size)
-        out = torch.cat([torch.addmm(squared, z[i : i + rows], codebook.T, alpha=-2.0).argmin(dim=1) for i in range(0, z.shape[0], rows)])
-        return out.reshape(b, h, w)
+        return nearest_rows(z, self.codebook.float(), block_elements)[1].reshape(b, h, w)
+
+    @torch.no_grad()
+    def initialise_by_kmeans(self, samples: torch.Tensor, iters: int, *, seeding: str, seed: int = 0) -> torch.Tensor:
+        """Set the codebook to the k-means centres of ``samples`` (N, D) (``kmeans``) and mark it initialised,
+        so that the library's first-batch initialisation does not run. Returns the codes' cluster sizes (K,).
+        The EMA statistics start from the result, as after the library's own initialisation."""
+        centres, counts = kmeans(samples, self.codebook_size, iters, seeding=seeding, seed=seed)
+        codebook = self.vq._codebook
+        codebook.embed.data.copy_(centres[None])
+        codebook.embed_avg.data.copy_((centres * counts[:, None])[None])
+        codebook.cluster_size.data.copy_(counts[None])
+        codebook.initted.data.copy_(torch.tensor(True))
+        return counts
 
     def lookup(self, indices: torch.Tensor) -> torch.Tensor:
         """(B, h, w) code indices -> (B, D, h, w) codebook vectors."""
         if indices.numel() and (indices.min() < 0 or indices.max() >= self.codebook_size):
             raise ValueError(f"code indices must lie in [0, {self.codebook_size}), got [{indices.min()}, {indices.max()}]")
         return self.codebook[indices.long()].permute(0, 3, 1, 2).contiguous()
+
+
+@torch.no_grad()
+def kmeans(samples: torch.Tensor, k: int, iters: int, *, seeding: str, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """k-means of ``samples`` (N, D) in fp32 -> centres (k, D) and their cluster sizes (k,).
+
+    Lloyd iterations from ``seed_centres``; a centre left empty moves to the sample farthest from its centre,
+    so that rare vectors keep a centre of their own."""
+    x = samples.float()
+    n = x.shape[0]
+    centres = x[seed_centres(x, k, seeding, seed)].clone()
+    for _ in range(iters):
+        distances, nearest = nearest_rows(x, centres)
+        counts = torch.bincount(nearest, minlength=k).float()
+        sums = torch.zeros_like(centres).index_add_(0, nearest, x)
+        centres = torch.where(counts[:, None] > 0, sums / counts.clamp_min(1)[:, None], centres)
+        empty = (counts == 0).nonzero().flatten()[:n]
+        if len(empty):
+            centres[empty] = x[distances.topk(len(empty)).indices]
+    _, nearest = nearest_rows(x, centres)
+    return centres, torch.bincount(nearest, minlength=k).float()
+
+
+@torch.no_grad()
+def seed_centres(x: torch.Tensor, k: int, seeding: str, seed: int = 0, batch: int | None = None) -> torch.Tensor:
+    """Indices (k,) of the rows of ``x`` (N, D) that start k-means: ``random`` (distinct rows), ``kmeans++`` (each
+    next row drawn with probability proportional to its squared distance from the rows chosen so far) or
+    ``farthest`` (k-center greedy: the next rows are the farthest ones, so every outlier gets a seed).
+
+    Rows are chosen ``batch`` at a time (default k // 512, at least 1): one matrix product per batch instead of
+    a pass over ``x`` per row, which on a CPU makes seeding 8192 codes minutes faster; Lloyd's iterations and
+    the empty-code moves afterwards absorb the rare seeds that land close together."""
+    n = x.shape[0]
+    generator = torch.Generator().manual_seed(seed)
+    if seeding == "random" or n <= k:
+        return torch.randperm(n, generator=generator)[:k] if n >= k else torch.randint(0, n, (k,), generator=generator)
+    if seeding not in ("kmeans++", "farthest"):
+        raise ValueError(f"unknown k-means seeding {seeding!r}; use random, kmeans++ or farthest")
+    batch = batch or max(1, k // 512)
+    chosen = [torch.randint(0, n, (1,), generator=generator)]
+    squared = (x * x).sum(1)
+    nearest = torch.full((n,), float("inf"))
+    count = 1
+    while count < k:
+        c = x[chosen[-1]]  # (b, D): the rows chosen last
+        distance = torch.addmm(squared[:, None], x, c.T, alpha=-2.0).add_((c * c).sum(1)).amin(dim=1)  # (N,) to the nearest of them
+        torch.minimum(nearest, distance, out=nearest)
+        b = min(batch, k - count)
+        if seeding == "farthest" or not float(nearest.clamp_min(0).sum()) > 0:
+            chosen.append(nearest.topk(b).indices)
+        else:
+            chosen.append(torch.multinomial(nearest.clamp_min(0).double(), b, replacement=False, generator=generator))
+        count += b
+    return torch.cat(chosen)
+
+
+@torch.no_grad()
+def nearest_rows(x: torch.Tensor, centres: torch.Tensor, block_elements: int = 2**24) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, D), (K, D) -> squared distance (N,) and index (N,) of each row's nearest centre, fp32, in blocks of at
+    most ``block_elements`` distances."""
+    squared = (centres * centres).sum(1)
+    rows = max(1, block_elements // centres.shape[0])
+    distances, indices = [], []
+    for i in range(0, x.shape[0], rows):
+        block = x[i : i + rows]
+        d, j = torch.addmm(squared, block, centres.T, alpha=-2.0).min(dim=1)
+        distances.append((d + (block * block).sum(1)).clamp_min(0))
+        indices.append(j)
+    return torch.cat(distances), torch.cat(indices)
+
+
+class PatchSample:
+    """A bounded sample of vectors that does not depend on the order they arrive in or on how many
+    processes see them: each vector carries a key (``sample_keys``: a hash of its scan and position), and the
+    ``capacity`` vectors with the smallest keys are kept. Every vector is equally likely to be kept, memory
+    stays at ``capacity`` rows, and under DDP the union of the processes' samples, cut to the ``capacity``
+    smallest keys again, is exactly the sample one process would have drawn from all the data."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self.vectors: torch.Tensor | None = None  # (n, D)
+        self.keys: torch.Tensor | None = None  # (n,) int64
+
+    def add(self, vectors: torch.Tensor, keys: torch.Tensor) -> None:
+        vectors = vectors.detach().float().cpu()
+        keys = keys.cpu()
+        if self.vectors is not None:
+            vectors, keys = torch.cat([self.vectors, vectors]), torch.cat([self.keys, keys])
+        self.vectors, self.keys = _smallest_unique_keys(vectors, keys, self.capacity)
+
+    def __len__(self) -> int:
+        return 0 if self.keys is None else self.keys.numel()
+
+    def gathered(self) -> torch.Tensor:
+        """(n, D) the sample over every process (all of them call this), in key order."""
+        import torch.distributed as dist
+
+        if self.vectors is None:
+            raise ValueError("the sample is empty: no vectors were added")
+        vectors, keys = self.vectors, self.keys
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            world = dist.get_world_size()
+            sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(world)]
+            dist.all_gather(sizes, torch.tensor([len(self)]))
+            longest = int(max(s.item() for s in sizes))
+            pad = longest - len(self)
+            all_vectors = [torch.empty(longest, vectors.shape[1]) for _ in range(world)]
+            all_keys = [torch.empty(longest, dtype=torch.int64) for _ in range(world)]
+            dist.all_gather(all_vectors, torch.cat([vectors, vectors.new_zeros(pad, vectors.shape[1])]))
+            dist.all_gather(all_keys, torch.cat([keys, keys.new_zeros(pad)]))
+            vectors = torch.cat([v[: int(s.item())] for v, s in zip(all_vectors, sizes)])
+            keys = torch.cat([k[: int(s.item())] for k, s in zip(all_keys, sizes)])
+        return _smallest_unique_keys(vectors, keys, self.capacity)[0]
+
+
+def _smallest_unique_keys(vectors: torch.Tensor, keys: torch.Tensor, capacity: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rows with the ``capacity`` smallest keys, in key order, each key once (an epoch that repeats a scan,
+    to reach its minimum size, sees its patches again with the same keys)."""
+    keys, order = keys.sort(stable=True)
+    first = torch.ones_like(keys, dtype=torch.bool)
+    first[1:] = keys[1:] != keys[:-1]
+    keep = order[first][:capacity]
+    return vectors[keep], keys[first][:capacity]
+
+
+def sample_keys(scan_indices: torch.Tensor, positions: int) -> torch.Tensor:
+    """(B,) dataset indices of scans -> (B * positions,) int64 pseudo-random keys, one per (scan, position),
+    in the scans' raster order: the same scan and position always get the same key (splitmix64)."""
+    ids = scan_indices.cpu().numpy().astype(np.uint64)[:, None] * np.uint64(positions) + np.arange(positions, dtype=np.uint64)[None]
+    z = ids.reshape(-1) + np.uint64(0x9E3779B97F4A7C15)
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    z = z ^ (z >> np.uint64(31))
+    return torch.from_numpy((z >> np.uint64(1)).astype(np.int64))
 
 
 def code_usage(counts: torch.Tensor) -> tuple[float, float]:

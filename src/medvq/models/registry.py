@@ -1,17 +1,28 @@
 """The methods medvq can train, found by looking: every ``models/<name>/method.py`` declares one method.
 
-A declaration (``Method``) says everything the rest of medvq needs to know about a method: its config
-class, a one-line summary, its maps and combinations, how its model is built, trained (a LightningModule)
-or fitted (one pass), what it stands on (a prior on a VQ-VAE run) and what it can do (export, explain,
-sample, extra metrics). The CLI, the engine, the Detector, evaluation and the benchmark read these
-capabilities; none of them names a method.
+Every method folder has the same files, and the same names in them:
+
+    config.py        the architecture config class (pydantic, torch-free)
+    model.py         build_model(model config) -> the pure nn.Module
+    anomaly_map.py   compute_maps(model, images (B, C, S, S), names) -> MapOutput
+    lightning.py     training_module(run config) -> LightningModule   (methods trained for epochs), or
+    fit.py           fit(run config, train ScanDataset, ...) -> (model, summary)   (fitted in one pass)
+    method.py        METHOD = Method(...): what the rest of medvq needs to know besides
+
+A declaration (``Method``) names only what differs between methods: its config class, a one-line
+summary, its maps and combinations, what it stands on (a prior on a VQ-VAE run) and what it can do
+(export, explain, sample, extra metrics); the method is named after its folder, where the registry finds
+its parts. The CLI, the engine, the Detector, evaluation and the benchmark read these declarations; none
+of them names a method.
 
 The declarations import no torch, so ``medvq --help`` lists methods and flags fast: the torch parts are
-given as ``Lazy("module:attr")`` references inside the method's folder, imported on first call.
+imported on first call (``Lazy``), and so are the few hooks a declaration names itself
+(``ref("module:attr")`` into its own folder).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib
 import importlib.util
@@ -64,18 +75,10 @@ class Dependency:
 
 @dataclass(frozen=True)
 class Method:
-    name: str
     summary: str  # one line for help texts
     order: int  # place in listings (`medvq train --help`, the benchmark's 'all'): the established methods first
     config: type[BaseModel]  # the architecture config (``model:`` of a run config), torch-free
     map_names: tuple[str, ...]  # maps the method can compute, in report order
-    build_model: Callable[..., "nn.Module"]  # (model config) -> pure nn.Module
-    compute_maps: Callable[..., Any]  # (model, images (B, C, S, S), names) -> MapOutput
-    # How it learns: "train": ``training_module`` (RunConfig) -> LightningModule with .model and .epoch_summary();
-    # "fit": ``fit`` (RunConfig, train ScanDataset, device=, console=, progress=) -> (model, summary), one pass, no epochs.
-    training: Literal["train", "fit"] = "train"
-    training_module: Callable[..., Any] | None = None
-    fit: Callable[..., tuple["nn.Module", dict]] | None = None
     normal_only: bool = True  # trains on the normal class only (unsupervised)
     # Supervised methods (normal_only=False) train on every class of the training patients and say how:
     maps_for: Callable[..., tuple[str, ...]] | None = None  # (model config) -> maps this configuration can give (default: map_names)
@@ -102,10 +105,44 @@ class Method:
     # `medvq sample`: (model config) -> None if a model of this configuration draws new code maps, else (why not, the fix);
     # its model then has .sample(n, temperature=, top_k=, generator=, on_step=) -> codes, .sample_length and .decode_codes(codes)
     sampling: Callable[[BaseModel], tuple[str, str] | None] | None = None
+    name: str = ""  # its folder's name, given by the registry
 
-    def __post_init__(self) -> None:
-        if (self.training == "train") != (self.training_module is not None) or (self.training == "fit") != (self.fit is not None):
-            raise ValueError(f"method {self.name}: training='train' needs training_module, training='fit' needs fit (and not the other)")
+    @property
+    def package(self) -> str:
+        """The method's folder as a package, ``medvq.models.<name>``."""
+        if not self.name:
+            raise RuntimeError("a method's parts are found through its folder: take the method from get_method(name)")
+        return f"{__package__}.{self.name}"
+
+    def _part(self, ref: str) -> Lazy:
+        """``ref`` ("file:name") in the method's folder."""
+        return Lazy(self.package, ref)
+
+    @functools.cached_property
+    def training(self) -> Literal["train", "fit"]:
+        """How it learns, as its folder says: "train" with lightning.py (a LightningModule trained for epochs,
+        resumable), "fit" with fit.py (one pass over the training scans, no epochs)."""
+        return "train" if _learning_file(self.package) == "lightning" else "fit"
+
+    @functools.cached_property
+    def build_model(self) -> Callable[..., "nn.Module"]:
+        """(model config) -> the pure nn.Module."""
+        return self._part("model:build_model")
+
+    @functools.cached_property
+    def compute_maps(self) -> Callable[..., Any]:
+        """(model, images (B, C, S, S), names) -> MapOutput."""
+        return self._part("anomaly_map:compute_maps")
+
+    @functools.cached_property
+    def training_module(self) -> Callable[..., Any] | None:
+        """(RunConfig) -> LightningModule, for a method trained for epochs (else None)."""
+        return self._part("lightning:training_module") if self.training == "train" else None
+
+    @functools.cached_property
+    def fit(self) -> Callable[..., tuple["nn.Module", dict]] | None:
+        """(RunConfig, train ScanDataset, device=, console=, progress=) -> (model, summary), for a method fitted in one pass (else None)."""
+        return self._part("fit:fit") if self.training == "fit" else None
 
     def maps(self, model_config) -> tuple[str, ...]:
         """The maps a model built from ``model_config`` computes by default."""
@@ -114,6 +151,15 @@ class Method:
     @property
     def reconstructs(self) -> bool:
         return "reconstruction" in self.metrics
+
+
+def _learning_file(package: str) -> Literal["lightning", "fit"]:
+    """Which of lightning.py (trained for epochs) and fit.py (fitted in one pass) the method folder holds: exactly one."""
+    files = [f for f in ("lightning", "fit") if importlib.util.find_spec(f"{package}.{f}") is not None]
+    if len(files) != 1:
+        folder = package.replace(".", "/")
+        raise TypeError(f"{folder}/ needs lightning.py (trained for epochs) or fit.py (fitted in one pass), not {' and '.join(f + '.py' for f in files) or 'neither'}")
+    return files[0]
 
 
 @functools.cache
@@ -129,9 +175,10 @@ def _discovered() -> dict[str, Method]:
         declared = getattr(module, "METHOD", None)
         if not isinstance(declared, Method):
             raise TypeError(f"{module.__name__} must define METHOD = Method(...)")
-        if declared.name != info.name:
+        if declared.name not in ("", info.name):
             raise ValueError(f"{module.__name__} declares method '{declared.name}'; a method is named after its folder")
-        found.append(declared)
+        _learning_file(f"{package.__name__}.{info.name}")  # the folder says how the method learns
+        found.append(dataclasses.replace(declared, name=info.name))
     return {m.name: m for m in sorted(found, key=lambda m: (m.order, m.name))}
 
 

@@ -97,8 +97,8 @@ def read_scores(path: Path) -> tuple[list[dict], list[str]]:
 
 def _interval_note(m: dict, key) -> str:
     """An AUROC cell's 95 % bootstrap interval by patient, and a flag when too few abnormal scans stand behind it."""
-    if key == "image_auroc":
-        ci, flag = m.get("image_auroc_ci"), ""
+    if key in ("image_auroc", "pixel_auroc"):
+        ci, flag = m.get(f"{key}_ci"), ""
     elif isinstance(key, tuple) and key[0] == "per_class":
         ci = m.get("image_auroc_per_class_ci", {}).get(key[1])
         n = m.get("n_abnormal_per_class", {}).get(key[1])
@@ -136,7 +136,9 @@ def _metrics_table(metrics: dict) -> str:
         rows.append(f"<tr><td class='l'>{html.escape(name)}</td>{cells}</tr>")
     table = f"<table><tr><th class='l'>map</th>{head}</tr>{''.join(rows)}</table>"
     if any("image_auroc_ci" in m for m in maps.values()):
-        table += "<p class='muted'>Under each AUROC: its 95 % bootstrap interval, resampling patients (1,000 resamples).</p>"
+        pixel_by = next((m["pixel_auroc_ci_by"] for m in maps.values() if "pixel_auroc_ci_by" in m), "patient")
+        resampled = "patients" if pixel_by == "patient" else "patients (pixel AUROC: images, the data has no patient ids)"
+        table += f"<p class='muted'>Under each AUROC: its 95 % bootstrap interval, resampling {resampled} (1,000 resamples).</p>"
 
     widths = sorted({w for m in maps.values() for w in m.get("image_auroc_by_width", {})}, key=lambda w: int(w) if w.isdigit() else w)
     if widths:
@@ -210,7 +212,8 @@ def _volume_section(metrics: dict) -> str:
         return ""
     counts = ", ".join(f"{html.escape(c)} {n}" for c, n in volumes["counts"].items())
     rows = "".join(
-        f"<tr><td class='l'>{html.escape(n)}</td><td>{_fmt(metrics['maps'][n]['image_auroc'])}</td><td>{_fmt(v['auroc'])}</td><td>{_fmt(v['auprc'])}</td>"
+        f"<tr><td class='l'>{html.escape(n)}</td><td>{_fmt(metrics['maps'][n]['image_auroc'])}{_interval_note(metrics['maps'][n], 'image_auroc')}</td>"
+        f"<td>{_fmt(v['auroc'])}{_interval_note({'image_auroc_ci': v.get('auroc_ci')}, 'image_auroc')}</td><td>{_fmt(v['auprc'])}</td>"
         + (f"<td>{_fmt(v['operating_point']['sensitivity'])}</td><td>{_fmt(v['operating_point']['specificity'])}</td>" if "operating_point" in v else "<td>–</td><td>–</td>")
         + "</tr>"
         for n, v in volumes["maps"].items()
@@ -218,7 +221,8 @@ def _volume_section(metrics: dict) -> str:
     )
     return (
         f"<h2>Volumes</h2><p class='muted'>{volumes['n_volumes']} volumes ({counts}); a volume is abnormal when any of its B-scans is; "
-        f"its score: {html.escape(volumes['aggregation'])}; called abnormal above the B-scan threshold.</p>"
+        f"its score: {html.escape(volumes['aggregation'])}; called abnormal above the B-scan threshold. "
+        "Under each AUROC: its 95 % bootstrap interval, resampling patients.</p>"
         "<table><tr><th class='l'>map</th><th>B-scan AUROC</th><th>volume AUROC</th><th>volume AUPRC</th><th>volume sensitivity</th><th>volume specificity</th></tr>"
         f"{rows}</table>"
     )

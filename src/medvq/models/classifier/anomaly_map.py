@@ -29,7 +29,7 @@ def explained_output(model: Classifier, logits: torch.Tensor) -> torch.Tensor:
     return model.abnormal_log_odds(logits)
 
 
-def classifier_maps(model: Classifier, images: torch.Tensor, names: tuple[str, ...] | list[str] | None = None) -> MapOutput:
+def compute_maps(model: Classifier, images: torch.Tensor, names: tuple[str, ...] | list[str] | None = None) -> MapOutput:
     """Run the model in eval mode on (B, C, H, W) images in [0, 1]; maps (B, 1, H, W), P(abnormal) (B,)."""
     c = model.config
     available = map_names_for(c)

@@ -144,9 +144,9 @@ class ClassifierModule(TrainingModule):
     @torch.no_grad()
     def sample_rows(self, x: torch.Tensor) -> list[tuple[str, np.ndarray, str, float]]:
         """Rows of the per-epoch sample grid: the inputs and each explanation map (one colour scale per row)."""
-        from medvq.models.classifier.anomaly_map import classifier_maps, map_names_for
+        from medvq.models.classifier.anomaly_map import compute_maps, map_names_for
 
-        out = classifier_maps(self.model, x.float(), map_names_for(self.model.config))
+        out = compute_maps(self.model, x.float(), map_names_for(self.model.config))
         rows = [("input", x[:, 0].float().cpu().numpy(), "gray", 1.0)]
         for name, m in out.maps.items():
             m = m[:, 0].cpu().numpy()
@@ -159,3 +159,8 @@ def _say(text: str) -> None:
     from rich.console import Console
 
     Console(stderr=True).print(text, highlight=False)
+
+
+def training_module(config) -> ClassifierModule:
+    """The LightningModule of a run config: this folder's entry point for the registry (``Method.training_module``)."""
+    return ClassifierModule.from_run_config(config)

@@ -1,5 +1,4 @@
-"""The supervised classifier declares itself: config, maps, how it is built and trained, what it can do
-(see ``medvq.models.registry``)."""
+"""The supervised classifier: what its declaration says beyond the folder's standard files (see ``medvq.models.registry``)."""
 
 from medvq.models.classifier.config import ClassifierConfig
 from medvq.models.registry import Method, lazy_in
@@ -14,14 +13,10 @@ def map_names_for(config: ClassifierConfig) -> tuple[str, ...]:
 
 
 METHOD = Method(
-    name="classifier",
     summary="Supervised ViT / ResNet / EfficientNet-Lite0 classifier (binary or 4-class); Grad-CAM and attention-rollout maps, P(abnormal) score.",
     order=2,
     config=ClassifierConfig,
     map_names=MAP_NAMES,
-    build_model=ref("model:Classifier"),
-    compute_maps=ref("anomaly_map:classifier_maps"),
-    training_module=ref("lightning:ClassifierModule.from_run_config"),
     normal_only=False,
     maps_for=map_names_for,
     resolve_config=ref("training:resolve_classifier_config"),

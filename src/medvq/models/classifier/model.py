@@ -298,3 +298,8 @@ class Classifier(nn.Module):
     def abnormal_probability(self, logits: torch.Tensor) -> torch.Tensor:
         """(B, C) -> (B,) P(abnormal) = 1 - P(normal)."""
         return torch.sigmoid(self.abnormal_log_odds(logits))
+
+
+def build_model(config: ClassifierConfig) -> Classifier:
+    """The network of a config: this folder's entry point for the registry (``Method.build_model``)."""
+    return Classifier(config)

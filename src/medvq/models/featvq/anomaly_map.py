@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from medvq.maps import MapOutput
-from medvq.models.featvq.model import FeatVQ, code_nll
+from medvq.models.featvq.model import FeatVQ
 from medvq.models.featvq.method import MAP_NAMES, COMBINATIONS  # noqa: F401 (declared with the method)
 
 
@@ -23,7 +23,7 @@ def _to_image(grid_map: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 
 @torch.no_grad()
-def featvq_maps(model: FeatVQ, images: torch.Tensor, names: tuple[str, ...] | list[str] = MAP_NAMES) -> MapOutput:
+def compute_maps(model: FeatVQ, images: torch.Tensor, names: tuple[str, ...] | list[str] = MAP_NAMES) -> MapOutput:
     """(B, C, S, S) images in [0, 1] -> the requested maps (B, 1, S, S) fp32 and the code grid (B, h, w)."""
     unknown = set(names) - set(MAP_NAMES)
     if unknown:
@@ -37,7 +37,7 @@ def featvq_maps(model: FeatVQ, images: torch.Tensor, names: tuple[str, ...] | li
         if "quantization_distance" in names:
             maps["quantization_distance"] = _to_image(out.distances, size)
         if "nll" in names:
-            maps["nll"] = _to_image(code_nll(model.prior_logits(out.codes), out.codes), size)
+            maps["nll"] = _to_image(model.code_nll(out.codes), size)
     finally:
         model.train(was_training)
     return MapOutput(maps=maps, codes=out.codes)

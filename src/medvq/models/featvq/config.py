@@ -12,20 +12,46 @@ from medvq.models.backbones.config import PatchFeatureConfig
 class FeatVQConfig(PatchFeatureConfig):
     """Backbone features (``PatchFeatureConfig``, as PatchCore's), codebook and code-prior settings; stored with every run."""
 
-    codebook_size: int = Field(2048, ge=2, description="Codes K in the feature codebook (a memory bank of fixed size).")
+    codebook_size: int = Field(8192, ge=2, description="Codes K in the feature codebook (a memory bank of fixed size).")
     ema_decay: float = Field(0.99, gt=0, lt=1, description="Decay of the codebook's EMA updates.")
-    kmeans_init: bool = Field(True, description="Initialise the codebook by k-means on the first training batch's patch features.")
-    kmeans_iters: int = Field(10, ge=1, description="k-means iterations of that initialisation.")
+    kmeans_init: bool = Field(
+        True,
+        description="Initialise the codebook by k-means on a uniform sample of the training scans' patch features (one pass before "
+        "the first epoch); false: the first training batch's features, as the VQ autoencoders do.",
+    )
+    kmeans_iters: int = Field(20, ge=1, description="k-means iterations of that initialisation.")
+    kmeans_seeding: Literal["random", "kmeans++", "farthest"] = Field(
+        "farthest",
+        description="Where k-means starts: distinct random samples, k-means++ (drawn by squared distance) or the farthest-point "
+        "(k-center) order that gives every outlier a code; compared on validation patients in benchmarks/featvq_codebook.py.",
+    )
+    kmeans_sample_patches: int = Field(
+        131072,
+        ge=1,
+        description="Patch features sampled (uniformly over all training scans and positions) for the k-means initialisation; "
+        "bounds its memory (64 dims x 4 bytes each) whatever the number of training scans.",
+    )
     dead_code_threshold: float = Field(
         1.0, ge=0, description="A code whose EMA usage falls below this is restarted on a random patch feature of the batch (0: never)."
     )
     codebook_epochs: int = Field(
-        2, ge=1, description="Epochs in which the codebook learns (EMA, restarts); afterwards it is frozen and only the prior trains on fixed codes."
+        0,
+        ge=0,
+        description="Epochs in which the codebook keeps learning by EMA updates and dead-code restarts after its initialisation; afterwards "
+        "it is frozen and only the prior trains on fixed codes (0: keep the k-means codebook, chosen on validation patients).",
     )
     prior_context: Literal["bidirectional", "causal"] = Field(
         "bidirectional",
         description="What the code prior predicts each position from: every other position (bidirectional) or the positions before it "
         "in raster order (causal, as the VQ-VAE's autoregressive prior).",
+    )
+    prior_vocabulary: int = Field(
+        512,
+        ge=0,
+        description="Code groups the prior reads and predicts: after the codebook's initialisation its K codes are grouped by k-means of "
+        "their vectors into this many groups, and the nll map is -log p(group of the code | the groups around it). A few hundred "
+        "groups can be learnt from a few dozen scans, K = 8192 codes cannot, and the prior's output layer is K / groups times "
+        "smaller. 0 or >= K: every code its own group.",
     )
     prior_layers: int = Field(2, ge=1, description="Attention layers of the code prior.")
     prior_dim: int = Field(64, ge=8, description="Width of the code prior's tokens.")

@@ -1,10 +1,12 @@
-"""Thin Lightning wrapper of feature-space VQ: codebook EMA on streamed patch features, code-prior training.
+"""Thin Lightning wrapper of feature-space VQ: k-means codebook from a sample of streamed patch features, code-prior training.
 
-Each step: frozen patch features of the batch -> the quantizer (EMA step of the codebook while
-``codebook_epochs`` last, then frozen) -> the code prior's cross-entropy on every position, with a random
-share of the context hidden. Nothing is kept across batches but running sums, so memory does not depend on
-the number of training scans. Under DDP the codebook statistics are summed over processes
-(``VectorQuantizer.synchronise_across_processes``).
+Before the first epoch, one pass over the training scans keeps a bounded uniform sample of their patch
+features (``PatchSample``) and the codebook is set to its k-means centres. Each step then: frozen patch
+features of the batch -> the quantizer (EMA step of the codebook while ``codebook_epochs`` last, then
+frozen) -> the code prior's cross-entropy, with a random share of the context hidden. Nothing is kept
+across batches but the sample and running sums, so memory does not depend on the number of training
+scans. Under DDP the sample is the one a single process would draw, and the codebook statistics are summed
+over processes (``VectorQuantizer.synchronise_across_processes``).
 """
 
 from __future__ import annotations
@@ -14,9 +16,9 @@ import math
 import torch
 import torch.nn.functional as F
 
-from medvq.models.featvq.model import FeatVQ, FeatVQConfig, code_nll
+from medvq.models.featvq.model import FeatVQ, FeatVQConfig
 from medvq.models.lightning import TrainingModule
-from medvq.models.quantizer import code_usage, synchronise_quantizers
+from medvq.models.quantizer import PatchSample, code_usage, sample_keys, synchronise_quantizers
 
 # loss * n, quantisation distance per patch * n, correct code predictions, positions, n
 _SUMS = 5
@@ -42,6 +44,29 @@ class FeatVQModule(TrainingModule):
     def setup(self, stage: str) -> None:
         synchronise_quantizers(self.model)  # the process group exists from here on
 
+    def on_train_start(self) -> None:
+        """k-means initialisation of the codebook from a uniform sample of every training scan's patch features,
+        then the prior's code groups (skipped when resuming: both are then restored)."""
+        c = self.model.config
+        if self.trainer.ckpt_path:  # resuming: the codebook and its groups come from the checkpoint
+            return
+        if c.kmeans_init:
+            self._initialise_codebook()
+        self.model.group_codes(c.kmeans_iters)  # the prior's vocabulary, from the codebook as it now is
+
+    def _initialise_codebook(self) -> None:
+        quantizer, c = self.model.quantizer, self.model.config
+        sample = PatchSample(c.kmeans_sample_patches)
+        for batch in self.trainer.train_dataloader:
+            features = self.model.encode(batch["image"].to(self.device))  # (B, D, h, w)
+            positions = features.shape[-2] * features.shape[-1]
+            sample.add(features.permute(0, 2, 3, 1).reshape(-1, features.shape[1]), sample_keys(batch["index"], positions))
+        patches = sample.gathered()
+        counts = quantizer.initialise_by_kmeans(patches.to(self.device), c.kmeans_iters, seed=0, seeding=c.kmeans_seeding)
+        if self.global_rank == 0:
+            print(f"codebook: k-means ({c.kmeans_seeding} seeding, {c.kmeans_iters} iterations) of {len(patches)} sampled patch features "
+                  f"into {c.codebook_size} codes, {int((counts == 0).sum())} empty", flush=True)
+
     @property
     def codebook_learning(self) -> bool:
         return self.current_epoch < self.model.config.codebook_epochs
@@ -57,11 +82,11 @@ class FeatVQModule(TrainingModule):
         ratio = self.model.config.prior_mask_ratio
         if training and ratio > 0:
             hidden = torch.rand(codes.shape, device=codes.device) < ratio
-        targets, queries = codes, None
+        targets, queries = self.model.prior_tokens(codes), None
         m = self.model.config.prior_train_queries
         if training and 0 < m < codes[0].numel():  # a random subset of positions to predict; all stay context
             queries = torch.rand(codes.shape[0], codes[0].numel(), device=codes.device).argsort(dim=1)[:, :m]  # (B, M)
-            targets = codes.flatten(1).gather(1, queries)
+            targets = targets.flatten(1).gather(1, queries)
         logits = self.model.prior_logits(codes, hidden, queries)
         loss = F.cross_entropy(logits, targets)
         with torch.no_grad():
@@ -108,7 +133,7 @@ class FeatVQModule(TrainingModule):
         self.model.eval()
         try:
             out = self.model(x.float())
-            nll = code_nll(self.model.prior_logits(out.codes), out.codes)
+            nll = self.model.code_nll(out.codes)
         finally:
             self.model.train(was_training)
         up = lambda m: F.interpolate(m[:, None], size=tuple(x.shape[-2:]), mode="nearest")[:, 0].cpu().numpy()
@@ -121,3 +146,8 @@ class FeatVQModule(TrainingModule):
 
     def trainable_parameters(self):
         return self.model.prior.parameters()
+
+
+def training_module(config) -> FeatVQModule:
+    """The LightningModule of a run config: this folder's entry point for the registry (``Method.training_module``)."""
+    return FeatVQModule.from_run_config(config)

@@ -1,22 +1,18 @@
-"""Feature-space VQ declares itself: config, maps, how it is built and trained, what it can do (see ``medvq.models.registry``)."""
+"""Feature-space VQ: what its declaration says beyond the folder's standard files (see ``medvq.models.registry``)."""
 
 from medvq.models.featvq.config import FeatVQConfig
-from medvq.models.registry import Method, lazy_in
+from medvq.models.registry import Method
 
-ref = lazy_in(__package__)
 MAP_NAMES = ("quantization_distance", "nll")
 COMBINATIONS = ("quantization_distance+nll",)
 
 METHOD = Method(
-    name="featvq",
     summary="Feature-space VQ: a codebook of ImageNet EfficientNet-Lite0 patch features of normal scans and a bidirectional prior over its codes; quantisation-distance and NLL maps.",
     order=5,
     config=FeatVQConfig,
     map_names=MAP_NAMES,
-    build_model=ref("model:FeatVQ"),
-    compute_maps=ref("anomaly_map:featvq_maps"),
-    training_module=ref("lightning:FeatVQModule.from_run_config"),
     streams_training=True,
     combinations=COMBINATIONS,
+    stored_model_defaults={"prior_vocabulary": 0, "codebook_size": 2048},  # runs from before code groups and the larger codebook
     onnx_export=lambda model: False,  # the library quantizer's traced reshape keeps the batch size it saw
 )

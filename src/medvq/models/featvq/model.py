@@ -26,7 +26,7 @@ from torch import nn
 
 from medvq.models.backbones.patch_features import PatchFeatures
 from medvq.models.featvq.config import FeatVQConfig
-from medvq.models.quantizer import VectorQuantizer
+from medvq.models.quantizer import VectorQuantizer, kmeans, nearest_rows
 
 
 @dataclass
@@ -137,9 +137,11 @@ class FeatVQ(nn.Module):
         self.features = PatchFeatures(config)
         # beta 0: the features are frozen, nothing to commit
         self.quantizer = VectorQuantizer.from_config(config, dim=config.feature_dim, codebook_size=config.codebook_size, beta=0.0)
-        self.prior = CodePrior(
-            config.codebook_size, config.prior_dim, config.prior_layers, config.prior_heads, config.prior_context, config.prior_dropout
-        )
+        k, groups = config.codebook_size, config.prior_vocabulary
+        self.vocabulary = groups if 0 < groups < k else k
+        # code -> its group (set by ``group_codes`` once the codebook exists); stored with the weights only when codes are grouped
+        self.register_buffer("code_groups", torch.arange(k) % self.vocabulary, persistent=self.vocabulary < k)
+        self.prior = CodePrior(self.vocabulary, config.prior_dim, config.prior_layers, config.prior_heads, config.prior_context, config.prior_dropout)
 
     @property
     def stride(self) -> int:
@@ -170,5 +172,28 @@ class FeatVQ(nn.Module):
     def forward(self, images: torch.Tensor) -> FeatVQOutput:
         return self.quantize(self.encode(images))
 
+    @torch.no_grad()
+    def group_codes(self, iters: int) -> None:
+        """Group the codebook's codes by k-means of their vectors into the prior's vocabulary (no-op when every code is its own).
+        k-means++ seeding: groups of common patterns for the prior, where the codebook's farthest-point seeding would spend
+        groups on single outlying codes."""
+        if self.vocabulary < self.config.codebook_size:
+            centres, _ = kmeans(self.quantizer.codebook, self.vocabulary, iters, seeding="kmeans++")
+            self.code_groups.copy_(nearest_rows(self.quantizer.codebook.float(), centres)[1])
+
+    def prior_tokens(self, codes: torch.Tensor) -> torch.Tensor:
+        """Code grid (B, h, w) -> what the prior reads and predicts there: each code's group."""
+        return self.code_groups[codes]
+
     def prior_logits(self, codes: torch.Tensor, hidden: torch.Tensor | None = None, queries: torch.Tensor | None = None) -> torch.Tensor:
-        return self.prior(codes, hidden, queries)
+        """Logits over the prior's vocabulary (B, V, h, w) (or (B, V, M) at ``queries``) from the code grid (B, h, w)."""
+        return self.prior(self.prior_tokens(codes), hidden, queries)
+
+    def code_nll(self, codes: torch.Tensor) -> torch.Tensor:
+        """-log p(group of each position's code | the groups around it): (B, h, w) codes -> (B, h, w) nats."""
+        return code_nll(self.prior_logits(codes), self.prior_tokens(codes))
+
+
+def build_model(config: FeatVQConfig) -> FeatVQ:
+    """The network of a config: this folder's entry point for the registry (``Method.build_model``)."""
+    return FeatVQ(config)

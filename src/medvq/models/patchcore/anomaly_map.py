@@ -19,7 +19,7 @@ SCORE_NAME = "reweighted_max"
 
 
 @torch.no_grad()
-def patchcore_maps(model: PatchCore, images: torch.Tensor, names: tuple[str, ...] | list[str] = MAP_NAMES) -> MapOutput:
+def compute_maps(model: PatchCore, images: torch.Tensor, names: tuple[str, ...] | list[str] = MAP_NAMES) -> MapOutput:
     """(B, C, S, S) images in [0, 1] -> patch_distance map (B, 1, S, S) fp32 and the reweighted_max score (B,)."""
     unknown = set(names) - set(MAP_NAMES)
     if unknown:

@@ -2,7 +2,7 @@
 
 ImageNet weights into the frozen backbone -> patch features of every training image, batch by batch ->
 ``StreamingCoreset`` -> memory bank. Memory is bounded by one coreset chunk, one batch and the bank
-itself, whatever the number of training images. The training engine calls ``fit_patchcore`` through
+itself, whatever the number of training images. The training engine calls ``fit`` through
 ``Method.fit`` and writes the fitted model like any other (model/best.safetensors).
 """
 
@@ -19,7 +19,7 @@ from medvq.models.patchcore.coreset import StreamingCoreset
 from medvq.models.patchcore.model import PatchCore, PatchCoreConfig
 from medvq.progress import progress_bar
 
-def fit_patchcore(
+def fit(
     config,
     train_set: ScanDataset,
     *,

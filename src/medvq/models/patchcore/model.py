@@ -138,3 +138,8 @@ def prepare_for_export(model: PatchCore) -> bool:
     """One distance block for any batch: a traced graph keeps the block loop of the batch it was traced with."""
     model.distance_block_elements = 2**62
     return True  # the graph takes any batch size
+
+
+def build_model(config: PatchCoreConfig) -> PatchCore:
+    """The network of a config: this folder's entry point for the registry (``Method.build_model``)."""
+    return PatchCore(config)

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from medvq.maps import MapOutput, check_map_names, evaluating
 from medvq.models.prior.model import LatentPrior, code_nll
-from medvq.models.vqvae.anomaly_map import vqvae_maps
+from medvq.models.vqvae import anomaly_map as vqvae_anomaly_map
 from medvq.models.prior.method import MAP_NAMES, COMBINATIONS  # noqa: F401 (declared with the method)
 
 
@@ -21,11 +21,11 @@ def nll_map(logits: torch.Tensor, codes: torch.Tensor, size: tuple[int, int] | N
 
 
 @torch.no_grad()
-def prior_maps(model: LatentPrior, images: torch.Tensor, names: tuple[str, ...] | list[str] = MAP_NAMES) -> MapOutput:
+def compute_maps(model: LatentPrior, images: torch.Tensor, names: tuple[str, ...] | list[str] = MAP_NAMES) -> MapOutput:
     """(B, 1, S, S) images in [0, 1] -> nll, residual and alm maps; one teacher-forced pass of the prior."""
     check_map_names(names, MAP_NAMES, "a prior")
     with evaluating(model):
-        out = vqvae_maps(model.vqvae, images, [n for n in names if n != "nll"])  # also gives the code maps
+        out = vqvae_anomaly_map.compute_maps(model.vqvae, images, [n for n in names if n != "nll"])  # also gives the code maps
         if "nll" in names:
             logits = model.logits(images, out.codes)
             out.maps = {"nll": nll_map(logits, out.codes, tuple(images.shape[-2:])), **out.maps}

@@ -80,3 +80,8 @@ class PriorModule(TrainingModule):
 
     def trainable_parameters(self):
         return self.model.trainable_parameters()
+
+
+def training_module(config) -> PriorModule:
+    """The LightningModule of a run config: this folder's entry point for the registry (``Method.training_module``)."""
+    return PriorModule.from_run_config(config)

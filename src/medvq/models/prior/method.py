@@ -1,5 +1,4 @@
-"""The latent prior declares itself: config, maps, the VQ-VAE run it stands on, how it is built and trained,
-what it can do (see ``medvq.models.registry``)."""
+"""The latent prior: what its declaration says beyond the folder's standard files (see ``medvq.models.registry``)."""
 
 from medvq.models.prior.config import PriorConfig
 from medvq.models.registry import Dependency, Method, lazy_in
@@ -17,14 +16,10 @@ def sampling(config: PriorConfig) -> tuple[str, str] | None:
 
 
 METHOD = Method(
-    name="prior",
     summary="Latent prior over a trained VQ-VAE's codes (--vqvae RUNDIR): fusion (frozen encoder features -> conv net) or autoregressive transformer; NLL map, sampling.",
     order=4,
     config=PriorConfig,
     map_names=MAP_NAMES,
-    build_model=ref("model:LatentPrior"),
-    compute_maps=ref("anomaly_map:prior_maps"),
-    training_module=ref("lightning:PriorModule.from_run_config"),
     depends_on=(Dependency(method="vqvae", field="vqvae_run"),),
     prepare=ref("training:prepare_prior"),
     primary_map="nll",

@@ -347,3 +347,8 @@ class LatentPrior(nn.Module):
     def decode_codes(self, codes: torch.Tensor) -> torch.Tensor:
         """Code maps (B, h, w) -> images (B, 1, S, S), by the frozen VQ-VAE."""
         return self.vqvae.decode_codes(codes)
+
+
+def build_model(config: PriorConfig) -> LatentPrior:
+    """The network of a config: this folder's entry point for the registry (``Method.build_model``)."""
+    return LatentPrior(config)

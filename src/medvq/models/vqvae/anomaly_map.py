@@ -13,7 +13,7 @@ from medvq.models.vqvae.method import MAP_NAMES  # noqa: F401 (declared with the
 
 
 @torch.no_grad()
-def vqvae_maps(model: VQVAE, images: torch.Tensor, names: tuple[str, ...] | list[str] = MAP_NAMES) -> MapOutput:
+def compute_maps(model: VQVAE, images: torch.Tensor, names: tuple[str, ...] | list[str] = MAP_NAMES) -> MapOutput:
     """Run the model in eval mode on (B, C, H, W) images in [0, 1] and compute the requested maps."""
     check_map_names(names, MAP_NAMES, "a VQ-VAE")
     with evaluating(model):

@@ -4,15 +4,20 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
-class VQVAEConfig(BaseModel):
-    """Architecture of a VQ-VAE; stored with every checkpoint and used to rebuild it."""
+class EncoderDecoderConfig(BaseModel):
+    """The convolutional encoder and decoder settings that the VQ-VAE and the VQ-VAE-2 share (their first fields)."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
     in_channels: int = Field(1, ge=1, description="Image channels.")
-    hidden_channels: int = Field(128, ge=8, description="Width of the encoder/decoder.", json_schema_extra={"aliases": ["n-hiddens"]})
+    hidden_channels: int = Field(128, ge=8, description="Width of the encoders and decoders.", json_schema_extra={"aliases": ["n-hiddens"]})
     residual_channels: int = Field(64, ge=4, description="Width inside residual blocks.", json_schema_extra={"aliases": ["n-residual-hiddens"]})
-    residual_layers: int = Field(2, ge=0, description="Residual blocks in encoder and decoder.", json_schema_extra={"aliases": ["n-residual-layers"]})
+    residual_layers: int = Field(2, ge=0, description="Residual blocks in every encoder and decoder.", json_schema_extra={"aliases": ["n-residual-layers"]})
+
+
+class VQVAEConfig(EncoderDecoderConfig):
+    """Architecture of a VQ-VAE; stored with every checkpoint and used to rebuild it."""
+
     downsample_layers: int = Field(
         3,
         ge=1,

@@ -57,3 +57,8 @@ class VQVAEModule(AutoencoderModule):
             if n > 0:
                 summary.update({f"{prefix}_loss": float(sums[0]) / n, f"{prefix}_rec": float(sums[1]) / n, f"{prefix}_commit": float(sums[2]) / n})
         return summary
+
+
+def training_module(config) -> VQVAEModule:
+    """The LightningModule of a run config: this folder's entry point for the registry (``Method.training_module``)."""
+    return VQVAEModule.from_run_config(config)

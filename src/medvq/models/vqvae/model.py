@@ -132,3 +132,8 @@ class VQVAE(nn.Module):
             commitment_loss=q.loss,
             quantizer=q,
         )
+
+
+def build_model(config: VQVAEConfig) -> VQVAE:
+    """The network of a config: this folder's entry point for the registry (``Method.build_model``)."""
+    return VQVAE(config)

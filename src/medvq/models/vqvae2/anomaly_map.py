@@ -13,7 +13,7 @@ from medvq.models.vqvae2.method import MAP_NAMES  # noqa: F401 (declared with th
 
 
 @torch.no_grad()
-def vqvae2_maps(model: VQVAE2, images: torch.Tensor, names: tuple[str, ...] | list[str] = MAP_NAMES) -> MapOutput:
+def compute_maps(model: VQVAE2, images: torch.Tensor, names: tuple[str, ...] | list[str] = MAP_NAMES) -> MapOutput:
     """Run the model in eval mode on (B, C, H, W) images in [0, 1] and compute the requested maps.
 
     ``codes`` are the bottom code maps; ``extras['top_codes']`` the top ones.

@@ -4,17 +4,13 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
-class VQVAE2Config(BaseModel):
+from medvq.models.vqvae.config import EncoderDecoderConfig
+
+class VQVAE2Config(EncoderDecoderConfig):
     """Architecture of a VQ-VAE-2; stored with every checkpoint and used to rebuild it."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-    in_channels: int = Field(1, ge=1, description="Image channels.")
-    hidden_channels: int = Field(128, ge=8, description="Width of the encoders and decoders.", json_schema_extra={"aliases": ["n-hiddens"]})
-    residual_channels: int = Field(64, ge=4, description="Width inside residual blocks.", json_schema_extra={"aliases": ["n-residual-hiddens"]})
-    residual_layers: int = Field(2, ge=0, description="Residual blocks in every encoder and decoder.", json_schema_extra={"aliases": ["n-residual-layers"]})
     bottom_downsample_layers: int = Field(2, ge=1, le=4, description="Stride-2 stages to the bottom code grid (image_size / 2**this).")
     top_downsample_layers: int = Field(1, ge=1, le=3, description="Further stride-2 stages from the bottom to the top code grid.")
     embedding_dim: int = Field(64, ge=1, description="Dimension of the codebook vectors of both levels.")

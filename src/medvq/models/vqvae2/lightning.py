@@ -67,3 +67,8 @@ class VQVAE2Module(AutoencoderModule):
             perplexity, used = code_usage(counts)
             summary[f"perplexity_{level}"], summary[f"codes_used_{level}"] = perplexity, used
         return summary
+
+
+def training_module(config) -> VQVAE2Module:
+    """The LightningModule of a run config: this folder's entry point for the registry (``Method.training_module``)."""
+    return VQVAE2Module.from_run_config(config)

@@ -154,3 +154,8 @@ def equal_budget_vqvae(config: VQVAE2Config) -> VQVAEConfig:
     size = config.codebook_size_bottom * config.codebook_size_top ** (1 / 4**config.top_downsample_layers)
     shared = config.model_dump(include=set(VQVAEConfig.model_fields))  # widths, depths, codebook settings, dropout
     return VQVAEConfig(**shared, downsample_layers=config.bottom_downsample_layers, codebook_size=int(round(size)))
+
+
+def build_model(config: VQVAE2Config) -> VQVAE2:
+    """The network of a config: this folder's entry point for the registry (``Method.build_model``)."""
+    return VQVAE2(config)
