@@ -136,6 +136,8 @@ def train(method: str, size: int, data: Path, out: Path, log: Path, config: Path
             if not stopped and time.perf_counter() - started > time_limit:
                 os.killpg(proc.pid, signal.SIGTERM)
                 stopped = True
+            elif stopped and time.perf_counter() - started > time_limit + 30:  # a loop that does not check for the signal
+                os.killpg(proc.pid, signal.SIGKILL)
             time.sleep(0.5)
     result["wall_s"] = time.perf_counter() - started
     result["peak_rss_mb"] = max(peak, usage.ru_maxrss if usage else 0) / 1024
