@@ -13,6 +13,6 @@ METHOD = Method(
     map_names=MAP_NAMES,
     streams_training=True,
     combinations=COMBINATIONS,
-    stored_model_defaults={"prior_vocabulary": 0, "codebook_size": 2048},  # runs from before code groups and the larger codebook
+    stored_model_defaults={"prior_vocabulary": 0},  # runs from before code groups: every code its own
     onnx_export=lambda model: False,  # the library quantizer's traced reshape keeps the batch size it saw
 )
