@@ -8,6 +8,7 @@ import os
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -17,6 +18,8 @@ from typer.testing import CliRunner
 
 from medvq.cli import app
 from medvq.config import build_config
+from medvq.data.samples import Sample
+from medvq.detector import Detector
 from medvq.models.featvq.anomaly_map import compute_maps
 from medvq.models.featvq.model import CodePrior, FeatVQ, FeatVQConfig, code_nll, sincos_positions
 from medvq.models.quantizer import PatchSample, VectorQuantizer, sample_keys
@@ -295,6 +298,12 @@ def test_train_evaluate_infer_on_the_phantom(tiny_phantom, tmp_path):
     result = runner.invoke(app, ["train", "featvq", "--data", str(tiny_phantom), "--out", str(run), *flags])
     assert result.exit_code == 0, result.output
     assert (run / "model" / "best.safetensors").is_file() and (run / "latents" / "train_codes.npz").is_file()
+    exported = np.load(run / "latents" / "train_codes.npz")  # written from the codes alone: the same as a full prediction's
+    detector = Detector.load(run)
+    scan = Path(str(exported["paths"][0]))
+    _, prepared = detector.preprocessor.load(Sample(path=scan, label="NORMAL", patient_id="p"))
+    assert np.array_equal(detector.predict(prepared.image[None]).codes[0].numpy(), exported["codes"][0])
+    assert set(detector.codes(prepared.image[None])) == {"codes"}
     result = runner.invoke(app, ["evaluate", str(run), "--data", str(tiny_phantom), "--out", str(out)])
     assert result.exit_code == 0, result.output
     m = json.loads((out / "metrics.json").read_text())

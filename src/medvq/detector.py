@@ -225,6 +225,17 @@ class Detector:
             )
 
     @torch.no_grad()
+    def codes(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The code maps of a VQ model for preprocessed images (B, 1, S, S): {"codes": (B, h, w), and e.g.
+        "top_codes"}; empty for a model without codes. No map is computed beyond what the codes need, nothing
+        is calibrated (what exporting the training scans' codes needs, at a cost that does not include the maps)."""
+        self._check(images)
+        out = self.method.compute_maps(self.model, images.to(self.device, torch.float32), ())
+        if out.codes is None:
+            return {}
+        return {"codes": out.codes, **{k: v for k, v in out.extras.items() if k.endswith("codes")}}
+
+    @torch.no_grad()
     def predict(self, images: torch.Tensor, valid: torch.Tensor | None = None, *, bf16: bool | None = None) -> Prediction:
         """Maps and (if calibrated) scores for preprocessed images (B, 1, S, S) in [0, 1]; ``bf16``
         autocast (default: the detector's ``inference.precision``)."""

@@ -389,10 +389,9 @@ def finish_run(run: RunDir, config: RunConfig, train_set: ScanDataset, val_set: 
         )
     codes: dict[str, list[np.ndarray]] = {}
     for b in train_set.batches(64):
-        pred = detector.predict(b.image)
-        if pred.codes is None:
+        levels = detector.codes(b.image)  # e.g. codes and top_codes of a VQ-VAE-2; no maps
+        if not levels:
             break
-        levels = {"codes": pred.codes, **{k: v for k, v in pred.extras.items() if k.endswith("codes")}}  # e.g. top_codes of a VQ-VAE-2
         for name, c in levels.items():
             codes.setdefault(name, []).append(c.cpu().numpy().astype(np.int32))
     if codes:
