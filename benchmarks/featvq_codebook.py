@@ -48,24 +48,11 @@ tv = D["train"][1].reshape(-1)
 train = train[tv]
 print("train patches", train.shape)
 
-def nn_dist(q, bank, block=4096):
-    bsq = (bank * bank).sum(1)
-    out_d, out_i = [], []
-    for i in range(0, q.shape[0], block):
-        x = q[i:i+block]
-        d = torch.addmm(bsq, x, bank.T, alpha=-2.0) + (x * x).sum(1, keepdim=True)
-        v, j = d.min(1); out_d.append(v.clamp_min(0)); out_i.append(j)
-    return torch.cat(out_d), torch.cat(out_i)
+from medvq.models.quantizer import kmeans as quantizer_kmeans, nearest_rows as nn_dist  # the quantizer's own search and k-means
+
 
 def kmeans(x, k, iters=20, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    c = x[torch.randperm(x.shape[0], generator=g)[:k]].clone()
-    for _ in range(iters):
-        _, idx = nn_dist(x, c)
-        s = torch.zeros_like(c).index_add_(0, idx, x); n = torch.bincount(idx, minlength=k).float()
-        empty = n == 0
-        c = torch.where(empty[:, None], x[torch.randint(0, x.shape[0], (k,), generator=g)], s / n.clamp_min(1)[:, None])
-    return c
+    return quantizer_kmeans(x, k, iters, seeding="random", seed=seed)[0]
 
 def scores(part, fn):
     f, v, labels = D[part]
