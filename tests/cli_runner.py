@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from typer.testing import CliRunner
 
 from medvq.cli import app
@@ -20,3 +22,18 @@ def cli_ok(*args) -> str:
     code, output = cli(*args)
     assert code == 0, output
     return output
+
+
+def train_ok(method: str, data, out: Path, *flags) -> Path:
+    """``medvq train METHOD --data DATA --out OUT FLAGS``, which must succeed; the run folder OUT."""
+    cli_ok("train", method, "--data", data, "--out", out, *flags)
+    return out
+
+
+def evaluate_ok(run: Path, data, *, expect: str | None = None) -> Path:
+    """``medvq evaluate RUN --data DATA`` into the folder ``eval`` next to the run, which must succeed (and print
+    ``expect``); that folder."""
+    out = run.parent / "eval"
+    output = cli_ok("evaluate", run, "--data", data, "--out", out)
+    assert expect is None or expect in output, output
+    return out

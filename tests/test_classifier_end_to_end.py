@@ -12,7 +12,7 @@ import torch
 import yaml
 
 from medvq.detector import Detector
-from cli_runner import cli, cli_ok
+from cli_runner import cli, cli_ok, evaluate_ok, train_ok
 
 pytestmark = pytest.mark.slow
 
@@ -22,17 +22,12 @@ VIT = ["--arch", "vit", "--patch-size", "8", "--depth", "2", "--embed-dim", "32"
 
 @pytest.fixture(scope="module")
 def vit_run(tiny_phantom, tmp_path_factory) -> Path:
-    run = tmp_path_factory.mktemp("clf") / "vit"
-    cli_ok("train", "classifier", "--data", tiny_phantom, "--out", run, *VIT, *COMMON)
-    return run
+    return train_ok("classifier", tiny_phantom, tmp_path_factory.mktemp("clf") / "vit", *VIT, *COMMON)
 
 
 @pytest.fixture(scope="module")
 def vit_eval(vit_run, tiny_phantom) -> Path:
-    out = vit_run.parent / "eval"
-    text = cli_ok("evaluate", vit_run, "--data", tiny_phantom, "--out", out)
-    assert "classification: accuracy" in text
-    return out
+    return evaluate_ok(vit_run, tiny_phantom, expect="classification: accuracy")
 
 
 def test_run_trains_on_every_class_and_calibrates_on_normals(vit_run):

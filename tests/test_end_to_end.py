@@ -16,7 +16,7 @@ from medvq.cli import app
 from medvq.config import build_config
 from medvq.detector import Detector
 from medvq.engine.train import train_run
-from cli_runner import cli, cli_ok
+from cli_runner import cli, evaluate_ok, train_ok
 
 pytestmark = pytest.mark.slow
 runner = CliRunner()
@@ -39,18 +39,12 @@ def _flags(extra: dict | None = None) -> list[str]:
 
 @pytest.fixture(scope="module")
 def trained(tiny_phantom, tmp_path_factory) -> Path:
-    run = tmp_path_factory.mktemp("runs") / "run"
-    result = runner.invoke(app, ["train", "vqvae", "--data", str(tiny_phantom), "--out", str(run), *_flags()])
-    assert result.exit_code == 0, result.output
-    return run
+    return train_ok("vqvae", tiny_phantom, tmp_path_factory.mktemp("runs") / "run", *_flags())
 
 
 @pytest.fixture(scope="module")
 def evaluated(trained, tiny_phantom) -> Path:
-    out = trained.parent / "eval"
-    result = runner.invoke(app, ["evaluate", str(trained), "--data", str(tiny_phantom), "--out", str(out)])
-    assert result.exit_code == 0, result.output
-    return out
+    return evaluate_ok(trained, tiny_phantom)
 
 
 def test_run_directory_holds_everything(trained):

@@ -21,7 +21,8 @@ from medvq.config import build_config
 from medvq.data.samples import Sample
 from medvq.detector import Detector
 from medvq.models.featvq.anomaly_map import compute_maps
-from medvq.models.featvq.model import CodePrior, FeatVQ, FeatVQConfig, code_nll, sincos_positions
+from medvq.maps.nll import code_nll
+from medvq.models.featvq.model import CodePrior, FeatVQ, FeatVQConfig, sincos_positions
 from medvq.models.quantizer import PatchSample, VectorQuantizer, sample_keys
 
 runner = CliRunner()

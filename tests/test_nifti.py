@@ -131,7 +131,7 @@ def test_percentile_normalisation_per_volume_and_per_slice(tmp_path):
     s_dim, s_bright = read_nifti(path, 3, by_slice), read_nifti(path, 9, by_slice)
     assert abs(s_dim.mean() - s_bright.mean()) < 0.1, "per-slice scaling gives every slice the same range"
     assert np.quantile(read_nifti(path, 8, by_slice)[read_nifti(path, 8, by_slice) > 0], 0.5) > 0.3
-    assert (read_nifti(path, 3, VolumeOptions(low_percentile=0, high_percentile=100)) <= dim + 1e-6).all()
+    assert (read_nifti(path, 3, VolumeOptions(intensity_low_percentile=0, intensity_high_percentile=100)) <= dim + 1e-6).all()
 
 
 def test_training_and_inference_read_the_same_slices_identically(tmp_path, colin27):

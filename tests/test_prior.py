@@ -13,7 +13,8 @@ from medvq.config import build_config
 from medvq.models.classifier.model import ClassifierConfig
 from medvq.models.prior.anomaly_map import COMBINATIONS, compute_maps, nll_map
 from medvq.models.prior.lightning import PriorModule
-from medvq.models.prior.model import LatentPrior, PriorConfig, code_nll, prior_loss
+from medvq.maps.nll import code_nll
+from medvq.models.prior.model import LatentPrior, PriorConfig, prior_loss
 from medvq.models.vqvae.model import VQVAEConfig
 from medvq.scoring.calibration import NormalCalibration
 

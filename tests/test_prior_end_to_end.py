@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from medvq.detector import Detector
 from medvq.engine.run_dir import RunDir
 from medvq.models.prior.anomaly_map import COMBINATIONS
-from cli_runner import cli, cli_ok
+from cli_runner import cli, cli_ok, train_ok
 
 pytestmark = pytest.mark.slow
 
@@ -33,16 +33,12 @@ KIND_FLAGS = {
 
 @pytest.fixture(scope="module")
 def vqvae_run(tiny_phantom, tmp_path_factory) -> Path:
-    run = tmp_path_factory.mktemp("prior-runs") / "vqvae"
-    cli_ok("train", "vqvae", "--data", tiny_phantom, "--out", run, *VQ_FLAGS, *TRAIN_FLAGS)
-    return run
+    return train_ok("vqvae", tiny_phantom, tmp_path_factory.mktemp("prior-runs") / "vqvae", *VQ_FLAGS, *TRAIN_FLAGS)
 
 
 @pytest.fixture(scope="module", params=["fusion", "autoregressive"])
 def prior_run(request, vqvae_run, tiny_phantom) -> Path:
-    run = vqvae_run.parent / request.param
-    cli_ok("train", "prior", "--vqvae", vqvae_run, "--data", tiny_phantom, "--out", run, *KIND_FLAGS[request.param], *TRAIN_FLAGS)
-    return run
+    return train_ok("prior", tiny_phantom, vqvae_run.parent / request.param, "--vqvae", vqvae_run, *KIND_FLAGS[request.param], *TRAIN_FLAGS)
 
 
 def test_prior_run_reuses_the_vqvae_split_and_holds_its_frozen_weights(prior_run, vqvae_run):

@@ -109,6 +109,29 @@ def test_residual_and_smoothing():
     assert s.sum().item() == pytest.approx(1.0, abs=1e-5) and s[0, 0, 10, 10] == s.max()
 
 
+@pytest.mark.parametrize("shape, sigma", [((3, 2, 37, 50), 2.0), ((1, 1, 5, 9), 2.0), ((2, 1, 1, 7), 1.0), ((1, 3, 64, 64), 0.6)])
+def test_smoothing_by_band_matrix_equals_reflect_padded_convolution(shape, sigma):
+    """The band matrices hold the kernel and the reflect padding: the same blur as padding and convolving
+    each axis (kernel radius clipped below the side, as reflect padding needs)."""
+    import math
+
+    import torch.nn.functional as F
+
+    maps = torch.rand(shape, generator=torch.Generator().manual_seed(0))
+    b, c, h, w = shape
+    radius = max(1, math.ceil(3 * sigma))
+    expected = maps.reshape(b * c, 1, h, w)
+    for axis, side in ((3, w), (2, h)):
+        r = min(radius, side - 1)
+        if r == 0:
+            continue
+        taps = torch.exp(-0.5 * (torch.arange(-r, r + 1, dtype=torch.float32) / sigma) ** 2)
+        kernel = (taps / taps.sum()).view(1, 1, 1, -1) if axis == 3 else (taps / taps.sum()).view(1, 1, -1, 1)
+        pad = (r, r, 0, 0) if axis == 3 else (0, 0, r, r)
+        expected = F.conv2d(F.pad(expected, pad, mode="reflect"), kernel)
+    torch.testing.assert_close(gaussian_smooth(maps, sigma), expected.reshape(shape), rtol=0, atol=1e-6)
+
+
 def test_vqvae_maps_light_up_where_the_input_is_unlike_training():
     """A VQ-VAE fitted to smooth images: a planted bright square raises both maps there."""
     torch.manual_seed(0)

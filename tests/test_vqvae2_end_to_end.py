@@ -16,7 +16,7 @@ from scipy import ndimage
 from medvq.data.nifti import VolumeOptions, scan_nifti_file
 from medvq.detector import Detector
 from medvq.evaluation.reconstruction import ssim_per_image
-from cli_runner import cli, cli_ok
+from cli_runner import cli, cli_ok, evaluate_ok, train_ok
 
 pytestmark = pytest.mark.slow
 
@@ -52,17 +52,12 @@ def hipmri(colin27, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def trained(hipmri, tmp_path_factory) -> Path:
-    run = tmp_path_factory.mktemp("runs") / "mri"
-    cli_ok("train", "vqvae2", "--data", hipmri, "--out", run, *TINY)
-    return run
+    return train_ok("vqvae2", hipmri, tmp_path_factory.mktemp("runs") / "mri", *TINY)
 
 
 @pytest.fixture(scope="module")
 def evaluated(trained, hipmri) -> Path:
-    out = trained.parent / "eval"
-    text = cli_ok("evaluate", trained, "--data", hipmri, "--out", out)
-    assert "reconstruction of 6 test images: SSIM" in text
-    return out
+    return evaluate_ok(trained, hipmri, expect="reconstruction of 6 test images: SSIM")
 
 
 def test_run_directory_of_a_vqvae2(trained):

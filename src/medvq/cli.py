@@ -123,6 +123,11 @@ def friendly_errors(fn: Callable) -> Callable:
     return wrapper
 
 
+def command(name: str) -> Callable[[Callable], Callable]:
+    """``@command("evaluate")``: a ``medvq`` command, whose input problems end in one line (``friendly_errors``)."""
+    return lambda fn: app.command(name)(friendly_errors(fn))
+
+
 _SPEED = InferenceConfig.model_fields  # scoring speed flags of evaluate and infer; defaults from InferenceConfig
 
 
@@ -144,6 +149,11 @@ def _device_option():
     """--device of the commands that run a trained model: the same default as training's (auto)."""
     default = RunConfig.model_fields["train"].default.device
     return typer.Option(default, "--device", help="auto (a CUDA GPU when PyTorch sees one, else the CPU), cpu, cuda, cuda:1, mps.")
+
+
+def _scans_argument():
+    """The scans of the commands that run a trained model on given files (infer, explain): one listing rule."""
+    return typer.Argument(..., help="Scans, OCT volumes (DICOM multi-frame, .vol, .img), NIfTI volumes, folders of them, or a manifest CSV.")
 
 
 # --- config fields -> CLI options -------------------------------------------------------------
@@ -297,8 +307,7 @@ def _register_train_commands() -> None:
 _register_train_commands()
 
 
-@app.command("evaluate")
-@friendly_errors
+@command("evaluate")
 def evaluate_cmd(
     run: Path = typer.Argument(..., help="Run directory written by `medvq train`."),
     data: Path = typer.Option(..., "--data", "--manifest", help="Dataset root or manifest CSV (its test split is scored): labelled scan folders, or NIfTI slices/volumes (reconstruction only)."),
@@ -374,11 +383,10 @@ def print_metrics(result: dict) -> None:
         console.print(f"reconstruction of {rec['n_images']} test images: SSIM {fmt('ssim', '.4f')}  PSNR {fmt('psnr', '.2f')} dB  MSE {fmt('mse', '.3g')}")
 
 
-@app.command("infer")
-@friendly_errors
+@command("infer")
 def infer_cmd(
     run: Path = typer.Argument(..., help="Run directory written by `medvq train`."),
-    inputs: list[Path] = typer.Argument(..., help="Scans, OCT volumes (DICOM multi-frame, .vol, .img), NIfTI volumes, folders of them, or a manifest CSV."),
+    inputs: list[Path] = _scans_argument(),
     out: Path = typer.Option(..., "--out", help="Output folder for maps, overlays, scores.csv, and per volume volumes.csv and en-face maps."),
     device: str = _device_option(),
     save_npy: bool = typer.Option(True, "--npy/--no-npy", help="Also save each map as .npy (original scan grid, standardised)."),
@@ -405,8 +413,7 @@ def infer_cmd(
     console.print(f"{len(rows)} scans scored{decided} -> {out / 'scores.csv'}")
 
 
-@app.command("export")
-@friendly_errors
+@command("export")
 def export_cmd(
     run: Path = typer.Argument(..., help=f"Run directory written by `medvq train` ({', '.join(m.name for m in methods() if m.onnx_export is not None)})."),
     out: Path = typer.Option(..., "--out", help="The .onnx file to write."),
@@ -424,8 +431,7 @@ def export_cmd(
     console.print(f"{meta['method']} scoring graph ({len(meta['outputs'])} outputs, {size:.1f} MiB) -> {out}")
 
 
-@app.command("view")
-@friendly_errors
+@command("view")
 def view_cmd(
     folder: Path = typer.Argument(..., help="Output folder of `medvq evaluate` or `medvq infer`."),
     serve: bool = typer.Option(False, "--serve", help="Also serve the folder on 127.0.0.1 and open the page (Ctrl-C stops)."),
@@ -442,11 +448,10 @@ def view_cmd(
         serve_folder(folder, port)
 
 
-@app.command("explain")
-@friendly_errors
+@command("explain")
 def explain_cmd(
     run: Path = typer.Argument(..., help="Run directory written by `medvq train classifier`."),
-    inputs: list[Path] = typer.Argument(..., help="Scans and/or folders of scans."),
+    inputs: list[Path] = _scans_argument(),
     out: Path = typer.Option(..., "--out", help="Output folder for maps/, overlays/ and explanations.csv."),
     map_name: Optional[str] = typer.Option(None, "--map", help="gradcam (any arch), rollout or gradient-rollout (ViT: attention rollout, plain or gradient-weighted heads) [default: gradcam]."),
     head_fusion: Optional[str] = typer.Option(None, "--rollout-head-fusion", help="Rollout: fuse heads by mean, max or min (default: the run's setting)."),
@@ -475,8 +480,7 @@ def explain_cmd(
     console.print(f"{len(rows)} scans -> {out / 'explanations.csv'}")
 
 
-@app.command("sample")
-@friendly_errors
+@command("sample")
 def sample_cmd(
     run: Path = typer.Argument(..., help="Run directory of `medvq train prior --kind autoregressive`."),
     n: int = typer.Option(16, "-n", "--n", min=1, help="Images to draw."),
@@ -494,8 +498,7 @@ def sample_cmd(
     console.print(f"{result['n']} samples in {result['seconds']:.1f}s ({result['seconds_per_image']:.2f}s per image) -> {out}")
 
 
-@app.command("report")
-@friendly_errors
+@command("report")
 def report_cmd(folder: Path = typer.Argument(..., help="An evaluation folder (metrics.json, scores.csv, evaluation.npz) or a `medvq sample` folder.")) -> None:
     """Rebuild report.html from a finished evaluation without running any model."""
     from medvq.report.html import build_report
@@ -503,8 +506,7 @@ def report_cmd(folder: Path = typer.Argument(..., help="An evaluation folder (me
     console.print(f"report: {build_report(folder)}")
 
 
-@app.command("benchmark")
-@friendly_errors
+@command("benchmark")
 def benchmark_cmd(
     data: Path = typer.Option(..., "--data", "--manifest", help="Dataset root: CLASS/ folders or train|val|test/CLASS/ folders (labelled), or a manifest CSV."),
     methods: str = typer.Option(
@@ -539,8 +541,7 @@ def benchmark_cmd(
     console.print(f"table: {out / 'benchmark.md'}  page: {out / 'benchmark.html'}")
 
 
-@app.command("phantom")
-@friendly_errors
+@command("phantom")
 @section_options({"phantom": PhantomConfig})
 def phantom_cmd(
     out: Path = typer.Option(..., "--out", help="Dataset root to write (OCT2017 layout + masks/)."),
@@ -563,8 +564,7 @@ def phantom_cmd(
     console.print(f"{n} phantom scans in {time.perf_counter() - started:.1f}s -> {root}")
 
 
-@app.command("config")
-@friendly_errors
+@command("config")
 def config_cmd(
     method: str = typer.Option(DEFAULT_METHOD, "--method", help="Method whose defaults to show."),
     config: Optional[Path] = typer.Option(None, "--config", help="Show this file resolved over the defaults."),
@@ -574,8 +574,7 @@ def config_cmd(
     typer.echo(dump_config(cfg), nl=False)
 
 
-@app.command("demo")
-@friendly_errors
+@command("demo")
 def demo_cmd(
     out: Path = typer.Option(Path("demo-out"), "--out", help="Folder for the phantom data, the run, metrics.json and report.html."),
     n: int = typer.Option(None, "-n", "--n", help="Phantom scans to generate (default from the demo preset)."),

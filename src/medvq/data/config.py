@@ -4,7 +4,8 @@ settings, and the data modules take their defaults from here (the one source).""
 
 from __future__ import annotations
 
-from typing import Literal
+import dataclasses
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -67,6 +68,13 @@ class DataConfig(Section):
         if self.val_fraction + self.test_fraction >= 1.0:
             raise ValueError("val_fraction + test_fraction must be below 1")
         return self
+
+
+def from_data_config(cls: type, data: DataConfig, **others: Any) -> Any:
+    """The dataclass ``cls`` with every field it shares by name with ``DataConfig`` taken from ``data``, the
+    rest from ``others`` (options such as ``VolumeOptions`` follow the data settings field by field)."""
+    shared = {f.name: getattr(data, f.name) for f in dataclasses.fields(cls) if f.name in DataConfig.model_fields}
+    return cls(**shared, **others)
 
 
 class PhantomConfig(BaseModel):

@@ -38,7 +38,7 @@ from typing import Sequence
 
 import numpy as np
 
-from medvq.data.config import DataConfig
+from medvq.data.config import DataConfig, from_data_config
 from medvq.data.sample import SPLIT_ALIASES, Sample
 from medvq.errors import DatasetError, ImageReadError
 
@@ -62,8 +62,8 @@ class VolumeOptions:
     slice_axis: str = _DATA["slice_axis"].default
     series_volumes: str = _DATA["series_volumes"].default  # all | first | mean
     intensity_scope: str = _DATA["intensity_scope"].default  # volume | slice
-    low_percentile: float = _DATA["intensity_low_percentile"].default
-    high_percentile: float = _DATA["intensity_high_percentile"].default
+    intensity_low_percentile: float = _DATA["intensity_low_percentile"].default
+    intensity_high_percentile: float = _DATA["intensity_high_percentile"].default
     min_foreground_fraction: float = _DATA["min_foreground_fraction"].default
     min_side: int = 8  # shortest slice side accepted: the model's stride, and never below 8 px
 
@@ -74,20 +74,14 @@ class VolumeOptions:
             raise ValueError(f"series_volumes must be all, first or mean, got {self.series_volumes!r}")
         if self.intensity_scope not in ("volume", "slice"):
             raise ValueError(f"intensity_scope must be volume or slice, got {self.intensity_scope!r}")
-        if not 0 <= self.low_percentile < self.high_percentile <= 100:
-            raise ValueError(f"need 0 <= low_percentile < high_percentile <= 100, got {self.low_percentile}, {self.high_percentile}")
+        if not 0 <= self.intensity_low_percentile < self.intensity_high_percentile <= 100:
+            raise ValueError(
+                f"need 0 <= intensity_low_percentile < intensity_high_percentile <= 100, got {self.intensity_low_percentile}, {self.intensity_high_percentile}"
+            )
 
     @classmethod
-    def from_config(cls, data, stride: int = 1) -> "VolumeOptions":
-        return cls(
-            slice_axis=data.slice_axis,
-            series_volumes=data.series_volumes,
-            intensity_scope=data.intensity_scope,
-            low_percentile=data.intensity_low_percentile,
-            high_percentile=data.intensity_high_percentile,
-            min_foreground_fraction=data.min_foreground_fraction,
-            min_side=max(8, int(stride)),
-        )
+    def from_config(cls, data: DataConfig, stride: int = 1) -> "VolumeOptions":
+        return from_data_config(cls, data, min_side=max(8, int(stride)))
 
 
 # --- names --------------------------------------------------------------------------------------
@@ -190,7 +184,7 @@ def _stats(values: np.ndarray, options: VolumeOptions, fallback: _Stats | None =
     foreground = finite[finite > background]
     if foreground.size == 0:
         return fallback
-    low, high = np.percentile(foreground, [options.low_percentile, options.high_percentile])
+    low, high = np.percentile(foreground, [options.intensity_low_percentile, options.intensity_high_percentile])
     if not high > low:  # e.g. a binary image: every foreground voxel equal
         low, high = background, float(foreground.max())
     return _Stats(background, float(low), float(high))
@@ -242,7 +236,7 @@ def _load_volume(path_str: str, mtime_ns: int, size: int, slice_axis: str, serie
         with np.errstate(invalid="ignore"):
             data = np.nanmean(np.where(np.isinf(data), np.nan, data), axis=3, keepdims=True)
     axis = SLICE_AXES[slice_axis]
-    options = VolumeOptions(low_percentile=low, high_percentile=high)
+    options = VolumeOptions(intensity_low_percentile=low, intensity_high_percentile=high)
     slices, stats, foreground = [], [], []
     for t in range(data.shape[3]):
         vol = data[..., t]
@@ -265,9 +259,8 @@ def _volume(path: Path, options: VolumeOptions) -> _Volume:
     if not path.is_file():
         _open(path)  # raises the error that names the problem
     st = path.stat()
-    return _load_volume(
-        str(path.resolve()), st.st_mtime_ns, st.st_size, options.slice_axis, options.series_volumes, options.low_percentile, options.high_percentile
-    )
+    levels = (options.intensity_low_percentile, options.intensity_high_percentile)
+    return _load_volume(str(path.resolve()), st.st_mtime_ns, st.st_size, options.slice_axis, options.series_volumes, *levels)
 
 
 # --- listing ------------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from scipy import ndimage
 
-from medvq.data.config import DataConfig
+from medvq.data.config import DataConfig, from_data_config
 from medvq.data.nifti import VolumeOptions, is_nifti
 from medvq.data.readers import read_mask, read_sample
 from medvq.data.samples import Sample
@@ -197,12 +197,7 @@ class Preprocessor:
     @classmethod
     def from_config(cls, data_config, stride: int = 1) -> "Preprocessor":
         """``stride``: the model's; NIfTI slices with a shorter side are refused."""
-        return cls(
-            image_size=data_config.image_size,
-            fov=data_config.fov,
-            remove_padding=data_config.remove_padding,
-            volume=VolumeOptions.from_config(data_config, stride),
-        )
+        return from_data_config(cls, data_config, volume=VolumeOptions.from_config(data_config, stride))
 
     def load(self, sample: Sample, with_mask: bool = False) -> tuple[np.ndarray, Prepared]:
         """Read a sample and prepare it: the route of training, evaluation and inference alike.

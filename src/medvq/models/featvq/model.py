@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from medvq.maps.nll import code_nll
 from medvq.models.backbones.patch_features import PatchFeatures
 from medvq.models.featvq.config import FeatVQConfig
 from medvq.models.quantizer import VectorQuantizer, kmeans, nearest_rows
@@ -123,11 +124,6 @@ def sincos_positions(h: int, w: int, dim: int, device: torch.device) -> torch.Te
     )  # (h, w, 4 * quarter)
     code = F.pad(code, (0, dim - 4 * quarter))
     return code.reshape(1, h * w, dim)
-
-
-def code_nll(logits: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
-    """-log p(true code) at every position: logits (B, K, h, w), codes (B, h, w) -> (B, h, w) nats, fp32."""
-    return -torch.log_softmax(logits.float(), dim=1).gather(1, codes.long()[:, None]).squeeze(1)
 
 
 class FeatVQ(nn.Module):

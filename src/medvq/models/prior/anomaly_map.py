@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from medvq.maps import MapOutput, check_map_names, evaluating
-from medvq.models.prior.model import LatentPrior, code_nll
+from medvq.maps.nll import code_nll
+from medvq.models.prior.model import LatentPrior
 from medvq.models.vqvae import anomaly_map as vqvae_anomaly_map
 from medvq.models.prior.method import MAP_NAMES, COMBINATIONS  # noqa: F401 (declared with the method)
 

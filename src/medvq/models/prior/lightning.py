@@ -9,7 +9,8 @@ import torch.nn.functional as F
 
 from medvq.maps import evaluating
 from medvq.models.lightning import TrainingModule
-from medvq.models.prior.model import LatentPrior, PriorConfig, code_nll
+from medvq.maps.nll import code_nll
+from medvq.models.prior.model import LatentPrior, PriorConfig
 from medvq.models.prior.training import load_frozen_weights
 
 

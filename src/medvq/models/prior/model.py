@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from medvq.maps.nll import code_nll
 from medvq.models.classifier.model import Classifier
 from medvq.models.backbones.config import STAGE_CHANNELS
 from medvq.models.backbones.efficientnet_lite0 import LiteFeatures
@@ -36,11 +37,6 @@ from medvq.models.vqvae.model import VQVAE
 def code_logprobs(logits: torch.Tensor) -> torch.Tensor:
     """(B, K, h, w) logits -> log-probabilities over codes, fp32."""
     return F.log_softmax(logits.float(), dim=1)
-
-
-def code_nll(logits: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
-    """-log p(true code) at every position: logits (B, K, h, w), codes (B, h, w) -> (B, h, w) in nats."""
-    return -code_logprobs(logits).gather(1, codes.long()[:, None]).squeeze(1)
 
 
 def prior_loss(logits: torch.Tensor, codes: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:

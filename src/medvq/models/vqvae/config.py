@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
-class EncoderDecoderConfig(BaseModel):
-    """The convolutional encoder and decoder settings that the VQ-VAE and the VQ-VAE-2 share (their first fields)."""
+class VQAutoencoderConfig(BaseModel):
+    """What the VQ-VAE and the VQ-VAE-2 share (their first fields): the convolutional encoder and decoder, and
+    the settings of their quantizers (one, or one per level), which ``VectorQuantizer.from_config`` reads."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -13,9 +14,17 @@ class EncoderDecoderConfig(BaseModel):
     hidden_channels: int = Field(128, ge=8, description="Width of the encoders and decoders.", json_schema_extra={"aliases": ["n-hiddens"]})
     residual_channels: int = Field(64, ge=4, description="Width inside residual blocks.", json_schema_extra={"aliases": ["n-residual-hiddens"]})
     residual_layers: int = Field(2, ge=0, description="Residual blocks in every encoder and decoder.", json_schema_extra={"aliases": ["n-residual-layers"]})
+    embedding_dim: int = Field(64, ge=1, description="Dimension of the codebook vectors (of both levels in a VQ-VAE-2).")
+    beta: float = Field(0.25, ge=0, description="Commitment weight on ||z_e - sg[e]||^2 (at each level).")
+    ema_decay: float = Field(
+        0.9, gt=0, lt=1, description="EMA decay of codebook updates (0.9 keeps the whole codebook in use in short CPU runs; 0.99 collapsed to a few codes)."
+    )
+    kmeans_init: bool = Field(True, description="Initialise each codebook by k-means on the first batch.")
+    dead_code_threshold: float = Field(1.0, ge=0, description="Restart codes whose EMA usage falls below this (0 = never).")
+    rotation_trick: bool = Field(False, description="Rotation-trick gradients through the quantizers instead of straight-through.")
 
 
-class VQVAEConfig(EncoderDecoderConfig):
+class VQVAEConfig(VQAutoencoderConfig):
     """Architecture of a VQ-VAE; stored with every checkpoint and used to rebuild it."""
 
     downsample_layers: int = Field(
@@ -25,13 +34,7 @@ class VQVAEConfig(EncoderDecoderConfig):
         description="Stride-2 stages: latent grid = image_size / 2**downsample_layers. 3 (16x16 codes at 128 px) was chosen over 2 "
         "on the validation patients of kermany-dev: image AUROC of the residual 0.91 against 0.83.",
     )
-    embedding_dim: int = Field(64, ge=1, description="Dimension of codebook vectors.")
     codebook_size: int = Field(256, ge=2, description="Number of codebook vectors.", json_schema_extra={"aliases": ["n-embeddings"]})
-    beta: float = Field(0.25, ge=0, description="Commitment weight on ||z_e - sg[e]||^2.")
-    ema_decay: float = Field(0.9, gt=0, lt=1, description="EMA decay of codebook updates (0.9 keeps the whole codebook in use in short CPU runs; 0.99 collapsed to a few codes).")
-    kmeans_init: bool = Field(True, description="Initialise the codebook by k-means on the first batch.")
-    dead_code_threshold: float = Field(1.0, ge=0, description="Restart codes whose EMA usage falls below this (0 = never).")
-    rotation_trick: bool = Field(False, description="Rotation-trick gradients through the quantizer instead of straight-through.")
     dropout: float = Field(0.1, ge=0, lt=1, description="Dropout inside residual blocks (training only).")
 
     @property

@@ -6,21 +6,15 @@ from typing import Literal
 
 from pydantic import Field
 
-from medvq.models.vqvae.config import EncoderDecoderConfig
+from medvq.models.vqvae.config import VQAutoencoderConfig
 
-class VQVAE2Config(EncoderDecoderConfig):
+class VQVAE2Config(VQAutoencoderConfig):
     """Architecture of a VQ-VAE-2; stored with every checkpoint and used to rebuild it."""
 
     bottom_downsample_layers: int = Field(2, ge=1, le=4, description="Stride-2 stages to the bottom code grid (image_size / 2**this).")
     top_downsample_layers: int = Field(1, ge=1, le=3, description="Further stride-2 stages from the bottom to the top code grid.")
-    embedding_dim: int = Field(64, ge=1, description="Dimension of the codebook vectors of both levels.")
     codebook_size_top: int = Field(512, ge=2, description="Number of top-level codebook vectors.")
     codebook_size_bottom: int = Field(512, ge=2, description="Number of bottom-level codebook vectors.")
-    beta: float = Field(0.25, ge=0, description="Commitment weight on ||z_e - sg[e]||^2 (each level).")
-    ema_decay: float = Field(0.9, gt=0, lt=1, description="EMA decay of codebook updates (0.9 keeps the codebooks in use in short CPU runs).")
-    kmeans_init: bool = Field(True, description="Initialise each codebook by k-means on the first batch.")
-    dead_code_threshold: float = Field(1.0, ge=0, description="Restart codes whose EMA usage falls below this (0 = never).")
-    rotation_trick: bool = Field(False, description="Rotation-trick gradients through the quantizers instead of straight-through.")
     dropout: float = Field(0.0, ge=0, lt=1, description="Dropout inside residual blocks (training only).")
     upsampling: Literal["resize", "transpose"] = Field(
         "resize",
