@@ -82,12 +82,18 @@ def test_guard_with_appearance_part_is_in_threshold_units_and_older_guards_still
         guard.appearance.distance(scan_looks) / guard.appearance.threshold,
     )
     np.testing.assert_allclose(guard.distance(scans, list("abcd"), scan_looks), expected)
+    parts = guard.parts(scans, list("abcd"), scan_looks)  # each part over its own threshold; the distance is the larger
+    assert set(parts) == {"features", "appearance"}
+    np.testing.assert_allclose(parts["appearance"], guard.appearance.distance(scan_looks) / guard.appearance.threshold)
+    np.testing.assert_allclose(DistributionGuard.combine(parts), expected)
     again = DistributionGuard.from_dict(guard.to_dict())
     np.testing.assert_allclose(again.distance(scans, list("abcd"), scan_looks), expected)
     with pytest.raises(ValueError, match="appearance"):
         guard.distance(scans, list("abcd"))
     older = {k: v for k, v in DistributionGuard().fit(normals, list("abcd")).to_dict().items() if k not in ("appearance", "feature_threshold")}
-    assert DistributionGuard.from_dict(older).appearance is None  # a calibration.json written before the appearance part
+    old_guard = DistributionGuard.from_dict(older)  # a calibration.json written before the appearance part
+    assert old_guard.appearance is None and set(old_guard.parts(scans, list("abcd"))) == {"features"}
+    np.testing.assert_allclose(old_guard.distance(scans, list("abcd")), old_guard.parts(scans, list("abcd"))["features"])  # its own units
 
 
 def test_guard_flags_oct_scans_from_another_device(tiny_phantom, tmp_path):
@@ -113,6 +119,9 @@ def test_guard_flags_oct_scans_from_another_device(tiny_phantom, tmp_path):
     prepared = [detector.preprocessor.load(s)[1] for s in data]
     images, valid = torch.stack([p.image for p in prepared]), torch.stack([p.valid for p in prepared])
     assert (guard.appearance.distance(detector.appearance(images, valid)) > guard.appearance.threshold).all()
+    pred = detector.predict(images, valid)  # the prediction tells which part flagged them
+    assert (pred.ood_parts["appearance"] > 1).all() and (pred.ood_parts["appearance"] >= pred.ood_parts["features"]).any()
+    np.testing.assert_allclose(pred.ood_distance, np.maximum(pred.ood_parts["features"], pred.ood_parts["appearance"]))
 
 
 def test_patchcore_lends_its_backbone_stages_to_the_guard(tiny_phantom, tmp_path):

@@ -48,6 +48,7 @@ class Prediction:
     model_scores: dict[str, np.ndarray] = field(default_factory=dict)  # image scores the model gives itself (a classifier's P(abnormal)); also in scores
     extras: dict[str, torch.Tensor] = field(default_factory=dict)  # per-image outputs of the method, e.g. class probabilities (B, C)
     ood_distance: np.ndarray | None = None  # (B,) distance from the calibration normals (medvq.scoring.ood); None without a guard
+    ood_parts: dict[str, np.ndarray] = field(default_factory=dict)  # each guard part's distance (B,), whose largest is ood_distance
 
 
 class ScanMaps(Mapping):
@@ -276,7 +277,8 @@ class Detector:
                 else:
                     appearance = self.appearance(images, valid, guard.appearance.input_size)
                 self._shared_stages = None
-                pred.ood_distance = guard.distance(*scan_features(images, valid, pred.maps), appearance)
+                pred.ood_parts = guard.parts(*scan_features(images, valid, pred.maps), appearance)
+                pred.ood_distance = guard.combine(pred.ood_parts)
         pred.scores.update(model_scores)
         return pred
 
@@ -298,6 +300,7 @@ class Detector:
             model_scores={k: np.concatenate([p.model_scores[k] for p in parts]) for k in parts[0].model_scores},
             extras={k: cat([p.extras[k] for p in parts]) for k in parts[0].extras},
             ood_distance=np.concatenate([p.ood_distance for p in parts]) if parts[0].ood_distance is not None else None,
+            ood_parts={k: np.concatenate([p.ood_parts[k] for p in parts]) for k in parts[0].ood_parts},
         )
 
     def appearance(self, images: torch.Tensor, valid: torch.Tensor | None = None, size: int = APPEARANCE_SIZE) -> np.ndarray:

@@ -221,17 +221,28 @@ class DistributionGuard:
             self.feature_threshold, self.threshold = self.threshold, 1.0
         return self
 
-    def distance(self, features: np.ndarray, names: list[str], appearance: np.ndarray | None = None) -> np.ndarray:
-        """Per scan (B,): the largest robust z-score of any feature; with the appearance part, the larger
-        of both parts' distances over their thresholds (flagged above 1)."""
+    def parts(self, features: np.ndarray, names: list[str], appearance: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """Each part's distance per scan (B,): ``features`` (the largest robust z-score of any whole-image
+        feature) and, with the appearance part, ``appearance``; both over their own thresholds then (flagged
+        above 1). A guard without the appearance part gives ``features`` in its own units."""
         if list(names) != self.feature_names:
             raise ValueError(f"features {names} do not match the calibrated {self.feature_names}")
         z = np.max(np.abs(features - np.asarray(self.median)) / np.asarray(self.scale), axis=1)
         if self.appearance is None:
-            return z
+            return {"features": z}
         if appearance is None:
             raise ValueError("this guard has an appearance part: pass the scans' appearance features")
-        return np.maximum(z / self.feature_threshold, self.appearance.distance(appearance) / self.appearance.threshold)
+        return {"features": z / self.feature_threshold, "appearance": self.appearance.distance(appearance) / self.appearance.threshold}
+
+    @staticmethod
+    def combine(parts: dict[str, np.ndarray]) -> np.ndarray:
+        """The guard's distance from its parts' (``parts``): the largest, flagged above ``threshold``."""
+        return np.maximum.reduce(list(parts.values()))
+
+    def distance(self, features: np.ndarray, names: list[str], appearance: np.ndarray | None = None) -> np.ndarray:
+        """Per scan (B,): the largest robust z-score of any feature; with the appearance part, the larger
+        of both parts' distances over their thresholds (flagged above 1)."""
+        return self.combine(self.parts(features, names, appearance))
 
     def to_dict(self) -> dict:
         return asdict(self)
