@@ -54,6 +54,16 @@ def test_batches_with_workers_match_one_scan_at_a_time(detector, scans):
         np.testing.assert_allclose(a.maps["combined"], b.maps["combined"], rtol=1e-4, atol=1e-4)
 
 
+def test_the_scan_as_read_is_handed_over_or_read_again_when_first_asked_for(detector, scans):
+    kept = detector.predict_files(scans[:4], keep_originals=True)  # from the reading workers, as overlays need
+    lazy = detector.predict_files(scans[:4])
+    for a, b in zip(kept, lazy):
+        assert a.original is not None and b.original is None  # nothing handed over unless asked for
+        np.testing.assert_array_equal(a.image, b.image)  # read again from the file: the same pixels
+        assert b.original is b.image  # and read once
+        assert a.scores == b.scores
+
+
 def test_maps_reach_the_scan_grid_only_when_read(detector, scans):
     result = next(detector.iter_files(scans[1:2]))  # a 1024-wide scan with a padding wedge
     assert isinstance(result.maps, ScanMaps) and not result.maps._cache

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Sequence
 
@@ -22,6 +23,7 @@ from medvq.config import InferenceConfig, RunConfig
 from medvq.data.dataset import ScanDataset
 from medvq.data.loader import prepared_batches
 from medvq.data.preprocess import Geometry, Preprocessor
+from medvq.data.readers import read_sample
 from medvq.data.samples import Sample
 from medvq.engine.run_dir import RunDir
 from medvq.errors import BlankScanError, CheckpointError, ImageReadError, MedvqError
@@ -72,13 +74,22 @@ class ScanMaps(Mapping):
 @dataclass
 class FileResult:
     path: Path
-    image: np.ndarray  # (H, W) original scan in [0, 1]
     maps: Mapping[str, np.ndarray]  # standardised maps on the original grid (H, W), computed when read (ScanMaps)
     scores: dict[str, dict[str, float]]  # name -> {score, z, normal_percentile}
     model_input: np.ndarray  # (S, S)
     reconstruction: np.ndarray | None  # (S, S)
     frame: int | None = None  # the slice, for a slice of a NIfTI volume
     decision: Decision | None = None  # abnormal or not, on the deciding map at the operating point
+    original: np.ndarray | None = field(default=None, repr=False)  # the scan as read, when scoring kept it
+    read_original: Callable[[], np.ndarray] | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def image(self) -> np.ndarray:
+        """(H, W) the scan as read, in [0, 1]: kept from scoring (``keep_originals``), else read again from its
+        file on first use (for a NIfTI slice that reads and normalises its volume again)."""
+        if self.original is None:
+            self.original = self.read_original()
+        return self.original
 
 
 def usable_device(device: str | torch.device) -> torch.device:
@@ -372,12 +383,16 @@ class Detector:
         workers: int | None = None,
         on_blank: Callable[[Sample], None] | None = None,
         on_unreadable: Callable[[Sample, ImageReadError], None] | None = None,
+        keep_originals: bool = False,
     ) -> Iterator[FileResult]:
         """``predict_files`` as a stream, in input order: the model scores ``batch_size`` scans at a time
         (default: ``inference.batch_size``) while ``workers`` processes read and prepare the next ones.
         A scan without a valid pixel (saturated or blank) raises BlankScanError, or with ``on_blank`` is
         passed to it and left out of the results; likewise a file that cannot be read raises its
-        ImageReadError, or with ``on_unreadable`` is passed to it with the error and left out."""
+        ImageReadError, or with ``on_unreadable`` is passed to it with the error and left out.
+        ``keep_originals``: the workers hand each scan as read over with its result (for overlays, which use
+        every one); otherwise ``result.image`` reads it again when first asked for, which costs nothing
+        when it is not (handing a 496 x 1024 scan over through shared memory cost 2-3 CPU ms)."""
         if self.calibration is None:
             raise CheckpointError("this run has no calibration.json", fix="finish training (calibration runs after the last epoch)")
         decide_on = decide_on or self.primary_map
@@ -392,7 +407,7 @@ class Detector:
             self.preprocessor,
             batch_size=batch_size or self.inference.batch_size,
             workers=self.inference.workers if workers is None else workers,
-            keep_originals=True,
+            keep_originals=keep_originals,
             on_unreadable=on_unreadable,
         )
         for batch in batches:
@@ -413,7 +428,8 @@ class Detector:
                 score = table[decide_on]["score"][j]
                 yield FileResult(
                     path=sample.path,
-                    image=batch.originals[j],
+                    original=batch.originals[j] if batch.originals is not None else None,
+                    read_original=partial(read_sample, sample, self.preprocessor.volume),
                     maps=ScanMaps({k: m[j] for k, m in maps.items()}, batch.geometry[j], self.preprocessor),
                     scores={k: {kk: float(vv[j]) for kk, vv in t.items()} for k, t in table.items()},
                     model_input=batch.images[j, 0].numpy(),

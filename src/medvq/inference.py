@@ -124,7 +124,7 @@ def infer(
         unreadable.append((sample, err))
         unread_ids.add(id(sample))
 
-    results = detector.iter_files(samples, decide_on=decide_on, threshold=threshold, on_blank=skip, on_unreadable=unread)
+    results = detector.iter_files(samples, decide_on=decide_on, threshold=threshold, on_blank=skip, on_unreadable=unread, keep_originals=save_overlays)
     pending = iter(samples)  # results come in input order, without the blank and unreadable scans
     saved = time.monotonic()
     with OutputWriter() as writer, progress_bar(results, "scoring") as tracked:
