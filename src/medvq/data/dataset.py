@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import copy
+import ctypes
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Callable, Sequence
 
 import numpy as np
@@ -214,5 +216,31 @@ class StreamingScanDataset(ScanDataset):
         out.targets = self.targets[idx] if self.targets is not None else None
         return out
 
+    def batches(self, batch_size: int):
+        """As ``ScanDataset.batches``, handing the memory freed by each batch back to the system before the next.
+
+        Reading scans in this process between model calls fragments glibc's heap: exporting the codes of
+        1,024 streamed scans (batches of 64, feature-space VQ) grew the resident set from 337 to 512 MB and
+        kept growing with the scans (a 5,000-scan training run peaked at 2.2 GB); trimmed after each batch it
+        stayed at 368 MB."""
+        for batch in super().batches(batch_size):
+            yield batch
+            release_freed_memory()
+
     def original_widths(self) -> np.ndarray:
         raise NotImplementedError("a streaming dataset keeps no scan geometry; use ScanDataset for evaluation")
+
+
+@lru_cache(maxsize=1)
+def _malloc_trim() -> Callable[[int], int] | None:
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim  # glibc (Linux)
+    except (OSError, AttributeError):
+        return None  # macOS, Windows, musl: their allocators return memory themselves
+
+
+def release_freed_memory() -> None:
+    """Return the heap's free pages to the operating system (glibc's ``malloc_trim``; nothing elsewhere)."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
