@@ -45,6 +45,9 @@ def decision_figure(result: FileResult, key: str, vmax: float, contour_at: float
     return annotated_overlay(result.image, result.maps[key], 0.0, vmax, caption, threshold=contour_at, contour=contour_at is not None)
 
 
+FEW_SCANS, MOSTLY = 5, 0.75  # the note on a folder scored almost wholly above every calibration normal
+
+
 def _write_scan_outputs(out: Path, name: str, result: FileResult, key: str, vmax: float, contour_at: float | None, save_npy: bool, save_overlays: bool) -> None:
     """One scan's overlay PNG and its maps as .npy on the scan's grid, as asked."""
     if save_overlays:  # zlib level 1 after a fixed row filter (encode_png): a fraction of Pillow's default encoding time
@@ -157,6 +160,16 @@ def infer(
                 f"[yellow]warning[/]: {foreign} of {len(rows)} scans look unlike the normal scans this run was calibrated on "
                 f"(in_distribution = 0 in scores.csv, out-of-distribution distance above {detector.calibration.guard.threshold:.3g}): "
                 "their scores and decisions are not to be trusted"
+            )
+        normal_scores = detector.calibration.stats[decide_on].normal_scores if decide_on in detector.calibration.stats else []
+        above = sum(r[decide_on] > max(normal_scores) for r in rows) if normal_scores else 0
+        if len(rows) >= FEW_SCANS and above >= MOSTLY * len(rows):
+            # The guard does not see every change of source (real scans given to a model of synthetic ones pass it):
+            # a folder scored almost wholly above every calibration normal is the other sign of that, or of disease.
+            console.print(
+                f"[yellow]note[/]: {above} of {len(rows)} scans score above every one of the {len(normal_scores)} calibration normals "
+                f"on '{decide_on}'. If most of them are not expected to be abnormal, they probably differ from the scans this run "
+                "was trained on (another device, protocol or export): check that before trusting its decisions"
             )
         write_volume_verdicts(
             out, scored, [r[decide_on] for r in rows], column_maxima, detector.calibration.stats[decide_on].normal_scores,
