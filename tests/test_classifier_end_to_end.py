@@ -160,3 +160,13 @@ def test_pretrained_lite0_four_classes_resume_evaluate_and_explain(tiny_phantom,
     code, text = cli("explain", run, tiny_phantom / "test" / "DME", "--map", "rollout", "--out", tmp_path / "x")
     assert code == 2 and "needs attention weights" in text and "--map gradcam" in text
     cli_ok("explain", run, tiny_phantom / "test" / "DME", "--map", "gradcam", "--gradcam-layer", "_blocks.10", "--out", tmp_path / "x")
+
+
+def test_explain_lists_a_volume_s_slices_as_the_run_reads_them(tiny_phantom, colin27, tmp_path):
+    """A run that slices NIfTI volumes coronally: explain scores the same slices as infer (not the default axial ones)."""
+    run = train_ok("classifier", tiny_phantom, tmp_path / "coronal", *VIT, *COMMON, "--epochs", "1", "--slice-axis", "coronal")
+    cli_ok("explain", run, colin27, "--map", "rollout", "--out", tmp_path / "explain")
+    cli_ok("infer", run, colin27, "--out", tmp_path / "infer", "--no-overlays")
+    explained = list(csv.DictReader(open(tmp_path / "explain" / "explanations.csv")))
+    inferred = list(csv.DictReader(open(tmp_path / "infer" / "scores.csv")))
+    assert len(explained) == len(inferred) > 181  # Colin27 has 217 coronal slices against 181 axial ones

@@ -133,7 +133,7 @@ def explain(
         vmax = max(3.0, float(np.quantile(normal_scores, 0.99)) if normal_scores else 3.0)
 
     out = Path(out)
-    samples = collect_images(inputs, exclude=[out])  # earlier results (this --out among them) are not scans
+    samples = collect_images(inputs, detector.preprocessor.volume, exclude=[out])  # NIfTI slices as the run reads them; earlier results (this --out among them) are not scans
     mark_output(out, out / "overlays", out / "maps")
     model_config = detector.config.model
     classes = model_config.classes or [str(k) for k in range(model_config.num_classes)]
