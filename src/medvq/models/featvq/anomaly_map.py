@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from medvq.maps import MapOutput
+from medvq.maps import MapOutput, check_map_names, evaluating
 from medvq.models.featvq.model import FeatVQ
 from medvq.models.featvq.method import MAP_NAMES, COMBINATIONS  # noqa: F401 (declared with the method)
 
@@ -25,12 +25,8 @@ def _to_image(grid_map: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 @torch.no_grad()
 def compute_maps(model: FeatVQ, images: torch.Tensor, names: tuple[str, ...] | list[str] = MAP_NAMES) -> MapOutput:
     """(B, C, S, S) images in [0, 1] -> the requested maps (B, 1, S, S) fp32 and the code grid (B, h, w)."""
-    unknown = set(names) - set(MAP_NAMES)
-    if unknown:
-        raise ValueError(f"unknown map(s) {sorted(unknown)} for feature-space VQ; available: {', '.join(MAP_NAMES)}")
-    was_training = model.training
-    model.eval()  # no EMA step of the codebook, no dropout in the prior
-    try:
+    check_map_names(names, MAP_NAMES, "feature-space VQ")
+    with evaluating(model):  # no EMA step of the codebook, no dropout in the prior
         out = model(images)
         size = tuple(images.shape[-2:])
         maps: dict[str, torch.Tensor] = {}
@@ -38,6 +34,4 @@ def compute_maps(model: FeatVQ, images: torch.Tensor, names: tuple[str, ...] | l
             maps["quantization_distance"] = _to_image(out.distances, size)
         if "nll" in names:
             maps["nll"] = _to_image(model.code_nll(out.codes), size)
-    finally:
-        model.train(was_training)
     return MapOutput(maps=maps, codes=out.codes)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from medvq.maps import MapOutput
+from medvq.maps import MapOutput, check_map_names, evaluating
 from medvq.models.patchcore.model import PatchCore
 from medvq.models.patchcore.method import MAP_NAMES  # noqa: F401 (declared with the method)
 
@@ -21,11 +21,8 @@ SCORE_NAME = "reweighted_max"
 @torch.no_grad()
 def compute_maps(model: PatchCore, images: torch.Tensor, names: tuple[str, ...] | list[str] = MAP_NAMES) -> MapOutput:
     """(B, C, S, S) images in [0, 1] -> patch_distance map (B, 1, S, S) fp32 and the reweighted_max score (B,)."""
-    unknown = set(names) - set(MAP_NAMES)
-    if unknown:
-        raise ValueError(f"unknown map(s) {sorted(unknown)} for PatchCore; available: {', '.join(MAP_NAMES)}")
-    model.eval()
-    with torch.autocast(images.device.type, enabled=False):  # distances in fp32, whatever the caller's autocast
+    check_map_names(names, MAP_NAMES, "PatchCore")
+    with evaluating(model), torch.autocast(images.device.type, enabled=False):  # distances in fp32, whatever the caller's autocast
         out = model(images.float())
     maps = {}
     if "patch_distance" in names:
