@@ -161,18 +161,18 @@ def infer(
                 f"(in_distribution = 0 in scores.csv, out-of-distribution distance above {detector.calibration.guard.threshold:.3g}): "
                 "their scores and decisions are not to be trusted"
             )
-        normal_scores = detector.calibration.stats[decide_on].normal_scores if decide_on in detector.calibration.stats else []
-        above = sum(r[decide_on] > max(normal_scores) for r in rows) if normal_scores else 0
+        deciding_normals = detector.calibration.stats[decide_on].normal_scores  # iter_files refused a decide_on without stats
+        above = sum(r[decide_on] > max(deciding_normals) for r in rows) if deciding_normals else 0
         if len(rows) >= FEW_SCANS and above >= MOSTLY * len(rows):
             # The guard does not see every change of source (real scans given to a model of synthetic ones pass it):
             # a folder scored almost wholly above every calibration normal is the other sign of that, or of disease.
             console.print(
-                f"[yellow]note[/]: {above} of {len(rows)} scans score above every one of the {len(normal_scores)} calibration normals "
+                f"[yellow]note[/]: {above} of {len(rows)} scans score above every one of the {len(deciding_normals)} calibration normals "
                 f"on '{decide_on}'. If most of them are not expected to be abnormal, they probably differ from the scans this run "
                 "was trained on (another device, protocol or export): check that before trusting its decisions"
             )
         write_volume_verdicts(
-            out, scored, [r[decide_on] for r in rows], column_maxima, detector.calibration.stats[decide_on].normal_scores,
+            out, scored, [r[decide_on] for r in rows], column_maxima, deciding_normals,
             score_name=decide_on, map_name=key, fraction=detector.config.score.volume_topk_fraction, vmax=vmax, threshold=point.value, operating_point=point.name,
             normal_class=detector.config.data.normal_class, console=console,
         )  # fmt: skip

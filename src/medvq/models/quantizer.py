@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from vector_quantize_pytorch import VectorQuantize
 
-# Distances per block of the nearest-code search (64 MB of fp32). Smaller blocks were faster on one thread
+# Distances per block of a nearest-neighbour search (codebook or memory bank; 64 MB of fp32). Smaller blocks were faster on one thread
 # (1 MB: 1.2-1.7x) but ten times slower on two, where each small matrix product pays the threads' start and
 # join (a 32-scan featvq batch, 32,768 patches x 2,048 codes: 5.1 s against 0.5 s).
 NEAREST_BLOCK_ELEMENTS = 2**24

@@ -22,6 +22,7 @@ from torch import nn
 from medvq.models.backbones.patch_features import PatchFeatures
 from medvq.models.patchcore.config import PatchCoreConfig
 from medvq.models.inputs import check_images
+from medvq.models.quantizer import NEAREST_BLOCK_ELEMENTS
 
 @dataclass
 class PatchCoreOutput:
@@ -31,7 +32,7 @@ class PatchCoreOutput:
 
 
 class PatchCore(nn.Module):
-    def __init__(self, config: PatchCoreConfig, distance_block_elements: int = 2**24):
+    def __init__(self, config: PatchCoreConfig, distance_block_elements: int = NEAREST_BLOCK_ELEMENTS):
         super().__init__()
         self.config = config
         # Query rows per distance block shrink as the bank grows: a block holds at most this many fp32 distances
