@@ -7,6 +7,7 @@ import math
 import os
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -23,7 +24,8 @@ from medvq.detector import Detector
 from medvq.models.featvq.anomaly_map import compute_maps
 from medvq.maps.nll import code_nll
 from medvq.models.featvq.model import CodePrior, FeatVQ, FeatVQConfig, sincos_positions
-from medvq.models.quantizer import PatchSample, VectorQuantizer, sample_keys
+from medvq.models.featvq.lightning import FeatVQModule
+from medvq.models.quantizer import CodeMeans, PatchSample, VectorQuantizer, sample_keys
 
 runner = CliRunner()
 CENTRES = torch.tensor([[4.0, 0, 0, 0], [0, 4.0, 0, 0], [0, 0, 4.0, 0], [0, 0, 0, 4.0]])
@@ -98,6 +100,56 @@ def test_patch_sample_is_bounded_uniform_and_independent_of_order_repeats_and_pr
     assert len(torch.unique(expected, dim=0)) == capacity, "no feature twice"
     per_scan = torch.stack([(expected[:, None] == features[s][None]).all(-1).any(-1).sum() for s in range(scans)])
     assert per_scan.max() <= 8, "spread over the scans, not the first ones"
+
+
+def test_code_means_move_each_code_to_the_mean_of_its_vectors_whatever_the_batching():
+    codebook = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]])
+    vectors = torch.tensor([[1.0, 0.0], [0.0, 2.0], [-1.0, 1.0], [9.0, 1.0], [12.0, -1.0], [11.0, 3.0]])  # 3 near code 0, 3 near code 1, none near 2
+    expected = torch.tensor([[0.0, 1.0], [32 / 3, 1.0], [0.0, 10.0]])  # the members' means; code 2 keeps its place
+    for batches in ([vectors], [vectors[:2], vectors[2:5], vectors[5:]], [vectors[4:], vectors[:4]]):
+        means = CodeMeans(codebook)
+        for batch in batches:
+            means.add(batch)
+        centres, counts = means.centres()
+        torch.testing.assert_close(centres, expected)
+        assert counts.tolist() == [3.0, 3.0, 0.0]
+    twice = CodeMeans(codebook)
+    twice.add(vectors)
+    centres, counts = twice.centres(reduce=lambda t: 2 * t)  # what summing over two processes that saw the same vectors gives
+    torch.testing.assert_close(centres, expected)
+    assert counts.tolist() == [6.0, 6.0, 0.0]
+    vq = VectorQuantizer(dim=2, codebook_size=3)
+    vq.set_codebook(centres, counts)
+    torch.testing.assert_close(vq.codebook, expected)
+    assert bool(vq.vq._codebook.initted) and vq.vq._codebook.cluster_size[0].tolist() == [6.0, 6.0, 0.0]
+
+
+@pytest.mark.parametrize("refit", [True, False])
+def test_a_full_kmeans_sample_is_followed_by_a_refit_on_every_training_patch_once(refit):
+    """A sample smaller than the scans' patches: the k-means codes then move to the means of all the training patches
+    nearest them, each scan counted once though the epoch repeats one (padding to its minimum size)."""
+    torch.manual_seed(0)
+    config = dict(codebook_size=6, feature_stages=[2], kmeans_sample_patches=100, kmeans_iters=5, prior_layers=1, prior_dim=16, prior_heads=2)
+    images = torch.rand(5, 1, 32, 32)
+    loader = [{"image": images[[0, 1]], "index": torch.tensor([0, 1])}, {"image": images[[2, 3, 0]], "index": torch.tensor([2, 3, 0])},
+              {"image": images[[4]], "index": torch.tensor([4])}]  # fmt: skip
+    kmeans_only = FeatVQModule({**config, "codebook_refit": False})
+    kmeans_only._trainer = SimpleNamespace(train_dataloader=loader, world_size=1, global_rank=0)
+    kmeans_only._initialise_codebook()
+    module = FeatVQModule({**config, "codebook_refit": refit})
+    module.model.load_state_dict(kmeans_only.model.state_dict())  # the same backbone (untrained here: any features do)
+    module._trainer = SimpleNamespace(train_dataloader=loader, world_size=1, global_rank=0)
+    module._initialise_codebook()
+    start = kmeans_only.model.quantizer.codebook
+    if not refit:
+        assert torch.equal(module.model.quantizer.codebook, start)
+        return
+    features = module.model.encode(images).permute(0, 2, 3, 1).reshape(-1, start.shape[1])  # each scan once: 5 x 64 patches > 100
+    nearest = torch.cdist(features, start).argmin(dim=1)
+    expected = torch.stack([features[nearest == k].mean(0) if (nearest == k).any() else start[k] for k in range(6)])
+    torch.testing.assert_close(module.model.quantizer.codebook, expected, atol=1e-5, rtol=1e-5)
+    assert module.model.quantizer.vq._codebook.cluster_size.sum() == len(features)
+    assert not torch.allclose(expected, start), "the sample's codes moved"
 
 
 def _planted_model(codebook: torch.Tensor) -> FeatVQ:

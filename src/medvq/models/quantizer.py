@@ -8,6 +8,7 @@ output type carrying the pre-quantisation latents needed by the alignment loss m
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -120,12 +121,19 @@ class VectorQuantizer(nn.Module):
         so that the library's first-batch initialisation does not run. Returns the codes' cluster sizes (K,).
         The EMA statistics start from the result, as after the library's own initialisation."""
         centres, counts = kmeans(samples, self.codebook_size, iters, seeding=seeding, seed=seed)
+        self.set_codebook(centres, counts)
+        return counts
+
+    @torch.no_grad()
+    def set_codebook(self, centres: torch.Tensor, counts: torch.Tensor) -> None:
+        """Set the codes to ``centres`` (K, D) with cluster sizes ``counts`` (K,) and mark the codebook initialised;
+        the EMA statistics start from them, as after the library's own initialisation."""
         codebook = self.vq._codebook
+        centres, counts = centres.to(codebook.embed), counts.to(codebook.cluster_size)
         codebook.embed.data.copy_(centres[None])
         codebook.embed_avg.data.copy_((centres * counts[:, None])[None])
         codebook.cluster_size.data.copy_(counts[None])
         codebook.initted.data.copy_(torch.tensor(True))
-        return counts
 
     def lookup(self, indices: torch.Tensor) -> torch.Tensor:
         """(B, h, w) code indices -> (B, D, h, w) codebook vectors."""
@@ -201,6 +209,32 @@ def nearest_rows(x: torch.Tensor, centres: torch.Tensor, block_elements: int = N
         distances.append((d + (block * block).sum(1)).clamp_min(0))
         indices.append(j)
     return torch.cat(distances), torch.cat(indices)
+
+
+class CodeMeans:
+    """The mean of the vectors nearest each code, over vectors that arrive in batches: one Lloyd step of a codebook
+    on more data than fits in memory at once (featvq moves its k-means codes, fitted on a sample, to the means of
+    every training patch). Sums in float64, so the result does not depend on how the data is batched."""
+
+    def __init__(self, codebook: torch.Tensor):
+        self.codebook = codebook.detach().float()
+        self.sums = torch.zeros(self.codebook.shape, dtype=torch.float64, device=self.codebook.device)  # (K, D)
+        self.counts = torch.zeros(self.codebook.shape[0], dtype=torch.float64, device=self.codebook.device)  # (K,)
+
+    @torch.no_grad()
+    def add(self, vectors: torch.Tensor) -> None:
+        """(N, D) vectors: each counts towards its nearest code (Euclidean, fp32)."""
+        vectors = vectors.detach().float()
+        _, nearest = nearest_rows(vectors, self.codebook)
+        self.sums.index_add_(0, nearest, vectors.double())
+        self.counts += torch.bincount(nearest, minlength=self.counts.numel()).double()
+
+    def centres(self, reduce: Callable[[torch.Tensor], torch.Tensor] = lambda t: t) -> tuple[torch.Tensor, torch.Tensor]:
+        """(K, D) fp32 each code moved to the mean of its vectors (a code that no vector chose keeps its place) and the
+        counts (K,); ``reduce`` sums the statistics over processes first (under DDP)."""
+        sums, counts = reduce(self.sums), reduce(self.counts)
+        means = torch.where(counts[:, None] > 0, sums / counts.clamp_min(1)[:, None], self.codebook.double())
+        return means.float(), counts.float()
 
 
 class PatchSample:

@@ -36,6 +36,13 @@ class FeatVQConfig(PatchFeatureConfig):
         description="Patch features sampled (uniformly over all training scans and positions) for the k-means initialisation; "
         "bounds its memory (64 dims x 4 bytes each) whatever the number of training scans.",
     )
+    codebook_refit: bool = Field(
+        True,
+        description="When the training scans hold more patch features than the k-means sample, one more pass over every training "
+        "scan after k-means moves each code to the mean of the training patch features nearest it (a last Lloyd step on all the "
+        "data, not only the sample). Lifted the pixel AUROC on 1,000 phantom scans at 8192 codes (docs/results.md); a sample "
+        "that already holds every patch skips it.",
+    )
     dead_code_threshold: float = Field(
         1.0, ge=0, description="A code whose EMA usage falls below this is restarted on a random patch feature of the batch (0: never)."
     )

@@ -1,7 +1,8 @@
 """Thin Lightning wrapper of feature-space VQ: k-means codebook from a sample of streamed patch features, code-prior training.
 
 Before the first epoch, one pass over the training scans keeps a bounded uniform sample of their patch
-features (``PatchSample``) and the codebook is set to its k-means centres. Each step then: frozen patch
+features (``PatchSample``) and the codebook is set to its k-means centres; when the sample is full (the scans
+hold more patches), a second pass moves every code to the mean of all training patches nearest it. Each step then: frozen patch
 features of the batch -> the quantizer (EMA step of the codebook while ``codebook_epochs`` last, then
 frozen) -> the code prior's cross-entropy, with a random share of the context hidden. Nothing is kept
 across batches but the sample and running sums, so memory does not depend on the number of training
@@ -18,7 +19,7 @@ import torch.nn.functional as F
 
 from medvq.models.featvq.model import FeatVQ, FeatVQConfig
 from medvq.models.lightning import TrainingModule
-from medvq.models.quantizer import PatchSample, code_usage, sample_keys, synchronise_quantizers
+from medvq.models.quantizer import CodeMeans, PatchSample, code_usage, sample_keys, synchronise_quantizers
 
 # loss * n, quantisation distance per patch * n, correct code predictions, positions, n
 _SUMS = 5
@@ -66,6 +67,24 @@ class FeatVQModule(TrainingModule):
         if self.global_rank == 0:
             print(f"codebook: k-means ({c.kmeans_seeding} seeding, {c.kmeans_iters} iterations) of {len(patches)} sampled patch features "
                   f"into {c.codebook_size} codes, {int((counts == 0).sum())} empty", flush=True)
+        if c.codebook_refit and len(patches) >= c.kmeans_sample_patches:  # a full sample: the scans hold patches it left out
+            counts = self._refit_codebook()
+            if self.global_rank == 0:
+                print(f"codebook: codes moved to the means of {int(counts.sum())} training patch features, {int((counts == 0).sum())} empty", flush=True)
+
+    def _refit_codebook(self) -> torch.Tensor:
+        """One Lloyd step of the codebook on every training scan's patch features (each scan once, though an epoch
+        padded to its minimum size repeats some); returns the codes' member counts (K,)."""
+        means, seen = CodeMeans(self.model.quantizer.codebook), set()
+        for batch in self.trainer.train_dataloader:
+            fresh = [i for i, index in enumerate(batch["index"].tolist()) if index not in seen]
+            seen.update(batch["index"].tolist())
+            if fresh:
+                features = self.model.encode(batch["image"][fresh].to(self.device))  # (B, D, h, w)
+                means.add(features.permute(0, 2, 3, 1).reshape(-1, features.shape[1]))
+        centres, counts = means.centres(self.reduce_sum)
+        self.model.quantizer.set_codebook(centres, counts)
+        return counts
 
     @property
     def codebook_learning(self) -> bool:
