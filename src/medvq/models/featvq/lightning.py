@@ -13,6 +13,7 @@ over processes (``VectorQuantizer.synchronise_across_processes``).
 from __future__ import annotations
 
 import math
+import time
 
 import torch
 import torch.nn.functional as F
@@ -68,9 +69,11 @@ class FeatVQModule(TrainingModule):
             print(f"codebook: k-means ({c.kmeans_seeding} seeding, {c.kmeans_iters} iterations) of {len(patches)} sampled patch features "
                   f"into {c.codebook_size} codes, {int((counts == 0).sum())} empty", flush=True)
         if c.codebook_refit and len(patches) >= c.kmeans_sample_patches:  # a full sample: the scans hold patches it left out
+            started = time.perf_counter()
             counts = self._refit_codebook()
             if self.global_rank == 0:
-                print(f"codebook: codes moved to the means of {int(counts.sum())} training patch features, {int((counts == 0).sum())} empty", flush=True)
+                print(f"codebook: codes moved to the means of {int(counts.sum())} training patch features, {int((counts == 0).sum())} empty "
+                      f"({time.perf_counter() - started:.0f} s)", flush=True)
 
     def _refit_codebook(self) -> torch.Tensor:
         """One Lloyd step of the codebook on every training scan's patch features (each scan once, though an epoch
