@@ -11,7 +11,7 @@ from PIL import Image
 from rich.console import Console
 
 from medvq.data.samples import Sample
-from medvq.io import atomic_path, atomic_write_csv, atomic_write_text, unique_stem
+from medvq.io import atomic_path, atomic_write_csv, atomic_write_text, mark_output, unique_stem
 from medvq.report.figures import colorize
 from medvq.scoring.volume import VolumeVerdict, describe, en_face, group_volumes, verdict
 
@@ -44,7 +44,7 @@ def write_volume_verdicts(
         return []
     scores = np.asarray(scores, dtype=np.float64)
     folder = out / "volumes"
-    folder.mkdir(parents=True, exist_ok=True)
+    mark_output(folder)  # en-face PNGs are results, never scans (also when OUT is the input folder)
     verdicts, used = [], set()
     for key, idx in groups.items():
         v = verdict(key, [samples[i] for i in idx], scores[idx], normal_scores, threshold=threshold, normal_class=normal_class, fraction=fraction)

@@ -37,7 +37,7 @@ from scipy import ndimage
 from medvq.data.readers import read_sample
 from medvq.data.samples import Sample
 from medvq.errors import MedvqError
-from medvq.io import atomic_write_bytes, atomic_write_text
+from medvq.io import atomic_write_bytes, atomic_write_text, mark_output
 
 THUMB_WIDTH = 160
 MAP_LEVELS = 255  # maps travel as 8-bit images over [0, map_max] calibrated units; 0 = at or below the normal mean
@@ -338,6 +338,8 @@ def _build_viewer(folder: Path, embed: bool) -> Path:
     assets = scan_assets(folder, data, maps_npz, tops)
     blocks = []
     files_dir = folder / "viewer_files"
+    if not embed:
+        mark_output(files_dir)  # copies of the scans and thumbnails: never read back as input scans
     for rec, a in zip(data.records, assets):
         inline = {k: _data_uri(*v) for k, v in a.files.items()}
         if not embed:  # the scan and its thumbnail beside the page; maps stay inline, since the page reads their pixels
