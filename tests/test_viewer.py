@@ -161,6 +161,9 @@ def test_viewer_of_an_inference_with_a_volume(tiny_phantom, nibabel_data, browse
     page.click(f"#grid .card[data-i='{frames[-1][1]}']")
     page.wait_for_selector("#bscan")
     assert page.is_visible("#enface")
+    page.wait_for_function("document.getElementById('enface').complete && document.getElementById('enface').naturalWidth > 0")
+    widths = page.evaluate("[document.getElementById('enface').getBoundingClientRect().width, document.getElementById('enface-line').getBoundingClientRect().width]")
+    assert widths[1] == pytest.approx(widths[0], abs=1)  # the B-scan line spans the en-face map, not the panel (it did)
     page.fill("#bscan", "0")  # the slider walks the volume's B-scans in order
     page.wait_for_function(f"document.getElementById('d-name').textContent === {json.dumps(rows[frames[0][1]]['name'])}")
     assert (out / "viewer_files").is_dir()
