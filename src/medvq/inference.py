@@ -175,6 +175,7 @@ def infer(
             out, scored, [r[decide_on] for r in rows], column_maxima, deciding_normals,
             score_name=decide_on, map_name=key, fraction=detector.config.score.volume_topk_fraction, vmax=vmax, threshold=point.value, operating_point=point.name,
             normal_class=detector.config.data.normal_class, console=console,
+            out_of_distribution=[r["in_distribution"] == 0 for r in rows] if detector.calibration.guard is not None else None,
         )  # fmt: skip
     if blank:
         console.print(f"{len(blank)} scan(s) without any valid pixel skipped (saturated or blank)")
