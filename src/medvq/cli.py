@@ -133,7 +133,8 @@ _SPEED = InferenceConfig.model_fields  # scoring speed flags of evaluate and inf
 
 def _speed_option(name: str, *decls: str, **kw):
     f = _SPEED[name]
-    return typer.Option(None, *decls, help=f"{f.description} [default: {f.default}]", rich_help_panel="speed options", show_default=False, **kw)
+    # "(default: ...)" as the train flags write it: rich help reads "[default: 32]" as a markup tag and drops it
+    return typer.Option(None, *decls, help=f"{f.description} (default: {f.default})", rich_help_panel="speed options", show_default=False, **kw)
 
 
 def _inference(batch_size: int | None, workers: int | None, precision: str | None) -> InferenceConfig:
