@@ -454,7 +454,7 @@ def explain_cmd(
     run: Path = typer.Argument(..., help="Run directory written by `medvq train classifier`."),
     inputs: list[Path] = _scans_argument(),
     out: Path = typer.Option(..., "--out", help="Output folder for maps/, overlays/ and explanations.csv."),
-    map_name: Optional[str] = typer.Option(None, "--map", help="gradcam (any arch), rollout or gradient-rollout (ViT: attention rollout, plain or gradient-weighted heads) [default: gradcam]."),
+    map_name: Optional[str] = typer.Option(None, "--map", help="gradcam (any arch), rollout or gradient-rollout (ViT: attention rollout, plain or gradient-weighted heads) (default: gradcam)."),
     head_fusion: Optional[str] = typer.Option(None, "--rollout-head-fusion", help="Rollout: fuse heads by mean, max or min (default: the run's setting)."),
     discard_ratio: Optional[float] = typer.Option(
         None, "--rollout-discard-ratio", help="Rollout: share of the lowest attention entries dropped per layer, never the CLS entry (default: the run's)."
