@@ -160,9 +160,26 @@ def test_export_refuses_bad_requests(exported, tmp_path):
     for args, expected in cases:
         result = runner.invoke(app, args)
         assert result.exit_code == 2 and expected in result.output and "Traceback" not in result.output, result.output
+    with pytest.raises(Exception, match="is a medvq run folder, not an ONNX model"):  # was 'no such ONNX file'
+        OnnxScorer(run.root)
     (tmp_path / "not.onnx").write_bytes(b"not a model")
     with pytest.raises(Exception, match="not a readable ONNX model"):
         OnnxScorer(tmp_path / "not.onnx")
+
+
+def test_a_reader_that_stops_early_is_not_an_error(exported, scans, tmp_path, monkeypatch):
+    """`python -m medvq.onnx_runtime ... | head -3` ended in a BrokenPipeError traceback."""
+    import medvq.onnx_runtime as runner_module
+
+    _, path = exported
+
+    def closed_pipe(results, stream):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(runner_module, "_write_rows", closed_pipe)
+    with open(tmp_path / "stdout", "w") as stdout:
+        monkeypatch.setattr(sys, "stdout", stdout)
+        assert runner_module.main([str(path), str(scans[0].path)]) == 0
 
 
 def test_graph_metadata_carries_the_preprocessing(exported):

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import sys
 from dataclasses import dataclass
 from functools import lru_cache
@@ -90,6 +91,8 @@ class OnnxScorer:
         import onnxruntime as ort
 
         self.path = Path(path)
+        if (self.path / "config.yaml").is_file():
+            raise CheckpointError("is a medvq run folder, not an ONNX model", path=self.path, fix=f"export it first: `medvq export {self.path} --format onnx --out FILE.onnx`")
         if not self.path.is_file():
             raise CheckpointError("no such ONNX file", path=self.path, fix="write one with `medvq export RUN --format onnx --out FILE.onnx`")
         options = ort.SessionOptions()
@@ -162,14 +165,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     except MedvqError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    writer = csv.writer(sys.stdout)
+    try:
+        _write_rows(results, sys.stdout)
+        sys.stdout.flush()  # here, where a closed pipe can be caught, not at exit
+    except BrokenPipeError:  # the reader stopped early (`| head`): not an error; keep Python from reporting it at exit
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return 0
+
+
+def _write_rows(results: list[OnnxResult], stream) -> None:
+    writer = csv.writer(stream)
     names = list(results[0].scores)
     frames = any(r.frame is not None for r in results)  # a frame column, as in `medvq infer`'s scores.csv, when volumes were given
     writer.writerow(["path", *(["frame"] if frames else []), *(f"{n}{suffix}" for n in names for suffix in ("", "_z", "_normal_percentile")), "abnormal"])
     for r in results:
         frame = [] if not frames else ["" if r.frame is None else r.frame]
         writer.writerow([str(r.path), *frame, *(f"{r.scores[n][k]:.6g}" for n in names for k in ("score", "z", "normal_percentile")), int(r.abnormal)])
-    return 0
 
 
 if __name__ == "__main__":

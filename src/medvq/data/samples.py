@@ -275,7 +275,7 @@ def collect_images(inputs: Iterable[str | Path], volume: "VolumeOptions | None" 
             samples.extend(manifest_samples(item, volume))
             continue
         if item.exists():
-            refuse_medvq_folder(item, "scans", "give the run first and then the scans: RUN SCANS... --out DIR")
+            refuse_medvq_folder(item, "scans", "pass the scans; a run folder goes where a command asks for its RUN")
         if item.is_dir():
             skipped = _outputs_below(item, exclude)
             files = sorted(
