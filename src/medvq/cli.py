@@ -88,6 +88,11 @@ def _one_line(message: str) -> None:
     console.print(message, highlight=False, soft_wrap=True, markup=False)
 
 
+def _file_on_path(path: Path) -> Path | None:
+    """The file among ``path`` and the folders above it, if one is a file."""
+    return next((p for p in (path, *path.parents) if p.is_file()), None)
+
+
 def friendly_errors(fn: Callable) -> Callable:
     """Input problems (MedvqError, OSError) become one line on stderr and exit status 2; any other error one
     line asking for a report, with the traceback in OUT/medvq-error.log; Ctrl-C says what was kept (130)."""
@@ -104,7 +109,11 @@ def friendly_errors(fn: Callable) -> Callable:
             raise typer.Exit(2) from None
         except OSError as err:
             where = f"{err.filename}: " if err.filename else ""
-            _one_line(f"error: {where}{err.strerror or err} (check the path, free space and permissions, or choose another folder)")
+            blocked = isinstance(err, (FileExistsError, NotADirectoryError)) and err.filename and _file_on_path(Path(err.filename))
+            if blocked:  # 'File exists' / 'Not a directory' alone did not say that a file stands where a folder goes
+                _one_line(f"error: {where}a file stands where a folder is needed ({blocked} is a file; choose another folder, e.g. another --out)")
+            else:
+                _one_line(f"error: {where}{err.strerror or err} (check the path, free space and permissions, or choose another folder)")
             raise typer.Exit(2) from None
         except TrainingInterrupted as stop:
             if stop.resumable:
@@ -561,6 +570,8 @@ def phantom_cmd(
     try:
         root = write_phantom(out, n, seed=seed, config=config, progress=sys.stderr.isatty())
     except (ValueError, FileExistsError) as err:
+        if isinstance(err, FileExistsError) and err.filename:  # the operating system's (a file where a folder goes), not the writer's own
+            raise
         raise MedvqError(str(err), path=out) from None
     console.print(f"{n} phantom scans in {time.perf_counter() - started:.1f}s -> {root}")
 
