@@ -184,3 +184,17 @@ def test_scan_paths_relative_to_where_evaluate_ran_are_found_under_the_data_root
     assert locate(Path("data/test/CNV/CNV-1-1.jpeg"), tmp_path / "data") == scan
     assert locate(Path("../elsewhere/data/test/CNV/CNV-1-1.jpeg"), tmp_path / "data") == scan
     assert locate(Path("test/CNV/missing.jpeg"), tmp_path / "data") == Path("test/CNV/missing.jpeg")
+
+
+def test_scans_of_an_inference_are_found_from_another_working_folder(tmp_path):
+    """`medvq infer RUN scans --out results/today` in one folder, `medvq view` from another: the relative
+    scan paths of scores.csv were looked up only where view ran, so every scan was 'missing'."""
+    from medvq.report.viewer import locate
+
+    scan = tmp_path / "scans" / "a.jpeg"
+    scan.parent.mkdir()
+    scan.write_bytes(b"")
+    results = tmp_path / "results" / "today"
+    results.mkdir(parents=True)
+    assert locate(Path("scans/a.jpeg"), None, results) == tmp_path / "scans" / "a.jpeg"
+    assert locate(Path("scans/b.jpeg"), None, results) == Path("scans/b.jpeg")  # not anywhere: left as it was, and named as missing

@@ -109,21 +109,27 @@ def _scan_sample(row: dict[str, str]) -> Sample:
     return Sample(path=Path(row["path"]), frame=int(frame) if frame not in ("", None) else None)
 
 
-def locate(path: Path, data_root: Path | None) -> Path:
+def locate(path: Path, data_root: Path | None, results: Path | None = None) -> Path:
     """A scan path as scores.csv holds it (relative to where the command ran, perhaps): as given, or the
-    shortest tail of it that exists under the evaluation's data root."""
-    if path.exists() or data_root is None or path.is_absolute():
+    shortest tail of it that exists under the evaluation's data root, or (``results``: the folder of
+    scores.csv) the path under that folder or one above it, where an inference usually ran."""
+    if path.exists() or path.is_absolute():
         return path
-    for k in range(len(path.parts)):
-        candidate = data_root.joinpath(*path.parts[k:])
-        if candidate.exists():
-            return candidate
+    if data_root is not None:
+        for k in range(len(path.parts)):
+            candidate = data_root.joinpath(*path.parts[k:])
+            if candidate.exists():
+                return candidate
+    if results is not None:
+        for base in (results.resolve(), *results.resolve().parents):
+            if (base / path).exists():
+                return base / path
     return path
 
 
 def _read_scan(row: dict[str, str], folder: Path, data_root: Path | None) -> np.ndarray:
     found = _scan_sample(row)
-    sample = Sample(path=locate(found.path, data_root), frame=found.frame)
+    sample = Sample(path=locate(found.path, data_root, folder), frame=found.frame)
     if not sample.path.exists():
         raise MedvqError(
             f"scan {sample.path} named in scores.csv is missing", path=folder / "scores.csv", fix="run `medvq view` where the scored scans are"
