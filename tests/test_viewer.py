@@ -170,6 +170,27 @@ def test_viewer_of_an_inference_with_a_volume(tiny_phantom, nibabel_data, browse
     assert errors == []
 
 
+def test_scans_gone_since_scoring_are_shown_blank_and_counted(tiny_phantom, tmp_path):
+    """One scan moved away after `medvq infer` made the whole page fail; now only when every scan is gone."""
+    run = make_run("vqvae", tmp_path / "run", validation_normals(tiny_phantom))
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    for p in sorted((tiny_phantom / "test" / "CNV").glob("*.jpeg"))[:3]:
+        shutil.copy(p, scans / p.name)
+    out = tmp_path / "infer"
+    assert runner.invoke(app, ["infer", str(run.root), str(scans), "--out", str(out), "--no-overlays"]).exit_code == 0
+    gone = sorted(scans.glob("*.jpeg"))[0]
+    gone.unlink()
+    result = runner.invoke(app, ["view", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "1 of 3 scans named in scores.csv are missing" in " ".join(result.output.split()) and gone.name in result.output
+    assert (out / "viewer.html").read_text().count('"missing":true') == 1
+    for p in scans.glob("*.jpeg"):
+        p.unlink()
+    result = runner.invoke(app, ["view", str(out)])
+    assert result.exit_code == 2 and "is missing" in result.output and "Traceback" not in result.output
+
+
 def test_view_refuses_a_folder_without_scores(tmp_path):
     result = runner.invoke(app, ["view", str(tmp_path)])
     assert result.exit_code == 2 and "no scores.csv" in result.output and "Traceback" not in result.output

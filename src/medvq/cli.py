@@ -452,7 +452,7 @@ def view_cmd(
     with confusion counts and the ROC point; works offline."""
     from medvq.report.viewer import build_viewer, serve as serve_folder
 
-    page = build_viewer(folder, embed=embed)
+    page = build_viewer(folder, embed=embed, warn=lambda line: console.print(f"[yellow]warning[/]: {line}", highlight=False))
     console.print(f"viewer: {page} ({page.stat().st_size / 2**20:.1f} MiB)")
     if serve:
         serve_folder(folder, port)

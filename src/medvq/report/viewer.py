@@ -28,7 +28,7 @@ import zipfile
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 from PIL import Image
@@ -127,14 +127,18 @@ def locate(path: Path, data_root: Path | None, results: Path | None = None) -> P
     return path
 
 
-def _read_scan(row: dict[str, str], folder: Path, data_root: Path | None) -> np.ndarray:
+def _read_scan(row: dict[str, str], folder: Path, data_root: Path | None) -> np.ndarray | None:
+    """The scan a row of scores.csv names, or None when its file is gone (moved or deleted since scoring)."""
     found = _scan_sample(row)
     sample = Sample(path=locate(found.path, data_root, folder), frame=found.frame)
-    if not sample.path.exists():
-        raise MedvqError(
-            f"scan {sample.path} named in scores.csv is missing", path=folder / "scores.csv", fix="run `medvq view` where the scored scans are"
-        )
-    return read_sample(sample)
+    return read_sample(sample) if sample.path.exists() else None
+
+
+def _missing_scans(missing: list[str], total: int, folder: Path) -> str:
+    """Refuse a page without a single scan; otherwise the warning line for the scans shown blank."""
+    if len(missing) == total:
+        raise MedvqError(f"scan {missing[0]} named in scores.csv is missing", path=folder / "scores.csv", fix="run `medvq view` where the scored scans are")
+    return f"{len(missing)} of {total} scans named in scores.csv are missing (first: {missing[0]}); their scores and maps are shown on a blank scan"
 
 
 def _score_columns(fields: list[str]) -> list[str]:
@@ -259,12 +263,16 @@ def scan_assets(folder: Path, data: ViewerData, maps_npz: dict[str, np.ndarray] 
     out = []
     for i, row in enumerate(rows):
         a = ScanAssets()
+        rec = data.records[i]
         image = _read_scan(row, folder, data.settings.get("data_root"))
+        if image is None:  # a blank scan of the size the maps were drawn for: scores and maps stay viewable
+            rec["missing"] = True
+            shape = (int(maps_npz["box"][i][1]), int(maps_npz["box"][i][3])) if maps_npz is not None else _infer_map_shape(folder, rec, map_tops)
+            image = np.zeros(shape, np.float32)
         h, w = image.shape
         gray = _gray8(image)
         a.files["image"] = _encode(gray, "JPEG", quality=90)
         a.files["thumb"] = _encode(gray.resize((THUMB_WIDTH, max(1, round(h * THUMB_WIDTH / w))), Image.BILINEAR), "JPEG", quality=75)
-        rec = data.records[i]
         rec["width"], rec["height"] = w, h
         if maps_npz is not None:  # evaluate: maps on the model grid, placed in the crop box
             top, bottom, left, right = (int(v) for v in maps_npz["box"][i])
@@ -288,6 +296,13 @@ def scan_assets(folder: Path, data: ViewerData, maps_npz: dict[str, np.ndarray] 
 
 def _infer_map_path(folder: Path, rec: dict, name: str) -> Path:
     return folder / "maps" / f"{rec['name']}_{name}.npy"
+
+
+def _infer_map_shape(folder: Path, rec: dict, map_tops: dict[str, float]) -> tuple[int, int]:
+    """The scan grid an inference's maps were saved on (a missing scan's size); 128 x 128 without maps."""
+    for name in map_tops:
+        return tuple(np.load(_infer_map_path(folder, rec, name), mmap_mode="r").shape)  # type: ignore[return-value]
+    return (128, 128)
 
 
 def _map_tops(folder: Path, data: ViewerData, maps_npz: dict[str, np.ndarray] | None) -> dict[str, float]:
@@ -316,10 +331,11 @@ def _script_json(value: Any) -> str:
     return json.dumps(value, separators=(",", ":")).replace("</", "<\\/")
 
 
-def build_viewer(folder: str | Path, *, embed: bool = True) -> Path:
-    """Write FOLDER/viewer.html (and FOLDER/viewer_files/ when not embedding); return the page's path."""
+def build_viewer(folder: str | Path, *, embed: bool = True, warn: Callable[[str], None] = print) -> Path:
+    """Write FOLDER/viewer.html (and FOLDER/viewer_files/ when not embedding); return the page's path.
+    ``warn`` receives a line about scans whose files are gone (shown blank); none at all is an error."""
     try:
-        return _build_viewer(Path(folder), embed)
+        return _build_viewer(Path(folder), embed, warn)
     except MedvqError:
         raise
     except (ValueError, KeyError, TypeError, IndexError, AttributeError, EOFError, zipfile.BadZipFile) as err:  # truncated or hand-edited outputs
@@ -328,7 +344,7 @@ def build_viewer(folder: str | Path, *, embed: bool = True) -> Path:
         ) from None
 
 
-def _build_viewer(folder: Path, embed: bool) -> Path:
+def _build_viewer(folder: Path, embed: bool, warn: Callable[[str], None]) -> Path:
     data = collect(folder)
     maps_npz = None
     if data.kind == "evaluate":
@@ -342,6 +358,9 @@ def _build_viewer(folder: Path, embed: bool) -> Path:
     data.settings["maps"] = list(tops)
     data.settings["map_tops"] = tops
     assets = scan_assets(folder, data, maps_npz, tops)
+    missing = [r["path"] for r in data.records if r.get("missing")]
+    if missing:
+        warn(_missing_scans(missing, len(data.records), folder))
     blocks = []
     files_dir = folder / "viewer_files"
     if not embed:
