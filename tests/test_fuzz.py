@@ -129,6 +129,10 @@ def test_results_written_beside_the_scans_never_hide_them_or_come_back_as_scans(
     assert (scans / "volumes" / "P1_enface.png").is_file()
     code, text = cli("infer", run, scans.parent, "--out", tmp_path / "from-above")
     assert code == 0 and "6 scans scored" in text, text
+    one = sorted(scans.glob("*.jpeg"))[0]
+    for _ in range(2):  # a scan of the folder that --out is: the folder stays unmarked, so the scan is never refused
+        code, text = cli("infer", run, one, "--out", scans)
+        assert code == 0 and "1 scans scored" in text, text
 
 
 def test_run_and_result_folders_given_as_scans_are_refused(run, data, scans, tmp_path):

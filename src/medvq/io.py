@@ -31,10 +31,11 @@ def mark_output(*folders: str | Path) -> None:
 
 def result_folders(out: str | Path, inputs: Iterable[str | Path], *subfolders: str) -> list[Path]:
     """The folders a command that reads ``inputs`` and writes to ``out`` marks as output: ``out`` and its
-    ``subfolders``; but not ``out`` itself when it is one of the input folders (results written beside the
-    scans), which would hide those scans from every later search of a folder above it."""
+    ``subfolders``; but not ``out`` itself when it is or holds one of the inputs (results written beside the
+    scans), which would hide those scans from every later search of a folder above it, and refuse them."""
     out = Path(out)
-    holds_inputs = any(Path(i).is_dir() and Path(i).resolve() == out.resolve() for i in inputs)
+    where = out.resolve()
+    holds_inputs = any(where == p or where in p.parents for p in (Path(i).resolve() for i in inputs))
     return ([] if holds_inputs else [out]) + [out / s for s in subfolders]
 
 
