@@ -50,7 +50,7 @@ def test_batches_with_workers_match_one_scan_at_a_time(detector, scans):
         for name in a.scores:
             assert a.scores[name]["score"] == pytest.approx(b.scores[name]["score"], rel=1e-4, abs=1e-5)
         assert a.decision.abnormal == b.decision.abnormal
-        assert set(a.maps) == set(b.maps) == {"residual", "alm", "combined"}
+        assert set(a.maps) == set(b.maps) == {"residual", "alm", "perceptual", "combined"}
         np.testing.assert_allclose(a.maps["combined"], b.maps["combined"], rtol=1e-4, atol=1e-4)
 
 

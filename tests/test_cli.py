@@ -89,6 +89,18 @@ def test_every_declared_method_has_a_train_command_and_model_config():
         assert isinstance(build_config({"method": method.name}).model, method.config)
 
 
+def test_speed_flags_show_their_defaults_from_the_config():
+    from medvq.config import InferenceConfig
+
+    defaults = InferenceConfig()
+    for command in ("evaluate", "infer"):
+        text = " ".join(runner.invoke(app, [command, "--help"], env={"COLUMNS": "200"}).output.split())
+        for name in ("batch_size", "workers", "precision"):  # the help dropped them (read as a markup tag)
+            assert f"(default: {getattr(defaults, name)})" in text, (command, name)
+    text = " ".join(runner.invoke(app, ["explain", "--help"], env={"COLUMNS": "200"}).output.split())
+    assert "gradient-weighted heads) (default: gradcam)" in text
+
+
 def test_commands_that_run_a_model_default_to_the_training_device():
     for command in ("evaluate", "infer", "explain", "sample"):
         text = runner.invoke(app, [command, "--help"], env={"COLUMNS": "200"}).output

@@ -108,7 +108,7 @@ def test_evaluate_reports_the_stored_operating_point(evaluated, trained):
 
 def test_evaluate_writes_metrics_scores_and_report(evaluated, tiny_phantom):
     m = json.loads((evaluated / "metrics.json").read_text())
-    assert set(m["maps"]) == {"residual", "alm", "combined"}
+    assert set(m["maps"]) == {"residual", "alm", "perceptual", "combined"}
     for name, v in m["maps"].items():
         for key in ("image_auroc", "image_auprc", "pixel_auroc", "aupro", "dice", "image_auroc_by_width"):
             assert key in v, (name, key)
@@ -117,7 +117,7 @@ def test_evaluate_writes_metrics_scores_and_report(evaluated, tiny_phantom):
         lo, hi = v["pixel_auroc_ci"]  # phantom patients have ids: resampled by patient
         assert lo <= v["pixel_auroc"] <= hi and v["pixel_auroc_ci_by"] == "patient"
     rows = list(csv.DictReader(open(evaluated / "scores.csv")))
-    assert len(rows) == m["n_images"] and {"path", "class", "patient", "residual", "alm", "combined"} <= set(rows[0])
+    assert len(rows) == m["n_images"] and {"path", "class", "patient", "residual", "alm", "perceptual", "combined"} <= set(rows[0])
     test_files = {str(p) for p in (tiny_phantom / "test").rglob("*.jpeg")}
     assert {r["path"] for r in rows} == test_files
     html = (evaluated / "report.html").read_text()

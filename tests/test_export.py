@@ -125,6 +125,30 @@ def test_runs_without_torch_on_image_files(exported, scans):
         assert row[header.index("abnormal")] == str(int(ref.decision.abnormal))
 
 
+def test_volumes_give_one_result_per_bscan_or_slice_as_infer(exported, scans, nibabel_data, tmp_path):
+    """An OCT volume was scored as its first B-scan only, and a NIfTI volume refused; now each B-scan and each
+    slice (read with the run's volume settings, carried in the graph) gets its result, equal to the Detector's."""
+    from volume_files import write_dicom_opt
+
+    from medvq.data.samples import collect_images
+
+    run, path = exported
+    images = [np.asarray(read_image(s.path) * 255, dtype=np.uint8) for s in scans]
+    frames = np.stack([im for im in images if im.shape == images[0].shape][:2])  # B-scans of one volume share a size
+    assert len(frames) == 2
+    volume = write_dicom_opt(tmp_path / "P1.dcm", frames, patient="P1", laterality="R")
+    nifti = nibabel_data / "anatomical.nii"
+    detector = Detector.load(run.root)
+    scorer = OnnxScorer(path)
+    assert scorer.volume == detector.preprocessor.volume
+    samples = collect_images([volume, nifti], detector.preprocessor.volume)
+    results = scorer.score_files([volume, nifti])
+    assert [(r.path, r.frame) for r in results] == [(s.path, s.frame) for s in samples] and results[1].frame == 1
+    for r, ref in zip(results, detector.predict_files(samples)):
+        for name, value in ref.scores.items():
+            assert r.scores[name]["score"] == pytest.approx(value["score"], abs=TOLERANCE), (r.path, r.frame, name)
+
+
 def test_export_refuses_bad_requests(exported, tmp_path):
     run, _ = exported
     runner = CliRunner()
@@ -136,9 +160,26 @@ def test_export_refuses_bad_requests(exported, tmp_path):
     for args, expected in cases:
         result = runner.invoke(app, args)
         assert result.exit_code == 2 and expected in result.output and "Traceback" not in result.output, result.output
+    with pytest.raises(Exception, match="is a medvq run folder, not an ONNX model"):  # was 'no such ONNX file'
+        OnnxScorer(run.root)
     (tmp_path / "not.onnx").write_bytes(b"not a model")
     with pytest.raises(Exception, match="not a readable ONNX model"):
         OnnxScorer(tmp_path / "not.onnx")
+
+
+def test_a_reader_that_stops_early_is_not_an_error(exported, scans, tmp_path, monkeypatch):
+    """`python -m medvq.onnx_runtime ... | head -3` ended in a BrokenPipeError traceback."""
+    import medvq.onnx_runtime as runner_module
+
+    _, path = exported
+
+    def closed_pipe(results, stream):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(runner_module, "_write_rows", closed_pipe)
+    with open(tmp_path / "stdout", "w") as stdout:
+        monkeypatch.setattr(sys, "stdout", stdout)
+        assert runner_module.main([str(path), str(scans[0].path)]) == 0
 
 
 def test_graph_metadata_carries_the_preprocessing(exported):

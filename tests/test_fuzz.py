@@ -116,6 +116,40 @@ def test_infer_never_reads_its_own_outputs_back(run, scans):
     assert all(digest(scans)[k] == v for k, v in before.items()), "input scans unchanged"
 
 
+def test_results_written_beside_the_scans_never_hide_them_or_come_back_as_scans(run, scans, tmp_path):
+    """--out is the scan folder: the scans stay findable from a folder above, and a volume's en-face PNGs are
+    not read back as scans (both failed before: the scan folder was marked as results, volumes/ was not)."""
+    from volume_files import write_dicom_opt
+
+    frames = np.stack([np.asarray(Image.open(p).convert("L")) for p in sorted(scans.glob("*.jpeg"))[:2]])
+    write_dicom_opt(scans / "P1.dcm", frames, patient="P1", laterality="R")
+    for _ in range(2):
+        code, text = cli("infer", run, scans, "--out", scans)
+        assert code == 0 and "6 scans scored" in text, text  # 4 scans and 2 B-scans, the en-face PNGs never
+    assert (scans / "volumes" / "P1_enface.png").is_file()
+    code, text = cli("infer", run, scans.parent, "--out", tmp_path / "from-above")
+    assert code == 0 and "6 scans scored" in text, text
+    one = sorted(scans.glob("*.jpeg"))[0]
+    for _ in range(2):  # a scan of the folder that --out is: the folder stays unmarked, so the scan is never refused
+        code, text = cli("infer", run, one, "--out", scans)
+        assert code == 0 and "1 scans scored" in text, text
+
+
+def test_run_and_result_folders_given_as_scans_are_refused(run, data, scans, tmp_path):
+    results = tmp_path / "results"
+    code, text = cli("infer", run, scans, "--out", results)
+    assert code == 0, text
+    one_error(*cli("infer", run, run, "--out", tmp_path / "a"), run, "is a medvq run folder, not scans")
+    one_error(*cli("train", "vqvae", "--data", run, "--out", tmp_path / "b", *TINY), run, "is a medvq run folder, not a dataset")
+    one_error(*cli("infer", run, results / "overlays", "--out", tmp_path / "c"), "is a folder of medvq results")
+    overlay = next((results / "overlays").glob("*.png"))
+    one_error(*cli("infer", run, overlay, "--out", tmp_path / "c"), overlay, "lies in a folder of medvq results")
+    holder = tmp_path / "holder"
+    shutil.copytree(results, holder / "results")
+    error = one_error(*cli("infer", run, holder, "--out", tmp_path / "c"), holder, "no images in folder")
+    assert "(results) are never read as scans" in error
+
+
 def test_saturated_scan_is_skipped_and_counted(run, scans, tmp_path):
     Image.fromarray(np.full((64, 64), 255, np.uint8)).save(scans / "white.png")
     code, text = cli("infer", run, scans, "--out", tmp_path / "out")
@@ -296,7 +330,9 @@ def test_out_that_is_a_file_or_below_one(run, data, scans, tmp_path):
     for name, args in cases.items():
         for out in (blocker, blocker / "sub"):
             code, text = cli(*args(out))
-            one_error(code, text, blocker if name != "explain" and name != "sample" else run)
+            error = one_error(code, text, blocker if name != "explain" and name != "sample" else run)
+            if name not in ("explain", "sample"):  # infer, evaluate, phantom, export said only '[Errno 17] File exists' or 'Not a directory'
+                assert "file" in error and "[Errno" not in error and "Not a directory" not in error, error
     assert digest(tmp_path, run) == before
 
 

@@ -125,8 +125,9 @@ def test_guard_flags_oct_scans_from_another_device(tiny_phantom, tmp_path):
 
 
 def test_patchcore_lends_its_backbone_stages_to_the_guard(tiny_phantom, tmp_path):
-    """PatchCore runs the guard's ImageNet network itself: the guard pools those stage outputs (no second
-    pass) and gets what its own network would; a VQ-VAE's guard runs the network on a shrunken input."""
+    """PatchCore (and a VQ-VAE with its perceptual map) runs the guard's ImageNet network itself: the guard
+    pools those stage outputs (no second pass) and gets what its own network would; a VQ-VAE without the map
+    has the guard run the network on a shrunken input."""
     from tiny_runs import MODELS, make_run
 
     from medvq.config import build_config
@@ -152,8 +153,18 @@ def test_patchcore_lends_its_backbone_stages_to_the_guard(tiny_phantom, tmp_path
     a = [r.decision.ood_distance for r in shared.predict_files(paths)]
     b = [r.decision.ood_distance for r in alone.predict_files(paths)]
     np.testing.assert_allclose(a, b, rtol=1e-4)
+    # A VQ-VAE's perceptual map runs the same network on the scan (after its reconstruction): the guard pools the scan's stages
     vq = Detector.load(make_run("vqvae", tmp_path / "vq", scans[:8], image_size=128).root)
-    assert not vq._share_network() and vq.calibration.guard.appearance.input_size == APPEARANCE_SIZE == 64
+    assert vq._share_network() and vq.calibration.guard.appearance.input_size == 128
+    vq_alone = Detector(vq.model, vq.config, vq.calibration)
+    vq_alone._shares_network = False
+    a = [r.decision.ood_distance for r in vq.predict_files(paths)]
+    np.testing.assert_allclose(a, [r.decision.ood_distance for r in vq_alone.predict_files(paths)], rtol=1e-4)
+    # without it (and in runs from before it) the guard runs its own network on a shrunken input
+    config = build_config({"method": "vqvae", "data": {"image_size": 128}, "model": {**MODELS["vqvae"], "perceptual_map": False}})
+    plain = Detector(get_method("vqvae").build_model(config.model).eval(), config)
+    plain.calibrate(ScanDataset(scans[:8], plain.preprocessor))
+    assert not plain._share_network() and plain.calibration.guard.appearance.input_size == APPEARANCE_SIZE == 64
 
 
 def test_infer_notes_a_folder_scored_wholly_above_every_calibration_normal(tiny_phantom, tmp_path):

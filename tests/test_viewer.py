@@ -161,10 +161,34 @@ def test_viewer_of_an_inference_with_a_volume(tiny_phantom, nibabel_data, browse
     page.click(f"#grid .card[data-i='{frames[-1][1]}']")
     page.wait_for_selector("#bscan")
     assert page.is_visible("#enface")
+    page.wait_for_function("document.getElementById('enface').complete && document.getElementById('enface').naturalWidth > 0")
+    widths = page.evaluate("[document.getElementById('enface').getBoundingClientRect().width, document.getElementById('enface-line').getBoundingClientRect().width]")
+    assert widths[1] == pytest.approx(widths[0], abs=1)  # the B-scan line spans the en-face map, not the panel (it did)
     page.fill("#bscan", "0")  # the slider walks the volume's B-scans in order
     page.wait_for_function(f"document.getElementById('d-name').textContent === {json.dumps(rows[frames[0][1]]['name'])}")
     assert (out / "viewer_files").is_dir()
     assert errors == []
+
+
+def test_scans_gone_since_scoring_are_shown_blank_and_counted(tiny_phantom, tmp_path):
+    """One scan moved away after `medvq infer` made the whole page fail; now only when every scan is gone."""
+    run = make_run("vqvae", tmp_path / "run", validation_normals(tiny_phantom))
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    for p in sorted((tiny_phantom / "test" / "CNV").glob("*.jpeg"))[:3]:
+        shutil.copy(p, scans / p.name)
+    out = tmp_path / "infer"
+    assert runner.invoke(app, ["infer", str(run.root), str(scans), "--out", str(out), "--no-overlays"]).exit_code == 0
+    gone = sorted(scans.glob("*.jpeg"))[0]
+    gone.unlink()
+    result = runner.invoke(app, ["view", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "1 of 3 scans named in scores.csv are missing" in " ".join(result.output.split()) and gone.name in result.output
+    assert (out / "viewer.html").read_text().count('"missing":true') == 1
+    for p in scans.glob("*.jpeg"):
+        p.unlink()
+    result = runner.invoke(app, ["view", str(out)])
+    assert result.exit_code == 2 and "is missing" in result.output and "Traceback" not in result.output
 
 
 def test_view_refuses_a_folder_without_scores(tmp_path):
@@ -181,3 +205,17 @@ def test_scan_paths_relative_to_where_evaluate_ran_are_found_under_the_data_root
     assert locate(Path("data/test/CNV/CNV-1-1.jpeg"), tmp_path / "data") == scan
     assert locate(Path("../elsewhere/data/test/CNV/CNV-1-1.jpeg"), tmp_path / "data") == scan
     assert locate(Path("test/CNV/missing.jpeg"), tmp_path / "data") == Path("test/CNV/missing.jpeg")
+
+
+def test_scans_of_an_inference_are_found_from_another_working_folder(tmp_path):
+    """`medvq infer RUN scans --out results/today` in one folder, `medvq view` from another: the relative
+    scan paths of scores.csv were looked up only where view ran, so every scan was 'missing'."""
+    from medvq.report.viewer import locate
+
+    scan = tmp_path / "scans" / "a.jpeg"
+    scan.parent.mkdir()
+    scan.write_bytes(b"")
+    results = tmp_path / "results" / "today"
+    results.mkdir(parents=True)
+    assert locate(Path("scans/a.jpeg"), None, results) == tmp_path / "scans" / "a.jpeg"
+    assert locate(Path("scans/b.jpeg"), None, results) == Path("scans/b.jpeg")  # not anywhere: left as it was, and named as missing

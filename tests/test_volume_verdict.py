@@ -89,6 +89,46 @@ def test_volume_auroc_interval_resamples_patients_not_volumes():
     assert separated["auroc"] == 1.0 and separated["auroc_ci"] == [1.0, 1.0]
 
 
+def test_a_volume_of_scans_unlike_the_normals_says_so_beside_its_verdict(tmp_path):
+    """An MRI volume given to an OCT model got 'abnormal' with no word that its slices were out of distribution."""
+    import io
+
+    from rich.console import Console
+
+    from medvq.volume_outputs import write_volume_verdicts
+
+    samples = _bscans("mri.dcm", 4, "", "P1") + _bscans("oct.dcm", 2, "", "P2")
+    text = io.StringIO()
+    write_volume_verdicts(
+        tmp_path, samples, [9.0, 8.0, 9.5, 7.0, 1.0, 2.0], [np.zeros(16)] * 6, [0.0, 1.0, 2.0], score_name="s", map_name="s",
+        fraction=0.1, vmax=3.0, threshold=2.5, operating_point="spec95", out_of_distribution=[True, True, False, True, False, False],
+        console=Console(file=text, width=300),
+    )  # fmt: skip
+    lines = text.getvalue().splitlines()
+    assert lines[0].endswith("; 3 of 4 B-scans OUT OF DISTRIBUTION: not to be trusted") and "OUT OF DISTRIBUTION" not in lines[1]
+    with open(tmp_path / "volumes.csv") as f:
+        assert [r["out_of_distribution_bscans"] for r in csv.DictReader(f)] == ["3", "0"]
+    assert [v["out_of_distribution_bscans"] for v in json.loads((tmp_path / "volumes.json").read_text())["volumes"]] == [3, 0]
+
+
+def test_scans_a_manifest_groups_into_a_volume_are_named_by_file_on_screen(tmp_path):
+    """2D scans grouped by patient, eye and visit have no frame numbers: the line said 'most abnormal B-scans: None'."""
+    import io
+
+    from rich.console import Console
+
+    from medvq.volume_outputs import write_volume_verdicts
+
+    samples = [Sample(path=Path(f"oct/P1-{k}.png"), label="", patient_id="P1", eye="OD", visit="v1") for k in range(3)]
+    text = io.StringIO()
+    write_volume_verdicts(
+        tmp_path, samples, [1.0, 5.0, 2.0], [np.zeros(16)] * 3, [0.0, 1.0], score_name="s", map_name="s", fraction=0.1, vmax=3.0,
+        threshold=2.5, operating_point="spec95", console=Console(file=text, width=300),
+    )  # fmt: skip
+    line = text.getvalue().strip()
+    assert line.startswith("volume P1 OD v1: 3 B-scans") and line.endswith("most abnormal B-scans: P1-1.png") and "None" not in line, line
+
+
 def _volume_manifest(phantom: Path, folder: Path) -> Path:
     """Each patient's phantom scans of one class stacked as a DICOM OPT volume (single scans stay images)."""
     groups: dict[tuple, list[Sample]] = defaultdict(list)

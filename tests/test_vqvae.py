@@ -1,8 +1,9 @@
 import pytest
 import torch
+import torch.nn.functional as F
 
 from medvq.maps.alm import alignment_loss_map
-from medvq.maps.residual import residual_map
+from medvq.maps.residual import perceptual_map, residual_map
 from medvq.maps.smoothing import gaussian_smooth
 from medvq.models.quantizer import VectorQuantizer, code_usage
 from medvq.models.vqvae.anomaly_map import compute_maps
@@ -115,8 +116,6 @@ def test_smoothing_by_band_matrix_equals_reflect_padded_convolution(shape, sigma
     each axis (kernel radius clipped below the side, as reflect padding needs)."""
     import math
 
-    import torch.nn.functional as F
-
     maps = torch.rand(shape, generator=torch.Generator().manual_seed(0))
     b, c, h, w = shape
     radius = max(1, math.ceil(3 * sigma))
@@ -133,9 +132,10 @@ def test_smoothing_by_band_matrix_equals_reflect_padded_convolution(shape, sigma
 
 
 def test_vqvae_maps_light_up_where_the_input_is_unlike_training():
-    """A VQ-VAE fitted to smooth images: a planted bright square raises both maps there."""
+    """A VQ-VAE fitted to smooth images: a planted bright square raises both maps there (the perceptual map,
+    which needs textured scans of a size ImageNet features mean something at, is tested below)."""
     torch.manual_seed(0)
-    model = VQVAE(VQVAEConfig(**SMALL, dropout=0.0, downsample_layers=2))
+    model = VQVAE(VQVAEConfig(**SMALL, dropout=0.0, downsample_layers=2, perceptual_map=False))
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     yy = torch.linspace(0, 1, 32).view(1, 1, 32, 1).expand(1, 1, 32, 32)
     for _ in range(150):
@@ -152,3 +152,36 @@ def test_vqvae_maps_light_up_where_the_input_is_unlike_training():
     for name in ("residual", "alm"):
         m = maps.maps[name]
         assert m[inside].mean() > 2 * m[~inside].mean(), name
+
+
+def test_perceptual_map_is_one_minus_the_cosine_of_the_features():
+    """By hand on a known embedding (2 x 2 average pooling of two channels): 0 where the reconstruction's
+    features point the same way, whatever their length; 1 - cos elsewhere; resized to the image."""
+    image = torch.rand(2, 1, 8, 8)
+    embed = lambda x: F.avg_pool2d(torch.cat([x, 1 - x], dim=1), 2)
+    assert perceptual_map(embed, image, image).abs().max() < 1e-6
+    reconstruction = image.clone()
+    reconstruction[:, :, :4, :4] = 1 - image[:, :, :4, :4]
+    a, b = embed(image), embed(reconstruction)
+    expected = 1 - (a * b).sum(1, keepdim=True) / (a.norm(dim=1, keepdim=True) * b.norm(dim=1, keepdim=True))
+    torch.testing.assert_close(perceptual_map(embed, image, reconstruction), F.interpolate(expected, size=(8, 8), mode="bilinear", align_corners=False).clamp_min(0), rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="differ in shape"):
+        perceptual_map(embed, image, image[..., :4])
+
+
+def test_perceptual_map_lights_up_where_the_reconstruction_misses_a_lesion():
+    """With the VQ-VAE's own frozen ImageNet features: a textured scan whose 'reconstruction' lost a bright
+    blob (as a model of normal scans would) scores the blob far above the rest; an identical one scores 0."""
+    model = VQVAE(VQVAEConfig(**SMALL))
+    model.features.load_imagenet()
+    torch.manual_seed(0)
+    texture = F.interpolate(torch.rand(1, 1, 32, 32), size=(128, 128), mode="bilinear", align_corners=False) * 0.5
+    lesion = texture.clone()
+    lesion[..., 48:80, 48:80] = 0.95
+    inside = torch.zeros_like(lesion, dtype=torch.bool)
+    inside[..., 52:76, 52:76] = True
+    far = torch.ones_like(inside)
+    far[..., 32:96, 32:96] = False
+    m = perceptual_map(model.features.embed, lesion, texture)
+    assert m[inside].mean() > 5 * m[far].mean()
+    assert perceptual_map(model.features.embed, texture, texture).abs().max() < 1e-5

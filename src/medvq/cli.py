@@ -88,6 +88,11 @@ def _one_line(message: str) -> None:
     console.print(message, highlight=False, soft_wrap=True, markup=False)
 
 
+def _file_on_path(path: Path) -> Path | None:
+    """The file among ``path`` and the folders above it, if one is a file."""
+    return next((p for p in (path, *path.parents) if p.is_file()), None)
+
+
 def friendly_errors(fn: Callable) -> Callable:
     """Input problems (MedvqError, OSError) become one line on stderr and exit status 2; any other error one
     line asking for a report, with the traceback in OUT/medvq-error.log; Ctrl-C says what was kept (130)."""
@@ -104,7 +109,11 @@ def friendly_errors(fn: Callable) -> Callable:
             raise typer.Exit(2) from None
         except OSError as err:
             where = f"{err.filename}: " if err.filename else ""
-            _one_line(f"error: {where}{err.strerror or err} (check the path, free space and permissions, or choose another folder)")
+            blocked = isinstance(err, (FileExistsError, NotADirectoryError)) and err.filename and _file_on_path(Path(err.filename))
+            if blocked:  # 'File exists' / 'Not a directory' alone did not say that a file stands where a folder goes
+                _one_line(f"error: {where}a file stands where a folder is needed ({blocked} is a file; choose another folder, e.g. another --out)")
+            else:
+                _one_line(f"error: {where}{err.strerror or err} (check the path, free space and permissions, or choose another folder)")
             raise typer.Exit(2) from None
         except TrainingInterrupted as stop:
             if stop.resumable:
@@ -133,7 +142,8 @@ _SPEED = InferenceConfig.model_fields  # scoring speed flags of evaluate and inf
 
 def _speed_option(name: str, *decls: str, **kw):
     f = _SPEED[name]
-    return typer.Option(None, *decls, help=f"{f.description} [default: {f.default}]", rich_help_panel="speed options", show_default=False, **kw)
+    # "(default: ...)" as the train flags write it: rich help reads "[default: 32]" as a markup tag and drops it
+    return typer.Option(None, *decls, help=f"{f.description} (default: {f.default})", rich_help_panel="speed options", show_default=False, **kw)
 
 
 def _inference(batch_size: int | None, workers: int | None, precision: str | None) -> InferenceConfig:
@@ -442,7 +452,7 @@ def view_cmd(
     with confusion counts and the ROC point; works offline."""
     from medvq.report.viewer import build_viewer, serve as serve_folder
 
-    page = build_viewer(folder, embed=embed)
+    page = build_viewer(folder, embed=embed, warn=lambda line: console.print(f"[yellow]warning[/]: {line}", highlight=False))
     console.print(f"viewer: {page} ({page.stat().st_size / 2**20:.1f} MiB)")
     if serve:
         serve_folder(folder, port)
@@ -453,7 +463,7 @@ def explain_cmd(
     run: Path = typer.Argument(..., help="Run directory written by `medvq train classifier`."),
     inputs: list[Path] = _scans_argument(),
     out: Path = typer.Option(..., "--out", help="Output folder for maps/, overlays/ and explanations.csv."),
-    map_name: Optional[str] = typer.Option(None, "--map", help="gradcam (any arch), rollout or gradient-rollout (ViT: attention rollout, plain or gradient-weighted heads) [default: gradcam]."),
+    map_name: Optional[str] = typer.Option(None, "--map", help="gradcam (any arch), rollout or gradient-rollout (ViT: attention rollout, plain or gradient-weighted heads) (default: gradcam)."),
     head_fusion: Optional[str] = typer.Option(None, "--rollout-head-fusion", help="Rollout: fuse heads by mean, max or min (default: the run's setting)."),
     discard_ratio: Optional[float] = typer.Option(
         None, "--rollout-discard-ratio", help="Rollout: share of the lowest attention entries dropped per layer, never the CLS entry (default: the run's)."
@@ -560,6 +570,8 @@ def phantom_cmd(
     try:
         root = write_phantom(out, n, seed=seed, config=config, progress=sys.stderr.isatty())
     except (ValueError, FileExistsError) as err:
+        if isinstance(err, FileExistsError) and err.filename:  # the operating system's (a file where a folder goes), not the writer's own
+            raise
         raise MedvqError(str(err), path=out) from None
     console.print(f"{n} phantom scans in {time.perf_counter() - started:.1f}s -> {root}")
 

@@ -27,7 +27,7 @@ from medvq.data.samples import collect_images
 from medvq.detector import Detector
 from medvq.errors import MedvqError
 from medvq.inference import output_stem
-from medvq.io import atomic_path, atomic_write_csv, mark_output
+from medvq.io import atomic_path, atomic_write_csv, mark_output, result_folders
 from medvq.maps.gradcam import LayerCapture
 from medvq.models.registry import methods
 from medvq.report.figures import overlay
@@ -134,7 +134,7 @@ def explain(
 
     out = Path(out)
     samples = collect_images(inputs, detector.preprocessor.volume, exclude=[out])  # NIfTI slices as the run reads them; earlier results (this --out among them) are not scans
-    mark_output(out, out / "overlays", out / "maps")
+    mark_output(*result_folders(out, inputs, "overlays", "maps"))
     model_config = detector.config.model
     classes = model_config.classes or [str(k) for k in range(model_config.num_classes)]
     rows: list[dict] = []

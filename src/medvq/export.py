@@ -18,6 +18,7 @@ A method declares that it can be exported in the registry (``Method.onnx_export`
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import warnings
 from pathlib import Path
@@ -139,6 +140,7 @@ def export_onnx(run_dir: str | Path, out: str | Path, *, checkpoint: str = "best
         "image_size": size,
         "fov": d.fov,
         "remove_padding": d.remove_padding,
+        "volume": dataclasses.asdict(detector.preprocessor.volume),  # how NIfTI volumes are sliced and normalised
         "outputs": names,
         "decision_map": graph.decision_map,
         "operating_point": graph.operating_point.name,

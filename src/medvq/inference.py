@@ -18,7 +18,7 @@ from medvq.errors import CheckpointError, ImageReadError, MedvqError
 from medvq.scoring.calibration import normals_needed
 from medvq.scoring.decision import operating_point
 from medvq.scoring.volume import volume_key
-from medvq.io import OutputWriter, atomic_path, atomic_write_bytes, atomic_write_csv, mark_output, unique_stem
+from medvq.io import OutputWriter, atomic_path, atomic_write_bytes, atomic_write_csv, mark_output, result_folders, unique_stem
 from medvq.progress import progress_bar
 from medvq.report.figures import annotated_overlay, encode_png
 from medvq.volume_outputs import write_volume_verdicts
@@ -101,7 +101,7 @@ def infer(
     if decide_on not in detector.calibration.stats:
         raise MedvqError(f"this run has no map or score '{decide_on}'", path=run_dir, fix=f"use --map with one of {', '.join(detector.calibration.stats)}")
     point = operating_point(detector.calibration, decide_on, threshold or detector.config.score.operating_point)
-    mark_output(out, *([out / "overlays"] if save_overlays else []), *([out / "maps"] if save_npy else []))
+    mark_output(*result_folders(out, inputs, *(["overlays"] if save_overlays else []), *(["maps"] if save_npy else [])))
     if not point.reliable:
         console.print(
             f"[yellow]warning[/]: the {point.name} threshold of '{decide_on}' rests on {point.n_normals} calibration normals "
@@ -175,6 +175,7 @@ def infer(
             out, scored, [r[decide_on] for r in rows], column_maxima, deciding_normals,
             score_name=decide_on, map_name=key, fraction=detector.config.score.volume_topk_fraction, vmax=vmax, threshold=point.value, operating_point=point.name,
             normal_class=detector.config.data.normal_class, console=console,
+            out_of_distribution=[r["in_distribution"] == 0 for r in rows] if detector.calibration.guard is not None else None,
         )  # fmt: skip
     if blank:
         console.print(f"{len(blank)} scan(s) without any valid pixel skipped (saturated or blank)")

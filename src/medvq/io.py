@@ -8,7 +8,7 @@ import os
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import numpy as np
 
@@ -27,6 +27,16 @@ def mark_output(*folders: str | Path) -> None:
         marker = folder / OUTPUT_MARKER
         if not marker.exists():
             marker.write_text("written by medvq; scan folders under here are results, not inputs\n")
+
+
+def result_folders(out: str | Path, inputs: Iterable[str | Path], *subfolders: str) -> list[Path]:
+    """The folders a command that reads ``inputs`` and writes to ``out`` marks as output: ``out`` and its
+    ``subfolders``; but not ``out`` itself when it is or holds one of the inputs (results written beside the
+    scans), which would hide those scans from every later search of a folder above it, and refuse them."""
+    out = Path(out)
+    where = out.resolve()
+    holds_inputs = any(where == p or where in p.parents for p in (Path(i).resolve() for i in inputs))
+    return ([] if holds_inputs else [out]) + [out / s for s in subfolders]
 
 
 def is_output_folder(folder: str | Path) -> bool:

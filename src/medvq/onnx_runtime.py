@@ -1,6 +1,6 @@
 """Score scans with an exported graph (``medvq export``) using onnxruntime, numpy, Pillow and scipy: no torch.
 
-    python -m medvq.onnx_runtime model.onnx scan1.jpeg scan2.png > scores.csv
+    python -m medvq.onnx_runtime model.onnx scan1.jpeg scan2.png volume.dcm scans/ > scores.csv
 
     from medvq.onnx_runtime import OnnxScorer
     scorer = OnnxScorer("model.onnx")
@@ -12,12 +12,15 @@
 Preprocessing is medvq's own (``Preprocessor.crop``: white padding found and filled, field of view), followed by
 the resizing of ``Preprocessor`` written as numpy matrices: anti-aliased bilinear for the image (the weights
 torch and Pillow use) and area coverage >= 1/2 for the valid mask. The settings travel in the graph's metadata.
+Inputs are found as `medvq infer` finds them (``collect_images``): an OCT volume gives one result per B-scan,
+a NIfTI volume one per slice (sliced and normalised with the run's volume settings), a folder its scans.
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import os
 import sys
 from dataclasses import dataclass
 from functools import lru_cache
@@ -26,8 +29,10 @@ from typing import Sequence
 
 import numpy as np
 
+from medvq.data.nifti import VolumeOptions, is_nifti
 from medvq.data.preprocess import Geometry, Preprocessor
-from medvq.data.readers import read_image
+from medvq.data.readers import read_sample
+from medvq.data.samples import Sample, collect_images
 from medvq.errors import CheckpointError, MedvqError
 
 METADATA_KEY = "medvq"
@@ -78,6 +83,7 @@ class OnnxResult:
     abnormal: bool  # the run's decision map above its stored threshold (meta['decision_map'], meta['threshold'])
     maps: dict[str, np.ndarray]  # calibrated maps (S, S) on the model grid
     geometry: Geometry  # where the model grid sits in the scan
+    frame: int | None = None  # the B-scan or slice of a volume file
 
 
 class OnnxScorer:
@@ -85,6 +91,8 @@ class OnnxScorer:
         import onnxruntime as ort
 
         self.path = Path(path)
+        if (self.path / "config.yaml").is_file():
+            raise CheckpointError("is a medvq run folder, not an ONNX model", path=self.path, fix=f"export it first: `medvq export {self.path} --format onnx --out FILE.onnx`")
         if not self.path.is_file():
             raise CheckpointError("no such ONNX file", path=self.path, fix="write one with `medvq export RUN --format onnx --out FILE.onnx`")
         options = ort.SessionOptions()
@@ -99,12 +107,15 @@ class OnnxScorer:
             raise CheckpointError("this ONNX model was not exported by medvq (no preprocessing settings in its metadata)", path=self.path, fix="export it with `medvq export`")
         self.meta = json.loads(meta[METADATA_KEY])
         self.image_size = int(self.meta["image_size"])
-        self.preprocessor = Preprocessor(image_size=self.image_size, fov=self.meta["fov"], remove_padding=self.meta["remove_padding"])
+        # how NIfTI volumes are sliced and normalised (graphs exported before it travelled: the defaults)
+        self.volume = VolumeOptions(**self.meta["volume"]) if "volume" in self.meta else VolumeOptions()
+        self.preprocessor = Preprocessor(image_size=self.image_size, fov=self.meta["fov"], remove_padding=self.meta["remove_padding"], volume=self.volume)
         self.output_names = [o.name for o in self.session.get_outputs()]
 
-    def prepare(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray, Geometry]:
-        """(H, W) scan in [0, 1] -> model input (1, S, S), valid (1, S, S) float32, geometry."""
-        cropped, padding, geometry = self.preprocessor.crop(image)
+    def prepare(self, image: np.ndarray, remove_padding: bool | None = None) -> tuple[np.ndarray, np.ndarray, Geometry]:
+        """(H, W) scan in [0, 1] -> model input (1, S, S), valid (1, S, S) float32, geometry.
+        ``remove_padding`` False: no padding search (NIfTI slices, as ``Preprocessor.load``)."""
+        cropped, padding, geometry = self.preprocessor.crop(image, remove_padding)
         s = self.image_size
         x = resize_image(cropped, s)[None]
         valid = (~resize_mask(padding, s) if padding.any() else np.ones((s, s), bool))[None].astype(np.float32)
@@ -120,12 +131,13 @@ class OnnxScorer:
         ]
         return {name: np.concatenate([p[j] for p in parts]) for j, name in enumerate(self.output_names)}
 
-    def score_files(self, paths: Sequence[str | Path], batch_size: int = 8) -> list[OnnxResult]:
+    def score_files(self, inputs: Sequence[str | Path], batch_size: int = 8) -> list[OnnxResult]:
+        """Scans, OCT volumes, NIfTI volumes, folders of them or a manifest CSV -> one result per scan, B-scan or slice."""
+        samples: list[Sample] = collect_images(inputs, self.volume)
         results = []
-        paths = [Path(p) for p in paths]
-        for start in range(0, len(paths), batch_size):
-            chunk = paths[start : start + batch_size]
-            prepared = [self.prepare(read_image(p)) for p in chunk]
+        for start in range(0, len(samples), batch_size):
+            chunk = samples[start : start + batch_size]
+            prepared = [self.prepare(read_sample(s, self.volume), remove_padding=False if is_nifti(s.path) else None) for s in chunk]
             outs = self.run(np.stack([p[0] for p in prepared]), np.stack([p[1] for p in prepared]))
             names = [k[len("score_") :] for k in outs if k.startswith("score_")]
             for i, p in enumerate(chunk):
@@ -134,7 +146,7 @@ class OnnxScorer:
                     for n in names
                 }
                 maps = {_name(k[len("map_") :]): outs[k][i, 0] for k in outs if k.startswith("map_")}
-                results.append(OnnxResult(p, scores, bool(outs["abnormal"][i] > 0.5), maps, prepared[i][2]))
+                results.append(OnnxResult(p.path, scores, bool(outs["abnormal"][i] > 0.5), maps, prepared[i][2], p.frame))
         return results
 
 
@@ -153,12 +165,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     except MedvqError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    writer = csv.writer(sys.stdout)
-    names = list(results[0].scores)
-    writer.writerow(["path", *(f"{n}{suffix}" for n in names for suffix in ("", "_z", "_normal_percentile")), "abnormal"])
-    for r in results:
-        writer.writerow([str(r.path), *(f"{r.scores[n][k]:.6g}" for n in names for k in ("score", "z", "normal_percentile")), int(r.abnormal)])
+    try:
+        _write_rows(results, sys.stdout)
+        sys.stdout.flush()  # here, where a closed pipe can be caught, not at exit
+    except BrokenPipeError:  # the reader stopped early (`| head`): not an error; keep Python from reporting it at exit
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 0
+
+
+def _write_rows(results: list[OnnxResult], stream) -> None:
+    writer = csv.writer(stream)
+    names = list(results[0].scores)
+    frames = any(r.frame is not None for r in results)  # a frame column, as in `medvq infer`'s scores.csv, when volumes were given
+    writer.writerow(["path", *(["frame"] if frames else []), *(f"{n}{suffix}" for n in names for suffix in ("", "_z", "_normal_percentile")), "abnormal"])
+    for r in results:
+        frame = [] if not frames else ["" if r.frame is None else r.frame]
+        writer.writerow([str(r.path), *frame, *(f"{r.scores[n][k]:.6g}" for n in names for k in ("score", "z", "normal_percentile")), int(r.abnormal)])
 
 
 if __name__ == "__main__":

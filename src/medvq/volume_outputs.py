@@ -11,7 +11,7 @@ from PIL import Image
 from rich.console import Console
 
 from medvq.data.samples import Sample
-from medvq.io import atomic_path, atomic_write_csv, atomic_write_text, unique_stem
+from medvq.io import atomic_path, atomic_write_csv, atomic_write_text, mark_output, unique_stem
 from medvq.report.figures import colorize
 from medvq.scoring.volume import VolumeVerdict, describe, en_face, group_volumes, verdict
 
@@ -33,22 +33,26 @@ def write_volume_verdicts(
     operating_point: str = "",
     normal_class: str = "NORMAL",
     stems: dict[str, str] | None = None,
+    out_of_distribution: Sequence[bool] | None = None,
     console: Console | None = None,
 ) -> list[VolumeVerdict]:
     """One verdict per volume among ``samples`` (scored with ``scores``, the calibrated B-scan scores of
     ``score_name``, called abnormal above ``threshold``, the stored B-scan threshold ``operating_point``;
-    ``column_maxima`` from the map ``map_name``); writes OUT/volumes.csv, OUT/volumes.json and
+    ``column_maxima`` from the map ``map_name``; ``out_of_distribution`` per B-scan, when the run has a guard:
+    each volume counts its B-scans unlike the calibration normals); writes OUT/volumes.csv, OUT/volumes.json and
     OUT/volumes/<stem>_enface.{npy,png}."""
     groups = group_volumes(samples)
     if not groups:
         return []
     scores = np.asarray(scores, dtype=np.float64)
     folder = out / "volumes"
-    folder.mkdir(parents=True, exist_ok=True)
-    verdicts, used = [], set()
+    mark_output(folder)  # en-face PNGs are results, never scans (also when OUT is the input folder)
+    verdicts, used, rows = [], set(), []
     for key, idx in groups.items():
         v = verdict(key, [samples[i] for i in idx], scores[idx], normal_scores, threshold=threshold, normal_class=normal_class, fraction=fraction)
         verdicts.append(v)
+        foreign = None if out_of_distribution is None else sum(bool(out_of_distribution[i]) for i in idx)
+        rows.append(v.row() | {"out_of_distribution_bscans": "" if foreign is None else foreign})
         stem = (stems or {}).get(key) or _stem(samples[idx[0]], used)
         enface = en_face([column_maxima[i] for i in idx])
         with atomic_path(folder / f"{stem}_enface.npy") as tmp:
@@ -59,13 +63,18 @@ def write_volume_verdicts(
         if console is not None:
             where = " ".join(x for x in (v.patient_id, v.eye, v.visit) if x)
             decided = f", {v.decision} ({operating_point or 'threshold'} {v.threshold:.3g})" if v.decision else ""
-            top = ", ".join(str(v.frames[i]) for i in v.most_abnormal)
+            if v.frames[0] is not None:  # B-scans of one volume file: by frame number
+                name, top = f"{Path(v.path).name}{f' ({where})' if where else ''}", ", ".join(str(v.frames[i]) for i in v.most_abnormal)
+            else:  # 2D scans that a manifest groups by patient, eye and visit: by file name (they have no frame number)
+                name, top = where, ", ".join(Path(samples[idx[i]].path).name for i in v.most_abnormal)
+            # a volume of scans unlike the calibration normals (an MRI given to an OCT model) gets a verdict all the same: say so on its line
+            unlike = f"; {foreign} of {len(idx)} B-scans OUT OF DISTRIBUTION: not to be trusted" if foreign else ""
             console.print(
-                f"volume {Path(v.path).name}{f' ({where})' if where else ''}: {len(idx)} B-scans, score {v.score:.3g} "
-                f"(z {v.z:.2f}, above {v.normal_percentile:.0f}% of normal B-scans){decided}; most abnormal B-scans: {top}",
+                f"volume {name}: {len(idx)} B-scans, score {v.score:.3g} "
+                f"(z {v.z:.2f}, above {v.normal_percentile:.0f}% of normal B-scans){decided}; most abnormal B-scans: {top}{unlike}",
                 highlight=False,
             )
-    atomic_write_csv(out / "volumes.csv", [v.row() for v in verdicts])
+    atomic_write_csv(out / "volumes.csv", rows)
     payload = {
         "score": score_name,
         "operating_point": operating_point,
@@ -74,7 +83,7 @@ def write_volume_verdicts(
         "en_face_map": map_name,
         "aggregation": describe(fraction),
         "en_face": "per B-scan and A-scan column, the maximum of the calibrated map over depth; rows = B-scans in file order",
-        "volumes": [{**v.row(), "label": v.label, "frames": v.frames, "bscan_scores": v.bscan_scores} for v in verdicts],
+        "volumes": [{**row, "label": v.label, "frames": v.frames, "bscan_scores": v.bscan_scores} for row, v in zip(rows, verdicts)],
     }
     atomic_write_text(out / "volumes.json", json.dumps(payload, indent=1))
     return verdicts

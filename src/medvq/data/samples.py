@@ -105,6 +105,22 @@ def _outputs_below(folder: Path, exclude: Sequence[Path]) -> set[Path]:
     return marked | {Path(e).resolve() for e in exclude if Path(e).resolve() != folder.resolve()}
 
 
+def refuse_medvq_folder(path: Path, role: str, run_fix: str) -> None:
+    """Refuse ``path`` (a folder, or a file in it) when medvq wrote it: a run folder, or a folder of results
+    (maps, overlays, en-face maps) marked by ``mark_output``. ``role`` says what the command wanted there,
+    ``run_fix`` how to call it when a run folder was given."""
+    folder = path if path.is_dir() else path.parent
+    if not is_output_folder(folder):
+        return
+    if (folder / "config.yaml").is_file():
+        raise DatasetError(f"{'is' if folder == path else 'lies in'} a medvq run folder, not {role}", path=path, fix=run_fix)
+    raise DatasetError(
+        f"{'is' if folder == path else 'lies in'} a folder of medvq results (it holds {OUTPUT_MARKER}): its images are medvq's own outputs (maps, overlays, figures), not {role}",
+        path=path,
+        fix=f"pass the scans themselves; if this folder does hold your scans, delete its {OUTPUT_MARKER} file",
+    )
+
+
 def _mask_for(root: Path, split: str | None, label: str, image: Path) -> Path | None:
     base = root / MASK_DIR / split / label if split else root / MASK_DIR / label
     for suffix in (".png", ".tif", ".tiff"):
@@ -133,6 +149,8 @@ def scan_dataset(
     root = Path(root)
     if not root.is_dir():
         raise DatasetError("data folder not found", path=root, fix="pass the folder holding CLASS/ or train|val|test/CLASS/ folders, or a manifest .csv")
+    if is_output_folder(root) and (root / "config.yaml").is_file():
+        refuse_medvq_folder(root, "a dataset", "pass --data the folder of scans (CLASS/ or train|val|test/CLASS/ folders) or a manifest .csv")
     split_dirs = {SPLIT_ALIASES[d.name.lower()]: d for d in _class_dirs(root) if d.name.lower() in SPLIT_ALIASES}
     layout = {s: d for s, d in split_dirs.items()} if split_dirs else {None: root}
     samples: list[Sample] = []
@@ -247,7 +265,8 @@ def collect_images(inputs: Iterable[str | Path], volume: "VolumeOptions | None" 
     """Unlabelled scans from files and folders (recursively), for inference; NIfTI volumes become their
     non-empty slices (listed with ``volume``, default VolumeOptions()); a manifest CSV its scans. Patient ids
     come from the OCT2017 name where it fits and are left empty otherwise. Inside folders, medvq's own result
-    folders (and those in ``exclude``, e.g. the output folder of this command) are skipped."""
+    folders (and those in ``exclude``, e.g. the output folder of this command) are skipped; a run folder or
+    a folder of results given as an input (or a file in one) is refused (``refuse_medvq_folder``)."""
     usable = lambda p: is_image_file(p) or (p.is_file() and is_volume_file(p))
     samples: list[Sample] = []
     for item in inputs:
@@ -255,6 +274,8 @@ def collect_images(inputs: Iterable[str | Path], volume: "VolumeOptions | None" 
         if manifest.is_manifest(item):
             samples.extend(manifest_samples(item, volume))
             continue
+        if item.exists():
+            refuse_medvq_folder(item, "scans", "pass the scans; a run folder goes where a command asks for its RUN")
         if item.is_dir():
             skipped = _outputs_below(item, exclude)
             files = sorted(
@@ -262,7 +283,10 @@ def collect_images(inputs: Iterable[str | Path], volume: "VolumeOptions | None" 
                 if usable(p) and MASK_DIR not in p.relative_to(item).parts and not skipped.intersection(p.resolve().parents)
             )
             if not files:
-                raise DatasetError("no images in folder", path=item, fix="supported: PNG, JPEG, BMP, TIFF, DICOM, NIfTI")
+                inside = {f for f in skipped if f.is_relative_to(item.resolve())}
+                results = sorted(str(f.relative_to(item.resolve())) for f in inside if not inside.intersection(f.parents))  # the outermost ones
+                beside = f"; the medvq result folders in it ({', '.join(results[:3])}{', ...' if len(results) > 3 else ''}) are never read as scans" if results else ""
+                raise DatasetError(f"no images in folder{beside}", path=item, fix="supported: PNG, JPEG, BMP, TIFF, DICOM, NIfTI")
         elif item.exists():
             if not usable(item):
                 raise DatasetError("not a supported image file", path=item, fix="supported: PNG, JPEG, BMP, TIFF, DICOM, NIfTI, or a manifest .csv")

@@ -25,7 +25,7 @@ from scipy import ndimage  # noqa: E402
 from sklearn.metrics import roc_curve  # noqa: E402
 
 from medvq.errors import MedvqError  # noqa: E402
-from medvq.io import atomic_write_text  # noqa: E402
+from medvq.io import atomic_write_text, mark_output  # noqa: E402
 from medvq.report.figures import colorize, overlay  # noqa: E402
 
 CSS = """
@@ -59,7 +59,7 @@ def _figure(fig, out: Path, name: str) -> str:
     from medvq.io import atomic_path
 
     folder = out / "figures"
-    folder.mkdir(exist_ok=True)
+    mark_output(folder)  # figure PNGs are never read back as scans
     for ext in ("svg", "png"):
         with atomic_path(folder / f"{name}.{ext}") as tmp:
             fig.savefig(tmp, format=ext, dpi=150, bbox_inches="tight")

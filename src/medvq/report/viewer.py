@@ -28,7 +28,7 @@ import zipfile
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 from PIL import Image
@@ -37,7 +37,7 @@ from scipy import ndimage
 from medvq.data.readers import read_sample
 from medvq.data.samples import Sample
 from medvq.errors import MedvqError
-from medvq.io import atomic_write_bytes, atomic_write_text
+from medvq.io import atomic_write_bytes, atomic_write_text, mark_output
 
 THUMB_WIDTH = 160
 MAP_LEVELS = 255  # maps travel as 8-bit images over [0, map_max] calibrated units; 0 = at or below the normal mean
@@ -109,26 +109,36 @@ def _scan_sample(row: dict[str, str]) -> Sample:
     return Sample(path=Path(row["path"]), frame=int(frame) if frame not in ("", None) else None)
 
 
-def locate(path: Path, data_root: Path | None) -> Path:
+def locate(path: Path, data_root: Path | None, results: Path | None = None) -> Path:
     """A scan path as scores.csv holds it (relative to where the command ran, perhaps): as given, or the
-    shortest tail of it that exists under the evaluation's data root."""
-    if path.exists() or data_root is None or path.is_absolute():
+    shortest tail of it that exists under the evaluation's data root, or (``results``: the folder of
+    scores.csv) the path under that folder or one above it, where an inference usually ran."""
+    if path.exists() or path.is_absolute():
         return path
-    for k in range(len(path.parts)):
-        candidate = data_root.joinpath(*path.parts[k:])
-        if candidate.exists():
-            return candidate
+    if data_root is not None:
+        for k in range(len(path.parts)):
+            candidate = data_root.joinpath(*path.parts[k:])
+            if candidate.exists():
+                return candidate
+    if results is not None:
+        for base in (results.resolve(), *results.resolve().parents):
+            if (base / path).exists():
+                return base / path
     return path
 
 
-def _read_scan(row: dict[str, str], folder: Path, data_root: Path | None) -> np.ndarray:
+def _read_scan(row: dict[str, str], folder: Path, data_root: Path | None) -> np.ndarray | None:
+    """The scan a row of scores.csv names, or None when its file is gone (moved or deleted since scoring)."""
     found = _scan_sample(row)
-    sample = Sample(path=locate(found.path, data_root), frame=found.frame)
-    if not sample.path.exists():
-        raise MedvqError(
-            f"scan {sample.path} named in scores.csv is missing", path=folder / "scores.csv", fix="run `medvq view` where the scored scans are"
-        )
-    return read_sample(sample)
+    sample = Sample(path=locate(found.path, data_root, folder), frame=found.frame)
+    return read_sample(sample) if sample.path.exists() else None
+
+
+def _missing_scans(missing: list[str], total: int, folder: Path) -> str:
+    """Refuse a page without a single scan; otherwise the warning line for the scans shown blank."""
+    if len(missing) == total:
+        raise MedvqError(f"scan {missing[0]} named in scores.csv is missing", path=folder / "scores.csv", fix="run `medvq view` where the scored scans are")
+    return f"{len(missing)} of {total} scans named in scores.csv are missing (first: {missing[0]}); their scores and maps are shown on a blank scan"
 
 
 def _score_columns(fields: list[str]) -> list[str]:
@@ -253,12 +263,16 @@ def scan_assets(folder: Path, data: ViewerData, maps_npz: dict[str, np.ndarray] 
     out = []
     for i, row in enumerate(rows):
         a = ScanAssets()
+        rec = data.records[i]
         image = _read_scan(row, folder, data.settings.get("data_root"))
+        if image is None:  # a blank scan of the size the maps were drawn for: scores and maps stay viewable
+            rec["missing"] = True
+            shape = (int(maps_npz["box"][i][1]), int(maps_npz["box"][i][3])) if maps_npz is not None else _infer_map_shape(folder, rec, map_tops)
+            image = np.zeros(shape, np.float32)
         h, w = image.shape
         gray = _gray8(image)
         a.files["image"] = _encode(gray, "JPEG", quality=90)
         a.files["thumb"] = _encode(gray.resize((THUMB_WIDTH, max(1, round(h * THUMB_WIDTH / w))), Image.BILINEAR), "JPEG", quality=75)
-        rec = data.records[i]
         rec["width"], rec["height"] = w, h
         if maps_npz is not None:  # evaluate: maps on the model grid, placed in the crop box
             top, bottom, left, right = (int(v) for v in maps_npz["box"][i])
@@ -282,6 +296,13 @@ def scan_assets(folder: Path, data: ViewerData, maps_npz: dict[str, np.ndarray] 
 
 def _infer_map_path(folder: Path, rec: dict, name: str) -> Path:
     return folder / "maps" / f"{rec['name']}_{name}.npy"
+
+
+def _infer_map_shape(folder: Path, rec: dict, map_tops: dict[str, float]) -> tuple[int, int]:
+    """The scan grid an inference's maps were saved on (a missing scan's size); 128 x 128 without maps."""
+    for name in map_tops:
+        return tuple(np.load(_infer_map_path(folder, rec, name), mmap_mode="r").shape)  # type: ignore[return-value]
+    return (128, 128)
 
 
 def _map_tops(folder: Path, data: ViewerData, maps_npz: dict[str, np.ndarray] | None) -> dict[str, float]:
@@ -310,10 +331,11 @@ def _script_json(value: Any) -> str:
     return json.dumps(value, separators=(",", ":")).replace("</", "<\\/")
 
 
-def build_viewer(folder: str | Path, *, embed: bool = True) -> Path:
-    """Write FOLDER/viewer.html (and FOLDER/viewer_files/ when not embedding); return the page's path."""
+def build_viewer(folder: str | Path, *, embed: bool = True, warn: Callable[[str], None] = print) -> Path:
+    """Write FOLDER/viewer.html (and FOLDER/viewer_files/ when not embedding); return the page's path.
+    ``warn`` receives a line about scans whose files are gone (shown blank); none at all is an error."""
     try:
-        return _build_viewer(Path(folder), embed)
+        return _build_viewer(Path(folder), embed, warn)
     except MedvqError:
         raise
     except (ValueError, KeyError, TypeError, IndexError, AttributeError, EOFError, zipfile.BadZipFile) as err:  # truncated or hand-edited outputs
@@ -322,7 +344,7 @@ def build_viewer(folder: str | Path, *, embed: bool = True) -> Path:
         ) from None
 
 
-def _build_viewer(folder: Path, embed: bool) -> Path:
+def _build_viewer(folder: Path, embed: bool, warn: Callable[[str], None]) -> Path:
     data = collect(folder)
     maps_npz = None
     if data.kind == "evaluate":
@@ -336,8 +358,13 @@ def _build_viewer(folder: Path, embed: bool) -> Path:
     data.settings["maps"] = list(tops)
     data.settings["map_tops"] = tops
     assets = scan_assets(folder, data, maps_npz, tops)
+    missing = [r["path"] for r in data.records if r.get("missing")]
+    if missing:
+        warn(_missing_scans(missing, len(data.records), folder))
     blocks = []
     files_dir = folder / "viewer_files"
+    if not embed:
+        mark_output(files_dir)  # copies of the scans and thumbnails: never read back as input scans
     for rec, a in zip(data.records, assets):
         inline = {k: _data_uri(*v) for k, v in a.files.items()}
         if not embed:  # the scan and its thumbnail beside the page; maps stay inline, since the page reads their pixels

@@ -36,6 +36,12 @@ class VQVAEConfig(VQAutoencoderConfig):
     )
     codebook_size: int = Field(256, ge=2, description="Number of codebook vectors.", json_schema_extra={"aliases": ["n-embeddings"]})
     dropout: float = Field(0.1, ge=0, lt=1, description="Dropout inside residual blocks (training only).")
+    perceptual_map: bool = Field(
+        True,
+        description="Also compare the scan and its reconstruction in frozen ImageNet EfficientNet-Lite0 features (stages 2 + 3, as "
+        "PatchCore's): the 'perceptual' map, 1 - cosine similarity per 4 x 4 patch. It separated kermany-dev's validation patients "
+        "far better than the pixel residual (d' 3.52 against 2.22), at two passes of that network per scan.",
+    )
 
     @property
     def stride(self) -> int:

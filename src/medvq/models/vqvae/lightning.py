@@ -9,8 +9,6 @@ from medvq.models.quantizer import code_usage
 from medvq.models.vqvae.model import VQVAE, VQVAEConfig
 
 
-
-
 class VQVAEModule(AutoencoderModule):
     def __init__(self, model_config: dict, learning_rate: float = 1e-3, weight_decay: float = 0.0, lr_schedule: str = "constant", channels_last: bool = True, compile: bool = False):
         super().__init__()
@@ -21,6 +19,13 @@ class VQVAEModule(AutoencoderModule):
         self.register_buffer("code_counts", torch.zeros(k, dtype=torch.float64), persistent=False)
         self.register_buffer("train_sums", torch.zeros(4, dtype=torch.float64), persistent=False)  # loss, rec, commit, n
         self.register_buffer("val_sums", torch.zeros(4, dtype=torch.float64), persistent=False)
+
+    @classmethod
+    def from_run_config(cls, config) -> "VQVAEModule":
+        module = super().from_run_config(config)
+        if module.model.features is not None:  # frozen; stored with the run's weights
+            module.model.features.load_imagenet()
+        return module
 
     @staticmethod
     def _accumulate(sums: torch.Tensor, out, n: int) -> None:

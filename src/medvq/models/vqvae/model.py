@@ -2,7 +2,9 @@
 
 Encoder (strided convolutions + residual stack) -> shared EMA vector quantizer -> decoder mirrored.
 Inputs are single-channel images in [0, 1] (see ``medvq.data.preprocess``); the same range is used in
-training and inference. Knows nothing of files, CLIs or Lightning.
+training and inference. With ``perceptual_map`` the model also holds the frozen ImageNet EfficientNet-Lite0
+stages that the ``perceptual`` map compares scan and reconstruction in (``features``; never trained).
+Knows nothing of files, CLIs or Lightning.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from medvq.models.backbones.config import PatchFeatureConfig
+from medvq.models.backbones.patch_features import PatchFeatures
 from medvq.models.quantizer import QuantizerOutput, VectorQuantizer
 from medvq.models.vqvae.config import VQVAEConfig
 from medvq.models.inputs import check_images
@@ -98,6 +102,8 @@ class VQVAE(nn.Module):
         self.encoder = Encoder(config)
         self.quantizer = VectorQuantizer.from_config(config, dim=config.embedding_dim, codebook_size=config.codebook_size)
         self.decoder = Decoder(config)
+        # PatchCore's default features; named as PatchCore's, so the out-of-distribution guard can pool its stages
+        self.features = PatchFeatures(PatchFeatureConfig(in_channels=config.in_channels)) if config.perceptual_map else None
 
     @property
     def stride(self) -> int:
