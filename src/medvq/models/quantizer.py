@@ -214,7 +214,7 @@ def nearest_rows(x: torch.Tensor, centres: torch.Tensor, block_elements: int = N
 class CodeMeans:
     """The mean of the vectors nearest each code, over vectors that arrive in batches: one Lloyd step of a codebook
     on more data than fits in memory at once (featvq moves its k-means codes, fitted on a sample, to the means of
-    every training patch). Sums in float64, so the result does not depend on how the data is batched."""
+    every training patch). Sums in float64, so how the data is batched changes the means only by rounding."""
 
     def __init__(self, codebook: torch.Tensor):
         self.codebook = codebook.detach().float()
