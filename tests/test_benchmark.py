@@ -47,7 +47,7 @@ def test_benchmark_writes_one_table_for_every_method_and_score(bench):
         assert (bench / name).is_file(), name
     result = json.loads((bench / "benchmark.json").read_text())
     assert [(r["method"], r["score"]) for r in result["rows"]] == [
-        ("vqvae", "residual"), ("vqvae", "alm"), ("vqvae", "combined"), ("patchcore", "patch_distance"), ("patchcore", "reweighted_max")
+        ("vqvae", "residual"), ("vqvae", "alm"), ("vqvae", "perceptual"), ("vqvae", "combined"), ("patchcore", "patch_distance"), ("patchcore", "reweighted_max")
     ]
     assert len({(r["test_images"], r["test_fingerprint"]) for r in result["runs"]}) == 1
     assert result["test_counts"] == {"CNV": 7, "DME": 6, "DRUSEN": 6, "NORMAL": 15}
@@ -80,9 +80,9 @@ def test_benchmark_measures_time_memory_and_load(bench):
     header = table.splitlines()[0]
     for col in ("image AUROC", "AUROC CNV", "AUROC DRUSEN", "AUPRC", "pixel AUROC", "AUPRO", "Dice", "train s", "infer img/s", "train peak MB"):
         assert col in header, col
-    assert table.count("normal scans only") == 5 and "load average" in table
+    assert table.count("normal scans only") == 6 and "load average" in table
     rows = list(csv.DictReader(open(bench / "benchmark.csv")))
-    assert len(rows) == 5 and float(rows[0]["image AUROC mean"]) == pytest.approx(result["rows"][0]["image_auroc"]["mean"], rel=1e-5)
+    assert len(rows) == 6 and float(rows[0]["image AUROC mean"]) == pytest.approx(result["rows"][0]["image_auroc"]["mean"], rel=1e-5)
     page = (bench / "benchmark.html").read_text()
     assert page.count("<tr>") >= 8 and "data:image/png;base64" in page
     assert "runs/patchcore-seed0/eval/report.html" in page and (bench / "runs/patchcore-seed0/eval/report.html").is_file()

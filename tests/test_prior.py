@@ -70,7 +70,7 @@ def test_prior_maps_nll_is_the_model_likelihood_of_the_vqvae_codes(kind):
     model = LatentPrior(prior_config(kind=kind)).eval()
     x = images()
     out = compute_maps(model, x)
-    assert set(out.maps) == {"nll", "residual", "alm"} and all(m.shape == (3, 1, SIZE, SIZE) for m in out.maps.values())
+    assert set(out.maps) == {"nll", "residual", "alm", "perceptual"} and all(m.shape == (3, 1, SIZE, SIZE) for m in out.maps.values())
     codes = model.codes(x).indices
     assert torch.equal(out.codes, codes)
     by_hand = -F.log_softmax(model.logits(x, codes).float(), dim=1).gather(1, codes[:, None])  # (B, 1, 8, 8)
@@ -227,11 +227,26 @@ def test_config_checks():
 def test_named_combinations_are_means_of_standardised_maps():
     g = torch.Generator().manual_seed(0)
     raw = {n: torch.rand(6, 1, 8, 8, generator=g) * s for n, s in (("nll", 3.0), ("residual", 0.1), ("alm", 0.01))}
-    cal = NormalCalibration(combine=["nll", "residual", "alm"], combinations=list(COMBINATIONS)).fit(raw)
+    pairs = [c for c in COMBINATIONS if set(c.split("+")) <= set(raw)]
+    cal = NormalCalibration(combine=["nll", "residual", "alm"], combinations=pairs).fit(raw)
     z = cal.standardize(raw)
-    assert set(z) == {"nll", "residual", "alm", "combined", *COMBINATIONS}
+    assert set(z) == {"nll", "residual", "alm", "combined", *pairs}
     torch.testing.assert_close(z["nll+alm"], (z["nll"] + z["alm"]) / 2)
     torch.testing.assert_close(z["combined"], (z["nll"] + z["residual"] + z["alm"]) / 3)
     again = NormalCalibration.from_dict(cal.to_dict())
-    assert again.combinations == list(COMBINATIONS)
+    assert again.combinations == pairs
     np.testing.assert_array_equal(again.image_scores(again.standardize(raw))["nll+residual"], cal.image_scores(z)["nll+residual"])
+
+
+def test_a_prior_stored_before_the_perceptual_map_keeps_its_maps():
+    """Its stored VQ-VAE config lacks ``perceptual_map``: that VQ-VAE had no feature network, so neither has the
+    rebuilt one, and the prior gives the maps it gave; a prior written now keeps the VQ-VAE's setting."""
+    from medvq.models.prior.config import PriorConfig
+    from medvq.models.prior.method import map_names_for
+
+    stored = {k: v for k, v in VQ.model_dump(mode="json").items() if k != "perceptual_map"}
+    old = PriorConfig.model_validate({**prior_config(kind="autoregressive").model_dump(mode="json"), "vqvae_config": stored})
+    assert old.vqvae_config.perceptual_map is False and map_names_for(old) == ("nll", "residual", "alm")
+    assert LatentPrior(old).vqvae.features is None
+    now = PriorConfig.model_validate(prior_config(kind="autoregressive").model_dump(mode="json"))
+    assert now.vqvae_config.perceptual_map is True and "perceptual" in map_names_for(now)

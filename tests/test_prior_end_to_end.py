@@ -59,11 +59,11 @@ def test_prior_run_reuses_the_vqvae_split_and_holds_its_frozen_weights(prior_run
 
 def test_checkpoint_round_trip_without_pickle(prior_run, tiny_phantom, no_unpickling):
     a, b = Detector.load(prior_run), Detector.load(prior_run)
-    assert a.map_names == ["nll", "residual", "alm"] and a.calibration.combinations == list(COMBINATIONS)
+    assert a.map_names == ["nll", "residual", "alm", "perceptual"] and a.calibration.combinations == list(COMBINATIONS)
     files = sorted((tiny_phantom / "test").rglob("*.jpeg"))[:4]
     for ra, rb in zip(a.predict_files(files), b.predict_files(files)):
         assert ra.scores == rb.scores
-        assert set(ra.maps) == {"nll", "residual", "alm", "combined", *COMBINATIONS}
+        assert set(ra.maps) == {"nll", "residual", "alm", "perceptual", "combined", *COMBINATIONS}
         np.testing.assert_array_equal(ra.maps["nll+alm"], rb.maps["nll+alm"])
         assert ra.maps["nll"].shape == ra.image.shape
 
@@ -72,7 +72,7 @@ def test_evaluate_reports_nll_and_its_combinations(prior_run, tiny_phantom):
     out = prior_run / "eval"
     cli_ok("evaluate", prior_run, "--data", tiny_phantom, "--out", out)
     metrics = json.loads((out / "metrics.json").read_text())
-    assert set(metrics["maps"]) == {"nll", "residual", "alm", "combined", *COMBINATIONS}
+    assert set(metrics["maps"]) == {"nll", "residual", "alm", "perceptual", "combined", *COMBINATIONS}
     reference = json.loads((out / "metrics.json").read_text())["maps"]["alm"].keys()
     for name, m in metrics["maps"].items():
         assert m.keys() == reference, name

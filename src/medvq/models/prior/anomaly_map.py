@@ -9,8 +9,7 @@ from medvq.maps import MapOutput, check_map_names, evaluating
 from medvq.maps.nll import code_nll
 from medvq.models.prior.model import LatentPrior
 from medvq.models.vqvae import anomaly_map as vqvae_anomaly_map
-from medvq.models.prior.method import MAP_NAMES, COMBINATIONS  # noqa: F401 (declared with the method)
-
+from medvq.models.prior.method import MAP_NAMES, COMBINATIONS, map_names_for  # noqa: F401 (declared with the method)
 
 
 def nll_map(logits: torch.Tensor, codes: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
@@ -22,9 +21,11 @@ def nll_map(logits: torch.Tensor, codes: torch.Tensor, size: tuple[int, int] | N
 
 
 @torch.no_grad()
-def compute_maps(model: LatentPrior, images: torch.Tensor, names: tuple[str, ...] | list[str] = MAP_NAMES) -> MapOutput:
-    """(B, 1, S, S) images in [0, 1] -> nll, residual and alm maps; one teacher-forced pass of the prior."""
-    check_map_names(names, MAP_NAMES, "a prior")
+def compute_maps(model: LatentPrior, images: torch.Tensor, names: tuple[str, ...] | list[str] | None = None) -> MapOutput:
+    """(B, 1, S, S) images in [0, 1] -> nll and the frozen VQ-VAE's maps (default: all); one teacher-forced pass of the prior."""
+    available = map_names_for(model.config)
+    names = available if names is None else names
+    check_map_names(names, available, "a prior")
     with evaluating(model):
         out = vqvae_anomaly_map.compute_maps(model.vqvae, images, [n for n in names if n != "nll"])  # also gives the code maps
         if "nll" in names:

@@ -62,6 +62,15 @@ class PriorConfig(BaseModel):
         None, description="Latent grid (h, w) the autoregressive position embeddings cover (image size / VQ-VAE stride).", json_schema_extra=NOT_A_FLAG
     )
 
+    @field_validator("vqvae_config", mode="before")
+    @classmethod
+    def _stored_vqvae(cls, value):
+        """A VQ-VAE config stored before the perceptual map lacks its field: that VQ-VAE has no feature network.
+        (A prior's config is always written with the VQ-VAE's whole config, so a missing field means an older run.)"""
+        if isinstance(value, dict) and "perceptual_map" not in value:
+            return {**value, "perceptual_map": False}
+        return value
+
     @field_validator("encoder")
     @classmethod
     def _encoder(cls, value: str) -> str:

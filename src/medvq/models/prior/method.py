@@ -4,8 +4,14 @@ from medvq.models.prior.config import PriorConfig
 from medvq.models.registry import Dependency, Method, lazy_in
 
 ref = lazy_in(__package__)
-MAP_NAMES = ("nll", "residual", "alm")
-COMBINATIONS = ("nll+alm", "nll+residual", "alm+residual")
+MAP_NAMES = ("nll", "residual", "alm", "perceptual")
+COMBINATIONS = ("nll+alm", "nll+residual", "alm+residual", "nll+perceptual")
+
+
+def map_names_for(config: PriorConfig) -> tuple[str, ...]:
+    """The frozen VQ-VAE's perceptual map where that VQ-VAE has one (runs from before it do not)."""
+    with_perceptual = config.vqvae_config is None or config.vqvae_config.perceptual_map
+    return MAP_NAMES if with_perceptual else tuple(n for n in MAP_NAMES if n != "perceptual")
 
 
 def sampling(config: PriorConfig) -> tuple[str, str] | None:
@@ -20,6 +26,7 @@ METHOD = Method(
     order=4,
     config=PriorConfig,
     map_names=MAP_NAMES,
+    maps_for=map_names_for,
     depends_on=(Dependency(method="vqvae", field="vqvae_run"),),
     prepare=ref("training:prepare_prior"),
     primary_map="nll",
