@@ -109,7 +109,7 @@ def test_equal_code_budget():
 
 def test_maps_and_registry():
     method = get_method("vqvae2")
-    assert method.map_names == MAP_NAMES == ("residual", "alm_top", "alm_bottom") and method.normal_only
+    assert method.map_names == MAP_NAMES == ("residual", "alm_top", "alm_bottom", "perceptual") and method.normal_only
     model = method.build_model(VQVAE2Config(**SMALL))
     model.train()
     images = torch.rand(3, 1, 64, 64)

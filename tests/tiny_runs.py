@@ -27,7 +27,7 @@ def make_run(method: str, root: Path, normals: list[Sample], data_root: Path | N
     config = build_config({"method": method, "data": {"image_size": image_size}, "model": MODELS[method]})
     torch.manual_seed(0)
     model = get_method(method).build_model(config.model).eval()
-    if method == "vqvae":  # its perceptual map's frozen features, which training loads from ImageNet
+    if method in ("vqvae", "vqvae2"):  # the perceptual map's frozen features, which training loads from ImageNet
         model.features.load_imagenet()
     detector = Detector(model, config)
     data = ScanDataset(normals, detector.preprocessor)

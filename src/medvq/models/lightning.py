@@ -38,7 +38,10 @@ class AutoencoderModule(TrainingModule):
     @classmethod
     def from_run_config(cls, config):
         t = config.train
-        return cls(config.model.model_dump(), learning_rate=t.learning_rate, weight_decay=t.weight_decay, lr_schedule=t.lr_schedule, channels_last=t.channels_last, compile=t.compile)
+        module = cls(config.model.model_dump(), learning_rate=t.learning_rate, weight_decay=t.weight_decay, lr_schedule=t.lr_schedule, channels_last=t.channels_last, compile=t.compile)
+        if getattr(module.model, "features", None) is not None:  # the perceptual map's frozen network; stored with the run's weights
+            module.model.features.load_imagenet()
+        return module
 
     def setup(self, stage: str) -> None:
         synchronise_quantizers(self.model)  # codebook statistics summed over every process under DDP (the group exists from here on)

@@ -5,8 +5,9 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict, Field
 
 class VQAutoencoderConfig(BaseModel):
-    """What the VQ-VAE and the VQ-VAE-2 share (their first fields): the convolutional encoder and decoder, and
-    the settings of their quantizers (one, or one per level), which ``VectorQuantizer.from_config`` reads."""
+    """What the VQ-VAE and the VQ-VAE-2 share (their first fields): the convolutional encoder and decoder, the
+    settings of their quantizers (one, or one per level), which ``VectorQuantizer.from_config`` reads, and the
+    perceptual map's frozen features."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -22,6 +23,12 @@ class VQAutoencoderConfig(BaseModel):
     kmeans_init: bool = Field(True, description="Initialise each codebook by k-means on the first batch.")
     dead_code_threshold: float = Field(1.0, ge=0, description="Restart codes whose EMA usage falls below this (0 = never).")
     rotation_trick: bool = Field(False, description="Rotation-trick gradients through the quantizers instead of straight-through.")
+    perceptual_map: bool = Field(
+        True,
+        description="Also compare the scan and its reconstruction in frozen ImageNet EfficientNet-Lite0 features (stages 2 + 3, as "
+        "PatchCore's): the 'perceptual' map, 1 - cosine similarity per 4 x 4 patch. With the VQ-VAE it separated kermany-dev's "
+        "validation patients far better than the pixel residual (d' 3.52 against 2.22), at two passes of that network per scan.",
+    )
 
 
 class VQVAEConfig(VQAutoencoderConfig):
@@ -36,12 +43,6 @@ class VQVAEConfig(VQAutoencoderConfig):
     )
     codebook_size: int = Field(256, ge=2, description="Number of codebook vectors.", json_schema_extra={"aliases": ["n-embeddings"]})
     dropout: float = Field(0.1, ge=0, lt=1, description="Dropout inside residual blocks (training only).")
-    perceptual_map: bool = Field(
-        True,
-        description="Also compare the scan and its reconstruction in frozen ImageNet EfficientNet-Lite0 features (stages 2 + 3, as "
-        "PatchCore's): the 'perceptual' map, 1 - cosine similarity per 4 x 4 patch. It separated kermany-dev's validation patients "
-        "far better than the pixel residual (d' 3.52 against 2.22), at two passes of that network per scan.",
-    )
 
     @property
     def stride(self) -> int:

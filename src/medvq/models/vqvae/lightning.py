@@ -20,13 +20,6 @@ class VQVAEModule(AutoencoderModule):
         self.register_buffer("train_sums", torch.zeros(4, dtype=torch.float64), persistent=False)  # loss, rec, commit, n
         self.register_buffer("val_sums", torch.zeros(4, dtype=torch.float64), persistent=False)
 
-    @classmethod
-    def from_run_config(cls, config) -> "VQVAEModule":
-        module = super().from_run_config(config)
-        if module.model.features is not None:  # frozen; stored with the run's weights
-            module.model.features.load_imagenet()
-        return module
-
     @staticmethod
     def _accumulate(sums: torch.Tensor, out, n: int) -> None:
         sums += torch.stack([out.loss.detach() * n, out.reconstruction_loss.detach() * n, out.commitment_loss.detach() * n, torch.tensor(float(n), device=sums.device)]).to(sums)

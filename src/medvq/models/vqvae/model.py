@@ -18,7 +18,7 @@ from torch import nn
 from medvq.models.backbones.config import PatchFeatureConfig
 from medvq.models.backbones.patch_features import PatchFeatures
 from medvq.models.quantizer import QuantizerOutput, VectorQuantizer
-from medvq.models.vqvae.config import VQVAEConfig
+from medvq.models.vqvae.config import VQAutoencoderConfig, VQVAEConfig
 from medvq.models.inputs import check_images
 
 
@@ -29,6 +29,12 @@ class VQVAEOutput:
     reconstruction_loss: torch.Tensor
     commitment_loss: torch.Tensor
     quantizer: QuantizerOutput
+
+
+def perceptual_features(config: VQAutoencoderConfig) -> PatchFeatures | None:
+    """The frozen network of the ``perceptual`` map (PatchCore's default features), or None without the map.
+    Held as ``features``, as PatchCore holds it, so the out-of-distribution guard can pool its stages."""
+    return PatchFeatures(PatchFeatureConfig(in_channels=config.in_channels)) if config.perceptual_map else None
 
 
 class ResidualBlock(nn.Module):
@@ -102,8 +108,7 @@ class VQVAE(nn.Module):
         self.encoder = Encoder(config)
         self.quantizer = VectorQuantizer.from_config(config, dim=config.embedding_dim, codebook_size=config.codebook_size)
         self.decoder = Decoder(config)
-        # PatchCore's default features; named as PatchCore's, so the out-of-distribution guard can pool its stages
-        self.features = PatchFeatures(PatchFeatureConfig(in_channels=config.in_channels)) if config.perceptual_map else None
+        self.features = perceptual_features(config)
 
     @property
     def stride(self) -> int:

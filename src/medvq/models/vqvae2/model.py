@@ -8,7 +8,8 @@
 The top codes hold the coarse layout; the bottom quantizer sees the decoded top next to the bottom
 features, so the bottom codes only have to add what the top level did not explain. Both levels use the
 shared EMA vector quantizer (``medvq.models.quantizer``). Inputs are single-channel images in [0, 1],
-the same in training and inference. Knows nothing of files, CLIs or Lightning.
+the same in training and inference. With ``perceptual_map`` the model also holds the VQ-VAE's frozen
+ImageNet features for the ``perceptual`` map. Knows nothing of files, CLIs or Lightning.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from torch import nn
 
 from medvq.models.quantizer import QuantizerOutput, VectorQuantizer
 from medvq.models.vqvae.config import VQVAEConfig
-from medvq.models.vqvae.model import residual_stack
+from medvq.models.vqvae.model import perceptual_features, residual_stack
 from medvq.models.vqvae2.config import VQVAE2Config
 from medvq.models.inputs import check_images
 
@@ -91,6 +92,7 @@ class VQVAE2(nn.Module):
                 ups.append(nn.ReLU())
         self.upsample_top = nn.Sequential(*ups)
         self.decoder = upsampler(2 * d, c.in_channels, c.bottom_downsample_layers, c)
+        self.features = perceptual_features(c)
 
     @property
     def stride(self) -> int:
