@@ -115,13 +115,17 @@ def test_maps_and_registry():
     images = torch.rand(3, 1, 64, 64)
     out = compute_maps(model, images)
     assert model.training, "the maps run in eval mode and restore the mode afterwards"
-    assert set(out.maps) == set(MAP_NAMES)
+    assert set(out.maps) == set(MAP_NAMES) - {"perceptual"}  # off by default for the VQ-VAE-2
     for m in out.maps.values():
         assert m.shape == (3, 1, 64, 64) and m.dtype == torch.float32 and (m >= 0).all()
     assert out.codes.shape == (3, 16, 16) and out.extras["top_codes"].shape == (3, 8, 8)
     torch.testing.assert_close(out.maps["residual"], (images - out.reconstruction.clamp(0, 1)).abs())
     with pytest.raises(ValueError, match="unknown map"):
         compute_maps(model, images, ["alm"])
+    with pytest.raises(ValueError, match="without the perceptual map"):
+        compute_maps(model, images, ["perceptual"])
+    with_map = method.build_model(VQVAE2Config(**SMALL, perceptual_map=True))
+    assert set(compute_maps(with_map, images).maps) == set(MAP_NAMES) and with_map.features is not None
 
 
 def test_vqvae2_maps_light_up_where_the_input_is_unlike_training():

@@ -27,8 +27,8 @@ def make_run(method: str, root: Path, normals: list[Sample], data_root: Path | N
     config = build_config({"method": method, "data": {"image_size": image_size}, "model": MODELS[method]})
     torch.manual_seed(0)
     model = get_method(method).build_model(config.model).eval()
-    if method in ("vqvae", "vqvae2"):  # the perceptual map's frozen features, which training loads from ImageNet
-        model.features.load_imagenet()
+    if getattr(model, "features", None) is not None and method in ("vqvae", "vqvae2"):  # the perceptual map's frozen
+        model.features.load_imagenet()  # features, which training loads from ImageNet
     detector = Detector(model, config)
     data = ScanDataset(normals, detector.preprocessor)
     if method == "patchcore":  # a bank of the normals' patches (the fit's coreset is tested in test_patchcore)

@@ -7,7 +7,7 @@ MAP_NAMES = ("residual", "alm_top", "alm_bottom", "perceptual")
 
 
 def map_names_for(config: VQVAE2Config) -> tuple[str, ...]:
-    """The perceptual map needs the frozen ImageNet network, which runs from before it (and ``--no-perceptual-map``) lack."""
+    """The perceptual map needs the frozen ImageNet network: only runs trained with ``--perceptual-map`` have it (off by default)."""
     return MAP_NAMES if config.perceptual_map else tuple(n for n in MAP_NAMES if n != "perceptual")
 
 
