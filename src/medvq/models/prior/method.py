@@ -2,6 +2,7 @@
 
 from medvq.models.prior.config import PriorConfig
 from medvq.models.registry import Dependency, Method, lazy_in
+from medvq.models.vqvae.method import without_missing_perceptual
 
 ref = lazy_in(__package__)
 MAP_NAMES = ("nll", "residual", "alm", "perceptual")
@@ -9,9 +10,7 @@ COMBINATIONS = ("nll+alm", "nll+residual", "alm+residual", "nll+perceptual")
 
 
 def map_names_for(config: PriorConfig) -> tuple[str, ...]:
-    """The frozen VQ-VAE's perceptual map where that VQ-VAE has one (runs from before it do not)."""
-    with_perceptual = config.vqvae_config is None or config.vqvae_config.perceptual_map
-    return MAP_NAMES if with_perceptual else tuple(n for n in MAP_NAMES if n != "perceptual")
+    return without_missing_perceptual(MAP_NAMES, config.vqvae_config is None or config.vqvae_config.perceptual_map)
 
 
 def sampling(config: PriorConfig) -> tuple[str, str] | None:

@@ -6,9 +6,14 @@ from medvq.models.vqvae.config import VQVAEConfig
 MAP_NAMES = ("residual", "alm", "perceptual")
 
 
+def without_missing_perceptual(names: tuple[str, ...], perceptual_map: bool) -> tuple[str, ...]:
+    """``names`` less 'perceptual' where the autoencoder was built without the map's frozen network (runs from
+    before it, ``--no-perceptual-map``): what the VQ-VAE, the VQ-VAE-2 and a prior on a VQ-VAE can compute."""
+    return names if perceptual_map else tuple(n for n in names if n != "perceptual")
+
+
 def map_names_for(config: VQVAEConfig) -> tuple[str, ...]:
-    """The perceptual map needs the frozen ImageNet network, which runs from before it (and ``--no-perceptual-map``) lack."""
-    return MAP_NAMES if config.perceptual_map else ("residual", "alm")
+    return without_missing_perceptual(MAP_NAMES, config.perceptual_map)
 
 
 METHOD = Method(

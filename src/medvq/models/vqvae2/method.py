@@ -1,14 +1,14 @@
 """The VQ-VAE-2: what its declaration says beyond the folder's standard files (see ``medvq.models.registry``)."""
 
 from medvq.models.registry import Method
+from medvq.models.vqvae.method import without_missing_perceptual
 from medvq.models.vqvae2.config import VQVAE2Config
 
 MAP_NAMES = ("residual", "alm_top", "alm_bottom", "perceptual")
 
 
 def map_names_for(config: VQVAE2Config) -> tuple[str, ...]:
-    """The perceptual map needs the frozen ImageNet network: only runs trained with ``--perceptual-map`` have it (off by default)."""
-    return MAP_NAMES if config.perceptual_map else tuple(n for n in MAP_NAMES if n != "perceptual")
+    return without_missing_perceptual(MAP_NAMES, config.perceptual_map)  # only with --perceptual-map (off by default)
 
 
 METHOD = Method(
